@@ -1,0 +1,52 @@
+"""`python -m crypto_server` / `crypto-server`: run the service until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from crypto_server.app import build_server
+from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.errors import StoreUnavailable
+from crypto_server.log_format import configure_logging
+
+log = logging.getLogger("crypto_server")
+
+
+def main() -> int:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as error:
+        print(f"crypto-server: configuration error: {error}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    stop_requested = threading.Event()
+    received: list[str] = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        # Only set a flag here: logging from a signal handler can deadlock on the handler's lock.
+        received.append(signal.Signals(signum).name)
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        running = build_server(settings)
+    except (ConfigError, StoreUnavailable) as error:
+        log.error("cannot start: %s", error)
+        return 2
+    log.info(
+        "serving",
+        extra={"host": settings.host, "port": running.port, "data_dir": str(settings.data_dir), "workers": settings.workers},
+    )
+    stop_requested.wait()
+    log.info("stopping", extra={"signal": received[0], "grace_s": settings.shutdown_grace_s})
+    running.stop(settings.shutdown_grace_s)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,101 @@
+"""Composition root: build a running server from its parts."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from crypto_client.v1 import crypto_service_pb2, crypto_service_pb2_grpc, key_service_pb2, key_service_pb2_grpc
+from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.clock import Clock, SystemClock
+from crypto_server.domain.key_wrap import make_root_key_check, root_key_matches
+from crypto_server.root_key import load_root_key
+from crypto_server.service.crypto_operations import MAX_AAD_BYTES, CryptoOperations
+from crypto_server.service.key_lifecycle import KeyLifecycle
+from crypto_server.service.keyring import Keyring
+from crypto_server.storage.port import KeyStore
+from crypto_server.storage.sqlite import SqliteKeyStore
+from crypto_server.transport.crypto_servicer import CryptoServicer
+from crypto_server.transport.interceptors import RpcInterceptor
+from crypto_server.transport.key_servicer import KeyServicer
+
+log = logging.getLogger(__name__)
+
+KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+CRYPTO_SERVICE = crypto_service_pb2.DESCRIPTOR.services_by_name["CryptoService"].full_name
+HEALTH_SERVICES = ("", KEY_SERVICE, CRYPTO_SERVICE)
+
+
+@dataclass
+class CryptoServer:
+    """A started server and what it takes to stop it cleanly."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    store: KeyStore
+
+    def stop(self, grace_s: float) -> None:
+        """Health turns NOT_SERVING first (so balancers stop sending), in-flight calls get `grace_s` to finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+        self.store.close()
+
+
+def _check_root_key(store: KeyStore, root: AESGCM) -> None:
+    check = store.get_root_key_check() or store.set_root_key_check(make_root_key_check(root))
+    if not root_key_matches(root, check):
+        raise ConfigError(
+            "the configured root key is not the one that wrapped the keys in this store; "
+            "refusing to start (check CRYPTO_ROOT_KEY / CRYPTO_ROOT_KEY_FILE)"
+        )
+
+
+def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoServer:
+    """Open the store, wire the services and start serving on settings.host:settings.port (0 = any free port)."""
+    clock = clock or SystemClock()
+    root = AESGCM(load_root_key(settings))
+    store = SqliteKeyStore(settings.data_dir)
+    try:
+        _check_root_key(store, root)
+        keyring = Keyring(store, root, ttl_s=settings.key_cache_ttl_s, max_keys=settings.key_cache_size)
+        lifecycle = KeyLifecycle(store, keyring, clock)
+        operations = CryptoOperations(keyring, clock, max_plaintext_bytes=settings.max_plaintext_bytes)
+
+        # Room for the largest legal request, so an oversized plaintext reaches the
+        # handler and gets INVALID_ARGUMENT naming the field rather than a transport error.
+        message_limit = max(4 * 1024 * 1024, settings.max_plaintext_bytes + MAX_AAD_BYTES + 64 * 1024)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+            interceptors=[RpcInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", message_limit),
+                ("grpc.max_send_message_length", message_limit),
+                # Two servers must not silently share one port.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(lifecycle, clock), server)
+        crypto_service_pb2_grpc.add_CryptoServiceServicer_to_server(CryptoServicer(operations), server)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (KEY_SERVICE, CRYPTO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        try:
+            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        except RuntimeError as error:
+            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {error}") from None
+        server.start()
+    except BaseException:
+        store.close()
+        raise
+    for name in HEALTH_SERVICES:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return CryptoServer(server=server, port=port, health=health_servicer, store=store)

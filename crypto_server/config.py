@@ -1,0 +1,82 @@
+"""Settings from environment variables, validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from crypto_server.service.crypto_operations import DEFAULT_MAX_PLAINTEXT_BYTES
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 3009
+    workers: int = 16
+    data_dir: Path = Path("data")
+    root_key: str | None = None
+    root_key_file: Path | None = None
+    max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES
+    key_cache_ttl_s: float = 300.0
+    key_cache_size: int = 10_000
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        defaults = cls()
+
+        def text(name: str, default: str) -> str:
+            return env.get(name, "").strip() or default
+
+        def integer(name: str, default: int, low: int, high: int) -> int:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+            return value
+
+        def number(name: str, default: float, low: float, high: float) -> float:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+            if not low <= value <= high:
+                raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+            return value
+
+        root_key = env.get("CRYPTO_ROOT_KEY", "").strip() or None
+        root_key_file = env.get("CRYPTO_ROOT_KEY_FILE", "").strip() or None
+        if root_key and root_key_file:
+            raise ConfigError("set CRYPTO_ROOT_KEY or CRYPTO_ROOT_KEY_FILE, not both")
+        log_level = text("CRYPTO_LOG_LEVEL", "INFO").upper()
+        if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise ConfigError(f"CRYPTO_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        return cls(
+            host=text("CRYPTO_HOST", defaults.host),
+            port=integer("CRYPTO_PORT", defaults.port, 0, 65535),
+            workers=integer("CRYPTO_WORKERS", defaults.workers, 1, 1024),
+            data_dir=Path(text("CRYPTO_DATA_DIR", str(defaults.data_dir))),
+            root_key=root_key,
+            root_key_file=Path(root_key_file) if root_key_file else None,
+            max_plaintext_bytes=integer("CRYPTO_MAX_PLAINTEXT_BYTES", defaults.max_plaintext_bytes, 1, 64 * 1024 * 1024),
+            key_cache_ttl_s=number("CRYPTO_KEY_CACHE_TTL", defaults.key_cache_ttl_s, 0, 86400),
+            key_cache_size=integer("CRYPTO_KEY_CACHE_SIZE", defaults.key_cache_size, 1, 10_000_000),
+            shutdown_grace_s=number("CRYPTO_SHUTDOWN_GRACE", defaults.shutdown_grace_s, 0, 3600),
+            log_level=log_level,
+        )

@@ -1,0 +1,4 @@
+"""Keys, versions, states, key wrapping and the ciphertext format.
+
+Nothing here knows about protobuf, gRPC, SQLite, BSON or Redis.
+"""

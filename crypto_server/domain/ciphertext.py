@@ -1,0 +1,75 @@
+"""The self-describing ciphertext format, version 1 (docs/ciphertext-format.md).
+
+    offset  size  field
+    0       1     format version, 0x01
+    1       16    key id (the UUID's 16 bytes)
+    17      4     key version, unsigned big-endian
+    21      12    nonce (random)
+    33      n     AES-256-GCM ciphertext of the n-byte plaintext
+    33+n    16    GCM tag
+
+The associated data given to AES-GCM is
+
+    "caas.crypto.v1/encrypt\\0" || u16 len(tenant_id) || tenant_id || bytes 0..20 (the header) || caller aad
+
+so the tenant, key id, key version and format are authenticated with the
+caller's aad: a ciphertext replayed under another tenant, key or version, or
+with other aad, fails the tag check.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import uuid
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from crypto_server.domain.errors import DecryptionFailed
+from crypto_server.domain.key_wrap import NONCE_BYTES, TAG_BYTES
+
+FORMAT_VERSION = 1
+_FORMAT_BYTE = bytes([FORMAT_VERSION])
+_VERSION = struct.Struct(">I")
+HEADER_BYTES = 1 + 16 + 4
+OVERHEAD_BYTES = HEADER_BYTES + NONCE_BYTES + TAG_BYTES
+MAX_KEY_VERSION = 2**32 - 1
+_AAD_DOMAIN = b"caas.crypto.v1/encrypt\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class CiphertextHeader:
+    key_id: uuid.UUID
+    key_version: int
+
+
+def _associated_data(tenant_id: str, header: bytes, aad: bytes) -> bytes:
+    tenant = tenant_id.encode()
+    return b"".join((_AAD_DOMAIN, len(tenant).to_bytes(2, "big"), tenant, header, aad))
+
+
+def encrypt(aead: AESGCM, tenant_id: str, key_id: uuid.UUID, key_version: int, plaintext: bytes, aad: bytes) -> bytes:
+    """Encrypt `plaintext` with a fresh 96-bit random nonce into the v1 format."""
+    header = _FORMAT_BYTE + key_id.bytes + _VERSION.pack(key_version)
+    nonce = os.urandom(NONCE_BYTES)
+    return header + nonce + aead.encrypt(nonce, plaintext, _associated_data(tenant_id, header, aad))
+
+
+def read_header(ciphertext: bytes) -> CiphertextHeader:
+    """Parse the header after checking the length. Raises DecryptionFailed."""
+    if len(ciphertext) < OVERHEAD_BYTES or ciphertext[0] != FORMAT_VERSION:
+        raise DecryptionFailed()
+    (key_version,) = _VERSION.unpack_from(ciphertext, 17)
+    return CiphertextHeader(key_id=uuid.UUID(bytes=bytes(ciphertext[1:17])), key_version=key_version)
+
+
+def decrypt(aead: AESGCM, tenant_id: str, ciphertext: bytes, aad: bytes) -> bytes:
+    """Open a ciphertext whose header was read with `read_header`. Raises DecryptionFailed."""
+    header = ciphertext[:HEADER_BYTES]
+    nonce = ciphertext[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES]
+    try:
+        return aead.decrypt(nonce, ciphertext[HEADER_BYTES + NONCE_BYTES :], _associated_data(tenant_id, header, aad))
+    except InvalidTag:
+        raise DecryptionFailed() from None

@@ -1,0 +1,102 @@
+"""Key material and key wrapping (AES-256-GCM).
+
+A wrapped key is `nonce (12 bytes) || ciphertext (32 bytes) || tag (16 bytes)`,
+encrypted under one version of its parent key. The associated data binds the
+wrapped bytes to the tenant, key id, key type, version and parent version, so a
+wrapped key copied onto another record (another key, version or tenant) fails
+to unwrap instead of silently becoming that key.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+WRAPPED_KEY_BYTES = NONCE_BYTES + KEY_BYTES + TAG_BYTES
+_WRAP_DOMAIN = b"caas.crypto.v1/key-wrap\x00"
+_ROOT_CHECK_AAD = b"caas.crypto.v1/root-key-check\x00"
+
+
+class UnwrapFailed(Exception):
+    """The wrapped bytes do not open under this parent key and binding."""
+
+
+def generate_key_material() -> bytes:
+    """32 bytes from the operating system's CSPRNG."""
+    return os.urandom(KEY_BYTES)
+
+
+def _binding(tenant_id: str, key_id: str, key_type: str, version: int, parent_version: int) -> bytes:
+    tenant = tenant_id.encode()
+    ident = key_id.encode()
+    kind = key_type.encode()
+    return b"".join(
+        (
+            _WRAP_DOMAIN,
+            struct.pack(">H", len(tenant)),
+            tenant,
+            struct.pack(">H", len(ident)),
+            ident,
+            struct.pack(">H", len(kind)),
+            kind,
+            struct.pack(">II", version, parent_version),
+        )
+    )
+
+
+def wrap_key(
+    parent: AESGCM,
+    material: bytes,
+    *,
+    tenant_id: str,
+    key_id: str,
+    key_type: str,
+    version: int,
+    parent_version: int,
+) -> bytes:
+    """Encrypt `material` under `parent`, bound to the key version it belongs to."""
+    nonce = os.urandom(NONCE_BYTES)
+    aad = _binding(tenant_id, key_id, key_type, version, parent_version)
+    return nonce + parent.encrypt(nonce, material, aad)
+
+
+def unwrap_key(
+    parent: AESGCM,
+    wrapped: bytes,
+    *,
+    tenant_id: str,
+    key_id: str,
+    key_type: str,
+    version: int,
+    parent_version: int,
+) -> bytes:
+    """Inverse of `wrap_key`. Raises UnwrapFailed on any mismatch."""
+    if len(wrapped) != WRAPPED_KEY_BYTES:
+        raise UnwrapFailed("wrapped key has the wrong length")
+    aad = _binding(tenant_id, key_id, key_type, version, parent_version)
+    try:
+        return parent.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], aad)
+    except InvalidTag:
+        raise UnwrapFailed("wrapped key does not open under its parent key") from None
+
+
+def make_root_key_check(root: AESGCM) -> bytes:
+    """A value stored beside the keys that proves, at start-up, that the
+    configured root key is the one that wrapped them. It reveals nothing about
+    the root key (it is an AES-GCM encryption of nothing)."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + root.encrypt(nonce, b"", _ROOT_CHECK_AAD)
+
+
+def root_key_matches(root: AESGCM, check: bytes) -> bool:
+    try:
+        root.decrypt(check[:NONCE_BYTES], check[NONCE_BYTES:], _ROOT_CHECK_AAD)
+    except (InvalidTag, ValueError):
+        return False
+    return True

@@ -1,0 +1,205 @@
+"""Keys and their versions.
+
+A key is a named, versioned secret of one tenant. Each version holds its own
+32-byte material, stored only wrapped (encrypted) under the version of the
+parent key recorded with it: the root key for a tenant's master key, the
+tenant's master key for its data and session keys.
+
+A version stops encrypting at its `expires_at` but keeps decrypting, so no
+data becomes unreadable by surprise. The key's effective state is derived from
+its disabled flag and its primary version's expiry.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from types import MappingProxyType
+
+from crypto_server.domain.errors import InvalidArgument
+
+TENANT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+LABEL_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_.\-]{0,62}")
+MAX_LABELS = 64
+MAX_LABEL_VALUE_CHARS = 256
+
+DEFAULT_DATA_KEY_LIFETIME = timedelta(days=365)
+DEFAULT_SESSION_KEY_LIFETIME = timedelta(hours=24)
+MAX_SESSION_KEY_LIFETIME = timedelta(days=7)
+DEFAULT_ROTATION_PERIOD = timedelta(days=90)
+MIN_LIFETIME = timedelta(minutes=1)
+MAX_LIFETIME = timedelta(days=100 * 365)
+MIN_ROTATION_PERIOD = timedelta(hours=1)
+MAX_ROTATION_PERIOD = timedelta(days=100 * 365)
+
+
+class KeyType(enum.Enum):
+    MASTER = "MASTER"
+    DATA = "DATA"
+    SESSION = "SESSION"
+
+
+class KeyState(enum.Enum):
+    ENABLED = "ENABLED"
+    DISABLED = "DISABLED"
+    EXPIRED = "EXPIRED"
+
+
+class KeyVersionState(enum.Enum):
+    ENABLED = "ENABLED"
+    EXPIRED = "EXPIRED"
+
+
+def validate_tenant_id(tenant_id: str) -> str:
+    """Return `tenant_id` if it is 1-64 characters of [A-Za-z0-9_.-] starting with a letter or digit."""
+    if not tenant_id:
+        raise InvalidArgument("tenant_id", "is required")
+    if TENANT_ID_PATTERN.fullmatch(tenant_id) is None:
+        raise InvalidArgument(
+            "tenant_id", "must be 1-64 characters of letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+    return tenant_id
+
+
+def parse_key_id(key_id: str, field_name: str = "key_id") -> uuid.UUID:
+    """Parse a key id in the canonical UUID text form the service hands out."""
+    if not key_id:
+        raise InvalidArgument(field_name, "is required")
+    try:
+        parsed = uuid.UUID(key_id)
+    except ValueError:
+        parsed = None
+    if parsed is None or str(parsed) != key_id:
+        raise InvalidArgument(field_name, "must be a key id as returned by CreateKey (a lowercase UUID)")
+    return parsed
+
+
+def validate_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument("labels", f"at most {MAX_LABELS} labels are allowed")
+    for name, value in labels.items():
+        if LABEL_KEY_PATTERN.fullmatch(name) is None:
+            raise InvalidArgument(
+                "labels", "label names must be 1-63 characters of a-z, 0-9, '_', '.' or '-', starting with a letter"
+            )
+        if len(value) > MAX_LABEL_VALUE_CHARS:
+            raise InvalidArgument("labels", f"label values must be at most {MAX_LABEL_VALUE_CHARS} characters")
+    return MappingProxyType(dict(labels))
+
+
+def _check_duration(field_name: str, value: timedelta, low: timedelta, high: timedelta) -> None:
+    if not low <= value <= high:
+        raise InvalidArgument(field_name, f"must be between {low} and {high}")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPolicy:
+    """The lifetime settings chosen when a key is created."""
+
+    expire_after: timedelta | None
+    rotation_period: timedelta | None
+
+    @classmethod
+    def for_new_key(
+        cls,
+        key_type: KeyType,
+        expire_after: timedelta | None,
+        rotation_period: timedelta | None,
+        *,
+        implicit_master: bool = False,
+    ) -> KeyPolicy:
+        """Apply the defaults for `key_type` and validate the caller's choices.
+
+        A master key created on a tenant's first use never expires: its expiry
+        would stop the tenant from creating keys with no one having asked for it.
+        """
+        if expire_after is not None:
+            high = MAX_SESSION_KEY_LIFETIME if key_type is KeyType.SESSION else MAX_LIFETIME
+            _check_duration("expire_after", expire_after, MIN_LIFETIME, high)
+        elif key_type is KeyType.SESSION:
+            expire_after = DEFAULT_SESSION_KEY_LIFETIME
+        elif key_type is KeyType.DATA:
+            expire_after = DEFAULT_DATA_KEY_LIFETIME
+        elif not implicit_master:
+            expire_after = DEFAULT_DATA_KEY_LIFETIME
+        if rotation_period is not None:
+            _check_duration("rotation_period", rotation_period, MIN_ROTATION_PERIOD, MAX_ROTATION_PERIOD)
+        else:
+            rotation_period = DEFAULT_ROTATION_PERIOD
+        return cls(expire_after=expire_after, rotation_period=rotation_period)
+
+    def expiry_for(self, created_at: datetime) -> datetime | None:
+        """When a version created at `created_at` stops encrypting."""
+        return None if self.expire_after is None else created_at + self.expire_after
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersion:
+    """One generation of a key's material, wrapped under `parent_version` of the parent key."""
+
+    version: int
+    created_at: datetime
+    expires_at: datetime | None
+    parent_version: int
+    wrapped_material: bytes = field(repr=False)
+
+    def state_at(self, now: datetime) -> KeyVersionState:
+        if self.expires_at is not None and self.expires_at <= now:
+            return KeyVersionState.EXPIRED
+        return KeyVersionState.ENABLED
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A tenant's key with all its versions (material wrapped)."""
+
+    key_id: str
+    tenant_id: str
+    key_type: KeyType
+    disabled: bool
+    primary_version: int
+    versions: tuple[KeyVersion, ...]
+    created_at: datetime
+    policy: KeyPolicy
+    labels: Mapping[str, str]
+    # The key that wraps this key's versions: None for a master key (the root key wraps it).
+    parent_key_id: str | None
+
+    @property
+    def primary(self) -> KeyVersion:
+        version = self.version(self.primary_version)
+        assert version is not None, "a key always holds its primary version"
+        return version
+
+    @property
+    def latest_version(self) -> int:
+        return self.versions[-1].version
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return self.primary.expires_at
+
+    def version(self, number: int) -> KeyVersion | None:
+        # Versions are 1..n in order, so the number is the index plus one.
+        if 1 <= number <= len(self.versions):
+            candidate = self.versions[number - 1]
+            if candidate.version == number:
+                return candidate
+        return next((v for v in self.versions if v.version == number), None)
+
+    def state_at(self, now: datetime) -> KeyState:
+        if self.disabled:
+            return KeyState.DISABLED
+        if self.primary.state_at(now) is KeyVersionState.EXPIRED:
+            return KeyState.EXPIRED
+        return KeyState.ENABLED
+
+    def with_new_primary(self, version: KeyVersion) -> Key:
+        return replace(self, primary_version=version.version, versions=(*self.versions, version))
+
+    def with_disabled(self, disabled: bool) -> Key:
+        return replace(self, disabled=disabled)

@@ -1,0 +1,1 @@
+"""Use cases: key lifecycle and crypto operations, over the storage port."""

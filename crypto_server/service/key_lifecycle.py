@@ -1,0 +1,262 @@
+"""Key lifecycle: create, get, list, rotate, disable, enable.
+
+The hierarchy: the root key wraps each tenant's master key; the master key
+wraps the tenant's data and session keys. A tenant's master key is created on
+its first data or session key.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import MappingProxyType
+
+from crypto_server.domain.clock import Clock
+from crypto_server.domain.errors import (
+    ConcurrentModification,
+    InvalidArgument,
+    KeyDisabled,
+    KeyNotFound,
+    MasterKeyExists,
+    MasterKeyUnavailable,
+)
+from crypto_server.domain.key_wrap import generate_key_material, wrap_key
+from crypto_server.domain.keys import (
+    Key,
+    KeyPolicy,
+    KeyState,
+    KeyType,
+    KeyVersion,
+    parse_key_id,
+    validate_labels,
+    validate_tenant_id,
+)
+from crypto_server.service.keyring import Keyring
+from crypto_server.service.page_token import decode_page_token, encode_page_token
+from crypto_server.storage.port import DuplicateMasterKey, KeyQuery, KeyStore, ListCursor
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+# Each failed attempt means another writer added a version, so the key moves
+# forward; the bound only stops a pathological storm from spinning forever.
+MAX_ROTATION_ATTEMPTS = 100
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPage:
+    keys: list[Key]
+    next_page_token: str
+
+
+class KeyLifecycle:
+    def __init__(self, store: KeyStore, keyring: Keyring, clock: Clock) -> None:
+        self._store = store
+        self._keyring = keyring
+        self._clock = clock
+
+    # -- create ----------------------------------------------------------------
+
+    def create_key(
+        self,
+        tenant_id: str,
+        key_type: KeyType,
+        *,
+        expire_after: timedelta | None = None,
+        rotation_period: timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Key:
+        validate_tenant_id(tenant_id)
+        policy = KeyPolicy.for_new_key(key_type, expire_after, rotation_period)
+        checked_labels = validate_labels(labels or {})
+        if key_type is KeyType.MASTER:
+            existing = self._store.get_master_key(tenant_id)
+            if existing is not None:
+                raise MasterKeyExists(existing.key_id)
+            try:
+                return self._insert_master(tenant_id, policy, checked_labels)
+            except DuplicateMasterKey:
+                master = self._store.get_master_key(tenant_id)
+                raise MasterKeyExists(master.key_id if master else "unknown") from None
+        master = self._master_for_wrapping(tenant_id)
+        now = self._clock.now()
+        key_id = str(uuid.uuid4())
+        first = self._new_version(tenant_id, key_id, key_type, 1, now, policy.expiry_for(now), master)
+        key = Key(
+            key_id=key_id,
+            tenant_id=tenant_id,
+            key_type=key_type,
+            disabled=False,
+            primary_version=1,
+            versions=(first,),
+            created_at=now,
+            policy=policy,
+            labels=checked_labels,
+            parent_key_id=master.key_id,
+        )
+        self._store.insert_key(key)
+        return key
+
+    def _insert_master(self, tenant_id: str, policy: KeyPolicy, labels: Mapping[str, str]) -> Key:
+        now = self._clock.now()
+        key_id = str(uuid.uuid4())
+        first = self._new_version(tenant_id, key_id, KeyType.MASTER, 1, now, policy.expiry_for(now), None)
+        master = Key(
+            key_id=key_id,
+            tenant_id=tenant_id,
+            key_type=KeyType.MASTER,
+            disabled=False,
+            primary_version=1,
+            versions=(first,),
+            created_at=now,
+            policy=policy,
+            labels=labels,
+            parent_key_id=None,
+        )
+        self._store.insert_key(master)
+        return master
+
+    def _master_for_wrapping(self, tenant_id: str) -> Key:
+        """The tenant's master key, created on first use, checked able to wrap."""
+        master = self._store.get_master_key(tenant_id)
+        if master is None:
+            policy = KeyPolicy.for_new_key(KeyType.MASTER, None, None, implicit_master=True)
+            try:
+                master = self._insert_master(tenant_id, policy, MappingProxyType({}))
+            except DuplicateMasterKey:
+                # Another request created it first; use theirs.
+                master = self._store.get_master_key(tenant_id)
+                assert master is not None, "a master key that conflicted on insert exists"
+        state = master.state_at(self._clock.now())
+        if state is KeyState.DISABLED:
+            raise MasterKeyUnavailable("the tenant's master key is disabled; enable it to create or rotate keys")
+        if state is KeyState.EXPIRED:
+            raise MasterKeyUnavailable("the tenant's master key has expired; rotate it to create or rotate keys")
+        return master
+
+    def _new_version(
+        self,
+        tenant_id: str,
+        key_id: str,
+        key_type: KeyType,
+        version: int,
+        created_at: datetime,
+        expires_at: datetime | None,
+        parent: Key | None,
+    ) -> KeyVersion:
+        """Fresh material for `version`, wrapped under the parent's primary version (the root key if None)."""
+        if parent is None:
+            parent_version = 0
+            wrapping = self._keyring.root
+        else:
+            parent_version = parent.primary_version
+            wrapping = self._keyring.aead(self._keyring.remember(parent), parent_version)
+        wrapped = wrap_key(
+            wrapping,
+            generate_key_material(),
+            tenant_id=tenant_id,
+            key_id=key_id,
+            key_type=key_type.value,
+            version=version,
+            parent_version=parent_version,
+        )
+        return KeyVersion(
+            version=version,
+            created_at=created_at,
+            expires_at=expires_at,
+            parent_version=parent_version,
+            wrapped_material=wrapped,
+        )
+
+    # -- read ------------------------------------------------------------------
+
+    def get_key(self, tenant_id: str, key_id: str) -> Key:
+        validate_tenant_id(tenant_id)
+        parse_key_id(key_id)
+        key = self._store.get_key(tenant_id, key_id)
+        if key is None:
+            raise KeyNotFound(key_id)
+        return key
+
+    def list_keys(
+        self,
+        tenant_id: str,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        key_type: KeyType | None = None,
+        state: KeyState | None = None,
+    ) -> KeyPage:
+        validate_tenant_id(tenant_id)
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be between 0 (the default, {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}")
+        limit = page_size or DEFAULT_PAGE_SIZE
+        query = KeyQuery(tenant_id=tenant_id, limit=limit + 1, now=self._clock.now(), key_type=key_type, state=state)
+        if page_token:
+            query = KeyQuery(
+                tenant_id=tenant_id,
+                limit=limit + 1,
+                now=query.now,
+                key_type=key_type,
+                state=state,
+                after=decode_page_token(page_token, query),
+            )
+        keys = self._store.list_keys(query)
+        if len(keys) <= limit:
+            return KeyPage(keys=keys, next_page_token="")
+        keys = keys[:limit]
+        last = keys[-1]
+        return KeyPage(keys=keys, next_page_token=encode_page_token(query, ListCursor(last.created_at, last.key_id)))
+
+    # -- change ----------------------------------------------------------------
+
+    def rotate_key(self, tenant_id: str, key_id: str) -> Key:
+        """Add a version and make it primary.
+
+        Optimistic: the new version is numbered latest + 1 and wrapped for that
+        number; if another writer added a version first, reload and try again.
+        """
+        validate_tenant_id(tenant_id)
+        parse_key_id(key_id)
+        for _ in range(MAX_ROTATION_ATTEMPTS):
+            key = self._store.get_key(tenant_id, key_id)
+            if key is None:
+                raise KeyNotFound(key_id)
+            if key.disabled:
+                raise KeyDisabled(key_id)
+            parent = None if key.parent_key_id is None else self._master_for_wrapping(tenant_id)
+            now = self._clock.now()
+            version = self._new_version(
+                tenant_id,
+                key_id,
+                key.key_type,
+                key.latest_version + 1,
+                now,
+                key.policy.expiry_for(now),
+                parent,
+            )
+            if self._store.add_version(tenant_id, key_id, version):
+                rotated = key.with_new_primary(version)
+                self._keyring.forget(tenant_id, key_id)
+                return rotated
+        raise ConcurrentModification(f"key {key_id} is being rotated concurrently by many callers; retry the rotation")
+
+    def disable_key(self, tenant_id: str, key_id: str) -> Key:
+        return self._set_disabled(tenant_id, key_id, True)
+
+    def enable_key(self, tenant_id: str, key_id: str) -> Key:
+        return self._set_disabled(tenant_id, key_id, False)
+
+    def _set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key:
+        validate_tenant_id(tenant_id)
+        parse_key_id(key_id)
+        key = self._store.set_disabled(tenant_id, key_id, disabled)
+        if key is None:
+            raise KeyNotFound(key_id)
+        if key.key_type is KeyType.MASTER:
+            # Every key of the tenant is unwrapped through the master key.
+            self._keyring.forget_tenant(tenant_id)
+        else:
+            self._keyring.forget(tenant_id, key_id)
+        return key

@@ -1,0 +1,125 @@
+"""The keyring: keys loaded from the store with their material unwrapped on demand.
+
+This is the hot path's only source of keys. A loaded key stays in process
+memory (bounded in count and age) so Encrypt/Decrypt with a known key do no
+store round trip and no unwrapping. Changes made through this server
+invalidate entries at once; `ttl_s` bounds how long a change made elsewhere
+(another replica) can go unseen.
+
+Unwrapped material lives only here, as AESGCM objects, and is never written
+anywhere.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from crypto_server.domain.errors import KeyIntegrityError, KeyNotFound, MasterKeyUnavailable
+from crypto_server.domain.key_wrap import UnwrapFailed, unwrap_key
+from crypto_server.domain.keys import Key
+from crypto_server.storage.port import KeyStore
+
+
+@dataclass(slots=True)
+class LoadedKey:
+    """A key's metadata plus the AEADs of the versions used so far."""
+
+    key: Key
+    key_uuid: uuid.UUID
+    loaded_at: float
+    aeads: dict[int, AESGCM] = field(default_factory=dict)
+
+
+class Keyring:
+    def __init__(self, store: KeyStore, root: AESGCM, *, ttl_s: float, max_keys: int) -> None:
+        if ttl_s < 0 or max_keys < 1:
+            raise ValueError("keyring ttl must be >= 0 and max_keys >= 1")
+        self._store = store
+        self.root = root
+        self._ttl_s = ttl_s
+        self._max_keys = max_keys
+        self._loaded: OrderedDict[tuple[str, str], LoadedKey] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, tenant_id: str, key_id: str) -> LoadedKey:
+        """The key, from memory when fresh, else from the store. Raises KeyNotFound."""
+        slot = (tenant_id, key_id)
+        now = time.monotonic()
+        with self._lock:
+            loaded = self._loaded.get(slot)
+            if loaded is not None and now - loaded.loaded_at < self._ttl_s:
+                self._loaded.move_to_end(slot)
+                return loaded
+        key = self._store.get_key(tenant_id, key_id)
+        if key is None:
+            raise KeyNotFound(key_id)
+        return self.remember(key)
+
+    def remember(self, key: Key) -> LoadedKey:
+        """Hold `key` (fresh from the store or just written) in memory."""
+        loaded = LoadedKey(key=key, key_uuid=uuid.UUID(key.key_id), loaded_at=time.monotonic())
+        slot = (key.tenant_id, key.key_id)
+        with self._lock:
+            previous = self._loaded.get(slot)
+            if previous is not None and previous.key.versions == key.versions:
+                # Same material: keep the AEADs already unwrapped.
+                loaded.aeads = previous.aeads
+            self._loaded[slot] = loaded
+            self._loaded.move_to_end(slot)
+            while len(self._loaded) > self._max_keys:
+                self._loaded.popitem(last=False)
+        return loaded
+
+    def forget(self, tenant_id: str, key_id: str) -> None:
+        with self._lock:
+            self._loaded.pop((tenant_id, key_id), None)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        with self._lock:
+            for slot in [slot for slot in self._loaded if slot[0] == tenant_id]:
+                del self._loaded[slot]
+
+    def aead(self, loaded: LoadedKey, version: int) -> AESGCM:
+        """The AEAD for one version of `loaded`, unwrapping it (through its parent) on first use.
+
+        Raises MasterKeyUnavailable when the parent master key is disabled.
+        """
+        aead = loaded.aeads.get(version)
+        if aead is not None:
+            return aead
+        key = loaded.key
+        record = key.version(version)
+        if record is None:
+            raise KeyError(version)
+        if key.parent_key_id is None:
+            parent = self.root
+        else:
+            try:
+                parent_key = self.get(key.tenant_id, key.parent_key_id)
+            except KeyNotFound:
+                raise KeyIntegrityError(f"key {key.key_id} names a parent key that does not exist") from None
+            if parent_key.key.disabled:
+                raise MasterKeyUnavailable("the tenant's master key is disabled, so none of its keys can be used")
+            parent = self.aead(parent_key, record.parent_version)
+        try:
+            material = unwrap_key(
+                parent,
+                record.wrapped_material,
+                tenant_id=key.tenant_id,
+                key_id=key.key_id,
+                key_type=key.key_type.value,
+                version=record.version,
+                parent_version=record.parent_version,
+            )
+        except UnwrapFailed as error:
+            raise KeyIntegrityError(f"key {key.key_id} version {version} does not unwrap") from error
+        aead = AESGCM(material)
+        # Racing threads may both unwrap; the results are identical, so last write wins harmlessly.
+        loaded.aeads[version] = aead
+        return aead

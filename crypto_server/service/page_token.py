@@ -1,0 +1,58 @@
+"""ListKeys page tokens: opaque to callers, checked when they come back.
+
+A token records where the previous page ended and which tenant and filters it
+was for; a token replayed with another tenant or other filters, or altered,
+is rejected as INVALID_ARGUMENT instead of returning a wrong page.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime, timedelta, timezone
+
+from crypto_server.domain.errors import InvalidArgument
+from crypto_server.storage.port import KeyQuery, ListCursor
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MAX_TOKEN_CHARS = 1024
+
+
+def _scope(query: KeyQuery) -> list[str | None]:
+    return [
+        query.tenant_id,
+        None if query.key_type is None else query.key_type.value,
+        None if query.state is None else query.state.value,
+    ]
+
+
+def encode_page_token(query: KeyQuery, cursor: ListCursor) -> str:
+    created_us = (cursor.created_at - _EPOCH) // timedelta(microseconds=1)
+    body = {"v": 1, "scope": _scope(query), "created_us": created_us, "key_id": cursor.key_id}
+    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, query: KeyQuery) -> ListCursor:
+    """Return the cursor in `token`, which must have been issued for the same tenant and filters."""
+    invalid = InvalidArgument("page_token", "is not a page token from a previous ListKeys call")
+    if len(token) > _MAX_TOKEN_CHARS:
+        raise invalid
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError):
+        raise invalid from None
+    if (
+        not isinstance(body, dict)
+        or body.get("v") != 1
+        or not isinstance(body.get("created_us"), int)
+        or not isinstance(body.get("key_id"), str)
+    ):
+        raise invalid
+    if body.get("scope") != _scope(query):
+        raise InvalidArgument("page_token", "was issued for another tenant or other filters")
+    try:
+        created_at = _EPOCH + timedelta(microseconds=body["created_us"])
+    except OverflowError:
+        raise invalid from None
+    return ListCursor(created_at=created_at, key_id=body["key_id"])

@@ -1,0 +1,1 @@
+"""Where keys live: the storage port and its adapters."""

@@ -1,0 +1,74 @@
+"""The storage port: what the service needs from a key store.
+
+Adapters (embedded SQLite here; MongoDB next) store keys exactly as the domain
+hands them over: material only ever wrapped. They raise the domain's
+StoreUnavailable when the store cannot be reached, never a driver exception.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersion
+
+
+class DuplicateMasterKey(Exception):
+    """insert_key was given a master key for a tenant that already has one."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListCursor:
+    """Position after the last key of a page, in (created_at, key_id) order."""
+
+    created_at: datetime
+    key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyQuery:
+    """One page of a tenant's keys, oldest first.
+
+    `state` filters on the effective state at `now`: EXPIRED means enabled but
+    with an expired primary version.
+    """
+
+    tenant_id: str
+    limit: int
+    now: datetime
+    key_type: KeyType | None = None
+    state: KeyState | None = None
+    after: ListCursor | None = None
+
+
+class KeyStore(Protocol):
+    def insert_key(self, key: Key) -> None:
+        """Store a new key with its versions. Raises DuplicateMasterKey."""
+        ...
+
+    def get_key(self, tenant_id: str, key_id: str) -> Key | None:
+        """The key, or None when this tenant has no such key."""
+        ...
+
+    def get_master_key(self, tenant_id: str) -> Key | None: ...
+
+    def list_keys(self, query: KeyQuery) -> list[Key]: ...
+
+    def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
+        """Append `version` and make it primary, only if it is exactly one more
+        than the key's latest version at the time of the write. Returns False
+        when another writer got there first (the caller reloads and retries)."""
+        ...
+
+    def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:
+        """Set the disabled flag; the updated key, or None when not found."""
+        ...
+
+    def get_root_key_check(self) -> bytes | None: ...
+
+    def set_root_key_check(self, check: bytes) -> bytes:
+        """Store `check` unless one exists; return the stored one."""
+        ...
+
+    def close(self) -> None: ...

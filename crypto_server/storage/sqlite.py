@@ -1,0 +1,321 @@
+"""The embedded key store: one SQLite file, safe under the threaded server.
+
+Each thread gets its own connection (SQLite connections are not shared across
+threads); WAL mode lets readers proceed while one writer writes, and
+`synchronous=FULL` makes every committed key durable across a crash. Writes
+that read-then-write (adding a version) run in `BEGIN IMMEDIATE`, so they are
+serialised across threads and processes sharing the file.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from crypto_server.domain.errors import StoreUnavailable
+from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
+from crypto_server.storage.port import DuplicateMasterKey, KeyQuery
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    key_id             TEXT PRIMARY KEY,
+    tenant_id          TEXT NOT NULL,
+    key_type           TEXT NOT NULL,
+    disabled           INTEGER NOT NULL,
+    primary_version    INTEGER NOT NULL,
+    primary_expires_us INTEGER,
+    created_us         INTEGER NOT NULL,
+    expire_after_us    INTEGER,
+    rotation_period_us INTEGER,
+    labels             TEXT NOT NULL,
+    parent_key_id      TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_master_key_per_tenant ON keys (tenant_id) WHERE key_type = 'MASTER';
+CREATE INDEX IF NOT EXISTS keys_by_tenant_created ON keys (tenant_id, created_us, key_id);
+CREATE TABLE IF NOT EXISTS key_versions (
+    key_id           TEXT NOT NULL REFERENCES keys (key_id),
+    version          INTEGER NOT NULL,
+    created_us       INTEGER NOT NULL,
+    expires_us       INTEGER,
+    parent_version   INTEGER NOT NULL,
+    wrapped_material BLOB NOT NULL,
+    PRIMARY KEY (key_id, version)
+);
+CREATE TABLE IF NOT EXISTS store_meta (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+"""
+_KEY_COLUMNS = (
+    "key_id, tenant_id, key_type, disabled, primary_version, created_us, expire_after_us, rotation_period_us, "
+    "labels, parent_key_id"
+)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _to_us(moment: datetime) -> int:
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _from_us(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _opt_to_us(moment: datetime | None) -> int | None:
+    return None if moment is None else _to_us(moment)
+
+
+def _opt_duration_us(duration: timedelta | None) -> int | None:
+    return None if duration is None else duration // timedelta(microseconds=1)
+
+
+def _opt_duration(us: int | None) -> timedelta | None:
+    return None if us is None else timedelta(microseconds=us)
+
+
+class SqliteKeyStore:
+    """KeyStore over a SQLite file (see storage/port.py for the contract)."""
+
+    FILE_NAME = "keys.sqlite3"
+
+    def __init__(self, data_dir: Path, *, busy_timeout_s: float = 5.0) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / self.FILE_NAME
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        try:
+            self._connection().executescript(_SCHEMA)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"cannot open the embedded key store at {self.path}: {error}") from error
+
+    def _connection(self) -> sqlite3.Connection:
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            # isolation_level=None: autocommit, transactions only where we BEGIN them.
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+            with self._connections_lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            yield self._connection()
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(f"the embedded key store failed: {error}") from error
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        db = self._connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(f"the embedded key store failed: {error}") from error
+
+    # -- reads -----------------------------------------------------------------
+
+    def _versions_of(self, db: sqlite3.Connection, key_ids: Sequence[str]) -> dict[str, list[KeyVersion]]:
+        found: dict[str, list[KeyVersion]] = {key_id: [] for key_id in key_ids}
+        if not key_ids:
+            return found
+        marks = ",".join("?" * len(key_ids))
+        rows = db.execute(
+            "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material FROM key_versions "
+            f"WHERE key_id IN ({marks}) ORDER BY key_id, version",
+            tuple(key_ids),
+        )
+        for key_id, version, created_us, expires_us, parent_version, wrapped in rows:
+            found[key_id].append(
+                KeyVersion(
+                    version=version,
+                    created_at=_from_us(created_us),
+                    expires_at=None if expires_us is None else _from_us(expires_us),
+                    parent_version=parent_version,
+                    wrapped_material=bytes(wrapped),
+                )
+            )
+        return found
+
+    def _keys_from_rows(self, db: sqlite3.Connection, rows: list[Any]) -> list[Key]:
+        versions = self._versions_of(db, [row[0] for row in rows])
+        return [
+            Key(
+                key_id=key_id,
+                tenant_id=tenant_id,
+                key_type=KeyType(key_type),
+                disabled=bool(disabled),
+                primary_version=primary_version,
+                versions=tuple(versions[key_id]),
+                created_at=_from_us(created_us),
+                policy=KeyPolicy(_opt_duration(expire_after_us), _opt_duration(rotation_period_us)),
+                labels=json.loads(labels),
+                parent_key_id=parent_key_id,
+            )
+            for (
+                key_id,
+                tenant_id,
+                key_type,
+                disabled,
+                primary_version,
+                created_us,
+                expire_after_us,
+                rotation_period_us,
+                labels,
+                parent_key_id,
+            ) in rows
+        ]
+
+    def _select_one(self, db: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> Key | None:
+        rows = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE {where}", params).fetchall()
+        keys = self._keys_from_rows(db, rows)
+        return keys[0] if keys else None
+
+    def get_key(self, tenant_id: str, key_id: str) -> Key | None:
+        with self._read() as db:
+            # One snapshot for the key row and its versions.
+            db.execute("BEGIN")
+            try:
+                return self._select_one(db, "key_id = ? AND tenant_id = ?", (key_id, tenant_id))
+            finally:
+                db.execute("COMMIT")
+
+    def get_master_key(self, tenant_id: str) -> Key | None:
+        with self._read() as db:
+            db.execute("BEGIN")
+            try:
+                return self._select_one(db, "tenant_id = ? AND key_type = 'MASTER'", (tenant_id,))
+            finally:
+                db.execute("COMMIT")
+
+    def list_keys(self, query: KeyQuery) -> list[Key]:
+        where = ["tenant_id = ?"]
+        params: list[Any] = [query.tenant_id]
+        if query.key_type is not None:
+            where.append("key_type = ?")
+            params.append(query.key_type.value)
+        now_us = _to_us(query.now)
+        if query.state is KeyState.DISABLED:
+            where.append("disabled = 1")
+        elif query.state is KeyState.ENABLED:
+            where.append("disabled = 0 AND (primary_expires_us IS NULL OR primary_expires_us > ?)")
+            params.append(now_us)
+        elif query.state is KeyState.EXPIRED:
+            where.append("disabled = 0 AND primary_expires_us <= ?")
+            params.append(now_us)
+        if query.after is not None:
+            where.append("(created_us > ? OR (created_us = ? AND key_id > ?))")
+            after_us = _to_us(query.after.created_at)
+            params.extend((after_us, after_us, query.after.key_id))
+        sql = (
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE {' AND '.join(where)} ORDER BY created_us, key_id LIMIT ?"
+        )
+        params.append(query.limit)
+        with self._read() as db:
+            db.execute("BEGIN")
+            try:
+                return self._keys_from_rows(db, db.execute(sql, params).fetchall())
+            finally:
+                db.execute("COMMIT")
+
+    # -- writes ----------------------------------------------------------------
+
+    @staticmethod
+    def _insert_version(db: sqlite3.Connection, key_id: str, version: KeyVersion) -> None:
+        db.execute(
+            "INSERT INTO key_versions (key_id, version, created_us, expires_us, parent_version, wrapped_material) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                key_id,
+                version.version,
+                _to_us(version.created_at),
+                _opt_to_us(version.expires_at),
+                version.parent_version,
+                version.wrapped_material,
+            ),
+        )
+
+    def insert_key(self, key: Key) -> None:
+        try:
+            with self._write() as db:
+                db.execute(
+                    "INSERT INTO keys (key_id, tenant_id, key_type, disabled, primary_version, primary_expires_us, "
+                    "created_us, expire_after_us, rotation_period_us, labels, parent_key_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        key.key_id,
+                        key.tenant_id,
+                        key.key_type.value,
+                        int(key.disabled),
+                        key.primary_version,
+                        _opt_to_us(key.expires_at),
+                        _to_us(key.created_at),
+                        _opt_duration_us(key.policy.expire_after),
+                        _opt_duration_us(key.policy.rotation_period),
+                        json.dumps(dict(key.labels), sort_keys=True),
+                        key.parent_key_id,
+                    ),
+                )
+                for version in key.versions:
+                    self._insert_version(db, key.key_id, version)
+        except sqlite3.IntegrityError as error:
+            if key.key_type is KeyType.MASTER:
+                raise DuplicateMasterKey(key.tenant_id) from error
+            raise
+
+    def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT MAX(v.version) FROM key_versions v JOIN keys k ON k.key_id = v.key_id "
+                "WHERE k.key_id = ? AND k.tenant_id = ?",
+                (key_id, tenant_id),
+            ).fetchone()
+            if row is None or row[0] is None or row[0] + 1 != version.version:
+                return False
+            self._insert_version(db, key_id, version)
+            db.execute(
+                "UPDATE keys SET primary_version = ?, primary_expires_us = ? WHERE key_id = ?",
+                (version.version, _opt_to_us(version.expires_at), key_id),
+            )
+            return True
+
+    def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE keys SET disabled = ? WHERE key_id = ? AND tenant_id = ?", (int(disabled), key_id, tenant_id)
+            )
+            return self._select_one(db, "key_id = ? AND tenant_id = ?", (key_id, tenant_id))
+
+    def get_root_key_check(self) -> bytes | None:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM store_meta WHERE name = 'root_key_check'").fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set_root_key_check(self, check: bytes) -> bytes:
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO store_meta (name, value) VALUES ('root_key_check', ?)", (check,))
+            row = db.execute("SELECT value FROM store_meta WHERE name = 'root_key_check'").fetchone()
+        return bytes(row[0])
+
+    def close(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()

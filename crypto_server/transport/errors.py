@@ -1,0 +1,56 @@
+"""The one table from domain errors to gRPC status codes and ErrorInfo reasons."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from crypto_client.v1 import errors_pb2
+from crypto_server.domain import errors
+
+ERROR_DOMAIN = "crypto.caas"
+
+_TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, int]] = {
+    errors.InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_INVALID_FIELD),
+    errors.DecryptionFailed: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_DECRYPTION_FAILED),
+    errors.KeyNotFound: (grpc.StatusCode.NOT_FOUND, errors_pb2.ERROR_REASON_KEY_NOT_FOUND),
+    errors.MasterKeyExists: (grpc.StatusCode.ALREADY_EXISTS, errors_pb2.ERROR_REASON_MASTER_KEY_EXISTS),
+    errors.KeyDisabled: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_DISABLED),
+    errors.KeyExpired: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_EXPIRED),
+    errors.KeyTypeMismatch: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_TYPE_MISMATCH),
+    errors.MasterKeyUnavailable: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_MASTER_KEY_UNAVAILABLE),
+    errors.ConcurrentModification: (grpc.StatusCode.ABORTED, errors_pb2.ERROR_REASON_CONCURRENT_MODIFICATION),
+    errors.StoreUnavailable: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_STORE_UNAVAILABLE),
+    errors.KeyIntegrityError: (grpc.StatusCode.DATA_LOSS, errors_pb2.ERROR_REASON_KEY_INTEGRITY),
+}
+
+
+def _status(code: grpc.StatusCode, message: str, reason: int, metadata: dict[str, str]) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(
+        reason=errors_pb2.ErrorReason.Name(reason), domain=ERROR_DOMAIN, metadata=metadata  # type: ignore[arg-type]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(
+        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
+    )
+
+
+def status_for(error: errors.CryptoServiceError) -> tuple[grpc.StatusCode, grpc.Status]:
+    """The status a caller receives for `error`."""
+    code, reason = next(_TABLE[kind] for kind in type(error).__mro__ if kind in _TABLE)
+    metadata: dict[str, str] = {}
+    if isinstance(error, errors.InvalidArgument):
+        metadata["field"] = error.field
+    key_id = getattr(error, "key_id", None)
+    if isinstance(key_id, str):
+        metadata["key_id"] = key_id
+    return code, _status(code, error.message, reason, metadata)
+
+
+def internal_status(request_id: str) -> grpc.Status:
+    """The last resort for a bug: says nothing about the cause, points at the log line."""
+    message = f"internal error; the server log has details under request id {request_id}"
+    return _status(grpc.StatusCode.INTERNAL, message, errors_pb2.ERROR_REASON_INTERNAL, {"request_id": request_id})

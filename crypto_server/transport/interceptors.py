@@ -1,0 +1,116 @@
+"""Cross-cutting concerns for every caas.crypto.v1 RPC, in one interceptor:
+
+- a request id (the caller's `x-request-id` metadata, or a new one), echoed back;
+- domain errors turned into rich statuses through the error table;
+- a last-resort INTERNAL that reveals nothing, for bugs;
+- a request body that does not parse becomes INVALID_ARGUMENT, not INTERNAL;
+- one structured log line per RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from crypto_server.domain.errors import CryptoServiceError, InvalidArgument
+from crypto_server.transport.errors import internal_status, status_for
+
+SERVICE_PREFIX = "/caas.crypto.v1."
+REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_LOGGED_TEXT_CHARS = 128
+rpc_log = logging.getLogger("crypto_server.rpc")
+
+
+class _MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the handler can answer INVALID_ARGUMENT."""
+
+
+_MALFORMED = _MalformedRequest()
+
+
+def _tolerant(deserialize: Callable[[bytes], Message]) -> Callable[[bytes], Message | _MalformedRequest]:
+    def parse(data: bytes) -> Message | _MalformedRequest:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _MALFORMED
+
+    return parse
+
+
+def _request_id(context: grpc.ServicerContext) -> str:
+    for name, value in context.invocation_metadata():
+        if name == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID_PATTERN.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def _text_field(request: object, name: str) -> str:
+    value = getattr(request, name, "")
+    return value[:_LOGGED_TEXT_CHARS] if isinstance(value, str) else ""
+
+
+class RpcInterceptor(grpc.ServerInterceptor):
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        wrapped = self._handlers.get(method)
+        if wrapped is not None:
+            return wrapped
+        handler = continuation(handler_call_details)
+        if handler is None or not method.startswith(SERVICE_PREFIX) or handler.unary_unary is None:
+            return handler
+        wrapped = grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, handler.unary_unary),
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+        self._handlers[method] = wrapped
+        return wrapped
+
+    @staticmethod
+    def _wrap(method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            request_id = _request_id(context)
+            context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
+            code = grpc.StatusCode.OK
+            try:
+                if request is _MALFORMED:
+                    raise InvalidArgument("request", "the request body is not a valid protobuf message")
+                return behaviour(request, context)
+            except CryptoServiceError as error:
+                code, status = status_for(error)
+                context.abort_with_status(status)
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                rpc_log.exception("unhandled error", extra={"method": method, "request_id": request_id})
+                context.abort_with_status(internal_status(request_id))
+            finally:
+                rpc_log.info(
+                    "rpc",
+                    extra={
+                        "method": method,
+                        "tenant_id": _text_field(request, "tenant_id"),
+                        "key_id": _text_field(request, "key_id"),
+                        "code": code.name,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                        "request_id": request_id,
+                    },
+                )
+
+        return handle

@@ -1,0 +1,68 @@
+"""KeyService: thin handlers that map the request, call the lifecycle, map the key back."""
+
+from __future__ import annotations
+
+import grpc
+
+from crypto_client.v1 import key_service_pb2 as pb
+from crypto_client.v1 import key_service_pb2_grpc, resources_pb2
+from crypto_server.domain.clock import Clock
+from crypto_server.domain.keys import Key
+from crypto_server.service.key_lifecycle import KeyLifecycle
+from crypto_server.transport.mapping import (
+    duration_from_proto,
+    key_state_filter_from_proto,
+    key_to_proto,
+    key_type_filter_from_proto,
+    key_type_from_proto,
+)
+
+
+class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
+    def __init__(self, lifecycle: KeyLifecycle, clock: Clock) -> None:
+        self._lifecycle = lifecycle
+        self._clock = clock
+
+    def _key(self, key: Key) -> resources_pb2.Key:
+        return key_to_proto(key, self._clock.now())
+
+    def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.ServicerContext) -> pb.CreateKeyResponse:
+        key = self._lifecycle.create_key(
+            request.tenant_id,
+            key_type_from_proto(request.key_type),
+            expire_after=(
+                duration_from_proto(request.expire_after, "expire_after") if request.HasField("expire_after") else None
+            ),
+            rotation_period=(
+                duration_from_proto(request.rotation_period, "rotation_period")
+                if request.HasField("rotation_period")
+                else None
+            ),
+            labels=dict(request.labels),
+        )
+        return pb.CreateKeyResponse(key=self._key(key))
+
+    def GetKey(self, request: pb.GetKeyRequest, context: grpc.ServicerContext) -> pb.GetKeyResponse:
+        return pb.GetKeyResponse(key=self._key(self._lifecycle.get_key(request.tenant_id, request.key_id)))
+
+    def ListKeys(self, request: pb.ListKeysRequest, context: grpc.ServicerContext) -> pb.ListKeysResponse:
+        page = self._lifecycle.list_keys(
+            request.tenant_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            key_type=key_type_filter_from_proto(request.key_type),
+            state=key_state_filter_from_proto(request.state),
+        )
+        now = self._clock.now()
+        return pb.ListKeysResponse(
+            keys=[key_to_proto(key, now) for key in page.keys], next_page_token=page.next_page_token
+        )
+
+    def RotateKey(self, request: pb.RotateKeyRequest, context: grpc.ServicerContext) -> pb.RotateKeyResponse:
+        return pb.RotateKeyResponse(key=self._key(self._lifecycle.rotate_key(request.tenant_id, request.key_id)))
+
+    def DisableKey(self, request: pb.DisableKeyRequest, context: grpc.ServicerContext) -> pb.DisableKeyResponse:
+        return pb.DisableKeyResponse(key=self._key(self._lifecycle.disable_key(request.tenant_id, request.key_id)))
+
+    def EnableKey(self, request: pb.EnableKeyRequest, context: grpc.ServicerContext) -> pb.EnableKeyResponse:
+        return pb.EnableKeyResponse(key=self._key(self._lifecycle.enable_key(request.tenant_id, request.key_id)))

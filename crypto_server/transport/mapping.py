@@ -1,0 +1,92 @@
+"""The one place that converts between protobuf messages and domain values."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from crypto_client.v1 import resources_pb2
+from crypto_server.domain.errors import InvalidArgument
+from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersionState
+
+_KEY_TYPE_TO_PROTO = {
+    KeyType.MASTER: resources_pb2.KEY_TYPE_MASTER,
+    KeyType.DATA: resources_pb2.KEY_TYPE_DATA,
+    KeyType.SESSION: resources_pb2.KEY_TYPE_SESSION,
+}
+_KEY_TYPE_FROM_PROTO = {number: key_type for key_type, number in _KEY_TYPE_TO_PROTO.items()}
+_KEY_STATE_TO_PROTO = {
+    KeyState.ENABLED: resources_pb2.KEY_STATE_ENABLED,
+    KeyState.DISABLED: resources_pb2.KEY_STATE_DISABLED,
+    KeyState.EXPIRED: resources_pb2.KEY_STATE_EXPIRED,
+}
+_KEY_STATE_FROM_PROTO = {number: state for state, number in _KEY_STATE_TO_PROTO.items()}
+_VERSION_STATE_TO_PROTO = {
+    KeyVersionState.ENABLED: resources_pb2.KEY_VERSION_STATE_ENABLED,
+    KeyVersionState.EXPIRED: resources_pb2.KEY_VERSION_STATE_EXPIRED,
+}
+
+
+def key_type_from_proto(value: int) -> KeyType:
+    key_type = _KEY_TYPE_FROM_PROTO.get(value)
+    if key_type is None:
+        raise InvalidArgument("key_type", "must be KEY_TYPE_MASTER, KEY_TYPE_DATA or KEY_TYPE_SESSION")
+    return key_type
+
+
+def key_type_filter_from_proto(value: int) -> KeyType | None:
+    """A ListKeys filter: UNSPECIFIED means any type."""
+    return None if value == resources_pb2.KEY_TYPE_UNSPECIFIED else key_type_from_proto(value)
+
+
+def key_state_filter_from_proto(value: int) -> KeyState | None:
+    if value == resources_pb2.KEY_STATE_UNSPECIFIED:
+        return None
+    state = _KEY_STATE_FROM_PROTO.get(value)
+    if state is None:
+        raise InvalidArgument("state", "must be KEY_STATE_ENABLED, KEY_STATE_DISABLED or KEY_STATE_EXPIRED")
+    return state
+
+
+# Durations beyond this cannot be meaningful for a key and would overflow datetime arithmetic.
+_MAX_DURATION_SECONDS = 10_000 * 365 * 24 * 3600
+
+
+def duration_from_proto(message: Duration, field: str) -> timedelta:
+    if not (0 <= message.seconds <= _MAX_DURATION_SECONDS) or not (0 <= message.nanos < 1_000_000_000):
+        raise InvalidArgument(field, "must be a positive duration")
+    return timedelta(seconds=message.seconds, microseconds=message.nanos // 1000)
+
+
+def _timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
+    """A key's metadata as seen at `now`. Never key material."""
+    message = resources_pb2.Key(
+        key_id=key.key_id,
+        tenant_id=key.tenant_id,
+        key_type=_KEY_TYPE_TO_PROTO[key.key_type],
+        state=_KEY_STATE_TO_PROTO[key.state_at(now)],
+        primary_version=key.primary_version,
+        created_at=_timestamp(key.created_at),
+        labels=dict(key.labels),
+    )
+    if key.expires_at is not None:
+        message.expires_at.CopyFrom(_timestamp(key.expires_at))
+    if key.policy.rotation_period is not None:
+        message.rotation_period.FromTimedelta(key.policy.rotation_period)
+    for version in key.versions:
+        item = message.versions.add(
+            version=version.version,
+            state=_VERSION_STATE_TO_PROTO[version.state_at(now)],
+            created_at=_timestamp(version.created_at),
+        )
+        if version.expires_at is not None:
+            item.expires_at.CopyFrom(_timestamp(version.expires_at))
+    return message

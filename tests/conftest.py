@@ -1,0 +1,140 @@
+"""Shared fixtures: a real server on 127.0.0.1 (port 0) with an injected clock."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_server.app import CryptoServer, build_server
+from crypto_server.config import Settings
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime(2026, 1, 1, tzinfo=timezone.utc)
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, delta: timedelta) -> None:
+        with self._lock:
+            self._now += delta
+
+
+@dataclass
+class ServerHandle:
+    running: CryptoServer
+    channel: grpc.Channel
+    clock: FakeClock
+    settings: Settings
+    keys: key_service_pb2_grpc.KeyServiceStub = field(init=False)
+    crypto: crypto_service_pb2_grpc.CryptoServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = key_service_pb2_grpc.KeyServiceStub(self.channel)
+        self.crypto = crypto_service_pb2_grpc.CryptoServiceStub(self.channel)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.running.port}"
+
+    def create_key(
+        self, tenant_id: str, key_type: int = resources_pb2.KEY_TYPE_DATA, **fields: Any
+    ) -> resources_pb2.Key:
+        response = self.keys.CreateKey(key_pb.CreateKeyRequest(tenant_id=tenant_id, key_type=key_type, **fields))
+        return response.key
+
+    def encrypt(self, tenant_id: str, key_id: str, plaintext: bytes, aad: bytes = b"") -> crypto_pb.EncryptResponse:
+        return self.crypto.Encrypt(
+            crypto_pb.EncryptRequest(tenant_id=tenant_id, key_id=key_id, plaintext=plaintext, aad=aad)
+        )
+
+    def decrypt(
+        self, tenant_id: str, ciphertext: bytes, aad: bytes = b"", key_id: str = ""
+    ) -> crypto_pb.DecryptResponse:
+        return self.crypto.Decrypt(
+            crypto_pb.DecryptRequest(tenant_id=tenant_id, ciphertext=ciphertext, aad=aad, key_id=key_id)
+        )
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.running.stop(0)
+
+
+StartServer = Callable[..., ServerHandle]
+
+
+@pytest.fixture
+def root_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, root_key: str) -> Iterator[StartServer]:
+    """Start servers on a shared data directory and root key; all are stopped at the end."""
+    started: list[ServerHandle] = []
+
+    def start(clock: FakeClock | None = None, **overrides: Any) -> ServerHandle:
+        settings = replace(
+            Settings(host="127.0.0.1", port=0, workers=8, data_dir=tmp_path / "data", root_key=root_key), **overrides
+        )
+        clock = clock or FakeClock()
+        running = build_server(settings, clock=clock)
+        handle = ServerHandle(running, grpc.insecure_channel(f"127.0.0.1:{running.port}"), clock, settings)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in started:
+        handle.stop()
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> ServerHandle:
+    return start_server()
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo attached to a failed call (fails the test if absent)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "the error carries no google.rpc.Status"
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    raise AssertionError("the error carries no ErrorInfo")
+
+
+def expect_error(
+    call: Callable[[], object], code: grpc.StatusCode, reason: str, field_name: str | None = None
+) -> grpc.RpcError:
+    """Run `call`, which must fail with `code` and ErrorInfo `reason` (and metadata field, when given)."""
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    error = caught.value
+    assert error.code() == code, f"{error.code()}: {error.details()}"
+    info = error_info(error)
+    assert info.reason == reason
+    assert info.domain == "crypto.caas"
+    if field_name is not None:
+        assert info.metadata["field"] == field_name
+        assert field_name in (error.details() or "")
+    return error

@@ -1,0 +1,123 @@
+"""Acceptance 5 and the embedded store's contract: durable, wrapped only, safe under concurrency."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from pathlib import Path
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.v1 import resources_pb2
+from crypto_server.domain.key_wrap import unwrap_key
+from crypto_server.domain.keys import Key, KeyVersion
+from crypto_server.storage.sqlite import SqliteKeyStore
+from tests.conftest import ServerHandle, StartServer
+
+
+def _unwrapped_material(server: ServerHandle, key: Key) -> list[bytes]:
+    """Every version's raw key bytes, unwrapped here from the root key down (independently of the server)."""
+    assert server.settings.root_key is not None
+    store = server.running.store
+    if key.parent_key_id is None:
+        parents = {0: AESGCM(base64.b64decode(server.settings.root_key))}
+    else:
+        parent = store.get_key(key.tenant_id, key.parent_key_id)
+        assert parent is not None
+        parents = {n + 1: AESGCM(m) for n, m in enumerate(_unwrapped_material(server, parent))}
+    return [
+        unwrap_key(
+            parents[v.parent_version],
+            v.wrapped_material,
+            tenant_id=key.tenant_id,
+            key_id=key.key_id,
+            key_type=key.key_type.value,
+            version=v.version,
+            parent_version=v.parent_version,
+        )
+        for v in key.versions
+    ]
+
+
+def _store_files(data_dir: Path) -> list[bytes]:
+    return [path.read_bytes() for path in sorted(data_dir.glob("keys.sqlite3*"))]
+
+
+def test_the_database_never_contains_raw_key_bytes(server: ServerHandle) -> None:
+    tenants = ("t1", "t2")
+    keys = [
+        server.create_key(t, kt)
+        for t in tenants
+        for kt in (resources_pb2.KEY_TYPE_DATA, resources_pb2.KEY_TYPE_SESSION)
+    ]
+    for key in keys:
+        server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=key.tenant_id, key_id=key.key_id))
+        server.encrypt(key.tenant_id, key.key_id, b"use it")
+    masters = [
+        server.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=t, key_type=resources_pb2.KEY_TYPE_MASTER)).keys[0]
+        for t in tenants
+    ]
+    stored = [server.running.store.get_key(key.tenant_id, key.key_id) for key in [*keys, *masters]]
+    secrets = [m for key in stored if key is not None for m in _unwrapped_material(server, key)]
+    assert len(secrets) == 2 * len(keys) + len(masters)
+    assert all(len(secret) == 32 for secret in secrets)
+    contents = _store_files(server.settings.data_dir)
+    assert contents, "the store wrote no file"
+    for secret in secrets:
+        for window in (secret, secret[:16], secret[16:]):
+            assert not any(window in blob for blob in contents)
+
+
+def test_keys_survive_a_restart(start_server: StartServer) -> None:
+    first = start_server()
+    key = first.create_key("t1", labels={"team": "messaging"})
+    ciphertext = first.encrypt("t1", key.key_id, b"kept").ciphertext
+    first.stop()
+    second = start_server()
+    got = second.keys.GetKey(key_pb.GetKeyRequest(tenant_id="t1", key_id=key.key_id)).key
+    assert got == key
+    assert second.decrypt("t1", ciphertext).plaintext == b"kept"
+
+
+def test_concurrent_rotations_produce_consecutive_versions_once_each(server: ServerHandle) -> None:
+    key = server.create_key("t1")
+    barrier = threading.Barrier(8)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def rotate_several() -> None:
+        barrier.wait()
+        for _ in range(5):
+            rotated = server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id)).key
+            with lock:
+                results.append(rotated.primary_version)
+
+    threads = [threading.Thread(target=rotate_several) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == list(range(2, 42))
+    got = server.keys.GetKey(key_pb.GetKeyRequest(tenant_id="t1", key_id=key.key_id)).key
+    assert [v.version for v in got.versions] == list(range(1, 42))
+    assert got.primary_version == 41
+
+
+def test_two_stores_on_one_file_never_duplicate_a_version(server: ServerHandle) -> None:
+    key = server.create_key("t1")
+    stored = server.running.store.get_key("t1", key.key_id)
+    assert isinstance(stored, Key)
+    other = SqliteKeyStore(server.settings.data_dir)
+    try:
+        next_version = KeyVersion(
+            version=2,
+            created_at=stored.created_at,
+            expires_at=None,
+            parent_version=1,
+            wrapped_material=b"\0" * 60,
+        )
+        assert other.add_version("t1", key.key_id, next_version)
+        assert not server.running.store.add_version("t1", key.key_id, next_version)
+    finally:
+        other.close()

@@ -39,7 +39,12 @@ def main() -> int:
         return 2
     log.info(
         "serving",
-        extra={"host": settings.host, "port": running.port, "data_dir": str(settings.data_dir), "workers": settings.workers},
+        extra={
+            "host": settings.host,
+            "port": running.port,
+            "data_dir": str(settings.data_dir),
+            "workers": settings.workers,
+        },
     )
     stop_requested.wait()
     log.info("stopping", extra={"signal": received[0], "grace_s": settings.shutdown_grace_s})

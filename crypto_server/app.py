@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ from crypto_server.service.keyring import Keyring
 from crypto_server.storage.port import KeyStore
 from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.crypto_servicer import CryptoServicer
-from crypto_server.transport.interceptors import RpcInterceptor
+from crypto_server.transport.interceptors import InFlightCalls, RpcInterceptor
 from crypto_server.transport.key_servicer import KeyServicer
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
 CRYPTO_SERVICE = crypto_service_pb2.DESCRIPTOR.services_by_name["CryptoService"].full_name
 HEALTH_SERVICES = ("", KEY_SERVICE, CRYPTO_SERVICE)
+_QUIET_BEFORE_STOP_S = 0.2
 
 
 @dataclass
@@ -40,11 +42,23 @@ class CryptoServer:
     port: int
     health: health.HealthServicer
     store: KeyStore
+    in_flight: InFlightCalls
 
     def stop(self, grace_s: float) -> None:
-        """Health turns NOT_SERVING first (so balancers stop sending), in-flight calls get `grace_s` to finish."""
+        """Stop within `grace_s` seconds, finishing the calls already sent.
+
+        Health turns NOT_SERVING first, so balancers and clients watching it
+        stop sending. The server keeps serving until it has been quiet for a
+        moment (or the grace runs out): grpc cancels calls that reached the
+        server but had not started when it stops, so stopping at once would
+        fail calls that were already on their way. Whatever still runs when
+        the grace expires is cancelled.
+        """
+        deadline = time.monotonic() + grace_s
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace_s).wait()
+        while time.monotonic() < deadline and self.in_flight.quiet_for() < _QUIET_BEFORE_STOP_S:
+            time.sleep(0.01)
+        self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         self.store.close()
 
 
@@ -71,9 +85,10 @@ def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoSer
         # Room for the largest legal request, so an oversized plaintext reaches the
         # handler and gets INVALID_ARGUMENT naming the field rather than a transport error.
         message_limit = max(4 * 1024 * 1024, settings.max_plaintext_bytes + MAX_AAD_BYTES + 64 * 1024)
+        interceptor = RpcInterceptor()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            interceptors=[RpcInterceptor()],
+            interceptors=[interceptor],
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
@@ -98,4 +113,4 @@ def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoSer
         raise
     for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return CryptoServer(server=server, port=port, health=health_servicer, store=store)
+    return CryptoServer(server=server, port=port, health=health_servicer, store=store, in_flight=interceptor.in_flight)

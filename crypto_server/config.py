@@ -9,6 +9,9 @@ from pathlib import Path
 
 from crypto_server.service.crypto_operations import DEFAULT_MAX_PLAINTEXT_BYTES
 
+# Larger single messages belong in streaming or envelope encryption, not one unary call.
+MAX_PLAINTEXT_LIMIT_BYTES = 64 * 1024 * 1024
+
 
 class ConfigError(Exception):
     """A setting is missing or invalid; the message names the variable."""
@@ -74,7 +77,9 @@ class Settings:
             data_dir=Path(text("CRYPTO_DATA_DIR", str(defaults.data_dir))),
             root_key=root_key,
             root_key_file=Path(root_key_file) if root_key_file else None,
-            max_plaintext_bytes=integer("CRYPTO_MAX_PLAINTEXT_BYTES", defaults.max_plaintext_bytes, 1, 64 * 1024 * 1024),
+            max_plaintext_bytes=integer(
+                "CRYPTO_MAX_PLAINTEXT_BYTES", defaults.max_plaintext_bytes, 1, MAX_PLAINTEXT_LIMIT_BYTES
+            ),
             key_cache_ttl_s=number("CRYPTO_KEY_CACHE_TTL", defaults.key_cache_ttl_s, 0, 86400),
             key_cache_size=integer("CRYPTO_KEY_CACHE_SIZE", defaults.key_cache_size, 1, 10_000_000),
             shutdown_grace_s=number("CRYPTO_SHUTDOWN_GRACE", defaults.shutdown_grace_s, 0, 3600),

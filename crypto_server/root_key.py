@@ -34,7 +34,9 @@ def load_root_key(settings: Settings) -> bytes:
         try:
             text = settings.root_key_file.read_text()
         except OSError as error:
-            raise ConfigError(f"CRYPTO_ROOT_KEY_FILE {settings.root_key_file} cannot be read: {error.strerror}") from None
+            raise ConfigError(
+                f"CRYPTO_ROOT_KEY_FILE {settings.root_key_file} cannot be read: {error.strerror}"
+            ) from None
         return _decode(text, f"CRYPTO_ROOT_KEY_FILE {settings.root_key_file}")
     path = settings.data_dir / GENERATED_FILE_NAME
     settings.data_dir.mkdir(parents=True, exist_ok=True)

@@ -122,9 +122,7 @@ class KeyPolicy:
             _check_duration("expire_after", expire_after, MIN_LIFETIME, high)
         elif key_type is KeyType.SESSION:
             expire_after = DEFAULT_SESSION_KEY_LIFETIME
-        elif key_type is KeyType.DATA:
-            expire_after = DEFAULT_DATA_KEY_LIFETIME
-        elif not implicit_master:
+        elif key_type is KeyType.DATA or not implicit_master:
             expire_after = DEFAULT_DATA_KEY_LIFETIME
         if rotation_period is not None:
             _check_duration("rotation_period", rotation_period, MIN_ROTATION_PERIOD, MAX_ROTATION_PERIOD)

@@ -190,7 +190,9 @@ class KeyLifecycle:
     ) -> KeyPage:
         validate_tenant_id(tenant_id)
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument("page_size", f"must be between 0 (the default, {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}")
+            raise InvalidArgument(
+                "page_size", f"must be between 0 (the default, {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}"
+            )
         limit = page_size or DEFAULT_PAGE_SIZE
         query = KeyQuery(tenant_id=tenant_id, limit=limit + 1, now=self._clock.now(), key_type=key_type, state=state)
         if page_token:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from crypto_server.domain.errors import InvalidArgument
 from crypto_server.storage.port import KeyQuery, ListCursor
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_TOKEN_CHARS = 1024
 
 

@@ -14,7 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ _KEY_COLUMNS = (
     "key_id, tenant_id, key_type, disabled, primary_version, created_us, expire_after_us, rotation_period_us, "
     "labels, parent_key_id"
 )
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _to_us(moment: datetime) -> int:
@@ -137,8 +137,9 @@ class SqliteKeyStore:
         if not key_ids:
             return found
         marks = ",".join("?" * len(key_ids))
+        # Only placeholders are interpolated; the values are bound.
         rows = db.execute(
-            "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material FROM key_versions "
+            "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material FROM key_versions "  # noqa: S608
             f"WHERE key_id IN ({marks}) ORDER BY key_id, version",
             tuple(key_ids),
         )
@@ -184,7 +185,8 @@ class SqliteKeyStore:
         ]
 
     def _select_one(self, db: sqlite3.Connection, where: str, params: tuple[Any, ...]) -> Key | None:
-        rows = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE {where}", params).fetchall()
+        # `where` is one of this module's constant clauses; the values are bound.
+        rows = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE {where}", params).fetchall()  # noqa: S608
         keys = self._keys_from_rows(db, rows)
         return keys[0] if keys else None
 
@@ -224,9 +226,8 @@ class SqliteKeyStore:
             where.append("(created_us > ? OR (created_us = ? AND key_id > ?))")
             after_us = _to_us(query.after.created_at)
             params.extend((after_us, after_us, query.after.key_id))
-        sql = (
-            f"SELECT {_KEY_COLUMNS} FROM keys WHERE {' AND '.join(where)} ORDER BY created_us, key_id LIMIT ?"
-        )
+        # Only this method's constant clauses are joined; the values are bound.
+        sql = f"SELECT {_KEY_COLUMNS} FROM keys WHERE {' AND '.join(where)} ORDER BY created_us, key_id LIMIT ?"  # noqa: S608
         params.append(query.limit)
         with self._read() as db:
             db.execute("BEGIN")

@@ -12,7 +12,7 @@ from crypto_server.domain import errors
 
 ERROR_DOMAIN = "crypto.caas"
 
-_TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, int]] = {
+_TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.ErrorReason.ValueType]] = {
     errors.InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_INVALID_FIELD),
     errors.DecryptionFailed: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_DECRYPTION_FAILED),
     errors.KeyNotFound: (grpc.StatusCode.NOT_FOUND, errors_pb2.ERROR_REASON_KEY_NOT_FOUND),
@@ -27,15 +27,17 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, int]] = {
 }
 
 
-def _status(code: grpc.StatusCode, message: str, reason: int, metadata: dict[str, str]) -> grpc.Status:
+def _status(
+    code: grpc.StatusCode, message: str, reason: errors_pb2.ErrorReason.ValueType, metadata: dict[str, str]
+) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(
-        reason=errors_pb2.ErrorReason.Name(reason), domain=ERROR_DOMAIN, metadata=metadata  # type: ignore[arg-type]
+        reason=errors_pb2.ErrorReason.Name(reason),
+        domain=ERROR_DOMAIN,
+        metadata=metadata,
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(
-        status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
-    )
+    return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail]))
 
 
 def status_for(error: errors.CryptoServiceError) -> tuple[grpc.StatusCode, grpc.Status]:

@@ -4,13 +4,15 @@
 - domain errors turned into rich statuses through the error table;
 - a last-resort INTERNAL that reveals nothing, for bugs;
 - a request body that does not parse becomes INVALID_ARGUMENT, not INTERNAL;
-- one structured log line per RPC.
+- one structured log line per RPC;
+- a count of calls in flight, so shutdown can wait for the server to go quiet.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -58,16 +60,40 @@ def _text_field(request: object, name: str) -> str:
     return value[:_LOGGED_TEXT_CHARS] if isinstance(value, str) else ""
 
 
-class RpcInterceptor(grpc.ServerInterceptor):
+class InFlightCalls:
+    """How many RPCs are running, and when the last one finished."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self._last_finished = time.monotonic()
+
+    def enter(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+            self._last_finished = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since the last call finished, or 0 while any call is running."""
+        with self._lock:
+            return 0.0 if self._count else time.monotonic() - self._last_finished
+
+
+class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type stubs
     def __init__(self) -> None:
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.in_flight = InFlightCalls()
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         wrapped = self._handlers.get(method)
         if wrapped is not None:
             return wrapped
@@ -82,9 +108,11 @@ class RpcInterceptor(grpc.ServerInterceptor):
         self._handlers[method] = wrapped
         return wrapped
 
-    @staticmethod
-    def _wrap(method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def _wrap(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+        in_flight = self.in_flight
+
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
             context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
@@ -101,6 +129,7 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 rpc_log.exception("unhandled error", extra={"method": method, "request_id": request_id})
                 context.abort_with_status(internal_status(request_id))
             finally:
+                in_flight.leave()
                 rpc_log.info(
                     "rpc",
                     extra={

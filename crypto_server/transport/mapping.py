@@ -16,13 +16,13 @@ _KEY_TYPE_TO_PROTO = {
     KeyType.DATA: resources_pb2.KEY_TYPE_DATA,
     KeyType.SESSION: resources_pb2.KEY_TYPE_SESSION,
 }
-_KEY_TYPE_FROM_PROTO = {number: key_type for key_type, number in _KEY_TYPE_TO_PROTO.items()}
+_KEY_TYPE_FROM_PROTO: dict[int, KeyType] = {number: key_type for key_type, number in _KEY_TYPE_TO_PROTO.items()}
 _KEY_STATE_TO_PROTO = {
     KeyState.ENABLED: resources_pb2.KEY_STATE_ENABLED,
     KeyState.DISABLED: resources_pb2.KEY_STATE_DISABLED,
     KeyState.EXPIRED: resources_pb2.KEY_STATE_EXPIRED,
 }
-_KEY_STATE_FROM_PROTO = {number: state for state, number in _KEY_STATE_TO_PROTO.items()}
+_KEY_STATE_FROM_PROTO: dict[int, KeyState] = {number: state for state, number in _KEY_STATE_TO_PROTO.items()}
 _VERSION_STATE_TO_PROTO = {
     KeyVersionState.ENABLED: resources_pb2.KEY_VERSION_STATE_ENABLED,
     KeyVersionState.EXPIRED: resources_pb2.KEY_VERSION_STATE_EXPIRED,

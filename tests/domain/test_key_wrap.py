@@ -21,10 +21,10 @@ BINDING = {"tenant_id": "t1", "key_id": "k1", "key_type": "DATA", "version": 2, 
 def test_wrap_then_unwrap_returns_the_material() -> None:
     parent = AESGCM(generate_key_material())
     material = generate_key_material()
-    wrapped = wrap_key(parent, material, **BINDING)  # type: ignore[arg-type]
+    wrapped = wrap_key(parent, material, **BINDING)
     assert len(wrapped) == WRAPPED_KEY_BYTES
     assert material not in wrapped
-    assert unwrap_key(parent, wrapped, **BINDING) == material  # type: ignore[arg-type]
+    assert unwrap_key(parent, wrapped, **BINDING) == material
 
 
 @pytest.mark.parametrize(
@@ -39,15 +39,15 @@ def test_wrap_then_unwrap_returns_the_material() -> None:
 )
 def test_wrapped_material_moved_to_another_binding_does_not_unwrap(change: dict[str, object]) -> None:
     parent = AESGCM(generate_key_material())
-    wrapped = wrap_key(parent, generate_key_material(), **BINDING)  # type: ignore[arg-type]
+    wrapped = wrap_key(parent, generate_key_material(), **BINDING)
     with pytest.raises(UnwrapFailed):
-        unwrap_key(parent, wrapped, **{**BINDING, **change})  # type: ignore[arg-type]
+        unwrap_key(parent, wrapped, **{**BINDING, **change})
 
 
 def test_another_parent_cannot_unwrap() -> None:
-    wrapped = wrap_key(AESGCM(generate_key_material()), generate_key_material(), **BINDING)  # type: ignore[arg-type]
+    wrapped = wrap_key(AESGCM(generate_key_material()), generate_key_material(), **BINDING)
     with pytest.raises(UnwrapFailed):
-        unwrap_key(AESGCM(generate_key_material()), wrapped, **BINDING)  # type: ignore[arg-type]
+        unwrap_key(AESGCM(generate_key_material()), wrapped, **BINDING)
 
 
 def test_root_key_check_recognises_only_its_own_root_key() -> None:

@@ -26,9 +26,7 @@ def grpcurl(server: ServerHandle, *args: str, data: dict[str, object] | None = N
     command = [*_grpcurl_command(), "-plaintext"]
     if data is not None:
         command += ["-d", json.dumps(data)]
-    result = subprocess.run(
-        [*command, server.address, *args], capture_output=True, text=True, timeout=30, check=False
-    )
+    result = subprocess.run([*command, server.address, *args], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

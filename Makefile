@@ -1,0 +1,37 @@
+# Everything runs from a project virtualenv (.venv) that `make install` creates.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint proto proto-check
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+install: $(INSTALLED) ## Create .venv and install the service with its development tools
+
+run: $(INSTALLED) ## Run the server on the embedded store (./data), port 3009
+	$(BIN)/python -m crypto_server
+
+test: $(INSTALLED) ## Run the test suite
+	$(BIN)/pytest
+
+lint: $(INSTALLED) ## ruff, mypy and buf lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	cd protos && ../$(BIN)/buf lint
+
+proto: $(INSTALLED) ## Regenerate crypto_client/v1 from protos/
+	$(BIN)/python protos/generate.py
+
+proto-check: $(INSTALLED) ## Fail if crypto_client/v1 does not match protos/
+	$(BIN)/python protos/generate.py --check

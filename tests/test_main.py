@@ -1,0 +1,218 @@
+"""The server as an operator runs it: `python -m crypto_server`, configured by the environment."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
+from crypto_client.v1 import key_service_pb2 as key_pb
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str]
+
+    def logs(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.lines if line.startswith("{")]
+
+    def wait_for_log(self, message: str, timeout_s: float = 10.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for entry in self.logs():
+                if entry.get("msg") == message:
+                    return entry
+            time.sleep(0.02)
+        raise AssertionError(f"no {message!r} log line; got {self.lines}")
+
+
+def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "crypto_server"],
+        env={**os.environ, "CRYPTO_HOST": "127.0.0.1", "CRYPTO_PORT": "0", **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+
+    def collect() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line.rstrip("\n"))
+
+    threading.Thread(target=collect, daemon=True).start()
+    return process, lines
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[object]:
+    started: list[subprocess.Popen[str]] = []
+
+    def launch(**env: str) -> ServerProcess:
+        env.setdefault("CRYPTO_DATA_DIR", str(tmp_path / "data"))
+        process, lines = _start(env)
+        started.append(process)
+        handle = ServerProcess(process, 0, lines)
+        handle.port = int(str(handle.wait_for_log("serving")["port"]))
+        return handle
+
+    yield launch
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _run_to_exit(env: dict[str, str], timeout_s: float = 20) -> tuple[int, str]:
+    process = subprocess.run(
+        [sys.executable, "-m", "crypto_server"],
+        env={**os.environ, "CRYPTO_HOST": "127.0.0.1", "CRYPTO_PORT": "0", **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    return process.returncode, process.stderr
+
+
+def test_serves_logs_one_json_line_per_rpc_and_exits_0_on_sigterm(launch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server: ServerProcess = launch()
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        keys = key_service_pb2_grpc.KeyServiceStub(channel)
+        crypto = crypto_service_pb2_grpc.CryptoServiceStub(channel)
+        key = keys.CreateKey(key_pb.CreateKeyRequest(tenant_id="acme", key_type=resources_pb2.KEY_TYPE_DATA)).key
+        sealed, call = crypto.Encrypt.with_call(
+            crypto_pb.EncryptRequest(
+                tenant_id="acme", key_id=key.key_id, plaintext=b"PLAINTEXT-MARKER", aad=b"AAD-MARKER"
+            ),
+            metadata=(("x-request-id", "req-123"),),
+        )
+        assert ("x-request-id", "req-123") in call.initial_metadata()
+        crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=sealed.ciphertext, aad=b"AAD-MARKER"))
+        with pytest.raises(grpc.RpcError):
+            crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=b"garbage"))
+    deadline = time.monotonic() + 5
+    while len([e for e in server.logs() if e.get("msg") == "rpc"]) < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rpcs = [entry for entry in server.logs() if entry.get("msg") == "rpc"]
+    assert [(e["method"], e["code"]) for e in rpcs] == [
+        ("/caas.crypto.v1.KeyService/CreateKey", "OK"),
+        ("/caas.crypto.v1.CryptoService/Encrypt", "OK"),
+        ("/caas.crypto.v1.CryptoService/Decrypt", "OK"),
+        ("/caas.crypto.v1.CryptoService/Decrypt", "INVALID_ARGUMENT"),
+    ]
+    encrypt_line = rpcs[1]
+    assert encrypt_line["tenant_id"] == "acme"
+    assert encrypt_line["key_id"] == key.key_id
+    assert encrypt_line["request_id"] == "req-123"
+    assert isinstance(encrypt_line["duration_ms"], float)
+    assert len({e["request_id"] for e in rpcs}) == 4
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=20) == 0
+    text = "\n".join(server.lines)
+    assert "PLAINTEXT-MARKER" not in text and "AAD-MARKER" not in text
+    root_key = (tmp_path / "data" / "root.key").read_text().strip()
+    assert root_key not in text
+    assert server.wait_for_log("stopped")
+
+
+def test_health_goes_not_serving_before_shutdown_and_in_flight_calls_finish(launch) -> None:  # type: ignore[no-untyped-def]
+    server: ServerProcess = launch(CRYPTO_SHUTDOWN_GRACE="5")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        key = (
+            key_service_pb2_grpc.KeyServiceStub(channel)
+            .CreateKey(key_pb.CreateKeyRequest(tenant_id="t", key_type=resources_pb2.KEY_TYPE_DATA))
+            .key
+        )
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        crypto = crypto_service_pb2_grpc.CryptoServiceStub(channel)
+        request = crypto_pb.EncryptRequest(tenant_id="t", key_id=key.key_id, plaintext=b"\0" * 65536)
+        calls = [crypto.Encrypt.future(request) for _ in range(200)]
+        calls[0].result()
+        server.process.send_signal(signal.SIGTERM)
+        assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        outcomes = []
+        for call in calls:
+            error = call.exception(timeout=20)
+            outcomes.append(grpc.StatusCode.OK if error is None else error.code())
+    # Accepted calls finish; calls that arrive after the stop are refused as UNAVAILABLE, never cut off.
+    assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    assert outcomes.count(grpc.StatusCode.OK) >= 1
+    assert server.process.wait(timeout=20) == 0
+
+
+def test_generates_a_private_development_root_key_with_a_warning(launch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server: ServerProcess = launch()
+    path = tmp_path / "data" / "root.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(base64.b64decode(path.read_text())) == 32
+    warning = server.wait_for_log(
+        "using a development root key generated into the data directory; set CRYPTO_ROOT_KEY_FILE in production"
+    )
+    assert warning["level"] == "warning"
+
+
+def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(launch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first_key = base64.b64encode(os.urandom(32)).decode()
+    server: ServerProcess = launch(CRYPTO_ROOT_KEY=first_key)
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        key_service_pb2_grpc.KeyServiceStub(channel).CreateKey(
+            key_pb.CreateKeyRequest(tenant_id="t", key_type=resources_pb2.KEY_TYPE_DATA)
+        )
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=20) == 0
+    key_file = tmp_path / "root.b64"
+    key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "data"), "CRYPTO_ROOT_KEY_FILE": str(key_file)})
+    assert code == 2
+    assert "root key is not the one that wrapped the keys" in stderr
+    key_file.write_text(first_key + "\n")
+    restarted: ServerProcess = launch(CRYPTO_ROOT_KEY_FILE=str(key_file))
+    restarted.process.send_signal(signal.SIGTERM)
+    assert restarted.process.wait(timeout=20) == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CRYPTO_PORT": "http"}, "CRYPTO_PORT must be an integer"),
+        ({"CRYPTO_PORT": "70000"}, "CRYPTO_PORT must be between 0 and 65535"),
+        ({"CRYPTO_WORKERS": "0"}, "CRYPTO_WORKERS must be between 1 and 1024"),
+        ({"CRYPTO_ROOT_KEY": "not base64!"}, "CRYPTO_ROOT_KEY must be base64 text"),
+        ({"CRYPTO_ROOT_KEY": base64.b64encode(b"short").decode()}, "must decode to 32 bytes"),
+        ({"CRYPTO_ROOT_KEY": "x", "CRYPTO_ROOT_KEY_FILE": "/y"}, "not both"),
+        ({"CRYPTO_ROOT_KEY_FILE": "/nonexistent/root.key"}, "cannot be read"),
+        ({"CRYPTO_LOG_LEVEL": "LOUD"}, "CRYPTO_LOG_LEVEL"),
+        ({"CRYPTO_KEY_CACHE_TTL": "soon"}, "CRYPTO_KEY_CACHE_TTL"),
+    ],
+)
+def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path, env: dict[str, str], message: str) -> None:
+    code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "data"), **env})
+    assert code == 2
+    assert message in stderr
+
+
+def test_a_port_in_use_is_a_clear_startup_error(launch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first: ServerProcess = launch()
+    code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "other"), "CRYPTO_PORT": str(first.port)})
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{first.port}" in stderr

@@ -117,10 +117,12 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ship
             request_id = _request_id(context)
             context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
             code = grpc.StatusCode.OK
+            response = None
             try:
                 if request is _MALFORMED:
                     raise InvalidArgument("request", "the request body is not a valid protobuf message")
-                return behaviour(request, context)
+                response = behaviour(request, context)
+                return response
             except CryptoServiceError as error:
                 code, status = status_for(error)
                 context.abort_with_status(status)
@@ -135,7 +137,9 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ship
                     extra={
                         "method": method,
                         "tenant_id": _text_field(request, "tenant_id"),
-                        "key_id": _text_field(request, "key_id"),
+                        # CreateKey has no key id until it answers.
+                        "key_id": _text_field(request, "key_id")
+                        or _text_field(getattr(response, "key", None), "key_id"),
                         "code": code.name,
                         "duration_ms": round((time.perf_counter() - started) * 1000, 3),
                         "request_id": request_id,

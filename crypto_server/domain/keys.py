@@ -93,7 +93,8 @@ def validate_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
 
 def _check_duration(field_name: str, value: timedelta, low: timedelta, high: timedelta) -> None:
     if not low <= value <= high:
-        raise InvalidArgument(field_name, f"must be between {low} and {high}")
+        # In seconds, as protobuf's JSON form of a Duration writes them ("3600s").
+        raise InvalidArgument(field_name, f"must be between {low.total_seconds():.0f}s and {high.total_seconds():.0f}s")
 
 
 @dataclass(frozen=True, slots=True)

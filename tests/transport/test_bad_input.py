@@ -160,7 +160,7 @@ def test_a_request_body_that_does_not_parse_is_invalid_argument(server: ServerHa
     raw = server.channel.unary_unary(
         "/caas.crypto.v1.CryptoService/Encrypt", request_serializer=None, response_deserializer=None
     )
-    for body in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x12\xff\xff\xff\xff\x0f"):
+    for body in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x12\xff\xff\xff\xff\x0f", b"\x0a\x02\xff\xfe"):
         expect_error(
             lambda body=body: raw(body),  # type: ignore[misc]
             grpc.StatusCode.INVALID_ARGUMENT,

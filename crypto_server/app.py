@@ -78,7 +78,7 @@ def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoSer
     store = SqliteKeyStore(settings.data_dir)
     try:
         _check_root_key(store, root)
-        keyring = Keyring(store, root, ttl_s=settings.key_cache_ttl_s, max_keys=settings.key_cache_size)
+        keyring = Keyring(store, root, ttl_s=settings.keyring_ttl_s, max_keys=settings.keyring_size)
         lifecycle = KeyLifecycle(store, keyring, clock)
         operations = CryptoOperations(keyring, clock, max_plaintext_bytes=settings.max_plaintext_bytes)
 

@@ -26,8 +26,8 @@ class Settings:
     root_key: str | None = None
     root_key_file: Path | None = None
     max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES
-    key_cache_ttl_s: float = 300.0
-    key_cache_size: int = 10_000
+    keyring_ttl_s: float = 300.0
+    keyring_size: int = 10_000
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
 
@@ -80,8 +80,8 @@ class Settings:
             max_plaintext_bytes=integer(
                 "CRYPTO_MAX_PLAINTEXT_BYTES", defaults.max_plaintext_bytes, 1, MAX_PLAINTEXT_LIMIT_BYTES
             ),
-            key_cache_ttl_s=number("CRYPTO_KEY_CACHE_TTL", defaults.key_cache_ttl_s, 0, 86400),
-            key_cache_size=integer("CRYPTO_KEY_CACHE_SIZE", defaults.key_cache_size, 1, 10_000_000),
+            keyring_ttl_s=number("CRYPTO_KEYRING_TTL", defaults.keyring_ttl_s, 0, 86400),
+            keyring_size=integer("CRYPTO_KEYRING_SIZE", defaults.keyring_size, 1, 10_000_000),
             shutdown_grace_s=number("CRYPTO_SHUTDOWN_GRACE", defaults.shutdown_grace_s, 0, 3600),
             log_level=log_level,
         )

@@ -202,7 +202,7 @@ def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(laun
         ({"CRYPTO_ROOT_KEY": "x", "CRYPTO_ROOT_KEY_FILE": "/y"}, "not both"),
         ({"CRYPTO_ROOT_KEY_FILE": "/nonexistent/root.key"}, "cannot be read"),
         ({"CRYPTO_LOG_LEVEL": "LOUD"}, "CRYPTO_LOG_LEVEL"),
-        ({"CRYPTO_KEY_CACHE_TTL": "soon"}, "CRYPTO_KEY_CACHE_TTL"),
+        ({"CRYPTO_KEYRING_TTL": "soon"}, "CRYPTO_KEYRING_TTL"),
     ],
 )
 def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path, env: dict[str, str], message: str) -> None:

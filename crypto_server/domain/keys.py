@@ -37,6 +37,11 @@ MIN_ROTATION_PERIOD = timedelta(hours=1)
 MAX_ROTATION_PERIOD = timedelta(days=100 * 365)
 
 
+def to_key_precision(moment: datetime) -> datetime:
+    """Key timestamps have millisecond precision, the precision every store keeps (BSON dates included)."""
+    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
+
+
 class KeyType(enum.Enum):
     MASTER = "MASTER"
     DATA = "DATA"
@@ -167,6 +172,8 @@ class Key:
     labels: Mapping[str, str]
     # The key that wraps this key's versions: None for a master key (the root key wraps it).
     parent_key_id: str | None
+    # Bumped by the store on every write to the key; lets caches refuse to replace newer state with older.
+    revision: int = 0
 
     @property
     def primary(self) -> KeyVersion:

@@ -30,6 +30,7 @@ from crypto_server.domain.keys import (
     KeyType,
     KeyVersion,
     parse_key_id,
+    to_key_precision,
     validate_labels,
     validate_tenant_id,
 )
@@ -80,7 +81,7 @@ class KeyLifecycle:
                 master = self._store.get_master_key(tenant_id)
                 raise MasterKeyExists(master.key_id if master else "unknown") from None
         master = self._master_for_wrapping(tenant_id)
-        now = self._clock.now()
+        now = to_key_precision(self._clock.now())
         key_id = str(uuid.uuid4())
         first = self._new_version(tenant_id, key_id, key_type, 1, now, policy.expiry_for(now), master)
         key = Key(
@@ -99,7 +100,7 @@ class KeyLifecycle:
         return key
 
     def _insert_master(self, tenant_id: str, policy: KeyPolicy, labels: Mapping[str, str]) -> Key:
-        now = self._clock.now()
+        now = to_key_precision(self._clock.now())
         key_id = str(uuid.uuid4())
         first = self._new_version(tenant_id, key_id, KeyType.MASTER, 1, now, policy.expiry_for(now), None)
         master = Key(
@@ -228,7 +229,7 @@ class KeyLifecycle:
             if key.disabled:
                 raise KeyDisabled(key_id)
             parent = None if key.parent_key_id is None else self._master_for_wrapping(tenant_id)
-            now = self._clock.now()
+            now = to_key_precision(self._clock.now())
             version = self._new_version(
                 tenant_id,
                 key_id,

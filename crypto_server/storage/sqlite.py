@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS keys (
     expire_after_us    INTEGER,
     rotation_period_us INTEGER,
     labels             TEXT NOT NULL,
-    parent_key_id      TEXT
+    parent_key_id      TEXT,
+    revision           INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_master_key_per_tenant ON keys (tenant_id) WHERE key_type = 'MASTER';
 CREATE INDEX IF NOT EXISTS keys_by_tenant_created ON keys (tenant_id, created_us, key_id);
@@ -54,7 +55,7 @@ CREATE TABLE IF NOT EXISTS store_meta (
 """
 _KEY_COLUMNS = (
     "key_id, tenant_id, key_type, disabled, primary_version, created_us, expire_after_us, rotation_period_us, "
-    "labels, parent_key_id"
+    "labels, parent_key_id, revision"
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -169,6 +170,7 @@ class SqliteKeyStore:
                 policy=KeyPolicy(_opt_duration(expire_after_us), _opt_duration(rotation_period_us)),
                 labels=json.loads(labels),
                 parent_key_id=parent_key_id,
+                revision=revision,
             )
             for (
                 key_id,
@@ -181,6 +183,7 @@ class SqliteKeyStore:
                 rotation_period_us,
                 labels,
                 parent_key_id,
+                revision,
             ) in rows
         ]
 
@@ -292,7 +295,7 @@ class SqliteKeyStore:
                 return False
             self._insert_version(db, key_id, version)
             db.execute(
-                "UPDATE keys SET primary_version = ?, primary_expires_us = ? WHERE key_id = ?",
+                "UPDATE keys SET primary_version = ?, primary_expires_us = ?, revision = revision + 1 WHERE key_id = ?",
                 (version.version, _opt_to_us(version.expires_at), key_id),
             )
             return True
@@ -300,7 +303,8 @@ class SqliteKeyStore:
     def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:
         with self._write() as db:
             db.execute(
-                "UPDATE keys SET disabled = ? WHERE key_id = ? AND tenant_id = ?", (int(disabled), key_id, tenant_id)
+                "UPDATE keys SET disabled = ?, revision = revision + 1 WHERE key_id = ? AND tenant_id = ?",
+                (int(disabled), key_id, tenant_id),
             )
             return self._select_one(db, "key_id = ? AND tenant_id = ?", (key_id, tenant_id))
 

@@ -57,7 +57,8 @@ _MAX_DURATION_SECONDS = 10_000 * 365 * 24 * 3600
 def duration_from_proto(message: Duration, field: str) -> timedelta:
     if not (0 <= message.seconds <= _MAX_DURATION_SECONDS) or not (0 <= message.nanos < 1_000_000_000):
         raise InvalidArgument(field, "must be a positive duration")
-    return timedelta(seconds=message.seconds, microseconds=message.nanos // 1000)
+    # Milliseconds: the precision of key timestamps (see to_key_precision).
+    return timedelta(seconds=message.seconds, milliseconds=message.nanos // 1_000_000)
 
 
 def _timestamp(moment: datetime) -> Timestamp:

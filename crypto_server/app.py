@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -20,9 +21,12 @@ from crypto_server.root_key import load_root_key
 from crypto_server.service.crypto_operations import MAX_AAD_BYTES, CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.keyring import Keyring
-from crypto_server.storage.port import KeyStore
+from crypto_server.storage import redis_cache
+from crypto_server.storage.mongo import MongoKeyStore
+from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.crypto_servicer import CryptoServicer
+from crypto_server.transport.health import StoreHealthMonitor
 from crypto_server.transport.interceptors import InFlightCalls, RpcInterceptor
 from crypto_server.transport.key_servicer import KeyServicer
 
@@ -32,6 +36,12 @@ KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_nam
 CRYPTO_SERVICE = crypto_service_pb2.DESCRIPTOR.services_by_name["CryptoService"].full_name
 HEALTH_SERVICES = ("", KEY_SERVICE, CRYPTO_SERVICE)
 _QUIET_BEFORE_STOP_S = 0.2
+# Redis is a cache: a call to it that takes longer than this is not worth waiting for.
+_REDIS_TIMEOUT_S = 0.25
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -43,6 +53,8 @@ class CryptoServer:
     health: health.HealthServicer
     store: KeyStore
     in_flight: InFlightCalls
+    keyring: Keyring
+    background: list[_Stoppable] = field(default_factory=list)
 
     def stop(self, grace_s: float) -> None:
         """Stop within `grace_s` seconds, finishing the calls already sent.
@@ -55,6 +67,8 @@ class CryptoServer:
         the grace expires is cancelled.
         """
         deadline = time.monotonic() + grace_s
+        for task in self.background:
+            task.stop()
         self.health.enter_graceful_shutdown()
         while time.monotonic() < deadline and self.in_flight.quiet_for() < _QUIET_BEFORE_STOP_S:
             time.sleep(0.01)
@@ -71,15 +85,43 @@ def _check_root_key(store: KeyStore, root: AESGCM) -> None:
         )
 
 
+def _open_store(settings: Settings) -> tuple[KeyStore, str]:
+    """The configured key store and a name for it that keeps shared caches apart."""
+    if settings.mongodb_uri:
+        store = MongoKeyStore(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
+        return store, f"mongo:{settings.mongodb_database}"
+    return SqliteKeyStore(settings.data_dir), "embedded"
+
+
 def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoServer:
     """Open the store, wire the services and start serving on settings.host:settings.port (0 = any free port)."""
     clock = clock or SystemClock()
     root = AESGCM(load_root_key(settings))
-    store = SqliteKeyStore(settings.data_dir)
+    store, namespace = _open_store(settings)
+    background: list[_Stoppable] = []
     try:
         _check_root_key(store, root)
-        keyring = Keyring(store, root, ttl_s=settings.keyring_ttl_s, max_keys=settings.keyring_size)
-        lifecycle = KeyLifecycle(store, keyring, clock)
+        redis_client = redis_guard = None
+        if settings.redis_url:
+            redis_client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
+            redis_guard = redis_cache.RedisGuard()
+            store = redis_cache.RedisCachedKeyStore(
+                store, redis_client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_guard
+            )
+        keyring = Keyring(
+            store,
+            root,
+            ttl_s=settings.keyring_ttl_s,
+            max_keys=settings.keyring_size,
+            max_stale_s=settings.keyring_max_stale_s,
+        )
+        invalidation: Invalidation
+        if redis_client is not None and redis_guard is not None:
+            invalidation = redis_cache.RedisInvalidation(redis_client, namespace, keyring, guard=redis_guard)
+            background.append(invalidation)
+        else:
+            invalidation = LocalInvalidation(keyring)
+        lifecycle = KeyLifecycle(store, keyring, clock, invalidation)
         operations = CryptoOperations(keyring, clock, max_plaintext_bytes=settings.max_plaintext_bytes)
 
         # Room for the largest legal request, so an oversized plaintext reaches the
@@ -109,8 +151,22 @@ def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoSer
             raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {error}") from None
         server.start()
     except BaseException:
+        for task in background:
+            task.stop()
         store.close()
         raise
     for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return CryptoServer(server=server, port=port, health=health_servicer, store=store, in_flight=interceptor.in_flight)
+    monitor = StoreHealthMonitor(store, health_servicer, KEY_SERVICE, interval_s=settings.health_interval_s)
+    monitor.check_once()
+    monitor.start()
+    background.append(monitor)
+    return CryptoServer(
+        server=server,
+        port=port,
+        health=health_servicer,
+        store=store,
+        in_flight=interceptor.in_flight,
+        keyring=keyring,
+        background=background,
+    )

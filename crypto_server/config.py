@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from crypto_server.service.crypto_operations import DEFAULT_MAX_PLAINTEXT_BYTES
@@ -23,13 +24,21 @@ class Settings:
     port: int = 3009
     workers: int = 16
     data_dir: Path = Path("data")
-    root_key: str | None = None
+    # Secrets stay out of repr(), so logging the settings cannot leak them.
+    root_key: str | None = field(default=None, repr=False)
     root_key_file: Path | None = None
     max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES
     keyring_ttl_s: float = 300.0
     keyring_size: int = 10_000
+    keyring_max_stale_s: float = 3600.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    mongodb_uri: str | None = field(default=None, repr=False)
+    mongodb_database: str = "caas_crypto"
+    store_timeout_s: float = 5.0
+    redis_url: str | None = field(default=None, repr=False)
+    cache_ttl_s: float = 3600.0
+    health_interval_s: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +76,16 @@ class Settings:
         root_key_file = env.get("CRYPTO_ROOT_KEY_FILE", "").strip() or None
         if root_key and root_key_file:
             raise ConfigError("set CRYPTO_ROOT_KEY or CRYPTO_ROOT_KEY_FILE, not both")
+        mongodb_uri = env.get("MONGODB_URI", "").strip() or None
+        if mongodb_uri and not (root_key or root_key_file):
+            # Every replica must share one root key; a generated one would differ per replica.
+            raise ConfigError("MONGODB_URI needs the root key: set CRYPTO_ROOT_KEY_FILE (or CRYPTO_ROOT_KEY)")
+        mongodb_database = text("MONGODB_DATABASE", defaults.mongodb_database)
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,63}", mongodb_database):
+            raise ConfigError("MONGODB_DATABASE must be 1-63 characters of letters, digits, '_' or '-'")
+        redis_url = env.get("REDIS_URL", "").strip() or None
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
         log_level = text("CRYPTO_LOG_LEVEL", "INFO").upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CRYPTO_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -82,6 +101,13 @@ class Settings:
             ),
             keyring_ttl_s=number("CRYPTO_KEYRING_TTL", defaults.keyring_ttl_s, 0, 86400),
             keyring_size=integer("CRYPTO_KEYRING_SIZE", defaults.keyring_size, 1, 10_000_000),
+            keyring_max_stale_s=number("CRYPTO_KEYRING_MAX_STALE", defaults.keyring_max_stale_s, 0, 7 * 86400),
             shutdown_grace_s=number("CRYPTO_SHUTDOWN_GRACE", defaults.shutdown_grace_s, 0, 3600),
             log_level=log_level,
+            mongodb_uri=mongodb_uri,
+            mongodb_database=mongodb_database,
+            store_timeout_s=number("CRYPTO_STORE_TIMEOUT", defaults.store_timeout_s, 0.1, 120),
+            redis_url=redis_url,
+            cache_ttl_s=number("CRYPTO_CACHE_TTL", defaults.cache_ttl_s, 1, 7 * 86400),
+            health_interval_s=number("CRYPTO_HEALTH_INTERVAL", defaults.health_interval_s, 0.1, 60),
         )

@@ -36,7 +36,7 @@ from crypto_server.domain.keys import (
 )
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.page_token import decode_page_token, encode_page_token
-from crypto_server.storage.port import DuplicateMasterKey, KeyQuery, KeyStore, ListCursor
+from crypto_server.storage.port import DuplicateMasterKey, Invalidation, KeyQuery, KeyStore, ListCursor
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -52,10 +52,11 @@ class KeyPage:
 
 
 class KeyLifecycle:
-    def __init__(self, store: KeyStore, keyring: Keyring, clock: Clock) -> None:
+    def __init__(self, store: KeyStore, keyring: Keyring, clock: Clock, invalidation: Invalidation) -> None:
         self._store = store
         self._keyring = keyring
         self._clock = clock
+        self._invalidation = invalidation
 
     # -- create ----------------------------------------------------------------
 
@@ -240,9 +241,8 @@ class KeyLifecycle:
                 parent,
             )
             if self._store.add_version(tenant_id, key_id, version):
-                rotated = key.with_new_primary(version)
-                self._keyring.forget(tenant_id, key_id)
-                return rotated
+                self._invalidation.key_changed(tenant_id, key_id)
+                return key.with_new_primary(version)
         raise ConcurrentModification(f"key {key_id} is being rotated concurrently by many callers; retry the rotation")
 
     def disable_key(self, tenant_id: str, key_id: str) -> Key:
@@ -259,7 +259,7 @@ class KeyLifecycle:
             raise KeyNotFound(key_id)
         if key.key_type is KeyType.MASTER:
             # Every key of the tenant is unwrapped through the master key.
-            self._keyring.forget_tenant(tenant_id)
+            self._invalidation.tenant_changed(tenant_id)
         else:
-            self._keyring.forget(tenant_id, key_id)
+            self._invalidation.key_changed(tenant_id, key_id)
         return key

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from crypto_server.domain.errors import KeyIntegrityError, KeyNotFound, MasterKeyUnavailable
+from crypto_server.domain.errors import KeyIntegrityError, KeyNotFound, MasterKeyUnavailable, StoreUnavailable
 from crypto_server.domain.key_wrap import UnwrapFailed, unwrap_key
 from crypto_server.domain.keys import Key
 from crypto_server.storage.port import KeyStore
@@ -37,9 +37,10 @@ class LoadedKey:
 
 
 class Keyring:
-    def __init__(self, store: KeyStore, root: AESGCM, *, ttl_s: float, max_keys: int) -> None:
-        if ttl_s < 0 or max_keys < 1:
-            raise ValueError("keyring ttl must be >= 0 and max_keys >= 1")
+    def __init__(self, store: KeyStore, root: AESGCM, *, ttl_s: float, max_keys: int, max_stale_s: float = 0.0):
+        if ttl_s < 0 or max_keys < 1 or max_stale_s < 0:
+            raise ValueError("keyring ttl and max_stale must be >= 0 and max_keys >= 1")
+        self._max_stale_s = max_stale_s
         self._store = store
         self.root = root
         self._ttl_s = ttl_s
@@ -48,7 +49,13 @@ class Keyring:
         self._lock = threading.Lock()
 
     def get(self, tenant_id: str, key_id: str) -> LoadedKey:
-        """The key, from memory when fresh, else from the store. Raises KeyNotFound."""
+        """The key, from memory when fresh, else from the store. Raises KeyNotFound.
+
+        When the store is unavailable, a key whose entry has merely aged past
+        the TTL keeps being served for up to `max_stale_s` more: nothing said
+        it changed (an invalidation would have removed it), and encryption
+        with known keys should survive a database outage.
+        """
         slot = (tenant_id, key_id)
         now = time.monotonic()
         with self._lock:
@@ -56,7 +63,14 @@ class Keyring:
             if loaded is not None and now - loaded.loaded_at < self._ttl_s:
                 self._loaded.move_to_end(slot)
                 return loaded
-        key = self._store.get_key(tenant_id, key_id)
+        try:
+            key = self._store.get_key(tenant_id, key_id)
+        except StoreUnavailable:
+            with self._lock:
+                still_held = self._loaded.get(slot) is loaded
+            if loaded is not None and still_held and now - loaded.loaded_at < self._ttl_s + self._max_stale_s:
+                return loaded
+            raise
         if key is None:
             raise KeyNotFound(key_id)
         return self.remember(key)
@@ -84,6 +98,10 @@ class Keyring:
         with self._lock:
             for slot in [slot for slot in self._loaded if slot[0] == tenant_id]:
                 del self._loaded[slot]
+
+    def forget_all(self) -> None:
+        with self._lock:
+            self._loaded.clear()
 
     def aead(self, loaded: LoadedKey, version: int) -> AESGCM:
         """The AEAD for one version of `loaded`, unwrapping it (through its parent) on first use.

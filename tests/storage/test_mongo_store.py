@@ -1,0 +1,172 @@
+"""The MongoDB store and the Redis cache against real servers: schema, secrets at rest, concurrency."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from datetime import timedelta
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.v1 import resources_pb2
+from crypto_server.domain.key_wrap import unwrap_key
+from crypto_server.domain.keys import Key, KeyVersion
+from crypto_server.storage.mongo import MongoKeyStore
+from crypto_server.storage.port import DuplicateMasterKey
+from tests.conftest import ServerHandle
+from tests.servers import MongoServer, RedisServer
+
+
+@pytest.fixture
+def backend() -> str:
+    return "mongo+redis"
+
+
+def _database(server: ServerHandle, mongo_server: MongoServer):  # type: ignore[no-untyped-def]
+    return mongo_server.client()[server.settings.mongodb_database]
+
+
+def test_indexes_are_created_at_startup(server: ServerHandle, mongo_server: MongoServer) -> None:
+    db = _database(server, mongo_server)
+    keys = db["keys"].index_information()
+    versions = db["key_versions"].index_information()
+    assert keys["one_master_key_per_tenant"]["unique"]
+    assert keys["one_master_key_per_tenant"]["partialFilterExpression"] == {"key_type": "MASTER"}
+    assert keys["keys_by_tenant_created"]["key"] == [("tenant_id", 1), ("created_at", 1), ("_id", 1)]
+    assert versions["one_version_per_number"]["unique"]
+    assert versions["one_version_per_number"]["key"] == [("key_id", 1), ("version", 1)]
+
+
+def test_versions_are_separate_documents(server: ServerHandle, mongo_server: MongoServer) -> None:
+    key = server.create_key("t1")
+    for _ in range(3):
+        server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id))
+    db = _database(server, mongo_server)
+    document = db["keys"].find_one({"_id": key.key_id})
+    assert document is not None
+    assert "versions" not in document
+    assert document["primary_version"] == 4
+    assert sorted(v["version"] for v in db["key_versions"].find({"key_id": key.key_id})) == [1, 2, 3, 4]
+
+
+def _material(server: ServerHandle, key: Key) -> list[bytes]:
+    """Every version's raw bytes, unwrapped here from the root key down."""
+    assert server.settings.root_key is not None
+    if key.parent_key_id is None:
+        parents = {0: AESGCM(base64.b64decode(server.settings.root_key))}
+    else:
+        parent = server.running.store.get_key(key.tenant_id, key.parent_key_id)
+        assert parent is not None
+        parents = {n + 1: AESGCM(m) for n, m in enumerate(_material(server, parent))}
+    return [
+        unwrap_key(
+            parents[v.parent_version],
+            v.wrapped_material,
+            tenant_id=key.tenant_id,
+            key_id=key.key_id,
+            key_type=key.key_type.value,
+            version=v.version,
+            parent_version=v.parent_version,
+        )
+        for v in key.versions
+    ]
+
+
+def test_no_mongo_document_or_redis_value_holds_an_unwrapped_key(
+    server: ServerHandle, mongo_server: MongoServer, redis_server: RedisServer
+) -> None:
+    created = [server.create_key(t, kt) for t in ("t1", "t2") for kt in (resources_pb2.KEY_TYPE_DATA, 3)]
+    for key in created:
+        server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=key.tenant_id, key_id=key.key_id))
+        server.encrypt(key.tenant_id, key.key_id, b"use")
+        server.keys.GetKey(key_pb.GetKeyRequest(tenant_id=key.tenant_id, key_id=key.key_id))
+    masters = [server.running.store.get_master_key(t) for t in ("t1", "t2")]
+    stored = [server.running.store.get_key(k.tenant_id, k.key_id) for k in created]
+    secrets = [m for key in [*stored, *masters] if key is not None for m in _material(server, key)]
+    assert len(secrets) == 2 * len(created) + 2
+    db = _database(server, mongo_server)
+    blobs = [repr(doc).encode() for name in db.list_collection_names() for doc in db[name].find()]
+    blobs += [bytes(value) for value in _raw_bson(db)]
+    redis = redis_server.client()
+    names = list(redis.scan_iter(match=f"caas:crypto:mongo:{server.settings.mongodb_database}:*"))
+    assert names, "the Redis cache holds no key: the test would prove nothing"
+    for name in names:
+        if redis.type(name) == b"hash":
+            blobs += list(redis.hgetall(name).values())
+    for secret in secrets:
+        for encoding in (secret, base64.b64encode(secret), secret.hex().encode()):
+            assert not any(encoding in blob for blob in blobs)
+
+
+def _raw_bson(db) -> list[bytes]:  # type: ignore[no-untyped-def]
+    from bson.raw_bson import RawBSONDocument
+
+    return [
+        doc.raw
+        for name in db.list_collection_names()
+        for doc in db.get_collection(
+            name, codec_options=db.codec_options.with_options(document_class=RawBSONDocument)
+        ).find()
+    ]
+
+
+def test_two_stores_racing_for_the_same_version_let_exactly_one_win(
+    server: ServerHandle, mongo_server: MongoServer
+) -> None:
+    key = server.create_key("t1")
+    stores = [MongoKeyStore(mongo_server.uri, server.settings.mongodb_database) for _ in range(2)]
+    try:
+        stored = stores[0].get_key("t1", key.key_id)
+        assert stored is not None
+        candidate = KeyVersion(
+            version=2,
+            created_at=stored.created_at + timedelta(seconds=1),
+            expires_at=None,
+            parent_version=1,
+            wrapped_material=b"\0" * 60,
+        )
+        barrier = threading.Barrier(2)
+        results: list[bool] = []
+
+        def race(store: MongoKeyStore) -> None:
+            barrier.wait()
+            results.append(store.add_version("t1", key.key_id, candidate))
+
+        threads = [threading.Thread(target=race, args=(s,)) for s in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sorted(results) == [False, True]
+        after = stores[1].get_key("t1", key.key_id)
+        assert after is not None
+        assert [v.version for v in after.versions] == [1, 2]
+        assert after.primary_version == 2
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_tenant_can_never_get_two_master_keys(server: ServerHandle, mongo_server: MongoServer) -> None:
+    server.create_key("t1")
+    store = MongoKeyStore(mongo_server.uri, server.settings.mongodb_database)
+    try:
+        master = store.get_master_key("t1")
+        assert master is not None
+        from dataclasses import replace
+
+        with pytest.raises(DuplicateMasterKey):
+            store.insert_key(replace(master, key_id="00000000-0000-4000-8000-000000000001"))
+        db = _database(server, mongo_server)
+        assert db["key_versions"].count_documents({"key_id": "00000000-0000-4000-8000-000000000001"}) == 0
+    finally:
+        store.close()
+
+
+def test_timestamps_round_trip_exactly(server: ServerHandle) -> None:
+    key = server.create_key("t1")
+    got = server.keys.GetKey(key_pb.GetKeyRequest(tenant_id="t1", key_id=key.key_id)).key
+    assert got == key
+    assert key.created_at.nanos % 1_000_000 == 0

@@ -1,0 +1,140 @@
+"""Fault tests: Redis or MongoDB goes away under load; nothing is lost and recovery is automatic.
+
+Each test owns its Redis and MongoDB processes (so it may stop them), on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.v1 import resources_pb2
+from tests.conftest import ServerHandle, StartServer, error_info
+from tests.servers import MongoServer, RedisServer
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path / "own-redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_mongo(tmp_path: Path) -> Iterator[MongoServer]:
+    server = MongoServer(tmp_path / "own-mongo")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def backend() -> str:
+    return "embedded"  # the tests below configure their own MongoDB and Redis
+
+
+def _key_service_health(server: ServerHandle) -> int:
+    stub = health_pb2_grpc.HealthStub(server.channel)
+    status: int = stub.Check(health_pb2.HealthCheckRequest(service="caas.crypto.v1.KeyService"), timeout=2).status
+    return status
+
+
+def _wait_for(check: object, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_redis_going_away_during_encryption_fails_no_call_and_caching_resumes(
+    start_server: StartServer, own_redis: RedisServer, own_mongo: MongoServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A keyring TTL of 0 sends every call through Redis, so the outage is felt on every call.
+    server = start_server(
+        mongodb_uri=own_mongo.uri, mongodb_database="degrade", redis_url=own_redis.url, keyring_ttl_s=0.0
+    )
+    key = server.create_key("t1")
+    redis_entry = f"caas:crypto:mongo:degrade:key:t1:{key.key_id}"
+    server.encrypt("t1", key.key_id, b"warm")
+    assert own_redis.client().exists(redis_entry)
+    caplog.set_level(logging.WARNING, logger="crypto_server.storage.redis_cache")
+    failures = 0
+    calls = 0
+    for round_number in range(300):
+        if round_number == 100:
+            own_redis.stop()
+        if round_number == 150:
+            server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id), timeout=5)
+        try:
+            sealed = server.encrypt("t1", key.key_id, b"payload %d" % round_number)
+            assert server.decrypt("t1", sealed.ciphertext).plaintext == b"payload %d" % round_number
+        except grpc.RpcError:
+            failures += 1
+        calls += 1
+    assert calls == 300
+    assert failures == 0
+    assert server.encrypt("t1", key.key_id, b"x").key_version == 2
+    outage_warnings = [r for r in caplog.records if r.getMessage().startswith("redis unavailable")]
+    assert len(outage_warnings) == 1, "a Redis outage is logged once per interval, not once per request"
+    own_redis.start()
+    _wait_for(lambda: _encrypt_and_check_cached(server, key.key_id, own_redis, redis_entry), timeout_s=10)
+
+
+def _encrypt_and_check_cached(server: ServerHandle, key_id: str, redis: RedisServer, entry: str) -> bool:
+    server.encrypt("t1", key_id, b"after")
+    return bool(redis.client().exists(entry))
+
+
+def test_mongo_going_away_keeps_cached_keys_working_and_refuses_writes_in_time(
+    start_server: StartServer, own_mongo: MongoServer
+) -> None:
+    server = start_server(
+        mongodb_uri=own_mongo.uri, mongodb_database="outage", store_timeout_s=1.0, health_interval_s=0.2
+    )
+    key = server.create_key("t1")
+    sealed = server.encrypt("t1", key.key_id, b"before").ciphertext
+    assert _key_service_health(server) == health_pb2.HealthCheckResponse.SERVING
+    own_mongo.stop()
+    for round_number in range(50):
+        fresh = server.encrypt("t1", key.key_id, b"during %d" % round_number).ciphertext
+        assert server.decrypt("t1", fresh).plaintext == b"during %d" % round_number
+    assert server.decrypt("t1", sealed).plaintext == b"before"
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as caught:
+        server.create_key("t1")
+    assert time.monotonic() - started < 3.0
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "ERROR_REASON_STORE_UNAVAILABLE"
+    assert "retry" in (caught.value.details() or "")
+    with pytest.raises(grpc.RpcError) as deadline_bound:
+        server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id), timeout=0.3)
+    assert deadline_bound.value.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+    _wait_for(lambda: _key_service_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=5)
+    crypto_health = health_pb2_grpc.HealthStub(server.channel).Check(
+        health_pb2.HealthCheckRequest(service="caas.crypto.v1.CryptoService")
+    )
+    assert crypto_health.status == health_pb2.HealthCheckResponse.SERVING
+
+    own_mongo.start()
+    _wait_for(lambda: _key_service_health(server) == health_pb2.HealthCheckResponse.SERVING, timeout_s=10)
+    created = server.create_key("t1", resources_pb2.KEY_TYPE_SESSION)
+    assert server.decrypt("t1", server.encrypt("t1", created.key_id, b"back").ciphertext).plaintext == b"back"
+
+
+def test_a_key_not_refreshed_during_a_mongo_outage_is_served_from_memory(
+    start_server: StartServer, own_mongo: MongoServer
+) -> None:
+    # Past its TTL, an entry nothing invalidated keeps serving while the store cannot answer.
+    server = start_server(mongodb_uri=own_mongo.uri, mongodb_database="stale", store_timeout_s=0.5, keyring_ttl_s=0.0)
+    key = server.create_key("t1")
+    server.encrypt("t1", key.key_id, b"warm")
+    own_mongo.stop()
+    assert server.encrypt("t1", key.key_id, b"still works").key_version == 1

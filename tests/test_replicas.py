@@ -1,0 +1,120 @@
+"""Several server processes on one MongoDB and Redis, as the platform runs them."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
+from crypto_client.v1 import key_service_pb2 as key_pb
+from tests.conftest import Launch
+from tests.servers import CryptoServerProcess, MongoServer, RedisServer
+
+
+class Replica:
+    def __init__(self, process: CryptoServerProcess) -> None:
+        self.process = process
+        self.channel = grpc.insecure_channel(process.address)
+        self.keys = key_service_pb2_grpc.KeyServiceStub(self.channel)
+        self.crypto = crypto_service_pb2_grpc.CryptoServiceStub(self.channel)
+
+    def encrypt(self, key_id: str) -> crypto_pb.EncryptResponse:
+        return self.crypto.Encrypt(crypto_pb.EncryptRequest(tenant_id="acme", key_id=key_id, plaintext=b"x"), timeout=5)
+
+
+@pytest.fixture
+def replicas(launch: Launch, mongo_server: MongoServer, redis_server: RedisServer) -> Iterator[list[Replica]]:
+    env = {
+        "MONGODB_URI": mongo_server.uri,
+        "MONGODB_DATABASE": f"replicas{os.getpid()}_{time.monotonic_ns()}",
+        "REDIS_URL": redis_server.url,
+        "CRYPTO_ROOT_KEY": base64.b64encode(os.urandom(32)).decode(),
+    }
+    servers = [Replica(launch(**env)) for _ in range(2)]
+    yield servers
+    for server in servers:
+        server.channel.close()
+
+
+def _within(seconds: float, check: Callable[[], bool]) -> float:
+    """Poll `check` until true; the time it took (fails after `seconds`)."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < seconds, f"not within {seconds}s"
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def test_a_rotation_storm_across_two_replicas_gives_each_version_once(replicas: list[Replica]) -> None:
+    a, b = replicas
+    key = a.keys.CreateKey(key_pb.CreateKeyRequest(tenant_id="acme", key_type=resources_pb2.KEY_TYPE_DATA)).key
+    start = threading.Barrier(10)
+
+    def rotate(replica: Replica) -> None:
+        start.wait()
+        for _ in range(5):
+            replica.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="acme", key_id=key.key_id), timeout=30)
+
+    with ThreadPoolExecutor(10) as pool:
+        for outcome in [pool.submit(rotate, replica) for replica in [a, b] * 5]:
+            outcome.result()
+    for replica in replicas:
+        got = replica.keys.GetKey(key_pb.GetKeyRequest(tenant_id="acme", key_id=key.key_id)).key
+        assert [v.version for v in got.versions] == list(range(1, 52))
+        assert got.primary_version == 51
+    _within(1.0, lambda: b.encrypt(key.key_id).key_version == 51)
+
+
+def test_a_rotation_on_one_replica_reaches_the_other_within_a_second(replicas: list[Replica]) -> None:
+    a, b = replicas
+    key = a.keys.CreateKey(key_pb.CreateKeyRequest(tenant_id="acme", key_type=resources_pb2.KEY_TYPE_DATA)).key
+    assert b.encrypt(key.key_id).key_version == 1  # b now holds version 1 in memory
+    a.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="acme", key_id=key.key_id))
+    took = _within(1.0, lambda: b.encrypt(key.key_id).key_version == 2)
+    assert took < 1.0
+
+
+def test_disabling_on_one_replica_stops_the_other_within_a_second(replicas: list[Replica]) -> None:
+    a, b = replicas
+    key = a.keys.CreateKey(key_pb.CreateKeyRequest(tenant_id="acme", key_type=resources_pb2.KEY_TYPE_DATA)).key
+    sealed = b.encrypt(key.key_id).ciphertext
+    a.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id="acme", key_id=key.key_id))
+
+    def refused() -> bool:
+        try:
+            b.encrypt(key.key_id)
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        return False
+
+    _within(1.0, refused)
+    with pytest.raises(grpc.RpcError) as caught:
+        b.crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=sealed))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    a.keys.EnableKey(key_pb.EnableKeyRequest(tenant_id="acme", key_id=key.key_id))
+    _within(1.0, lambda: not refused())
+
+
+def test_disabling_a_master_key_on_one_replica_stops_the_tenant_on_the_other(replicas: list[Replica]) -> None:
+    a, b = replicas
+    key = a.keys.CreateKey(key_pb.CreateKeyRequest(tenant_id="acme", key_type=resources_pb2.KEY_TYPE_DATA)).key
+    b.encrypt(key.key_id)
+    master = a.keys.ListKeys(key_pb.ListKeysRequest(tenant_id="acme", key_type=resources_pb2.KEY_TYPE_MASTER)).keys[0]
+    a.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id="acme", key_id=master.key_id))
+
+    def refused() -> bool:
+        try:
+            b.encrypt(key.key_id)
+        except grpc.RpcError as error:
+            return error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        return False
+
+    _within(1.0, refused)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import base64
 import threading
+from dataclasses import replace
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from bson.raw_bson import RawBSONDocument
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pymongo.database import Database
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
@@ -24,7 +28,7 @@ def backend() -> str:
     return "mongo+redis"
 
 
-def _database(server: ServerHandle, mongo_server: MongoServer):  # type: ignore[no-untyped-def]
+def _database(server: ServerHandle, mongo_server: MongoServer) -> Database[dict[str, Any]]:
     return mongo_server.client()[server.settings.mongodb_database]
 
 
@@ -100,16 +104,11 @@ def test_no_mongo_document_or_redis_value_holds_an_unwrapped_key(
             assert not any(encoding in blob for blob in blobs)
 
 
-def _raw_bson(db) -> list[bytes]:  # type: ignore[no-untyped-def]
-    from bson.raw_bson import RawBSONDocument
-
-    return [
-        doc.raw
-        for name in db.list_collection_names()
-        for doc in db.get_collection(
-            name, codec_options=db.codec_options.with_options(document_class=RawBSONDocument)
-        ).find()
-    ]
+def _raw_bson(db: Database[dict[str, Any]]) -> list[bytes]:
+    """Every document's raw BSON bytes, as stored."""
+    options = db.codec_options.with_options(document_class=RawBSONDocument)
+    raw_db: Database[RawBSONDocument] = db.client.get_database(db.name, codec_options=options)
+    return [doc.raw for name in raw_db.list_collection_names() for doc in raw_db[name].find()]
 
 
 def test_two_stores_racing_for_the_same_version_let_exactly_one_win(
@@ -155,8 +154,6 @@ def test_a_tenant_can_never_get_two_master_keys(server: ServerHandle, mongo_serv
     try:
         master = store.get_master_key("t1")
         assert master is not None
-        from dataclasses import replace
-
         with pytest.raises(DuplicateMasterKey):
             store.insert_key(replace(master, key_id="00000000-0000-4000-8000-000000000001"))
         db = _database(server, mongo_server)

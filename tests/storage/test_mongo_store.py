@@ -107,8 +107,8 @@ def test_no_mongo_document_or_redis_value_holds_an_unwrapped_key(
 def _raw_bson(db: Database[dict[str, Any]]) -> list[bytes]:
     """Every document's raw BSON bytes, as stored."""
     options = db.codec_options.with_options(document_class=RawBSONDocument)
-    raw_db: Database[RawBSONDocument] = db.client.get_database(db.name, codec_options=options)
-    return [doc.raw for name in raw_db.list_collection_names() for doc in raw_db[name].find()]
+    raw_db: Database[RawBSONDocument] = db.client.get_database(db.name, codec_options=options)  # type: ignore[assignment]
+    return [bytes(doc.raw) for name in raw_db.list_collection_names() for doc in raw_db[name].find()]
 
 
 def test_two_stores_racing_for_the_same_version_let_exactly_one_win(

@@ -54,6 +54,8 @@ class CryptoServer:
     store: KeyStore
     in_flight: InFlightCalls
     keyring: Keyring
+    health_monitor: StoreHealthMonitor
+    # Threads that serve the requests (cross-replica invalidation): stopped after the last call.
     background: list[_Stoppable] = field(default_factory=list)
 
     def stop(self, grace_s: float) -> None:
@@ -67,12 +69,13 @@ class CryptoServer:
         the grace expires is cancelled.
         """
         deadline = time.monotonic() + grace_s
-        for task in self.background:
-            task.stop()
+        self.health_monitor.stop()  # it must not turn a service back to SERVING
         self.health.enter_graceful_shutdown()
         while time.monotonic() < deadline and self.in_flight.quiet_for() < _QUIET_BEFORE_STOP_S:
             time.sleep(0.01)
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
+        for task in self.background:
+            task.stop()
         self.store.close()
 
 
@@ -160,7 +163,6 @@ def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoSer
     monitor = StoreHealthMonitor(store, health_servicer, KEY_SERVICE, interval_s=settings.health_interval_s)
     monitor.check_once()
     monitor.start()
-    background.append(monitor)
     return CryptoServer(
         server=server,
         port=port,
@@ -168,5 +170,6 @@ def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoSer
         store=store,
         in_flight=interceptor.in_flight,
         keyring=keyring,
+        health_monitor=monitor,
         background=background,
     )

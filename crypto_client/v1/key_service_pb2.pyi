@@ -49,8 +49,16 @@ class CreateKeyRequest(_message.Message):
     EXPIRE_AFTER_FIELD_NUMBER: _builtins.int
     ROTATION_PERIOD_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     key_type: _resources_pb2.KeyType.ValueType
+    request_id: _builtins.str
+    """Idempotency key, 1-128 characters of [A-Za-z0-9._:-]. A CreateKey that
+    repeats the request_id of an earlier one for the same tenant creates
+    nothing and answers with the key the first one created (in its current
+    state), so a retry after a lost response never makes a second key. The
+    same request_id with different parameters is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def expire_after(self) -> _duration_pb2.Duration:
         """Lifetime of each version for encryption. Defaults: 365 days for data
@@ -72,10 +80,11 @@ class CreateKeyRequest(_message.Message):
         expire_after: _duration_pb2.Duration | None = ...,
         rotation_period: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "rotation_period", b"rotation_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "key_type", b"key_type", "labels", b"labels", "rotation_period", b"rotation_period", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "key_type", b"key_type", "labels", b"labels", "request_id", b"request_id", "rotation_period", b"rotation_period", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -208,17 +217,24 @@ class RotateKeyRequest(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     key_id: _builtins.str
+    request_id: _builtins.str
+    """Idempotency key, 1-128 characters of [A-Za-z0-9._:-]. A RotateKey that
+    repeats the request_id of an earlier rotation of the same key adds no
+    version and answers with the key, so a retry never adds two versions.
+    """
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         key_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

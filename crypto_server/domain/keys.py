@@ -23,6 +23,9 @@ from types import MappingProxyType
 from crypto_server.domain.errors import InvalidArgument
 
 TENANT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+# Key ids of idempotent creations are derived from (tenant, request id) in this namespace.
+_REQUEST_KEY_ID_NAMESPACE = uuid.UUID("6f1c3c1e-8a55-4d0c-9d1e-7c0a4f5b2a10")
 LABEL_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_.\-]{0,62}")
 MAX_LABELS = 64
 MAX_LABEL_VALUE_CHARS = 256
@@ -81,6 +84,19 @@ def parse_key_id(key_id: str, field_name: str = "key_id") -> uuid.UUID:
     if parsed is None or str(parsed) != key_id:
         raise InvalidArgument(field_name, "must be a key id as returned by CreateKey (a lowercase UUID)")
     return parsed
+
+
+def validate_request_id(request_id: str) -> str:
+    """An idempotency key: empty (none) or 1-128 characters of [A-Za-z0-9._:-]."""
+    if request_id and REQUEST_ID_PATTERN.fullmatch(request_id) is None:
+        raise InvalidArgument("request_id", "must be 1-128 characters of letters, digits, '.', '_', ':' or '-'")
+    return request_id
+
+
+def key_id_for_request(tenant_id: str, request_id: str) -> str:
+    """The key id an idempotent CreateKey gets: the same for every repeat of the request, so the
+    store's uniqueness of key ids is what makes a repeat create nothing."""
+    return str(uuid.uuid5(_REQUEST_KEY_ID_NAMESPACE, f"{tenant_id}\0{request_id}"))
 
 
 def validate_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
@@ -150,6 +166,8 @@ class KeyVersion:
     expires_at: datetime | None
     parent_version: int
     wrapped_material: bytes = field(repr=False)
+    # The RotateKey request id that created this version, if the caller gave one.
+    request_id: str | None = None
 
     def state_at(self, now: datetime) -> KeyVersionState:
         if self.expires_at is not None and self.expires_at <= now:
@@ -188,6 +206,13 @@ class Key:
     @property
     def expires_at(self) -> datetime | None:
         return self.primary.expires_at
+
+    def version_for_request(self, request_id: str) -> KeyVersion | None:
+        return next((v for v in self.versions if v.request_id == request_id), None)
+
+    def same_creation_as(self, key_type: KeyType, policy: KeyPolicy, labels: Mapping[str, str]) -> bool:
+        """Whether a CreateKey with these parameters would have made this key (an idempotent repeat)."""
+        return self.key_type is key_type and self.policy == policy and dict(self.labels) == dict(labels)
 
     def version(self, number: int) -> KeyVersion | None:
         # Versions are 1..n in order, so the number is the index plus one.

@@ -29,14 +29,16 @@ from crypto_server.domain.keys import (
     KeyState,
     KeyType,
     KeyVersion,
+    key_id_for_request,
     parse_key_id,
     to_key_precision,
     validate_labels,
+    validate_request_id,
     validate_tenant_id,
 )
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.page_token import decode_page_token, encode_page_token
-from crypto_server.storage.port import DuplicateMasterKey, Invalidation, KeyQuery, KeyStore, ListCursor
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, Invalidation, KeyQuery, KeyStore, ListCursor
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -68,24 +70,63 @@ class KeyLifecycle:
         expire_after: timedelta | None = None,
         rotation_period: timedelta | None = None,
         labels: Mapping[str, str] | None = None,
+        request_id: str = "",
     ) -> Key:
+        """Create a key; with a `request_id`, a repeat of the same request returns the first key instead."""
         validate_tenant_id(tenant_id)
+        validate_request_id(request_id)
         policy = KeyPolicy.for_new_key(key_type, expire_after, rotation_period)
         checked_labels = validate_labels(labels or {})
+        key_id = key_id_for_request(tenant_id, request_id) if request_id else str(uuid.uuid4())
+        if request_id:
+            repeat = self._earlier_creation(tenant_id, key_id, key_type, policy, checked_labels)
+            if repeat is not None:
+                return repeat
         if key_type is KeyType.MASTER:
             existing = self._store.get_master_key(tenant_id)
             if existing is not None:
                 raise MasterKeyExists(existing.key_id)
-            try:
-                return self._insert_master(tenant_id, policy, checked_labels)
-            except DuplicateMasterKey:
-                master = self._store.get_master_key(tenant_id)
-                raise MasterKeyExists(master.key_id if master else "unknown") from None
-        master = self._master_for_wrapping(tenant_id)
+            parent = None
+        else:
+            parent = self._master_for_wrapping(tenant_id)
+        key = self._new_key(tenant_id, key_id, key_type, policy, checked_labels, parent)
+        try:
+            self._store.insert_key(key)
+        except DuplicateKeyId:
+            # The same request raced with itself (a retry while the first attempt was still running).
+            repeat = self._earlier_creation(tenant_id, key_id, key_type, policy, checked_labels) if request_id else None
+            if repeat is None:
+                raise ConcurrentModification("the new key's id collided with another key; retry") from None
+            return repeat
+        except DuplicateMasterKey:
+            master = self._store.get_master_key(tenant_id)
+            raise MasterKeyExists(master.key_id if master else "unknown") from None
+        return key
+
+    def _earlier_creation(
+        self, tenant_id: str, key_id: str, key_type: KeyType, policy: KeyPolicy, labels: Mapping[str, str]
+    ) -> Key | None:
+        """The key an earlier CreateKey with the same request id made, if any."""
+        existing = self._store.get_key(tenant_id, key_id)
+        if existing is None:
+            return None
+        if not existing.same_creation_as(key_type, policy, labels):
+            raise InvalidArgument("request_id", "was already used by a CreateKey with other parameters")
+        return existing
+
+    def _new_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        key_type: KeyType,
+        policy: KeyPolicy,
+        labels: Mapping[str, str],
+        parent: Key | None,
+    ) -> Key:
+        """A key with its first version, wrapped under `parent` (the root key for a master key)."""
         now = to_key_precision(self._clock.now())
-        key_id = str(uuid.uuid4())
-        first = self._new_version(tenant_id, key_id, key_type, 1, now, policy.expiry_for(now), master)
-        key = Key(
+        first = self._new_version(tenant_id, key_id, key_type, 1, now, policy.expiry_for(now), parent)
+        return Key(
             key_id=key_id,
             tenant_id=tenant_id,
             key_type=key_type,
@@ -94,38 +135,18 @@ class KeyLifecycle:
             versions=(first,),
             created_at=now,
             policy=policy,
-            labels=checked_labels,
-            parent_key_id=master.key_id,
-        )
-        self._store.insert_key(key)
-        return key
-
-    def _insert_master(self, tenant_id: str, policy: KeyPolicy, labels: Mapping[str, str]) -> Key:
-        now = to_key_precision(self._clock.now())
-        key_id = str(uuid.uuid4())
-        first = self._new_version(tenant_id, key_id, KeyType.MASTER, 1, now, policy.expiry_for(now), None)
-        master = Key(
-            key_id=key_id,
-            tenant_id=tenant_id,
-            key_type=KeyType.MASTER,
-            disabled=False,
-            primary_version=1,
-            versions=(first,),
-            created_at=now,
-            policy=policy,
             labels=labels,
-            parent_key_id=None,
+            parent_key_id=None if parent is None else parent.key_id,
         )
-        self._store.insert_key(master)
-        return master
 
     def _master_for_wrapping(self, tenant_id: str) -> Key:
         """The tenant's master key, created on first use, checked able to wrap."""
         master = self._store.get_master_key(tenant_id)
         if master is None:
             policy = KeyPolicy.for_new_key(KeyType.MASTER, None, None, implicit_master=True)
+            master = self._new_key(tenant_id, str(uuid.uuid4()), KeyType.MASTER, policy, MappingProxyType({}), None)
             try:
-                master = self._insert_master(tenant_id, policy, MappingProxyType({}))
+                self._store.insert_key(master)
             except DuplicateMasterKey:
                 # Another request created it first; use theirs.
                 master = self._store.get_master_key(tenant_id)
@@ -146,6 +167,8 @@ class KeyLifecycle:
         created_at: datetime,
         expires_at: datetime | None,
         parent: Key | None,
+        *,
+        request_id: str | None = None,
     ) -> KeyVersion:
         """Fresh material for `version`, wrapped under the parent's primary version (the root key if None)."""
         if parent is None:
@@ -169,6 +192,7 @@ class KeyLifecycle:
             expires_at=expires_at,
             parent_version=parent_version,
             wrapped_material=wrapped,
+            request_id=request_id,
         )
 
     # -- read ------------------------------------------------------------------
@@ -215,18 +239,21 @@ class KeyLifecycle:
 
     # -- change ----------------------------------------------------------------
 
-    def rotate_key(self, tenant_id: str, key_id: str) -> Key:
-        """Add a version and make it primary.
+    def rotate_key(self, tenant_id: str, key_id: str, *, request_id: str = "") -> Key:
+        """Add a version and make it primary; with a `request_id`, a repeat adds nothing.
 
         Optimistic: the new version is numbered latest + 1 and wrapped for that
         number; if another writer added a version first, reload and try again.
         """
         validate_tenant_id(tenant_id)
         parse_key_id(key_id)
+        validate_request_id(request_id)
         for _ in range(MAX_ROTATION_ATTEMPTS):
             key = self._store.get_key(tenant_id, key_id)
             if key is None:
                 raise KeyNotFound(key_id)
+            if request_id and key.version_for_request(request_id) is not None:
+                return key
             if key.disabled:
                 raise KeyDisabled(key_id)
             parent = None if key.parent_key_id is None else self._master_for_wrapping(tenant_id)
@@ -239,6 +266,7 @@ class KeyLifecycle:
                 now,
                 key.policy.expiry_for(now),
                 parent,
+                request_id=request_id or None,
             )
             if self._store.add_version(tenant_id, key_id, version):
                 self._invalidation.key_changed(tenant_id, key_id)

@@ -32,7 +32,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from crypto_server.call_deadline import time_left
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
-from crypto_server.storage.port import DuplicateMasterKey, KeyQuery
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyQuery
 
 _ROOT_KEY_CHECK_ID = "root_key_check"
 
@@ -83,6 +83,12 @@ class MongoKeyStore:
             self._versions.create_index(
                 [("key_id", ASCENDING), ("version", ASCENDING)], name="one_version_per_number", unique=True
             )
+            self._versions.create_index(
+                [("key_id", ASCENDING), ("request_id", ASCENDING)],
+                name="one_version_per_request",
+                unique=True,
+                partialFilterExpression={"request_id": {"$type": "string"}},
+            )
 
     @contextmanager
     def _bounded(self) -> Iterator[None]:
@@ -125,6 +131,7 @@ class MongoKeyStore:
             "expires_at": version.expires_at,
             "parent_version": version.parent_version,
             "wrapped_material": Binary(version.wrapped_material),
+            "request_id": version.request_id,
         }
 
     def _with_versions(self, documents: Sequence[Mapping[str, Any]]) -> list[Key]:
@@ -142,6 +149,7 @@ class MongoKeyStore:
                     expires_at=_utc(item["expires_at"]),
                     parent_version=item["parent_version"],
                     wrapped_material=bytes(item["wrapped_material"]),
+                    request_id=item.get("request_id"),
                 )
             )
         return [
@@ -208,15 +216,21 @@ class MongoKeyStore:
 
     def insert_key(self, key: Key) -> None:
         with self._bounded():
+            if self._keys.count_documents({"_id": key.key_id}, limit=1):
+                raise DuplicateKeyId(key.key_id)
             # Versions first: until the key document exists, nothing can see them.
-            self._versions.insert_many([self._version_document(key.key_id, v) for v in key.versions])
+            try:
+                # One by one (a new key has one version): a duplicate is then a DuplicateKeyError.
+                for version in key.versions:
+                    self._versions.insert_one(self._version_document(key.key_id, version))
+            except DuplicateKeyError:
+                raise DuplicateKeyId(key.key_id) from None  # the same key is being created concurrently
             try:
                 self._keys.insert_one(self._key_document(key))
             except DuplicateKeyError as error:
+                # Only the master-key index can refuse a key id whose versions were just inserted.
                 self._versions.delete_many({"key_id": key.key_id})
-                if key.key_type is KeyType.MASTER:
-                    raise DuplicateMasterKey(key.tenant_id) from error
-                raise StoreUnavailable("a key id collided; retry") from error
+                raise DuplicateMasterKey(key.tenant_id) from error
 
     def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
         with self._bounded():
@@ -225,7 +239,7 @@ class MongoKeyStore:
             try:
                 self._versions.insert_one(self._version_document(key_id, version))
             except DuplicateKeyError:
-                return False  # another writer added this version number first
+                return False  # another writer added this version number first, or this request id
             # Move the primary forward only: a slower concurrent rotation to a
             # lower number must not pull it back.
             self._keys.update_one(

@@ -18,6 +18,10 @@ class DuplicateMasterKey(Exception):
     """insert_key was given a master key for a tenant that already has one."""
 
 
+class DuplicateKeyId(Exception):
+    """insert_key was given a key id that exists already (an idempotent CreateKey repeated)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ListCursor:
     """Position after the last key of a page, in (created_at, key_id) order."""
@@ -44,7 +48,7 @@ class KeyQuery:
 
 class KeyStore(Protocol):
     def insert_key(self, key: Key) -> None:
-        """Store a new key with its versions. Raises DuplicateMasterKey."""
+        """Store a new key with its versions. Raises DuplicateKeyId, else DuplicateMasterKey."""
         ...
 
     def get_key(self, tenant_id: str, key_id: str) -> Key | None:
@@ -57,8 +61,9 @@ class KeyStore(Protocol):
 
     def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
         """Append `version` and make it primary, only if it is exactly one more
-        than the key's latest version at the time of the write. Returns False
-        when another writer got there first (the caller reloads and retries)."""
+        than the key's latest version at the time of the write and no version
+        of the key has its request id. Returns False when another writer got
+        there first (the caller reloads and retries)."""
         ...
 
     def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:

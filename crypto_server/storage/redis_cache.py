@@ -137,6 +137,7 @@ def _encode_key(key: Key) -> str:
                     "expires_at": moment(v.expires_at),
                     "parent_version": v.parent_version,
                     "wrapped_material": base64.b64encode(v.wrapped_material).decode(),
+                    "request_id": v.request_id,
                 }
                 for v in key.versions
             ],
@@ -167,6 +168,7 @@ def _decode_key(text: bytes) -> Key:
                 expires_at=moment(v["expires_at"]),
                 parent_version=v["parent_version"],
                 wrapped_material=base64.b64decode(v["wrapped_material"]),
+                request_id=v.get("request_id"),
             )
             for v in data["versions"]
         ),

@@ -20,7 +20,7 @@ from typing import Any
 
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
-from crypto_server.storage.port import DuplicateMasterKey, KeyQuery
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyQuery
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS key_versions (
     expires_us       INTEGER,
     parent_version   INTEGER NOT NULL,
     wrapped_material BLOB NOT NULL,
-    PRIMARY KEY (key_id, version)
+    request_id       TEXT,
+    PRIMARY KEY (key_id, version),
+    UNIQUE (key_id, request_id)
 );
 CREATE TABLE IF NOT EXISTS store_meta (
     name  TEXT PRIMARY KEY,
@@ -140,11 +142,11 @@ class SqliteKeyStore:
         marks = ",".join("?" * len(key_ids))
         # Only placeholders are interpolated; the values are bound.
         rows = db.execute(
-            "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material FROM key_versions "  # noqa: S608
-            f"WHERE key_id IN ({marks}) ORDER BY key_id, version",
+            "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id "  # noqa: S608
+            f"FROM key_versions WHERE key_id IN ({marks}) ORDER BY key_id, version",
             tuple(key_ids),
         )
-        for key_id, version, created_us, expires_us, parent_version, wrapped in rows:
+        for key_id, version, created_us, expires_us, parent_version, wrapped, request_id in rows:
             found[key_id].append(
                 KeyVersion(
                     version=version,
@@ -152,6 +154,7 @@ class SqliteKeyStore:
                     expires_at=None if expires_us is None else _from_us(expires_us),
                     parent_version=parent_version,
                     wrapped_material=bytes(wrapped),
+                    request_id=request_id,
                 )
             )
         return found
@@ -244,8 +247,9 @@ class SqliteKeyStore:
     @staticmethod
     def _insert_version(db: sqlite3.Connection, key_id: str, version: KeyVersion) -> None:
         db.execute(
-            "INSERT INTO key_versions (key_id, version, created_us, expires_us, parent_version, wrapped_material) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO key_versions "
+            "(key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 key_id,
                 version.version,
@@ -253,12 +257,15 @@ class SqliteKeyStore:
                 _opt_to_us(version.expires_at),
                 version.parent_version,
                 version.wrapped_material,
+                version.request_id,
             ),
         )
 
     def insert_key(self, key: Key) -> None:
         try:
             with self._write() as db:
+                if db.execute("SELECT 1 FROM keys WHERE key_id = ?", (key.key_id,)).fetchone():
+                    raise DuplicateKeyId(key.key_id)
                 db.execute(
                     "INSERT INTO keys (key_id, tenant_id, key_type, disabled, primary_version, primary_expires_us, "
                     "created_us, expire_after_us, rotation_period_us, labels, parent_key_id) "
@@ -293,7 +300,10 @@ class SqliteKeyStore:
             ).fetchone()
             if row is None or row[0] is None or row[0] + 1 != version.version:
                 return False
-            self._insert_version(db, key_id, version)
+            try:
+                self._insert_version(db, key_id, version)
+            except sqlite3.IntegrityError:
+                return False  # a version with this request id exists: the rotation was done already
             db.execute(
                 "UPDATE keys SET primary_version = ?, primary_expires_us = ?, revision = revision + 1 WHERE key_id = ?",
                 (version.version, _opt_to_us(version.expires_at), key_id),

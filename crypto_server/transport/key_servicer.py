@@ -39,6 +39,7 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
                 else None
             ),
             labels=dict(request.labels),
+            request_id=request.request_id,
         )
         return pb.CreateKeyResponse(key=self._key(key))
 
@@ -59,7 +60,8 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
         )
 
     def RotateKey(self, request: pb.RotateKeyRequest, context: grpc.ServicerContext) -> pb.RotateKeyResponse:
-        return pb.RotateKeyResponse(key=self._key(self._lifecycle.rotate_key(request.tenant_id, request.key_id)))
+        rotated = self._lifecycle.rotate_key(request.tenant_id, request.key_id, request_id=request.request_id)
+        return pb.RotateKeyResponse(key=self._key(rotated))
 
     def DisableKey(self, request: pb.DisableKeyRequest, context: grpc.ServicerContext) -> pb.DisableKeyResponse:
         return pb.DisableKeyResponse(key=self._key(self._lifecycle.disable_key(request.tenant_id, request.key_id)))

@@ -1,5 +1,87 @@
 """Client side of the caas crypto service.
 
-`crypto_client.v1` holds the generated protobuf messages and gRPC stubs for
-`caas.crypto.v1` (regenerate with `make proto`; never edit by hand).
+    from crypto_client import CryptoClient
+
+    with CryptoClient("crypto-service:3009", "acme") as crypto:
+        key = crypto.create_key()
+        sealed = crypto.encrypt(key.key_id, b"hello")
+
+`CryptoClient` (blocking) and `AsyncCryptoClient` (asyncio) add deadlines,
+retries, a circuit breaker and a key-metadata cache to the generated stubs,
+which live in `crypto_client.v1` (regenerate with `make proto`; never edit).
+See docs/client.md.
 """
+
+from crypto_client.async_client import AsyncCryptoClient
+from crypto_client.breaker import BreakerState
+from crypto_client.config import BreakerPolicy, ClientConfig, RetryPolicy
+from crypto_client.errors import (
+    CircuitOpenError,
+    ConflictError,
+    CryptoClientError,
+    DataIntegrityError,
+    DeadlineExceededError,
+    DecryptionError,
+    FailedPreconditionError,
+    InternalServerError,
+    InvalidArgumentError,
+    KeyAlreadyExistsError,
+    KeyDisabledError,
+    KeyExpiredError,
+    KeyNotFoundError,
+    KeyTypeMismatchError,
+    MasterKeyUnavailableError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    ServiceUnavailableError,
+    UnauthenticatedError,
+)
+from crypto_client.metrics import ClientStats
+from crypto_client.models import (
+    DecryptResult,
+    EncryptResult,
+    HealthStatus,
+    Key,
+    KeyState,
+    KeyType,
+    KeyVersion,
+    KeyVersionState,
+)
+from crypto_client.sync_client import CryptoClient
+
+__all__ = [
+    "AsyncCryptoClient",
+    "BreakerPolicy",
+    "BreakerState",
+    "CircuitOpenError",
+    "ClientConfig",
+    "ClientStats",
+    "ConflictError",
+    "CryptoClient",
+    "CryptoClientError",
+    "DataIntegrityError",
+    "DeadlineExceededError",
+    "DecryptResult",
+    "DecryptionError",
+    "EncryptResult",
+    "FailedPreconditionError",
+    "HealthStatus",
+    "InternalServerError",
+    "InvalidArgumentError",
+    "Key",
+    "KeyAlreadyExistsError",
+    "KeyDisabledError",
+    "KeyExpiredError",
+    "KeyNotFoundError",
+    "KeyState",
+    "KeyType",
+    "KeyTypeMismatchError",
+    "KeyVersion",
+    "KeyVersionState",
+    "MasterKeyUnavailableError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "ServiceUnavailableError",
+    "UnauthenticatedError",
+]

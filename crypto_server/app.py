@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -96,8 +97,13 @@ def _open_store(settings: Settings) -> tuple[KeyStore, str]:
     return SqliteKeyStore(settings.data_dir), "embedded"
 
 
-def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoServer:
-    """Open the store, wire the services and start serving on settings.host:settings.port (0 = any free port)."""
+def build_server(
+    settings: Settings, *, clock: Clock | None = None, interceptors: Sequence[grpc.ServerInterceptor] = ()
+) -> CryptoServer:
+    """Open the store, wire the services and start serving on settings.host:settings.port (0 = any free port).
+
+    `interceptors` run outside the service's own (request id, errors, logging), first one outermost.
+    """
     clock = clock or SystemClock()
     root = AESGCM(load_root_key(settings))
     store, namespace = _open_store(settings)
@@ -133,7 +139,7 @@ def build_server(settings: Settings, *, clock: Clock | None = None) -> CryptoSer
         interceptor = RpcInterceptor()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            interceptors=[interceptor],
+            interceptors=[*interceptors, interceptor],
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),

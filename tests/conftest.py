@@ -6,7 +6,7 @@ import base64
 import itertools
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -136,13 +136,15 @@ def start_server(tmp_path: Path, root_key: str, backend_settings: dict[str, Any]
     """Start servers on one store (data directory or database) and root key; all are stopped at the end."""
     started: list[ServerHandle] = []
 
-    def start(clock: FakeClock | None = None, **overrides: Any) -> ServerHandle:
+    def start(
+        clock: FakeClock | None = None, interceptors: Sequence[grpc.ServerInterceptor] = (), **overrides: Any
+    ) -> ServerHandle:
         settings = replace(
             Settings(host="127.0.0.1", port=0, workers=8, data_dir=tmp_path / "data", root_key=root_key),
             **{**backend_settings, **overrides},
         )
         clock = clock or FakeClock()
-        running = build_server(settings, clock=clock)
+        running = build_server(settings, clock=clock, interceptors=interceptors)
         handle = ServerHandle(running, grpc.insecure_channel(f"127.0.0.1:{running.port}"), clock, settings)
         started.append(handle)
         return handle

@@ -1,0 +1,62 @@
+"""The client's one place that converts between protobuf messages and its dataclasses."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from crypto_client.models import Key, KeyState, KeyType, KeyVersion, KeyVersionState
+from crypto_client.v1 import resources_pb2
+
+KEY_TYPE_TO_PROTO = {
+    KeyType.MASTER: resources_pb2.KEY_TYPE_MASTER,
+    KeyType.DATA: resources_pb2.KEY_TYPE_DATA,
+    KeyType.SESSION: resources_pb2.KEY_TYPE_SESSION,
+}
+KEY_STATE_TO_PROTO = {
+    KeyState.ENABLED: resources_pb2.KEY_STATE_ENABLED,
+    KeyState.DISABLED: resources_pb2.KEY_STATE_DISABLED,
+    KeyState.EXPIRED: resources_pb2.KEY_STATE_EXPIRED,
+}
+_KEY_TYPE_FROM_PROTO = {number: kind for kind, number in KEY_TYPE_TO_PROTO.items()}
+_KEY_STATE_FROM_PROTO = {number: state for state, number in KEY_STATE_TO_PROTO.items()}
+_VERSION_STATE_FROM_PROTO = {
+    resources_pb2.KEY_VERSION_STATE_ENABLED: KeyVersionState.ENABLED,
+    resources_pb2.KEY_VERSION_STATE_DISABLED: KeyVersionState.DISABLED,
+    resources_pb2.KEY_VERSION_STATE_EXPIRED: KeyVersionState.EXPIRED,
+}
+
+
+def duration(value: timedelta) -> Duration:
+    message = Duration()
+    message.FromTimedelta(value)
+    return message
+
+
+def _moment(stamp: Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def key_from_proto(message: resources_pb2.Key) -> Key:
+    return Key(
+        key_id=message.key_id,
+        tenant_id=message.tenant_id,
+        key_type=_KEY_TYPE_FROM_PROTO[message.key_type],
+        state=_KEY_STATE_FROM_PROTO[message.state],
+        primary_version=message.primary_version,
+        versions=tuple(
+            KeyVersion(
+                version=v.version,
+                state=_VERSION_STATE_FROM_PROTO[v.state],
+                created_at=_moment(v.created_at),
+                expires_at=_moment(v.expires_at) if v.HasField("expires_at") else None,
+            )
+            for v in message.versions
+        ),
+        created_at=_moment(message.created_at),
+        expires_at=_moment(message.expires_at) if message.HasField("expires_at") else None,
+        rotation_period=message.rotation_period.ToTimedelta() if message.HasField("rotation_period") else None,
+        labels=dict(message.labels),
+    )

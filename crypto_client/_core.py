@@ -1,0 +1,216 @@
+"""What the sync and asyncio clients share: requests and results, deadlines, retries, breaker, cache, counters.
+
+The two clients differ only in how they wait for the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2
+from tenacity import RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
+from tenacity.stop import stop_base
+
+from crypto_client import _convert
+from crypto_client.breaker import CircuitBreaker
+from crypto_client.config import ClientConfig, check_tenant_id
+from crypto_client.errors import CircuitOpenError, CryptoClientError, DeadlineExceededError, from_rpc_error
+from crypto_client.errors import is_transport_failure as _is_transport_failure
+from crypto_client.key_cache import KeyMetadataCache
+from crypto_client.metrics import ClientMetrics, ClientStats
+from crypto_client.models import DecryptResult, EncryptResult, HealthStatus, Key, KeyState, KeyType
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import key_service_pb2 as key_pb
+
+log = logging.getLogger("crypto_client")
+REQUEST_ID_HEADER = "x-request-id"
+_HEALTH_STATUS = {
+    health_pb2.HealthCheckResponse.SERVING: HealthStatus.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING: HealthStatus.NOT_SERVING,
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: HealthStatus.SERVICE_UNKNOWN,
+}
+
+
+class _PastDeadline(stop_base):
+    """Stop retrying once the call's deadline has passed."""
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return time.monotonic() >= self._deadline
+
+
+def _is_retryable(error: BaseException) -> bool:
+    return isinstance(error, CryptoClientError) and error.transient
+
+
+class ClientCore:
+    def __init__(self, tenant_id: str, config: ClientConfig) -> None:
+        self.tenant_id = check_tenant_id(tenant_id)
+        self.config = config
+        self.metrics = ClientMetrics()
+        self.breaker = CircuitBreaker(
+            config.breaker, on_transition=lambda _old, _new: self.metrics.add("breaker_transitions")
+        )
+        self.key_cache = KeyMetadataCache(config.key_cache_ttl_s, config.key_cache_size)
+
+    # -- one call --------------------------------------------------------------
+
+    def deadline(self, timeout_s: float | None) -> float:
+        return time.monotonic() + (self.config.timeout_s if timeout_s is None else timeout_s)
+
+    @staticmethod
+    def call_metadata() -> tuple[tuple[str, str], ...]:
+        """One request id per call, the same on every attempt, for the server's log."""
+        return ((REQUEST_ID_HEADER, uuid.uuid4().hex),)
+
+    def retrying(self, method: str, deadline: float) -> dict[str, Any]:
+        """tenacity options: transient errors only, exponential backoff with jitter, never past the deadline."""
+        policy = self.config.retry
+        # "Full jitter": a random wait up to the exponential bound, so clients that failed together
+        # do not retry together.
+        backoff = wait_random_exponential(multiplier=policy.initial_backoff_s, max=policy.max_backoff_s)
+
+        def wait(state: RetryCallState) -> float:
+            return max(0.0, min(backoff(state), deadline - time.monotonic()))
+
+        def before_sleep(state: RetryCallState) -> None:
+            self.metrics.add("retries")
+            error = state.outcome.exception() if state.outcome else None
+            log.info(
+                "retrying %s after %s (attempt %d, waiting %.3fs)",
+                method,
+                error,
+                state.attempt_number,
+                state.upcoming_sleep,
+                extra={"method": method, "attempt": state.attempt_number},
+            )
+
+        return {
+            "retry": retry_if_exception(_is_retryable),
+            "stop": stop_after_attempt(policy.max_attempts) | _PastDeadline(deadline),
+            "wait": wait,
+            "before_sleep": before_sleep,
+            "reraise": True,
+        }
+
+    def attempt_timeout(self, deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceededError(
+                "the call's deadline passed before it could be sent", code=grpc.StatusCode.DEADLINE_EXCEEDED
+            )
+        cap = self.config.retry.attempt_timeout_s
+        return remaining if cap is None else min(remaining, cap)
+
+    def admit(self) -> None:
+        try:
+            self.breaker.before_call()
+        except CircuitOpenError:
+            self.metrics.add("rejected_by_breaker")
+            raise
+        self.metrics.add("attempts")
+
+    def failed(self, error: grpc.RpcError) -> CryptoClientError:
+        typed = from_rpc_error(error)
+        if _is_transport_failure(typed):
+            self.breaker.record_failure()
+        else:
+            self.breaker.record_success()
+        return typed
+
+    def stats(self) -> ClientStats:
+        return self.metrics.snapshot(self.breaker.state.value)
+
+    # -- requests and results -------------------------------------------------------
+
+    def create_key_request(
+        self,
+        key_type: KeyType,
+        expire_after: timedelta | None,
+        rotation_period: timedelta | None,
+        labels: Mapping[str, str] | None,
+        request_id: str | None,
+    ) -> key_pb.CreateKeyRequest:
+        request = key_pb.CreateKeyRequest(
+            tenant_id=self.tenant_id,
+            key_type=_convert.KEY_TYPE_TO_PROTO[key_type],
+            labels=dict(labels or {}),
+            # One id for every attempt of this call: a retry after a lost response creates nothing new.
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        if expire_after is not None:
+            request.expire_after.CopyFrom(_convert.duration(expire_after))
+        if rotation_period is not None:
+            request.rotation_period.CopyFrom(_convert.duration(rotation_period))
+        return request
+
+    def get_key_request(self, key_id: str) -> key_pb.GetKeyRequest:
+        return key_pb.GetKeyRequest(tenant_id=self.tenant_id, key_id=key_id)
+
+    def list_keys_request(
+        self, key_type: KeyType | None, state: KeyState | None, page_size: int, page_token: str
+    ) -> key_pb.ListKeysRequest:
+        request = key_pb.ListKeysRequest(tenant_id=self.tenant_id, page_size=page_size, page_token=page_token)
+        if key_type is not None:
+            request.key_type = _convert.KEY_TYPE_TO_PROTO[key_type]
+        if state is not None:
+            request.state = _convert.KEY_STATE_TO_PROTO[state]
+        return request
+
+    def rotate_key_request(self, key_id: str, request_id: str | None) -> key_pb.RotateKeyRequest:
+        return key_pb.RotateKeyRequest(
+            tenant_id=self.tenant_id, key_id=key_id, request_id=request_id or uuid.uuid4().hex
+        )
+
+    def disable_key_request(self, key_id: str) -> key_pb.DisableKeyRequest:
+        return key_pb.DisableKeyRequest(tenant_id=self.tenant_id, key_id=key_id)
+
+    def enable_key_request(self, key_id: str) -> key_pb.EnableKeyRequest:
+        return key_pb.EnableKeyRequest(tenant_id=self.tenant_id, key_id=key_id)
+
+    def encrypt_request(self, key_id: str, plaintext: bytes, aad: bytes) -> crypto_pb.EncryptRequest:
+        return crypto_pb.EncryptRequest(tenant_id=self.tenant_id, key_id=key_id, plaintext=plaintext, aad=aad)
+
+    def decrypt_request(self, ciphertext: bytes, aad: bytes, key_id: str | None) -> crypto_pb.DecryptRequest:
+        return crypto_pb.DecryptRequest(tenant_id=self.tenant_id, ciphertext=ciphertext, aad=aad, key_id=key_id or "")
+
+    def key_changed(self, response: Any) -> Key:
+        """The key from a create/rotate/disable/enable response; the cache must not serve its old state."""
+        key = _convert.key_from_proto(response.key)
+        self.key_cache.forget(key.key_id)
+        return key
+
+    def key_fetched(self, response: key_pb.GetKeyResponse) -> Key:
+        key = _convert.key_from_proto(response.key)
+        self.key_cache.put(key)
+        return key
+
+    def cached_key(self, key_id: str) -> Key | None:
+        key = self.key_cache.get(key_id)
+        if key is not None:
+            self.metrics.add("cache_hits")
+        return key
+
+    @staticmethod
+    def keys_of(response: key_pb.ListKeysResponse) -> list[Key]:
+        return [_convert.key_from_proto(key) for key in response.keys]
+
+    @staticmethod
+    def encrypted(response: crypto_pb.EncryptResponse) -> EncryptResult:
+        return EncryptResult(ciphertext=response.ciphertext, key_id=response.key_id, key_version=response.key_version)
+
+    @staticmethod
+    def decrypted(response: crypto_pb.DecryptResponse) -> DecryptResult:
+        return DecryptResult(plaintext=response.plaintext, key_id=response.key_id, key_version=response.key_version)
+
+    @staticmethod
+    def health_status(response: health_pb2.HealthCheckResponse) -> HealthStatus:
+        return _HEALTH_STATUS.get(response.status, HealthStatus.UNKNOWN)

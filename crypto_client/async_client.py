@@ -1,0 +1,174 @@
+"""AsyncCryptoClient: the asyncio client, over a grpc.aio.Channel. Same methods as CryptoClient."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tenacity import AsyncRetrying
+
+from crypto_client._core import ClientCore
+from crypto_client.config import ClientConfig
+from crypto_client.errors import from_rpc_error
+from crypto_client.metrics import ClientStats
+from crypto_client.models import DecryptResult, EncryptResult, HealthStatus, Key, KeyState, KeyType
+from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc
+
+_Response = TypeVar("_Response")
+
+
+class AsyncCryptoClient:
+    """The crypto service for one tenant, for asyncio services.
+
+        async with AsyncCryptoClient("crypto-service:3009", "acme") as crypto:
+            key = await crypto.create_key()
+            sealed = await crypto.encrypt(key.key_id, b"hello", aad=b"conversation-42")
+            (await crypto.decrypt(sealed.ciphertext, aad=b"conversation-42")).plaintext
+
+    Same methods, errors, retries and breaker as CryptoClient. Create it inside
+    the event loop that uses it.
+    """
+
+    def __init__(self, target: str, tenant_id: str, config: ClientConfig | None = None) -> None:
+        self._core = ClientCore(tenant_id, config or ClientConfig())
+        options = list(self._core.config.channel_options)
+        credentials = self._core.config.credentials
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=options)
+        )
+        self._keys = key_service_pb2_grpc.KeyServiceStub(self._channel)
+        self._crypto = crypto_service_pb2_grpc.CryptoServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def tenant_id(self) -> str:
+        return self._core.tenant_id
+
+    async def _call(
+        self, method: str, rpc: Callable[..., Awaitable[_Response]], request: Any, timeout: float | None
+    ) -> _Response:
+        core = self._core
+        deadline = core.deadline(timeout)
+        metadata = core.call_metadata()
+        core.metrics.add("calls")
+        try:
+            async for attempt in AsyncRetrying(**core.retrying(method, deadline)):
+                with attempt:
+                    attempt_timeout = core.attempt_timeout(deadline)
+                    core.admit()
+                    try:
+                        response = await rpc(request, timeout=attempt_timeout, metadata=metadata)
+                    except grpc.RpcError as error:
+                        raise core.failed(error) from None
+                    except BaseException:
+                        core.breaker.release()
+                        raise
+                    core.breaker.record_success()
+                    return response
+        except BaseException:
+            core.metrics.add("failures")
+            raise
+        raise AssertionError("tenacity neither returned nor raised")
+
+    # -- keys ------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        key_type: KeyType = KeyType.DATA,
+        *,
+        expire_after: timedelta | None = None,
+        rotation_period: timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Key:
+        """Create a key. Retries are safe: the request id (generated unless given) makes a repeat create nothing."""
+        request = self._core.create_key_request(key_type, expire_after, rotation_period, labels, request_id)
+        return self._core.key_changed(await self._call("CreateKey", self._keys.CreateKey, request, timeout))
+
+    async def get_key(self, key_id: str, *, use_cache: bool = True, timeout: float | None = None) -> Key:
+        """A key's metadata; served from a short-lived cache unless `use_cache` is False."""
+        cached = self._core.cached_key(key_id) if use_cache else None
+        if cached is not None:
+            return cached
+        response = await self._call("GetKey", self._keys.GetKey, self._core.get_key_request(key_id), timeout)
+        return self._core.key_fetched(response)
+
+    async def list_keys(
+        self,
+        *,
+        key_type: KeyType | None = None,
+        state: KeyState | None = None,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Key]:
+        """Every key of the tenant (oldest first), fetching pages as the iteration goes."""
+        token = ""
+        while True:
+            request = self._core.list_keys_request(key_type, state, page_size, token)
+            page = await self._call("ListKeys", self._keys.ListKeys, request, timeout)
+            for key in self._core.keys_of(page):
+                yield key
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def rotate_key(self, key_id: str, *, request_id: str | None = None, timeout: float | None = None) -> Key:
+        """Add a version and make it primary. Retries are safe: a repeat of the request id adds nothing."""
+        request = self._core.rotate_key_request(key_id, request_id)
+        return self._core.key_changed(await self._call("RotateKey", self._keys.RotateKey, request, timeout))
+
+    async def disable_key(self, key_id: str, *, timeout: float | None = None) -> Key:
+        request = self._core.disable_key_request(key_id)
+        return self._core.key_changed(await self._call("DisableKey", self._keys.DisableKey, request, timeout))
+
+    async def enable_key(self, key_id: str, *, timeout: float | None = None) -> Key:
+        request = self._core.enable_key_request(key_id)
+        return self._core.key_changed(await self._call("EnableKey", self._keys.EnableKey, request, timeout))
+
+    # -- data --------------------------------------------------------------------
+
+    async def encrypt(
+        self, key_id: str, plaintext: bytes, *, aad: bytes = b"", timeout: float | None = None
+    ) -> EncryptResult:
+        request = self._core.encrypt_request(key_id, plaintext, aad)
+        return self._core.encrypted(await self._call("Encrypt", self._crypto.Encrypt, request, timeout))
+
+    async def decrypt(
+        self, ciphertext: bytes, *, aad: bytes = b"", key_id: str | None = None, timeout: float | None = None
+    ) -> DecryptResult:
+        request = self._core.decrypt_request(ciphertext, aad, key_id)
+        return self._core.decrypted(await self._call("Decrypt", self._crypto.Decrypt, request, timeout))
+
+    # -- operations ----------------------------------------------------------------
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
+        """One health check, outside retries and the circuit breaker (it is how you look past them)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = await self._health.Check(
+                request, timeout=self._core.attempt_timeout(self._core.deadline(timeout))
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return self._core.health_status(response)
+
+    def stats(self) -> ClientStats:
+        return self._core.stats()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncCryptoClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()

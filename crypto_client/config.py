@@ -1,0 +1,85 @@
+"""Client settings: one validated object for timeouts, retries, the circuit breaker and caching."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+_TENANT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, only for transient failures.
+
+    The wait before retry n is random in [0, min(max_backoff_s, initial_backoff_s * 2**(n-1))].
+
+    A call retries at most `max_attempts - 1` times and never past its
+    deadline. Every call is safe to repeat: CreateKey and RotateKey carry a
+    request id the server deduplicates, the others do not change state or set
+    it absolutely.
+    """
+
+    max_attempts: int = 4
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+    # Each attempt's own deadline (None: the rest of the call's deadline). With
+    # a value, an attempt that times out can be retried within the call's deadline.
+    attempt_timeout_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be at least 1")
+        if not 0 < self.initial_backoff_s <= self.max_backoff_s:
+            raise ValueError("RetryPolicy needs 0 < initial_backoff_s <= max_backoff_s")
+        if self.attempt_timeout_s is not None and self.attempt_timeout_s <= 0:
+            raise ValueError("RetryPolicy.attempt_timeout_s must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Open after `failure_threshold` consecutive transport failures; probe again after `reset_timeout_s`."""
+
+    failure_threshold: int = 5
+    reset_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ValueError("BreakerPolicy.failure_threshold must be at least 1")
+        if self.reset_timeout_s <= 0:
+            raise ValueError("BreakerPolicy.reset_timeout_s must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Everything about a client but its target and tenant.
+
+    `credentials`: TLS channel credentials (grpc.ssl_channel_credentials(...)); None for plaintext.
+    `timeout_s`: each call's deadline, retries included, unless the call passes its own.
+    `key_cache_ttl_s`: how long get_key answers from memory (0 turns the cache off).
+    """
+
+    credentials: grpc.ChannelCredentials | None = None
+    timeout_s: float = 5.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    key_cache_ttl_s: float = 5.0
+    key_cache_size: int = 1024
+    channel_options: Sequence[tuple[str, Any]] = ()
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0:
+            raise ValueError("ClientConfig.timeout_s must be positive")
+        if self.key_cache_ttl_s < 0 or self.key_cache_size < 1:
+            raise ValueError("ClientConfig needs key_cache_ttl_s >= 0 and key_cache_size >= 1")
+
+
+def check_tenant_id(tenant_id: str) -> str:
+    """Fail at construction, not on the first call, for a tenant id the service would refuse."""
+    if _TENANT_ID.fullmatch(tenant_id) is None:
+        raise ValueError("tenant_id must be 1-64 characters of letters, digits, '_', '.' or '-'")
+    return tenant_id

@@ -1,0 +1,71 @@
+"""What the client returns: plain dataclasses, never protobuf messages."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+
+class KeyType(enum.Enum):
+    MASTER = "MASTER"
+    DATA = "DATA"
+    SESSION = "SESSION"
+
+
+class KeyState(enum.Enum):
+    ENABLED = "ENABLED"
+    DISABLED = "DISABLED"
+    EXPIRED = "EXPIRED"
+
+
+class KeyVersionState(enum.Enum):
+    ENABLED = "ENABLED"
+    DISABLED = "DISABLED"
+    EXPIRED = "EXPIRED"
+
+
+class HealthStatus(enum.Enum):
+    SERVING = "SERVING"
+    NOT_SERVING = "NOT_SERVING"
+    SERVICE_UNKNOWN = "SERVICE_UNKNOWN"
+    UNKNOWN = "UNKNOWN"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersion:
+    version: int
+    state: KeyVersionState
+    created_at: datetime
+    expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    """A key's metadata. Never key material."""
+
+    key_id: str
+    tenant_id: str
+    key_type: KeyType
+    state: KeyState
+    primary_version: int
+    versions: tuple[KeyVersion, ...]
+    created_at: datetime
+    expires_at: datetime | None
+    rotation_period: timedelta | None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptResult:
+    ciphertext: bytes
+    key_id: str
+    key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptResult:
+    plaintext: bytes = field(repr=False)
+    key_id: str
+    key_version: int

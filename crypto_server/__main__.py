@@ -6,6 +6,9 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable, Sequence
+
+import grpc
 
 from crypto_server.app import build_server
 from crypto_server.config import ConfigError, Settings
@@ -15,7 +18,11 @@ from crypto_server.log_format import configure_logging
 log = logging.getLogger("crypto_server")
 
 
-def main() -> int:
+def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
+    """Run until SIGTERM/SIGINT; exit code 0 after a clean stop, 2 for a configuration or start-up error.
+
+    `register` adds services to the server before it starts (the benchmark's echo baseline uses it).
+    """
     try:
         settings = Settings.from_env()
     except ConfigError as error:
@@ -33,7 +40,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        running = build_server(settings)
+        running = build_server(settings, register=register)
     except (ConfigError, StoreUnavailable) as error:
         log.error("cannot start: %s", error)
         return 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -98,11 +98,16 @@ def _open_store(settings: Settings) -> tuple[KeyStore, str]:
 
 
 def build_server(
-    settings: Settings, *, clock: Clock | None = None, interceptors: Sequence[grpc.ServerInterceptor] = ()
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    register: Sequence[Callable[[grpc.Server], None]] = (),
 ) -> CryptoServer:
     """Open the store, wire the services and start serving on settings.host:settings.port (0 = any free port).
 
-    `interceptors` run outside the service's own (request id, errors, logging), first one outermost.
+    `interceptors` run outside the service's own (request id, errors, logging), first one outermost;
+    `register` adds further services before the server starts.
     """
     clock = clock or SystemClock()
     root = AESGCM(load_root_key(settings))
@@ -143,14 +148,16 @@ def build_server(
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
-                # Two servers must not silently share one port.
-                ("grpc.so_reuseport", 0),
+                # Two servers must not silently share one port, unless asked to (multi-process mode).
+                ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             ],
         )
         key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(lifecycle, clock), server)
         crypto_service_pb2_grpc.add_CryptoServiceServicer_to_server(CryptoServicer(operations), server)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        for add_service in register:
+            add_service(server)
         reflection.enable_server_reflection(
             (KEY_SERVICE, CRYPTO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )

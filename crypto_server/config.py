@@ -39,6 +39,7 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)
     cache_ttl_s: float = 3600.0
     health_interval_s: float = 2.0
+    reuse_port: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -71,6 +72,14 @@ class Settings:
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
             return value
+
+        def flag(name: str) -> bool:
+            raw = env.get(name, "").strip().lower()
+            if raw in {"", "0", "false", "no"}:
+                return False
+            if raw in {"1", "true", "yes"}:
+                return True
+            raise ConfigError(f"{name} must be 1/true/yes or 0/false/no, got {raw!r}")
 
         root_key = env.get("CRYPTO_ROOT_KEY", "").strip() or None
         root_key_file = env.get("CRYPTO_ROOT_KEY_FILE", "").strip() or None
@@ -109,5 +118,6 @@ class Settings:
             store_timeout_s=number("CRYPTO_STORE_TIMEOUT", defaults.store_timeout_s, 0.1, 120),
             redis_url=redis_url,
             cache_ttl_s=number("CRYPTO_CACHE_TTL", defaults.cache_ttl_s, 1, 7 * 86400),
+            reuse_port=flag("CRYPTO_REUSE_PORT"),
             health_interval_s=number("CRYPTO_HEALTH_INTERVAL", defaults.health_interval_s, 0.1, 60),
         )

@@ -13,7 +13,7 @@ import grpc
 from crypto_server.app import build_server
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.errors import StoreUnavailable
-from crypto_server.log_format import configure_logging
+from crypto_server.log_format import configure_logging, stop_logging
 
 log = logging.getLogger("crypto_server")
 
@@ -57,6 +57,7 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
     log.info("stopping", extra={"signal": received[0], "grace_s": settings.shutdown_grace_s})
     running.stop(settings.shutdown_grace_s)
     log.info("stopped")
+    stop_logging()
     return 0
 
 

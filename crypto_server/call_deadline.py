@@ -7,21 +7,18 @@ it to bound a database round trip by whatever time the caller has left.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 _deadline: ContextVar[float | None] = ContextVar("call_deadline", default=None)
 
 
-@contextmanager
-def call_deadline(remaining_s: float | None) -> Iterator[None]:
-    """Within this block, the call has `remaining_s` seconds left (None: no deadline)."""
-    token = _deadline.set(None if remaining_s is None else time.monotonic() + remaining_s)
-    try:
-        yield
-    finally:
-        _deadline.reset(token)
+def enter_call(remaining_s: float | None) -> Token[float | None]:
+    """From now until leave_call(token), the call has `remaining_s` seconds left (None: no deadline)."""
+    return _deadline.set(None if remaining_s is None else time.monotonic() + remaining_s)
+
+
+def leave_call(token: Token[float | None]) -> None:
+    _deadline.reset(token)
 
 
 def time_left(cap_s: float) -> float:

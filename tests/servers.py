@@ -135,9 +135,9 @@ class CryptoServerProcess:
     port: int = 0
 
     @classmethod
-    def launch(cls, env: dict[str, str]) -> CryptoServerProcess:
+    def launch(cls, env: dict[str, str], *, module: str = "crypto_server") -> CryptoServerProcess:
         process = subprocess.Popen(
-            [sys.executable, "-m", "crypto_server"],
+            [sys.executable, "-m", module],
             env={**os.environ, "CRYPTO_HOST": "127.0.0.1", "CRYPTO_PORT": "0", **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -172,6 +172,14 @@ class CryptoServerProcess:
                 break
             time.sleep(0.02)
         raise AssertionError(f"no {message!r} log line; got {self.lines}")
+
+    def peak_rss_bytes(self) -> int:
+        """The process's peak resident memory so far (Linux VmHWM)."""
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM in /proc status")
 
     def terminate(self, timeout_s: float = 20.0) -> int:
         """SIGTERM, then the exit code."""

@@ -45,7 +45,7 @@ def test_serves_logs_one_json_line_per_rpc_and_exits_0_on_sigterm(launch: Launch
             ),
             metadata=(("x-request-id", "req-123"),),
         )
-        assert ("x-request-id", "req-123") in call.initial_metadata()
+        assert ("x-request-id", "req-123") in call.trailing_metadata()
         crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=sealed.ciphertext, aad=b"AAD-MARKER"))
         with pytest.raises(grpc.RpcError):
             crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=b"garbage"))

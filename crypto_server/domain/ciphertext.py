@@ -19,7 +19,6 @@ with other aad, fails the tag check.
 
 from __future__ import annotations
 
-import os
 import struct
 import uuid
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto_server.domain.errors import DecryptionFailed
 from crypto_server.domain.key_wrap import NONCE_BYTES, TAG_BYTES
+from crypto_server.domain.nonces import random_nonce
 
 FORMAT_VERSION = 1
 _FORMAT_BYTE = bytes([FORMAT_VERSION])
@@ -53,7 +53,7 @@ def _associated_data(tenant_id: str, header: bytes, aad: bytes) -> bytes:
 def encrypt(aead: AESGCM, tenant_id: str, key_id: uuid.UUID, key_version: int, plaintext: bytes, aad: bytes) -> bytes:
     """Encrypt `plaintext` with a fresh 96-bit random nonce into the v1 format."""
     header = _FORMAT_BYTE + key_id.bytes + _VERSION.pack(key_version)
-    nonce = os.urandom(NONCE_BYTES)
+    nonce = random_nonce()
     return header + nonce + aead.encrypt(nonce, plaintext, _associated_data(tenant_id, header, aad))
 
 

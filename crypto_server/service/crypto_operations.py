@@ -19,7 +19,7 @@ from crypto_server.domain.errors import (
     KeyTypeMismatch,
 )
 from crypto_server.domain.keys import KeyType, KeyVersionState, parse_key_id, validate_tenant_id
-from crypto_server.service.keyring import Keyring
+from crypto_server.service.keyring import Keyring, LoadedKey
 
 DEFAULT_MAX_PLAINTEXT_BYTES = 1024 * 1024
 MAX_AAD_BYTES = 64 * 1024
@@ -47,9 +47,16 @@ class CryptoOperations:
         self._clock = clock
         self.max_plaintext_bytes = max_plaintext_bytes
 
+    def _key(self, tenant_id: str, key_id: str) -> LoadedKey:
+        # Only valid ids are ever in the keyring, so a hit needs no validation.
+        loaded = self._keyring.fresh(tenant_id, key_id)
+        if loaded is None:
+            validate_tenant_id(tenant_id)
+            parse_key_id(key_id)
+            loaded = self._keyring.get(tenant_id, key_id)
+        return loaded
+
     def encrypt(self, tenant_id: str, key_id: str, plaintext: bytes, aad: bytes = b"") -> Encrypted:
-        validate_tenant_id(tenant_id)
-        parse_key_id(key_id)
         if len(plaintext) > self.max_plaintext_bytes:
             raise InvalidArgument(
                 "plaintext",
@@ -57,7 +64,7 @@ class CryptoOperations:
                 "split the data or use envelope encryption",
             )
         _check_aad(aad)
-        loaded = self._keyring.get(tenant_id, key_id)
+        loaded = self._key(tenant_id, key_id)
         key = loaded.key
         if key.key_type is KeyType.MASTER:
             raise KeyTypeMismatch(
@@ -82,16 +89,14 @@ class CryptoOperations:
         """
         validate_tenant_id(tenant_id)
         _check_aad(aad)
-        if key_id:
-            expected = parse_key_id(key_id)
-            self._keyring.get(tenant_id, key_id)
+        named = self._key(tenant_id, key_id) if key_id else None
         if len(ciphertext) > self.max_plaintext_bytes + codec.OVERHEAD_BYTES:
             raise DecryptionFailed()
         header = codec.read_header(ciphertext)
-        if key_id and header.key_id != expected:
+        if named is not None and header.key_id != named.key_uuid:
             raise DecryptionFailed()
         try:
-            loaded = self._keyring.get(tenant_id, str(header.key_id))
+            loaded = named or self._key(tenant_id, str(header.key_id))
         except KeyNotFound:
             raise DecryptionFailed() from None
         key = loaded.key

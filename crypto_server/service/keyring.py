@@ -48,6 +48,16 @@ class Keyring:
         self._loaded: OrderedDict[tuple[str, str], LoadedKey] = OrderedDict()
         self._lock = threading.Lock()
 
+    def fresh(self, tenant_id: str, key_id: str) -> LoadedKey | None:
+        """The key if it is in memory and fresh; never touches the store (the hot path's first look)."""
+        slot = (tenant_id, key_id)
+        with self._lock:
+            loaded = self._loaded.get(slot)
+            if loaded is not None and time.monotonic() - loaded.loaded_at < self._ttl_s:
+                self._loaded.move_to_end(slot)
+                return loaded
+        return None
+
     def get(self, tenant_id: str, key_id: str) -> LoadedKey:
         """The key, from memory when fresh, else from the store. Raises KeyNotFound.
 

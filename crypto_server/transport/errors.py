@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -11,6 +13,8 @@ from crypto_client.v1 import errors_pb2
 from crypto_server.domain import errors
 
 ERROR_DOMAIN = "crypto.caas"
+# Sent back in the trailers of every call: the id the server logged the call under.
+REQUEST_ID_HEADER = "x-request-id"
 
 _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.ErrorReason.ValueType]] = {
     errors.InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_INVALID_FIELD),
@@ -27,8 +31,16 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
 }
 
 
+class _RpcStatus(collections.namedtuple("_RpcStatus", ("code", "details", "trailing_metadata")), grpc.Status):  # type: ignore[misc]
+    """A grpc.Status whose trailers carry the rich status and the request id."""
+
+
 def _status(
-    code: grpc.StatusCode, message: str, reason: errors_pb2.ErrorReason.ValueType, metadata: dict[str, str]
+    code: grpc.StatusCode,
+    message: str,
+    reason: errors_pb2.ErrorReason.ValueType,
+    metadata: dict[str, str],
+    request_id: str,
 ) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(
         reason=errors_pb2.ErrorReason.Name(reason),
@@ -37,10 +49,11 @@ def _status(
     )
     detail = any_pb2.Any()
     detail.Pack(info)
-    return rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail]))
+    rich = rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail]))
+    return _RpcStatus(rich.code, rich.details, (*rich.trailing_metadata, (REQUEST_ID_HEADER, request_id)))
 
 
-def status_for(error: errors.CryptoServiceError) -> tuple[grpc.StatusCode, grpc.Status]:
+def status_for(error: errors.CryptoServiceError, request_id: str) -> tuple[grpc.StatusCode, grpc.Status]:
     """The status a caller receives for `error`."""
     code, reason = next(_TABLE[kind] for kind in type(error).__mro__ if kind in _TABLE)
     metadata: dict[str, str] = {}
@@ -49,10 +62,12 @@ def status_for(error: errors.CryptoServiceError) -> tuple[grpc.StatusCode, grpc.
     key_id = getattr(error, "key_id", None)
     if isinstance(key_id, str):
         metadata["key_id"] = key_id
-    return code, _status(code, error.message, reason, metadata)
+    return code, _status(code, error.message, reason, metadata, request_id)
 
 
 def internal_status(request_id: str) -> grpc.Status:
     """The last resort for a bug: says nothing about the cause, points at the log line."""
     message = f"internal error; the server log has details under request id {request_id}"
-    return _status(grpc.StatusCode.INTERNAL, message, errors_pb2.ERROR_REASON_INTERNAL, {"request_id": request_id})
+    return _status(
+        grpc.StatusCode.INTERNAL, message, errors_pb2.ERROR_REASON_INTERNAL, {"request_id": request_id}, request_id
+    )

@@ -10,23 +10,23 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
-from crypto_server.call_deadline import call_deadline
+from crypto_server.call_deadline import enter_call, leave_call
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument
-from crypto_server.transport.errors import internal_status, status_for
+from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
 
 SERVICE_PREFIX = "/caas.crypto.v1."
-REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LOGGED_TEXT_CHARS = 128
 rpc_log = logging.getLogger("crypto_server.rpc")
@@ -49,11 +49,16 @@ def _tolerant(deserialize: Callable[[bytes], Message]) -> Callable[[bytes], Mess
     return parse
 
 
+# Generated request ids: a per-process random prefix and a counter; unique without a syscall per call.
+_REQUEST_ID_PREFIX = secrets.token_hex(6)
+_request_numbers = itertools.count(1)
+
+
 def _request_id(context: grpc.ServicerContext) -> str:
     for name, value in context.invocation_metadata():
         if name == REQUEST_ID_HEADER and isinstance(value, str) and _REQUEST_ID_PATTERN.fullmatch(value):
             return value
-    return uuid.uuid4().hex
+    return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers)}"
 
 
 def _text_field(request: object, name: str) -> str:
@@ -116,17 +121,21 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ship
             in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
-            context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
             code = grpc.StatusCode.OK
             response = None
             try:
                 if request is _MALFORMED:
                     raise InvalidArgument("request", "the request body is not a valid protobuf message")
-                with call_deadline(context.time_remaining()):
+                deadline = enter_call(context.time_remaining())
+                try:
                     response = behaviour(request, context)
+                finally:
+                    leave_call(deadline)
+                # In the trailers, sent with the status: no extra round of the completion queue.
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
                 return response
             except CryptoServiceError as error:
-                code, status = status_for(error)
+                code, status = status_for(error, request_id)
                 context.abort_with_status(status)
             except Exception:
                 code = grpc.StatusCode.INTERNAL

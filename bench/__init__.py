@@ -1,0 +1,1 @@
+"""Benchmarks of the crypto service: `make bench` / `make bench-quick` (docs/performance.md)."""

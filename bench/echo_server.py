@@ -1,0 +1,33 @@
+"""The crypto server plus a bench-only empty RPC, the baseline every figure is compared with.
+
+`/caas.bench.v1.Echo/Empty` takes and returns raw bytes, without the crypto
+service's interceptor: it is what a gRPC call costs on this machine with
+nothing else. It exists only here (bench/ is not part of the package), so no
+production server ever has it.
+
+    python -m bench.echo_server     # configured by the same environment as crypto-server
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from crypto_server.__main__ import main
+
+ECHO_METHOD = "/caas.bench.v1.Echo/Empty"
+ECHO_STREAM_METHOD = "/caas.bench.v1.Echo/Stream"
+
+
+def _empty(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return request
+
+
+def add_echo_service(server: grpc.Server) -> None:
+    handlers = {
+        "Empty": grpc.unary_unary_rpc_method_handler(_empty),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("caas.bench.v1.Echo", handlers),))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(register=[add_echo_service]))

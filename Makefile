@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint proto proto-check
+.PHONY: help install run test lint proto proto-check bench bench-quick
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,3 +35,9 @@ proto: $(INSTALLED) ## Regenerate crypto_client/v1 from protos/
 
 proto-check: $(INSTALLED) ## Fail if crypto_client/v1 does not match protos/
 	$(BIN)/python protos/generate.py --check
+
+bench: $(INSTALLED) ## Run the benchmarks (needs h2load: apt-get install nghttp2-client); writes bench/results/latest.json
+	$(BIN)/python -m bench
+
+bench-quick: $(INSTALLED) ## The benchmarks with short phases (under a minute); writes bench/results/quick.json
+	$(BIN)/python -m bench --quick

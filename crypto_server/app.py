@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from crypto_client.v1 import crypto_service_pb2, crypto_service_pb2_grpc, key_service_pb2, key_service_pb2_grpc
+from crypto_client.v1 import crypto_service_pb2, key_service_pb2
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.clock import Clock, SystemClock
 from crypto_server.domain.key_wrap import make_root_key_check, root_key_matches
@@ -28,13 +28,15 @@ from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.crypto_servicer import CryptoServicer
 from crypto_server.transport.health import StoreHealthMonitor
-from crypto_server.transport.interceptors import InFlightCalls, RpcInterceptor
 from crypto_server.transport.key_servicer import KeyServicer
+from crypto_server.transport.middleware import InFlightCalls, RpcMiddleware, add_service
 
 log = logging.getLogger(__name__)
 
-KEY_SERVICE = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
-CRYPTO_SERVICE = crypto_service_pb2.DESCRIPTOR.services_by_name["CryptoService"].full_name
+_KEY_SERVICE_DESCRIPTOR = key_service_pb2.DESCRIPTOR.services_by_name["KeyService"]
+_CRYPTO_SERVICE_DESCRIPTOR = crypto_service_pb2.DESCRIPTOR.services_by_name["CryptoService"]
+KEY_SERVICE = _KEY_SERVICE_DESCRIPTOR.full_name
+CRYPTO_SERVICE = _CRYPTO_SERVICE_DESCRIPTOR.full_name
 HEALTH_SERVICES = ("", KEY_SERVICE, CRYPTO_SERVICE)
 _QUIET_BEFORE_STOP_S = 0.2
 # Redis is a cache: a call to it that takes longer than this is not worth waiting for.
@@ -106,7 +108,8 @@ def build_server(
 ) -> CryptoServer:
     """Open the store, wire the services and start serving on settings.host:settings.port (0 = any free port).
 
-    `interceptors` run outside the service's own (request id, errors, logging), first one outermost;
+    `interceptors` (grpc.ServerInterceptor) run before the service's own middleware (request id,
+    errors, logging), first one outermost;
     `register` adds further services before the server starts.
     """
     clock = clock or SystemClock()
@@ -141,10 +144,10 @@ def build_server(
         # Room for the largest legal request, so an oversized plaintext reaches the
         # handler and gets INVALID_ARGUMENT naming the field rather than a transport error.
         message_limit = max(4 * 1024 * 1024, settings.max_plaintext_bytes + MAX_AAD_BYTES + 64 * 1024)
-        interceptor = RpcInterceptor()
+        middleware = RpcMiddleware()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            interceptors=[*interceptors, interceptor],
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),
@@ -152,12 +155,12 @@ def build_server(
                 ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             ],
         )
-        key_service_pb2_grpc.add_KeyServiceServicer_to_server(KeyServicer(lifecycle, clock), server)
-        crypto_service_pb2_grpc.add_CryptoServiceServicer_to_server(CryptoServicer(operations), server)
+        add_service(server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock), middleware)
+        add_service(server, _CRYPTO_SERVICE_DESCRIPTOR, CryptoServicer(operations), middleware)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        for add_service in register:
-            add_service(server)
+        for add_extra_service in register:
+            add_extra_service(server)
         reflection.enable_server_reflection(
             (KEY_SERVICE, CRYPTO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
@@ -181,7 +184,7 @@ def build_server(
         port=port,
         health=health_servicer,
         store=store,
-        in_flight=interceptor.in_flight,
+        in_flight=middleware.in_flight,
         keyring=keyring,
         health_monitor=monitor,
         background=background,

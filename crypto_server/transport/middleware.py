@@ -1,4 +1,4 @@
-"""Cross-cutting concerns for every caas.crypto.v1 RPC, in one interceptor:
+"""Cross-cutting concerns for every caas.crypto.v1 RPC, in one middleware:
 
 - a request id (the caller's `x-request-id` metadata, or a new one), echoed back;
 - domain errors turned into rich statuses through the error table;
@@ -20,16 +20,18 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from crypto_server.call_deadline import enter_call, leave_call
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument
+from crypto_server.transport import access_log
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
 
-SERVICE_PREFIX = "/caas.crypto.v1."
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LOGGED_TEXT_CHARS = 128
-rpc_log = logging.getLogger("crypto_server.rpc")
+rpc_log = logging.getLogger(access_log.LOGGER_NAME)
 
 
 class _MalformedRequest:
@@ -89,33 +91,27 @@ class InFlightCalls:
             return 0.0 if self._count else time.monotonic() - self._last_finished
 
 
-class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ships no type stubs
+class RpcMiddleware:
+    """Wraps each caas.crypto.v1 method handler once, when the service is registered.
+
+    Not a grpc.ServerInterceptor: grpc runs interceptors per call (a pipeline
+    of closures for every RPC), which measurably slowed the hot path. Wrapping
+    the handler table once does the same job at no per-call dispatch cost.
+    """
+
     def __init__(self) -> None:
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self.in_flight = InFlightCalls()
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method: str = handler_call_details.method
-        wrapped = self._handlers.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = continuation(handler_call_details)
-        if handler is None or not method.startswith(SERVICE_PREFIX) or handler.unary_unary is None:
-            return handler
-        wrapped = grpc.unary_unary_rpc_method_handler(
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
-        self._handlers[method] = wrapped
-        return wrapped
 
     def _wrap(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         in_flight = self.in_flight
+        log_calls = access_log.enabled
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             in_flight.enter()
@@ -143,18 +139,37 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc ship
                 context.abort_with_status(internal_status(request_id))
             finally:
                 in_flight.leave()
-                rpc_log.info(
-                    "rpc",
-                    extra={
-                        "method": method,
-                        "tenant_id": _text_field(request, "tenant_id"),
+                if log_calls():
+                    access_log.record(
+                        method,
+                        _text_field(request, "tenant_id"),
                         # CreateKey has no key id until it answers.
-                        "key_id": _text_field(request, "key_id")
-                        or _text_field(getattr(response, "key", None), "key_id"),
-                        "code": code.name,
-                        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                        "request_id": request_id,
-                    },
-                )
+                        _text_field(request, "key_id") or _text_field(getattr(response, "key", None), "key_id"),
+                        code.name,
+                        (time.perf_counter() - started) * 1000,
+                        request_id,
+                    )
 
         return handle
+
+
+def add_service(
+    server: grpc.Server,
+    service: ServiceDescriptor,
+    servicer: object,
+    middleware: RpcMiddleware,
+) -> None:
+    """Register `servicer`'s unary methods for `service`, each wrapped by `middleware` once."""
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        name = f"/{service.full_name}/{method.name}"
+        handler = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=request_class.FromString,
+            response_serializer=response_class.SerializeToString,
+        )
+        handlers[method.name] = middleware.wrap(name, handler)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)

@@ -1,0 +1,164 @@
+"""`python -m bench [--quick] [--out PATH]`: run every scenario, print a table, write the JSON results.
+
+make bench        -> full phases, bench/results/latest.json
+make bench-quick  -> shorter phases (under a minute), bench/results/quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench import h2load, scenarios
+
+TARGETS = (
+    # (name, where in the results, comparison, bound)
+    ("encrypt rps >= 0.90 x empty RPC @16", ("unary", "embedded", "16", "encrypt", "rps_ratio_to_empty"), ">=", 0.90),
+    ("encrypt rps >= 0.90 x empty RPC @64", ("unary", "embedded", "64", "encrypt", "rps_ratio_to_empty"), ">=", 0.90),
+    ("decrypt rps >= 0.90 x empty RPC @16", ("unary", "embedded", "16", "decrypt", "rps_ratio_to_empty"), ">=", 0.90),
+    ("decrypt rps >= 0.90 x empty RPC @64", ("unary", "embedded", "64", "decrypt", "rps_ratio_to_empty"), ">=", 0.90),
+    ("encrypt p99 <= 3 x empty RPC @16", ("unary", "embedded", "16", "encrypt", "p99_ratio_to_empty"), "<=", 3.0),
+    ("encrypt p99 <= 3 x empty RPC @64", ("unary", "embedded", "64", "encrypt", "p99_ratio_to_empty"), "<=", 3.0),
+    ("encrypt p50 <= 0.5 ms @1", ("unary", "embedded", "1", "encrypt", "p50_ms", "median"), "<=", 0.5),
+    ("Mongo+Redis warm within 10% of embedded @16", ("backend_ratio_16",), ">=", 0.90),
+    ("large data: encrypt >= 0.8 x echo MB/s", ("large_data", "largest_ratio_to_echo"), ">=", 0.8),
+    ("large data: server RSS flat (+-50 MiB)", ("large_data", "rss_growth_mib"), "<=", 50.0),
+    ("2 processes >= 1.5 x 1 process", ("scale_out", "ratio"), ">=", 1.5),
+)
+
+
+def _machine() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "grpcio": version("grpcio"),
+        "cryptography": version("cryptography"),
+        "protobuf": version("protobuf"),
+        "h2load": h2load.version(),
+    }
+
+
+def _lookup(results: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    node: Any = results
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return float(node) if isinstance(node, int | float) else None
+
+
+def _targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    checked = []
+    for name, path, comparison, bound in TARGETS:
+        value = _lookup(results, path)
+        met = None if value is None else (value >= bound if comparison == ">=" else value <= bound)
+        checked.append({"target": name, "value": value, "bound": f"{comparison} {bound}", "met": met})
+    return checked
+
+
+def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
+    results: dict[str, Any] = {"machine": _machine(), "phases": phases.__dict__, "started": time.time()}
+    if not h2load.available():
+        raise SystemExit("h2load is missing: apt-get install nghttp2-client")
+    with scenarios.with_scratch() as scratch:
+        backends = scenarios.Backends(Path(scratch))
+        try:
+            log("baseline: AES-GCM in process")
+            results["aesgcm_1kib"] = scenarios.aesgcm_baseline(phases)
+            results["unary"] = {}
+            results["cold_path"] = {}
+            results["key_management"] = {}
+            for backend, levels in (("embedded", (1, 16, 64)), ("mongo_redis", phases.backends_in_flight)):
+                with scenarios.bench_server(backends.env(backend, f"main-{backend}")) as (server,):
+                    log(f"unary Encrypt/Decrypt vs empty RPC, {backend}")
+                    results["unary"][backend] = scenarios.unary(server.address, phases, levels)
+                    if backend == "embedded":
+                        log("python client cross-check")
+                        results["python_client_cross_check"] = scenarios.python_cross_check(server.address, phases)
+                    log(f"cold path, {backend}")
+                    results["cold_path"][backend] = scenarios.cold_path(server.address, phases)
+                    log(f"key management, {backend}")
+                    results["key_management"][backend] = scenarios.key_management(server.address, phases)
+            results["backend_ratio_16"] = (
+                results["unary"]["mongo_redis"]["16"]["encrypt"]["rps"]["median"]
+                / results["unary"]["embedded"]["16"]["encrypt"]["rps"]["median"]
+            )
+            log("large data")
+            with scenarios.bench_server(backends.env("embedded", "large")) as servers:
+                results["large_data"] = scenarios.large_data(servers, phases)
+            largest = f"{phases.large_sizes_mib[-1]}MiB"
+            results["large_data"]["largest_ratio_to_echo"] = results["large_data"][largest]["ratio_to_echo"]
+            log("scale-out")
+            results["scale_out"] = scenarios.scale_out(backends, phases)
+        finally:
+            backends.stop()
+    results["targets"] = _targets(results)
+    results["finished"] = time.time()
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [f"{'scenario':<44} {'median':>12} {'min':>10} {'max':>10}"]
+
+    def row(name: str, stat: dict[str, Any], unit: str = "") -> None:
+        lines.append(f"{name:<44} {stat['median']:>12.2f} {stat['min']:>10.2f} {stat['max']:>10.2f} {unit}")
+
+    row("AES-GCM 1 KiB in process (ops/s)", results["aesgcm_1kib"]["ops_per_s"])
+    for backend, levels in results["unary"].items():
+        for level, calls in levels.items():
+            for name in ("empty", "encrypt", "decrypt"):
+                row(f"{backend} {name} @{level} rps", calls[name]["rps"])
+                row(f"{backend} {name} @{level} p50 ms", calls[name]["p50_ms"])
+                row(f"{backend} {name} @{level} p99 ms", calls[name]["p99_ms"])
+    check = results["python_client_cross_check"]
+    row("python client: empty @16 rps", check["empty_rps"])
+    row("python client: encrypt @16 rps", check["encrypt_rps"])
+    for backend, cold in results["cold_path"].items():
+        row(f"{backend} cold path (keys/s)", cold["keys_per_s"])
+    for backend, management in results["key_management"].items():
+        row(f"{backend} CreateKey/s", management["create_per_s"])
+        row(f"{backend} RotateKey/s", management["rotate_per_s"])
+    for size, figures in results["large_data"].items():
+        if isinstance(figures, dict):
+            row(f"large {size} encrypt MB/s", figures["encrypt_mb_s"])
+            row(f"large {size} echo MB/s", figures["echo_mb_s"])
+    for processes in ("1_process", "2_process"):
+        row(f"scale-out {processes} encrypt rps", results["scale_out"][processes]["encrypt_rps"])
+    lines.append("")
+    lines.append(f"{'target':<48} {'value':>10}  {'bound':<8} met")
+    for target in results["targets"]:
+        value = "n/a" if target["value"] is None else f"{target['value']:.3f}"
+        lines.append(f"{target['target']:<48} {value:>10}  {target['bound']:<8} {target['met']}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter phases (under a minute)")
+    parser.add_argument("--out", type=Path, help="where to write the JSON results")
+    args = parser.parse_args()
+    phases = scenarios.QUICK if args.quick else scenarios.FULL
+    out = args.out or Path("bench/results") / ("quick.json" if args.quick else "latest.json")
+    started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    results = run(phases, log)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    log(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,295 @@
+"""The benchmark scenarios (docs/performance.md says what each means).
+
+Every figure is measured `repetitions` times and reported as median, min and
+max; ratios are taken against baselines measured in the same run, on the same
+server process, with the same load generator.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from bench import h2load, pyload
+from bench.echo_server import ECHO_METHOD
+from crypto_client import CryptoClient, KeyType
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import key_service_pb2 as key_pb
+from tests.servers import CryptoServerProcess, MongoServer, RedisServer, free_port
+
+ENCRYPT = "/caas.crypto.v1.CryptoService/Encrypt"
+DECRYPT = "/caas.crypto.v1.CryptoService/Decrypt"
+TENANT = "bench"
+KIB = 1024
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Phases:
+    """How much work each scenario does; `make bench-quick` uses shorter phases."""
+
+    repetitions: int
+    unary_requests: int  # per run, at 16 and 64 in flight
+    single_requests: int  # per run, at 1 in flight
+    cold_keys: int
+    large_sizes_mib: tuple[int, int]
+    key_management_ops: int
+    backends_in_flight: tuple[int, ...]  # in-flight levels measured on MongoDB + Redis too
+
+
+FULL = Phases(3, 6000, 1500, 1000, (16, 256), 300, (1, 16, 64))
+QUICK = Phases(3, 800, 250, 150, (16, 32), 40, (16,))
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": [round(v, 4) for v in values],
+    }
+
+
+def repeat(times: int, measure: Callable[[], float]) -> dict[str, Any]:
+    return summary([measure() for _ in range(times)])
+
+
+class Backends:
+    """Starts the servers a backend needs, once per benchmark run."""
+
+    def __init__(self, scratch: Path) -> None:
+        self._scratch = scratch
+        self._mongo: MongoServer | None = None
+        self._redis: RedisServer | None = None
+        self.root_key = base64.b64encode(os.urandom(32)).decode()
+
+    def env(self, backend: str, name: str) -> dict[str, str]:
+        env = {
+            "CRYPTO_ROOT_KEY": self.root_key,
+            "CRYPTO_DATA_DIR": str(self._scratch / f"data-{name}"),
+            "CRYPTO_WORKERS": "16",
+        }
+        if backend == "mongo_redis":
+            if self._mongo is None:
+                self._mongo = MongoServer(self._scratch / "mongo")
+                self._mongo.start()
+                self._redis = RedisServer(self._scratch / "redis")
+                self._redis.start()
+            assert self._redis is not None
+            env.update(MONGODB_URI=self._mongo.uri, MONGODB_DATABASE=f"bench_{name}", REDIS_URL=self._redis.url)
+        return env
+
+    def stop(self) -> None:
+        for server in (self._mongo, self._redis):
+            if server is not None:
+                server.stop()
+
+
+@contextmanager
+def bench_server(env: dict[str, str], *, processes: int = 1) -> Iterator[list[CryptoServerProcess]]:
+    """The crypto server with the echo baseline, in `processes` processes sharing one port."""
+    if processes > 1:
+        env = {**env, "CRYPTO_REUSE_PORT": "1", "CRYPTO_PORT": str(free_port())}
+    servers = [CryptoServerProcess.launch(env, module="bench.echo_server") for _ in range(processes)]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.terminate()
+
+
+def _prepared_requests(address: str) -> tuple[str, bytes, bytes]:
+    """A warm key, and serialized Encrypt / Decrypt requests for 1 KiB that the server answers OK."""
+    with CryptoClient(address, TENANT) as client:
+        key = client.create_key(KeyType.DATA)
+        plaintext = os.urandom(KIB)
+        sealed = client.encrypt(key.key_id, plaintext).ciphertext
+        assert client.decrypt(sealed).plaintext == plaintext  # h2load cannot check grpc-status: we do, once
+    encrypt = crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=key.key_id, plaintext=plaintext).SerializeToString()
+    decrypt = crypto_pb.DecryptRequest(tenant_id=TENANT, ciphertext=sealed).SerializeToString()
+    return key.key_id, encrypt, decrypt
+
+
+def aesgcm_baseline(phases: Phases) -> dict[str, Any]:
+    """Raw cryptography AESGCM of 1 KiB in this process: what the crypto itself costs."""
+    aead = AESGCM(AESGCM.generate_key(256))
+    plaintext = os.urandom(KIB)
+    nonce = os.urandom(12)
+
+    def measure() -> float:
+        count = 50_000
+        started = time.perf_counter()
+        for _ in range(count):
+            aead.encrypt(nonce, plaintext, b"")
+        return count / (time.perf_counter() - started)
+
+    ops = repeat(phases.repetitions, measure)
+    return {"ops_per_s": ops, "us_per_op": 1e6 / ops["median"]}
+
+
+def unary(address: str, phases: Phases, in_flight_levels: tuple[int, ...]) -> dict[str, Any]:
+    """Scenario 1/2: Encrypt and Decrypt of 1 KiB vs the empty RPC, at each in-flight level (h2load)."""
+    _, encrypt, decrypt = _prepared_requests(address)
+    calls = {"empty": (ECHO_METHOD, b""), "encrypt": (ENCRYPT, encrypt), "decrypt": (DECRYPT, decrypt)}
+    results: dict[str, Any] = {}
+    for in_flight in in_flight_levels:
+        requests = phases.single_requests if in_flight == 1 else phases.unary_requests
+        level: dict[str, Any] = {}
+        runs: dict[str, list[h2load.LoadResult]] = {name: [] for name in calls}
+        for _ in range(phases.repetitions):
+            for name, (method, message) in calls.items():  # interleaved, so drift hits all alike
+                runs[name].append(h2load.run(address, method, message, requests=requests, in_flight=in_flight))
+        for name, measured in runs.items():
+            if any(r.failed for r in measured):
+                raise RuntimeError(f"{name} at {in_flight} in flight had failed requests")
+            level[name] = {
+                "rps": summary([r.rps for r in measured]),
+                "p50_ms": summary([r.p50_ms for r in measured]),
+                "p99_ms": summary([r.p99_ms for r in measured]),
+            }
+        for name in ("encrypt", "decrypt"):
+            level[name]["rps_ratio_to_empty"] = level[name]["rps"]["median"] / level["empty"]["rps"]["median"]
+            level[name]["p99_ratio_to_empty"] = level[name]["p99_ms"]["median"] / level["empty"]["p99_ms"]["median"]
+        results[str(in_flight)] = level
+    return results
+
+
+def python_cross_check(address: str, phases: Phases) -> dict[str, Any]:
+    """Scenario 1 at 16 in flight with a Python client instead of h2load (it costs the shared CPU more)."""
+    _, encrypt, _ = _prepared_requests(address)
+    empty = [pyload.run(address, ECHO_METHOD, b"", requests=phases.unary_requests, in_flight=16).rps]
+    sealed = [pyload.run(address, ENCRYPT, encrypt, requests=phases.unary_requests, in_flight=16).rps]
+    for _ in range(phases.repetitions - 1):
+        empty.append(pyload.run(address, ECHO_METHOD, b"", requests=phases.unary_requests, in_flight=16).rps)
+        sealed.append(pyload.run(address, ENCRYPT, encrypt, requests=phases.unary_requests, in_flight=16).rps)
+    return {
+        "empty_rps": summary(empty),
+        "encrypt_rps": summary(sealed),
+        "ratio": statistics.median(sealed) / statistics.median(empty),
+    }
+
+
+def cold_path(address: str, phases: Phases) -> dict[str, Any]:
+    """Scenario 3: the first Encrypt with each of many new keys (store read + unwrap), keys per second."""
+
+    def measure() -> float:
+        with CryptoClient(address, TENANT) as client:
+            key_ids = [client.create_key().key_id for _ in range(phases.cold_keys)]
+
+        def first_use(key_id: str) -> Callable[[grpc.aio.Channel], Any]:
+            request = crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=key_id, plaintext=b"first use")
+
+            async def call(channel: grpc.aio.Channel) -> object:
+                stub = channel.unary_unary(ENCRYPT, request_serializer=None, response_deserializer=None)
+                return await stub(request.SerializeToString(), timeout=30)
+
+            return call
+
+        return pyload.run_calls([first_use(k) for k in key_ids], address, in_flight=16)
+
+    return {"keys_per_s": repeat(phases.repetitions, measure), "keys_per_run": phases.cold_keys}
+
+
+def key_management(address: str, phases: Phases) -> dict[str, Any]:
+    """Scenario 6: CreateKey and RotateKey per second (8 in flight)."""
+    create_method = "/caas.crypto.v1.KeyService/CreateKey"
+    rotate_method = "/caas.crypto.v1.KeyService/RotateKey"
+
+    def unary_call(method: str, message: bytes) -> Callable[[grpc.aio.Channel], Any]:
+        async def call(channel: grpc.aio.Channel) -> object:
+            stub = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            return await stub(message, timeout=30)
+
+        return call
+
+    create = key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=2).SerializeToString()
+
+    def creates() -> float:
+        return pyload.run_calls([unary_call(create_method, create)] * phases.key_management_ops, address, in_flight=8)
+
+    def rotations() -> float:
+        with CryptoClient(address, TENANT) as client:
+            key_ids = [client.create_key().key_id for _ in range(8)]
+        requests = [
+            key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=key_ids[i % 8]).SerializeToString()
+            for i in range(phases.key_management_ops)
+        ]
+        return pyload.run_calls([unary_call(rotate_method, r) for r in requests], address, in_flight=8)
+
+    return {
+        "create_per_s": repeat(phases.repetitions, creates),
+        "rotate_per_s": repeat(phases.repetitions, rotations),
+    }
+
+
+def large_data(servers: list[CryptoServerProcess], phases: Phases) -> dict[str, Any]:
+    """Scenario 4: a large file as 1 MiB unary Encrypt calls (4 in flight) vs 1 MiB echo; server peak RSS.
+
+    Streaming RPCs do not exist yet; this is the documented interim path.
+    """
+    (server,) = servers
+    address = server.address
+    chunk = os.urandom(MIB)
+    with CryptoClient(address, TENANT) as client:
+        key_id = client.create_key().key_id
+    encrypt = crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=key_id, plaintext=chunk).SerializeToString()
+    echo = b"\0" * MIB
+    results: dict[str, Any] = {"rss_mib_at_start": server.peak_rss_bytes() / MIB}
+    for size_mib in phases.large_sizes_mib:
+        encrypt_mb_s = []
+        echo_mb_s = []
+        for _ in range(phases.repetitions):
+            echo_mb_s.append(_mb_per_s(address, ECHO_METHOD, echo, size_mib))
+            encrypt_mb_s.append(_mb_per_s(address, ENCRYPT, encrypt, size_mib))
+        results[f"{size_mib}MiB"] = {
+            "encrypt_mb_s": summary(encrypt_mb_s),
+            "echo_mb_s": summary(echo_mb_s),
+            "ratio_to_echo": statistics.median(encrypt_mb_s) / statistics.median(echo_mb_s),
+            "server_peak_rss_mib": server.peak_rss_bytes() / MIB,
+        }
+    small, large = (results[f"{size}MiB"]["server_peak_rss_mib"] for size in phases.large_sizes_mib)
+    results["rss_growth_mib"] = large - small
+    return results
+
+
+def _mb_per_s(address: str, method: str, message: bytes, size_mib: int) -> float:
+    def call_factory() -> Callable[[grpc.aio.Channel], Any]:
+        async def call(channel: grpc.aio.Channel) -> object:
+            stub = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            return await stub(message, timeout=60)
+
+        return call
+
+    calls_per_s = pyload.run_calls([call_factory() for _ in range(size_mib)], address, in_flight=4)
+    return calls_per_s * MIB / 1e6
+
+
+def scale_out(backends: Backends, phases: Phases) -> dict[str, Any]:
+    """Scenario 5: 1 vs 2 server processes sharing the port (SO_REUSEPORT), h2load over 8 connections."""
+    results: dict[str, Any] = {}
+    for processes in (1, 2):
+        with bench_server(backends.env("embedded", f"scale{processes}"), processes=processes) as servers:
+            address = servers[0].address
+            _, encrypt, _ = _prepared_requests(address)
+            rps = [
+                h2load.run(address, ENCRYPT, encrypt, requests=phases.unary_requests, in_flight=64, connections=8).rps
+                for _ in range(phases.repetitions)
+            ]
+            results[f"{processes}_process"] = {"encrypt_rps": summary(rps)}
+    results["ratio"] = results["2_process"]["encrypt_rps"]["median"] / results["1_process"]["encrypt_rps"]["median"]
+    return results
+
+
+def with_scratch() -> tempfile.TemporaryDirectory[str]:
+    return tempfile.TemporaryDirectory(prefix="caas-bench-")

@@ -75,19 +75,22 @@ class Backends:
         self.root_key = base64.b64encode(os.urandom(32)).decode()
 
     def env(self, backend: str, name: str) -> dict[str, str]:
+        """Environment for `backend`: "embedded", "embedded_redis" or "mongo_redis"."""
         env = {
             "CRYPTO_ROOT_KEY": self.root_key,
             "CRYPTO_DATA_DIR": str(self._scratch / f"data-{name}"),
             "CRYPTO_WORKERS": "16",
         }
-        if backend == "mongo_redis":
+        if backend.endswith("_redis"):
+            if self._redis is None:
+                self._redis = RedisServer(self._scratch / "redis")
+                self._redis.start()
+            env["REDIS_URL"] = self._redis.url
+        if backend.startswith("mongo"):
             if self._mongo is None:
                 self._mongo = MongoServer(self._scratch / "mongo")
                 self._mongo.start()
-                self._redis = RedisServer(self._scratch / "redis")
-                self._redis.start()
-            assert self._redis is not None
-            env.update(MONGODB_URI=self._mongo.uri, MONGODB_DATABASE=f"bench_{name}", REDIS_URL=self._redis.url)
+            env.update(MONGODB_URI=self._mongo.uri, MONGODB_DATABASE=f"bench_{name}")
         return env
 
     def stop(self) -> None:
@@ -276,10 +279,13 @@ def _mb_per_s(address: str, method: str, message: bytes, size_mib: int) -> float
 
 
 def scale_out(backends: Backends, phases: Phases) -> dict[str, Any]:
-    """Scenario 5: 1 vs 2 server processes sharing the port (SO_REUSEPORT), h2load over 8 connections."""
+    """Scenario 5: 1 vs 2 server processes sharing the port (SO_REUSEPORT), h2load over 8 connections.
+
+    The processes share the embedded store and a Redis for invalidation (multi-process mode requires it).
+    """
     results: dict[str, Any] = {}
     for processes in (1, 2):
-        with bench_server(backends.env("embedded", f"scale{processes}"), processes=processes) as servers:
+        with bench_server(backends.env("embedded_redis", f"scale{processes}"), processes=processes) as servers:
             address = servers[0].address
             _, encrypt, _ = _prepared_requests(address)
             rps = [

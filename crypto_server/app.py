@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -96,7 +97,9 @@ def _open_store(settings: Settings) -> tuple[KeyStore, str]:
     if settings.mongodb_uri:
         store = MongoKeyStore(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
         return store, f"mongo:{settings.mongodb_database}"
-    return SqliteKeyStore(settings.data_dir), "embedded"
+    # Two embedded stores sharing one Redis must not share cache entries: name the store by its file.
+    location = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:12]
+    return SqliteKeyStore(settings.data_dir), f"embedded:{location}"
 
 
 def build_server(

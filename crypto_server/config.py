@@ -95,6 +95,10 @@ class Settings:
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+        if flag("CRYPTO_REUSE_PORT") and not redis_url:
+            # Each process keeps keys in memory; without the invalidation channel a key rotated or
+            # disabled through one process would stay usable through the others until the keyring TTL.
+            raise ConfigError("CRYPTO_REUSE_PORT needs REDIS_URL, so that the processes learn each other's key changes")
         log_level = text("CRYPTO_LOG_LEVEL", "INFO").upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CRYPTO_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")

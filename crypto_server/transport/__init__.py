@@ -1,1 +1,1 @@
-"""gRPC: thin servicers, the proto <-> domain mapping, the error table and interceptors."""
+"""gRPC: thin servicers, the proto <-> domain mapping, the error table and the RPC middleware."""

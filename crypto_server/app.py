@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol
 
 import grpc
@@ -141,12 +142,24 @@ def build_server(
             background.append(invalidation)
         else:
             invalidation = LocalInvalidation(keyring)
-        lifecycle = KeyLifecycle(store, keyring, clock, invalidation)
-        operations = CryptoOperations(keyring, clock, max_plaintext_bytes=settings.max_plaintext_bytes)
+        lifecycle = KeyLifecycle(
+            store,
+            keyring,
+            clock,
+            invalidation,
+            max_session_lifetime=timedelta(seconds=settings.max_session_key_lifetime_s),
+        )
+        operations = CryptoOperations(
+            keyring,
+            clock,
+            max_plaintext_bytes=settings.max_plaintext_bytes,
+            max_batch_items=settings.max_batch_items,
+        )
 
         # Room for the largest legal request, so an oversized plaintext reaches the
         # handler and gets INVALID_ARGUMENT naming the field rather than a transport error.
-        message_limit = max(4 * 1024 * 1024, settings.max_plaintext_bytes + MAX_AAD_BYTES + 64 * 1024)
+        # (16 MiB leaves room for batches of small items.)
+        message_limit = max(16 * 1024 * 1024, settings.max_plaintext_bytes + MAX_AAD_BYTES + 64 * 1024)
         middleware = RpcMiddleware()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#caas/crypto/v1/crypto_service.proto\x12\x0e\x63\x61\x61s.crypto.v1\"S\n\x0e\x45ncryptRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tplaintext\x18\x03 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x04 \x01(\x0c\"J\n\x0f\x45ncryptResponse\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"T\n\x0e\x44\x65\x63ryptRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\"I\n\x0f\x44\x65\x63ryptResponse\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r2\xa7\x01\n\rCryptoService\x12J\n\x07\x45ncrypt\x12\x1e.caas.crypto.v1.EncryptRequest\x1a\x1f.caas.crypto.v1.EncryptResponse\x12J\n\x07\x44\x65\x63rypt\x12\x1e.caas.crypto.v1.DecryptRequest\x1a\x1f.caas.crypto.v1.DecryptResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#caas/crypto/v1/crypto_service.proto\x12\x0e\x63\x61\x61s.crypto.v1\"S\n\x0e\x45ncryptRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tplaintext\x18\x03 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x04 \x01(\x0c\"J\n\x0f\x45ncryptResponse\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"T\n\x0e\x44\x65\x63ryptRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x03 \x01(\x0c\x12\x0e\n\x06key_id\x18\x04 \x01(\t\"I\n\x0f\x44\x65\x63ryptResponse\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"c\n\x16GenerateDataKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x0b\n\x03\x61\x61\x64\x18\x03 \x01(\x0c\x12\x19\n\x11without_plaintext\x18\x04 \x01(\x08\"e\n\x17GenerateDataKeyResponse\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x13\n\x0bkey_version\x18\x04 \x01(\r\"y\n\x10ReEncryptRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x12\n\nciphertext\x18\x02 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x03 \x01(\x0c\x12\x15\n\rsource_key_id\x18\x04 \x01(\t\x12\x1a\n\x12\x64\x65stination_key_id\x18\x05 \x01(\t\"\x7f\n\x11ReEncryptResponse\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12\x15\n\rsource_key_id\x18\x04 \x01(\t\x12\x1a\n\x12source_key_version\x18\x05 \x01(\r\"\xa6\x01\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x39\n\x08metadata\x18\x04 \x03(\x0b\x32\'.caas.crypto.v1.ItemError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x99\x01\n\x13\x42\x61tchEncryptRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x37\n\x05items\x18\x02 \x03(\x0b\x32(.caas.crypto.v1.BatchEncryptRequest.Item\x1a\x36\n\x04Item\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tplaintext\x18\x02 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x03 \x01(\x0c\"\xc1\x01\n\x14\x42\x61tchEncryptResponse\x12<\n\x07results\x18\x01 \x03(\x0b\x32+.caas.crypto.v1.BatchEncryptResponse.Result\x1ak\n\x06Result\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.caas.crypto.v1.ItemError\"\x9a\x01\n\x13\x42\x61tchDecryptRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x37\n\x05items\x18\x02 \x03(\x0b\x32(.caas.crypto.v1.BatchDecryptRequest.Item\x1a\x37\n\x04Item\x12\x12\n\nciphertext\x18\x01 \x01(\x0c\x12\x0b\n\x03\x61\x61\x64\x18\x02 \x01(\x0c\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\xc0\x01\n\x14\x42\x61tchDecryptResponse\x12<\n\x07results\x18\x01 \x03(\x0b\x32+.caas.crypto.v1.BatchDecryptResponse.Result\x1aj\n\x06Result\x12\x11\n\tplaintext\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.caas.crypto.v1.ItemError2\x93\x04\n\rCryptoService\x12J\n\x07\x45ncrypt\x12\x1e.caas.crypto.v1.EncryptRequest\x1a\x1f.caas.crypto.v1.EncryptResponse\x12J\n\x07\x44\x65\x63rypt\x12\x1e.caas.crypto.v1.DecryptRequest\x1a\x1f.caas.crypto.v1.DecryptResponse\x12\x62\n\x0fGenerateDataKey\x12&.caas.crypto.v1.GenerateDataKeyRequest\x1a\'.caas.crypto.v1.GenerateDataKeyResponse\x12P\n\tReEncrypt\x12 .caas.crypto.v1.ReEncryptRequest\x1a!.caas.crypto.v1.ReEncryptResponse\x12Y\n\x0c\x42\x61tchEncrypt\x12#.caas.crypto.v1.BatchEncryptRequest\x1a$.caas.crypto.v1.BatchEncryptResponse\x12Y\n\x0c\x42\x61tchDecrypt\x12#.caas.crypto.v1.BatchDecryptRequest\x1a$.caas.crypto.v1.BatchDecryptResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'caas.crypto.v1.crypto_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ITEMERROR_METADATAENTRY']._loaded_options = None
+  _globals['_ITEMERROR_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_ENCRYPTREQUEST']._serialized_start=55
   _globals['_ENCRYPTREQUEST']._serialized_end=138
   _globals['_ENCRYPTRESPONSE']._serialized_start=140
@@ -39,6 +41,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECRYPTREQUEST']._serialized_end=300
   _globals['_DECRYPTRESPONSE']._serialized_start=302
   _globals['_DECRYPTRESPONSE']._serialized_end=375
-  _globals['_CRYPTOSERVICE']._serialized_start=378
-  _globals['_CRYPTOSERVICE']._serialized_end=545
+  _globals['_GENERATEDATAKEYREQUEST']._serialized_start=377
+  _globals['_GENERATEDATAKEYREQUEST']._serialized_end=476
+  _globals['_GENERATEDATAKEYRESPONSE']._serialized_start=478
+  _globals['_GENERATEDATAKEYRESPONSE']._serialized_end=579
+  _globals['_REENCRYPTREQUEST']._serialized_start=581
+  _globals['_REENCRYPTREQUEST']._serialized_end=702
+  _globals['_REENCRYPTRESPONSE']._serialized_start=704
+  _globals['_REENCRYPTRESPONSE']._serialized_end=831
+  _globals['_ITEMERROR']._serialized_start=834
+  _globals['_ITEMERROR']._serialized_end=1000
+  _globals['_ITEMERROR_METADATAENTRY']._serialized_start=953
+  _globals['_ITEMERROR_METADATAENTRY']._serialized_end=1000
+  _globals['_BATCHENCRYPTREQUEST']._serialized_start=1003
+  _globals['_BATCHENCRYPTREQUEST']._serialized_end=1156
+  _globals['_BATCHENCRYPTREQUEST_ITEM']._serialized_start=1102
+  _globals['_BATCHENCRYPTREQUEST_ITEM']._serialized_end=1156
+  _globals['_BATCHENCRYPTRESPONSE']._serialized_start=1159
+  _globals['_BATCHENCRYPTRESPONSE']._serialized_end=1352
+  _globals['_BATCHENCRYPTRESPONSE_RESULT']._serialized_start=1245
+  _globals['_BATCHENCRYPTRESPONSE_RESULT']._serialized_end=1352
+  _globals['_BATCHDECRYPTREQUEST']._serialized_start=1355
+  _globals['_BATCHDECRYPTREQUEST']._serialized_end=1509
+  _globals['_BATCHDECRYPTREQUEST_ITEM']._serialized_start=1454
+  _globals['_BATCHDECRYPTREQUEST_ITEM']._serialized_end=1509
+  _globals['_BATCHDECRYPTRESPONSE']._serialized_start=1512
+  _globals['_BATCHDECRYPTRESPONSE']._serialized_end=1704
+  _globals['_BATCHDECRYPTRESPONSE_RESULT']._serialized_start=1598
+  _globals['_BATCHDECRYPTRESPONSE_RESULT']._serialized_end=1704
+  _globals['_CRYPTOSERVICE']._serialized_start=1707
+  _globals['_CRYPTOSERVICE']._serialized_end=2238
 # @@protoc_insertion_point(module_scope)

@@ -3,8 +3,10 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -126,3 +128,381 @@ class DecryptResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DecryptResponse: _TypeAlias = DecryptResponse  # noqa: Y015
+
+@_typing.final
+class GenerateDataKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    WITHOUT_PLAINTEXT_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    key_id: _builtins.str
+    """The key that wraps the data key."""
+    aad: _builtins.bytes
+    """Associated data for the wrapped copy; Decrypt must be given the same bytes."""
+    without_plaintext: _builtins.bool
+    """Return only the wrapped copy (for storing a key to use later)."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        aad: _builtins.bytes = ...,
+        without_plaintext: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "key_id", b"key_id", "tenant_id", b"tenant_id", "without_plaintext", b"without_plaintext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateDataKeyRequest: _TypeAlias = GenerateDataKeyRequest  # noqa: Y015
+
+@_typing.final
+class GenerateDataKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLAINTEXT_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    plaintext: _builtins.bytes
+    """The 32-byte data key; empty when without_plaintext was set."""
+    ciphertext: _builtins.bytes
+    """The data key encrypted under key_id (the ciphertext format of Encrypt)."""
+    key_id: _builtins.str
+    key_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        plaintext: _builtins.bytes = ...,
+        ciphertext: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "key_id", b"key_id", "key_version", b"key_version", "plaintext", b"plaintext"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateDataKeyResponse: _TypeAlias = GenerateDataKeyResponse  # noqa: Y015
+
+@_typing.final
+class ReEncryptRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    SOURCE_KEY_ID_FIELD_NUMBER: _builtins.int
+    DESTINATION_KEY_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    ciphertext: _builtins.bytes
+    aad: _builtins.bytes
+    """The associated data of the ciphertext; the new ciphertext keeps it."""
+    source_key_id: _builtins.str
+    """When set, the ciphertext must have been made with this key."""
+    destination_key_id: _builtins.str
+    """Encrypt under this key instead of the source key's primary version."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        ciphertext: _builtins.bytes = ...,
+        aad: _builtins.bytes = ...,
+        source_key_id: _builtins.str = ...,
+        destination_key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "ciphertext", b"ciphertext", "destination_key_id", b"destination_key_id", "source_key_id", b"source_key_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReEncryptRequest: _TypeAlias = ReEncryptRequest  # noqa: Y015
+
+@_typing.final
+class ReEncryptResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIPHERTEXT_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    SOURCE_KEY_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_KEY_VERSION_FIELD_NUMBER: _builtins.int
+    ciphertext: _builtins.bytes
+    key_id: _builtins.str
+    key_version: _builtins.int
+    source_key_id: _builtins.str
+    source_key_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        ciphertext: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        source_key_id: _builtins.str = ...,
+        source_key_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "key_id", b"key_id", "key_version", b"key_version", "source_key_id", b"source_key_id", "source_key_version", b"source_key_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReEncryptResponse: _TypeAlias = ReEncryptResponse  # noqa: Y015
+
+@_typing.final
+class ItemError(_message.Message):
+    """The outcome of one failed batch item: a gRPC status code with the same
+    reason and metadata a single call would have carried.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A google.rpc.Code value (3 = INVALID_ARGUMENT, 5 = NOT_FOUND, ...)."""
+    message: _builtins.str
+    reason: _builtins.str
+    """The ErrorReason name, as in google.rpc.ErrorInfo.reason."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ItemError: _TypeAlias = ItemError  # noqa: Y015
+
+@_typing.final
+class BatchEncryptRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Item(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_ID_FIELD_NUMBER: _builtins.int
+        PLAINTEXT_FIELD_NUMBER: _builtins.int
+        AAD_FIELD_NUMBER: _builtins.int
+        key_id: _builtins.str
+        plaintext: _builtins.bytes
+        aad: _builtins.bytes
+        def __init__(
+            self,
+            *,
+            key_id: _builtins.str = ...,
+            plaintext: _builtins.bytes = ...,
+            aad: _builtins.bytes = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "key_id", b"key_id", "plaintext", b"plaintext"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchEncryptRequest.Item]: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___BatchEncryptRequest.Item] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchEncryptRequest: _TypeAlias = BatchEncryptRequest  # noqa: Y015
+
+@_typing.final
+class BatchEncryptResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Result(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        CIPHERTEXT_FIELD_NUMBER: _builtins.int
+        KEY_ID_FIELD_NUMBER: _builtins.int
+        KEY_VERSION_FIELD_NUMBER: _builtins.int
+        ERROR_FIELD_NUMBER: _builtins.int
+        ciphertext: _builtins.bytes
+        """Set on success."""
+        key_id: _builtins.str
+        key_version: _builtins.int
+        @_builtins.property
+        def error(self) -> Global___ItemError:
+            """Set on failure."""
+
+        def __init__(
+            self,
+            *,
+            ciphertext: _builtins.bytes = ...,
+            key_id: _builtins.str = ...,
+            key_version: _builtins.int = ...,
+            error: Global___ItemError | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["ciphertext", b"ciphertext", "error", b"error", "key_id", b"key_id", "key_version", b"key_version"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchEncryptResponse.Result]:
+        """One per item, in the order of the request."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchEncryptResponse.Result] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchEncryptResponse: _TypeAlias = BatchEncryptResponse  # noqa: Y015
+
+@_typing.final
+class BatchDecryptRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Item(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        CIPHERTEXT_FIELD_NUMBER: _builtins.int
+        AAD_FIELD_NUMBER: _builtins.int
+        KEY_ID_FIELD_NUMBER: _builtins.int
+        ciphertext: _builtins.bytes
+        aad: _builtins.bytes
+        key_id: _builtins.str
+        """When set, the ciphertext must have been made with this key."""
+        def __init__(
+            self,
+            *,
+            ciphertext: _builtins.bytes = ...,
+            aad: _builtins.bytes = ...,
+            key_id: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "ciphertext", b"ciphertext", "key_id", b"key_id"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchDecryptRequest.Item]: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___BatchDecryptRequest.Item] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDecryptRequest: _TypeAlias = BatchDecryptRequest  # noqa: Y015
+
+@_typing.final
+class BatchDecryptResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Result(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        PLAINTEXT_FIELD_NUMBER: _builtins.int
+        KEY_ID_FIELD_NUMBER: _builtins.int
+        KEY_VERSION_FIELD_NUMBER: _builtins.int
+        ERROR_FIELD_NUMBER: _builtins.int
+        plaintext: _builtins.bytes
+        """Set on success."""
+        key_id: _builtins.str
+        key_version: _builtins.int
+        @_builtins.property
+        def error(self) -> Global___ItemError:
+            """Set on failure."""
+
+        def __init__(
+            self,
+            *,
+            plaintext: _builtins.bytes = ...,
+            key_id: _builtins.str = ...,
+            key_version: _builtins.int = ...,
+            error: Global___ItemError | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "key_id", b"key_id", "key_version", b"key_version", "plaintext", b"plaintext"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchDecryptResponse.Result]:
+        """One per item, in the order of the request."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BatchDecryptResponse.Result] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchDecryptResponse: _TypeAlias = BatchDecryptResponse  # noqa: Y015

@@ -47,6 +47,26 @@ class CryptoServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptResponse.FromString,
                 _registered_method=True)
+        self.GenerateDataKey = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/GenerateDataKey',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GenerateDataKeyRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GenerateDataKeyResponse.FromString,
+                _registered_method=True)
+        self.ReEncrypt = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/ReEncrypt',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ReEncryptRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ReEncryptResponse.FromString,
+                _registered_method=True)
+        self.BatchEncrypt = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/BatchEncrypt',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchEncryptRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchEncryptResponse.FromString,
+                _registered_method=True)
+        self.BatchDecrypt = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/BatchDecrypt',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptResponse.FromString,
+                _registered_method=True)
 
 
 class CryptoServiceServicer:
@@ -70,6 +90,39 @@ class CryptoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateDataKey(self, request, context):
+        """Envelope encryption: a fresh 256-bit data key, in plaintext and wrapped
+        under the named key. The wrapped copy is an ordinary ciphertext: Decrypt
+        unwraps it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReEncrypt(self, request, context):
+        """Decrypts and encrypts again under the key's primary version (or another
+        key of the tenant) without the plaintext leaving the server: the tool for
+        migrating data after a rotation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchEncrypt(self, request, context):
+        """Encrypts up to the server's batch limit (default 1,000) items; each item
+        succeeds or fails on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchDecrypt(self, request, context):
+        """Decrypts up to the server's batch limit items; each succeeds or fails on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CryptoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +135,26 @@ def add_CryptoServiceServicer_to_server(servicer, server):
                     servicer.Decrypt,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptResponse.SerializeToString,
+            ),
+            'GenerateDataKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateDataKey,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GenerateDataKeyRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GenerateDataKeyResponse.SerializeToString,
+            ),
+            'ReEncrypt': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReEncrypt,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ReEncryptRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ReEncryptResponse.SerializeToString,
+            ),
+            'BatchEncrypt': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchEncrypt,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchEncryptRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchEncryptResponse.SerializeToString,
+            ),
+            'BatchDecrypt': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchDecrypt,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +214,114 @@ class CryptoService:
             '/caas.crypto.v1.CryptoService/Decrypt',
             caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateDataKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/GenerateDataKey',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GenerateDataKeyRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GenerateDataKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReEncrypt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/ReEncrypt',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ReEncryptRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ReEncryptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchEncrypt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/BatchEncrypt',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchEncryptRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchEncryptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchDecrypt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/BatchDecrypt',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptResponse.FromString,
             options,
             channel_credentials,
             insecure,

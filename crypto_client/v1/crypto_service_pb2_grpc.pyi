@@ -42,6 +42,22 @@ class CryptoServiceStub:
     """Decrypts a ciphertext made by Encrypt with any version of the key. Every
     decryption failure is INVALID_ARGUMENT with one fixed message.
     """
+    GenerateDataKey: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.GenerateDataKeyRequest, _crypto_service_pb2.GenerateDataKeyResponse]
+    """Envelope encryption: a fresh 256-bit data key, in plaintext and wrapped
+    under the named key. The wrapped copy is an ordinary ciphertext: Decrypt
+    unwraps it.
+    """
+    ReEncrypt: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.ReEncryptRequest, _crypto_service_pb2.ReEncryptResponse]
+    """Decrypts and encrypts again under the key's primary version (or another
+    key of the tenant) without the plaintext leaving the server: the tool for
+    migrating data after a rotation.
+    """
+    BatchEncrypt: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.BatchEncryptRequest, _crypto_service_pb2.BatchEncryptResponse]
+    """Encrypts up to the server's batch limit (default 1,000) items; each item
+    succeeds or fails on its own.
+    """
+    BatchDecrypt: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.BatchDecryptRequest, _crypto_service_pb2.BatchDecryptResponse]
+    """Decrypts up to the server's batch limit items; each succeeds or fails on its own."""
 
 @_typing.type_check_only
 class CryptoServiceAsyncStub(CryptoServiceStub):
@@ -57,6 +73,22 @@ class CryptoServiceAsyncStub(CryptoServiceStub):
     """Decrypts a ciphertext made by Encrypt with any version of the key. Every
     decryption failure is INVALID_ARGUMENT with one fixed message.
     """
+    GenerateDataKey: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.GenerateDataKeyRequest, _crypto_service_pb2.GenerateDataKeyResponse]  # type: ignore[assignment]
+    """Envelope encryption: a fresh 256-bit data key, in plaintext and wrapped
+    under the named key. The wrapped copy is an ordinary ciphertext: Decrypt
+    unwraps it.
+    """
+    ReEncrypt: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.ReEncryptRequest, _crypto_service_pb2.ReEncryptResponse]  # type: ignore[assignment]
+    """Decrypts and encrypts again under the key's primary version (or another
+    key of the tenant) without the plaintext leaving the server: the tool for
+    migrating data after a rotation.
+    """
+    BatchEncrypt: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.BatchEncryptRequest, _crypto_service_pb2.BatchEncryptResponse]  # type: ignore[assignment]
+    """Encrypts up to the server's batch limit (default 1,000) items; each item
+    succeeds or fails on its own.
+    """
+    BatchDecrypt: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.BatchDecryptRequest, _crypto_service_pb2.BatchDecryptResponse]  # type: ignore[assignment]
+    """Decrypts up to the server's batch limit items; each succeeds or fails on its own."""
 
 class CryptoServiceServicer(metaclass=_abc_1.ABCMeta):
     """CryptoService encrypts and decrypts with a tenant's keys (AES-256-GCM).
@@ -81,5 +113,45 @@ class CryptoServiceServicer(metaclass=_abc_1.ABCMeta):
         """Decrypts a ciphertext made by Encrypt with any version of the key. Every
         decryption failure is INVALID_ARGUMENT with one fixed message.
         """
+
+    @_abc_1.abstractmethod
+    def GenerateDataKey(
+        self,
+        request: _crypto_service_pb2.GenerateDataKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.GenerateDataKeyResponse, _abc.Awaitable[_crypto_service_pb2.GenerateDataKeyResponse]]:
+        """Envelope encryption: a fresh 256-bit data key, in plaintext and wrapped
+        under the named key. The wrapped copy is an ordinary ciphertext: Decrypt
+        unwraps it.
+        """
+
+    @_abc_1.abstractmethod
+    def ReEncrypt(
+        self,
+        request: _crypto_service_pb2.ReEncryptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.ReEncryptResponse, _abc.Awaitable[_crypto_service_pb2.ReEncryptResponse]]:
+        """Decrypts and encrypts again under the key's primary version (or another
+        key of the tenant) without the plaintext leaving the server: the tool for
+        migrating data after a rotation.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchEncrypt(
+        self,
+        request: _crypto_service_pb2.BatchEncryptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.BatchEncryptResponse, _abc.Awaitable[_crypto_service_pb2.BatchEncryptResponse]]:
+        """Encrypts up to the server's batch limit (default 1,000) items; each item
+        succeeds or fails on its own.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchDecrypt(
+        self,
+        request: _crypto_service_pb2.BatchDecryptRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.BatchDecryptResponse, _abc.Awaitable[_crypto_service_pb2.BatchDecryptResponse]]:
+        """Decrypts up to the server's batch limit items; each succeeds or fails on its own."""
 
 def add_CryptoServiceServicer_to_server(servicer: CryptoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -67,6 +67,16 @@ class KeyServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyResponse.FromString,
                 _registered_method=True)
+        self.GenerateSessionKey = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/GenerateSessionKey',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GenerateSessionKeyRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GenerateSessionKeyResponse.FromString,
+                _registered_method=True)
+        self.GetSessionKey = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/GetSessionKey',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -118,6 +128,23 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateSessionKey(self, request, context):
+        """Creates a short-lived session key (default 24 h) for realtime use, such
+        as a call's media encryption, and returns its key material to the caller.
+        It expires by itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSessionKey(self, request, context):
+        """Returns a session key's material while it is enabled and unexpired (for
+        the other participants of a call or room).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -150,6 +177,16 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.EnableKey,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyResponse.SerializeToString,
+            ),
+            'GenerateSessionKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateSessionKey,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GenerateSessionKeyRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GenerateSessionKeyResponse.SerializeToString,
+            ),
+            'GetSessionKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionKey,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -317,6 +354,60 @@ class KeyService:
             '/caas.crypto.v1.KeyService/EnableKey',
             caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateSessionKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/GenerateSessionKey',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.GenerateSessionKeyRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.GenerateSessionKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/GetSessionKey',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,15 @@ class KeyServiceStub:
     """Stops a key from encrypting and decrypting until it is enabled again."""
     EnableKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.EnableKeyRequest, _key_service_pb2.EnableKeyResponse]
     """Undoes DisableKey."""
+    GenerateSessionKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.GenerateSessionKeyRequest, _key_service_pb2.GenerateSessionKeyResponse]
+    """Creates a short-lived session key (default 24 h) for realtime use, such
+    as a call's media encryption, and returns its key material to the caller.
+    It expires by itself.
+    """
+    GetSessionKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.GetSessionKeyRequest, _key_service_pb2.GetSessionKeyResponse]
+    """Returns a session key's material while it is enabled and unexpired (for
+    the other participants of a call or room).
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -73,6 +82,15 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """Stops a key from encrypting and decrypting until it is enabled again."""
     EnableKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.EnableKeyRequest, _key_service_pb2.EnableKeyResponse]  # type: ignore[assignment]
     """Undoes DisableKey."""
+    GenerateSessionKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.GenerateSessionKeyRequest, _key_service_pb2.GenerateSessionKeyResponse]  # type: ignore[assignment]
+    """Creates a short-lived session key (default 24 h) for realtime use, such
+    as a call's media encryption, and returns its key material to the caller.
+    It expires by itself.
+    """
+    GetSessionKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.GetSessionKeyRequest, _key_service_pb2.GetSessionKeyResponse]  # type: ignore[assignment]
+    """Returns a session key's material while it is enabled and unexpired (for
+    the other participants of a call or room).
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService manages the lifecycle of a tenant's keys: creation, lookup,
@@ -129,5 +147,26 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_key_service_pb2.EnableKeyResponse, _abc.Awaitable[_key_service_pb2.EnableKeyResponse]]:
         """Undoes DisableKey."""
+
+    @_abc_1.abstractmethod
+    def GenerateSessionKey(
+        self,
+        request: _key_service_pb2.GenerateSessionKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.GenerateSessionKeyResponse, _abc.Awaitable[_key_service_pb2.GenerateSessionKeyResponse]]:
+        """Creates a short-lived session key (default 24 h) for realtime use, such
+        as a call's media encryption, and returns its key material to the caller.
+        It expires by itself.
+        """
+
+    @_abc_1.abstractmethod
+    def GetSessionKey(
+        self,
+        request: _key_service_pb2.GetSessionKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.GetSessionKeyResponse, _abc.Awaitable[_key_service_pb2.GetSessionKeyResponse]]:
+        """Returns a session key's material while it is enabled and unexpired (for
+        the other participants of a call or room).
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

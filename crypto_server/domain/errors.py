@@ -82,3 +82,10 @@ class StoreUnavailable(CryptoServiceError):
 
 class KeyIntegrityError(CryptoServiceError):
     """A stored key does not unwrap: the store was altered or damaged. Never the caller's fault."""
+
+
+class UnexpectedError(CryptoServiceError):
+    """A bug met while serving one item of a batch; the item fails, the batch goes on."""
+
+    def __init__(self) -> None:
+        super().__init__("internal error processing this item; the server log has details")

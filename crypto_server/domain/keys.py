@@ -133,6 +133,7 @@ class KeyPolicy:
         rotation_period: timedelta | None,
         *,
         implicit_master: bool = False,
+        max_session_lifetime: timedelta = MAX_SESSION_KEY_LIFETIME,
     ) -> KeyPolicy:
         """Apply the defaults for `key_type` and validate the caller's choices.
 
@@ -140,10 +141,10 @@ class KeyPolicy:
         would stop the tenant from creating keys with no one having asked for it.
         """
         if expire_after is not None:
-            high = MAX_SESSION_KEY_LIFETIME if key_type is KeyType.SESSION else MAX_LIFETIME
+            high = max_session_lifetime if key_type is KeyType.SESSION else MAX_LIFETIME
             _check_duration("expire_after", expire_after, MIN_LIFETIME, high)
         elif key_type is KeyType.SESSION:
-            expire_after = DEFAULT_SESSION_KEY_LIFETIME
+            expire_after = min(DEFAULT_SESSION_KEY_LIFETIME, max_session_lifetime)
         elif key_type is KeyType.DATA or not implicit_master:
             expire_after = DEFAULT_DATA_KEY_LIFETIME
         if rotation_period is not None:

@@ -6,22 +6,32 @@ lookup, an expiry comparison and one AES-GCM call — no store, no unwrapping.
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
+from typing import TypeVar
 
 from crypto_server.domain import ciphertext as codec
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import (
+    CryptoServiceError,
     DecryptionFailed,
     InvalidArgument,
     KeyDisabled,
     KeyExpired,
     KeyNotFound,
     KeyTypeMismatch,
+    UnexpectedError,
 )
 from crypto_server.domain.keys import KeyType, KeyVersionState, parse_key_id, validate_tenant_id
 from crypto_server.service.keyring import Keyring, LoadedKey
 
+log = logging.getLogger(__name__)
 DEFAULT_MAX_PLAINTEXT_BYTES = 1024 * 1024
+DEFAULT_MAX_BATCH_ITEMS = 1000
+DATA_KEY_BYTES = 32
 MAX_AAD_BYTES = 64 * 1024
 
 
@@ -39,13 +49,42 @@ class Decrypted:
     key_version: int
 
 
+@dataclass(frozen=True, slots=True)
+class ReEncrypted:
+    encrypted: Encrypted
+    source_key_id: str
+    source_key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptItem:
+    key_id: str
+    plaintext: bytes
+    aad: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptItem:
+    ciphertext: bytes
+    aad: bytes = b""
+    key_id: str = ""
+
+
 class CryptoOperations:
-    def __init__(self, keyring: Keyring, clock: Clock, *, max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES):
-        if max_plaintext_bytes < 1:
-            raise ValueError("max_plaintext_bytes must be positive")
+    def __init__(
+        self,
+        keyring: Keyring,
+        clock: Clock,
+        *,
+        max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES,
+        max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+    ) -> None:
+        if max_plaintext_bytes < 1 or max_batch_items < 1:
+            raise ValueError("max_plaintext_bytes and max_batch_items must be positive")
         self._keyring = keyring
         self._clock = clock
         self.max_plaintext_bytes = max_plaintext_bytes
+        self.max_batch_items = max_batch_items
 
     def _key(self, tenant_id: str, key_id: str) -> LoadedKey:
         # Only valid ids are ever in the keyring, so a hit needs no validation.
@@ -107,6 +146,57 @@ class CryptoOperations:
         aead = self._keyring.aead(loaded, header.key_version)
         plaintext = codec.decrypt(aead, tenant_id, ciphertext, aad)
         return Decrypted(plaintext=plaintext, key_id=key.key_id, key_version=header.key_version)
+
+    # -- envelope encryption and migration ----------------------------------------
+
+    def generate_data_key(self, tenant_id: str, key_id: str, aad: bytes = b"") -> tuple[bytes, Encrypted]:
+        """A fresh 256-bit data key, and the same key encrypted under `key_id` (an ordinary ciphertext)."""
+        data_key = os.urandom(DATA_KEY_BYTES)
+        return data_key, self.encrypt(tenant_id, key_id, data_key, aad)
+
+    def re_encrypt(
+        self,
+        tenant_id: str,
+        ciphertext: bytes,
+        aad: bytes = b"",
+        *,
+        source_key_id: str = "",
+        destination_key_id: str = "",
+    ) -> ReEncrypted:
+        """Decrypt and encrypt again (under the source key's primary version, or `destination_key_id`);
+        the plaintext stays in this function."""
+        opened = self.decrypt(tenant_id, ciphertext, aad, source_key_id)
+        sealed = self.encrypt(tenant_id, destination_key_id or opened.key_id, opened.plaintext, aad)
+        return ReEncrypted(sealed, source_key_id=opened.key_id, source_key_version=opened.key_version)
+
+    # -- batches -------------------------------------------------------------------
+
+    def _check_batch(self, tenant_id: str, count: int) -> None:
+        validate_tenant_id(tenant_id)
+        if count > self.max_batch_items:
+            raise InvalidArgument("items", f"has {count} items, over the limit of {self.max_batch_items} per batch")
+
+    def batch_encrypt(self, tenant_id: str, items: Sequence[EncryptItem]) -> list[Encrypted | CryptoServiceError]:
+        """Each item's ciphertext, or the error that item alone gets; one bad item never fails the batch."""
+        self._check_batch(tenant_id, len(items))
+        return [_outcome(partial(self.encrypt, tenant_id, i.key_id, i.plaintext, i.aad)) for i in items]
+
+    def batch_decrypt(self, tenant_id: str, items: Sequence[DecryptItem]) -> list[Decrypted | CryptoServiceError]:
+        self._check_batch(tenant_id, len(items))
+        return [_outcome(partial(self.decrypt, tenant_id, i.ciphertext, i.aad, i.key_id)) for i in items]
+
+
+_Result = TypeVar("_Result")
+
+
+def _outcome(operation: Callable[[], _Result]) -> _Result | CryptoServiceError:
+    try:
+        return operation()
+    except CryptoServiceError as error:
+        return error
+    except Exception:
+        log.exception("unexpected error in a batch item")
+        return UnexpectedError()
 
 
 def _check_aad(aad: bytes) -> None:

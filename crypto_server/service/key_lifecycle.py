@@ -18,12 +18,15 @@ from crypto_server.domain.errors import (
     ConcurrentModification,
     InvalidArgument,
     KeyDisabled,
+    KeyExpired,
     KeyNotFound,
+    KeyTypeMismatch,
     MasterKeyExists,
     MasterKeyUnavailable,
 )
 from crypto_server.domain.key_wrap import generate_key_material, wrap_key
 from crypto_server.domain.keys import (
+    MAX_SESSION_KEY_LIFETIME,
     Key,
     KeyPolicy,
     KeyState,
@@ -54,11 +57,20 @@ class KeyPage:
 
 
 class KeyLifecycle:
-    def __init__(self, store: KeyStore, keyring: Keyring, clock: Clock, invalidation: Invalidation) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        keyring: Keyring,
+        clock: Clock,
+        invalidation: Invalidation,
+        *,
+        max_session_lifetime: timedelta = MAX_SESSION_KEY_LIFETIME,
+    ) -> None:
         self._store = store
         self._keyring = keyring
         self._clock = clock
         self._invalidation = invalidation
+        self._max_session_lifetime = max_session_lifetime
 
     # -- create ----------------------------------------------------------------
 
@@ -75,7 +87,9 @@ class KeyLifecycle:
         """Create a key; with a `request_id`, a repeat of the same request returns the first key instead."""
         validate_tenant_id(tenant_id)
         validate_request_id(request_id)
-        policy = KeyPolicy.for_new_key(key_type, expire_after, rotation_period)
+        policy = KeyPolicy.for_new_key(
+            key_type, expire_after, rotation_period, max_session_lifetime=self._max_session_lifetime
+        )
         checked_labels = validate_labels(labels or {})
         key_id = key_id_for_request(tenant_id, request_id) if request_id else str(uuid.uuid4())
         if request_id:
@@ -194,6 +208,41 @@ class KeyLifecycle:
             wrapped_material=wrapped,
             request_id=request_id,
         )
+
+    # -- session keys ------------------------------------------------------------
+
+    def generate_session_key(
+        self,
+        tenant_id: str,
+        *,
+        expire_after: timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str = "",
+    ) -> tuple[Key, bytes]:
+        """A new session key and its material, handed to the caller (a repeated request_id: the same key)."""
+        key = self.create_key(
+            tenant_id, KeyType.SESSION, expire_after=expire_after, labels=labels, request_id=request_id
+        )
+        return key, self._keyring.material(self._keyring.remember(key), key.primary_version)
+
+    def get_session_key(self, tenant_id: str, key_id: str) -> tuple[Key, bytes]:
+        """A session key's current material, while it is enabled and unexpired."""
+        validate_tenant_id(tenant_id)
+        parse_key_id(key_id)
+        loaded = self._keyring.get(tenant_id, key_id)
+        key = loaded.key
+        if key.key_type is not KeyType.SESSION:
+            raise KeyTypeMismatch(
+                key_id,
+                f"key {key_id} is a {key.key_type.value.lower()} key, not a session key; "
+                "only session keys hand out their material",
+            )
+        state = key.state_at(self._clock.now())
+        if state is KeyState.DISABLED:
+            raise KeyDisabled(key_id)
+        if state is KeyState.EXPIRED:
+            raise KeyExpired(key_id, key.primary_version)
+        return key, self._keyring.material(loaded, key.primary_version)
 
     # -- read ------------------------------------------------------------------
 

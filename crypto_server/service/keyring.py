@@ -121,6 +121,14 @@ class Keyring:
         aead = loaded.aeads.get(version)
         if aead is not None:
             return aead
+        aead = AESGCM(self.material(loaded, version))
+        # Racing threads may both unwrap; the results are identical, so last write wins harmlessly.
+        loaded.aeads[version] = aead
+        return aead
+
+    def material(self, loaded: LoadedKey, version: int) -> bytes:
+        """The raw bytes of one version, unwrapped through its parent. Only for RPCs whose purpose is
+        to hand a key to its caller (session keys); everything else uses `aead`."""
         key = loaded.key
         record = key.version(version)
         if record is None:
@@ -147,7 +155,4 @@ class Keyring:
             )
         except UnwrapFailed as error:
             raise KeyIntegrityError(f"key {key.key_id} version {version} does not unwrap") from error
-        aead = AESGCM(material)
-        # Racing threads may both unwrap; the results are identical, so last write wins harmlessly.
-        loaded.aeads[version] = aead
-        return aead
+        return material

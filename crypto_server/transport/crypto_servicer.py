@@ -5,8 +5,21 @@ from __future__ import annotations
 import grpc
 
 from crypto_client.v1 import crypto_service_pb2 as pb
-from crypto_client.v1 import crypto_service_pb2_grpc
-from crypto_server.service.crypto_operations import CryptoOperations
+from crypto_client.v1 import crypto_service_pb2_grpc, errors_pb2
+from crypto_server.domain.errors import CryptoServiceError
+from crypto_server.service.crypto_operations import CryptoOperations, DecryptItem, EncryptItem
+from crypto_server.transport.errors import describe
+
+
+def item_error(error: CryptoServiceError) -> pb.ItemError:
+    """One failed batch item, described as the error table describes a failed call."""
+    described = describe(error)
+    return pb.ItemError(
+        code=described.code.value[0],
+        message=described.message,
+        reason=errors_pb2.ErrorReason.Name(described.reason),
+        metadata=described.metadata,
+    )
 
 
 class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
@@ -20,3 +33,54 @@ class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
     def Decrypt(self, request: pb.DecryptRequest, context: grpc.ServicerContext) -> pb.DecryptResponse:
         result = self._operations.decrypt(request.tenant_id, request.ciphertext, request.aad, request.key_id)
         return pb.DecryptResponse(plaintext=result.plaintext, key_id=result.key_id, key_version=result.key_version)
+
+    def GenerateDataKey(
+        self, request: pb.GenerateDataKeyRequest, context: grpc.ServicerContext
+    ) -> pb.GenerateDataKeyResponse:
+        data_key, wrapped = self._operations.generate_data_key(request.tenant_id, request.key_id, request.aad)
+        return pb.GenerateDataKeyResponse(
+            plaintext=b"" if request.without_plaintext else data_key,
+            ciphertext=wrapped.ciphertext,
+            key_id=wrapped.key_id,
+            key_version=wrapped.key_version,
+        )
+
+    def ReEncrypt(self, request: pb.ReEncryptRequest, context: grpc.ServicerContext) -> pb.ReEncryptResponse:
+        result = self._operations.re_encrypt(
+            request.tenant_id,
+            request.ciphertext,
+            request.aad,
+            source_key_id=request.source_key_id,
+            destination_key_id=request.destination_key_id,
+        )
+        return pb.ReEncryptResponse(
+            ciphertext=result.encrypted.ciphertext,
+            key_id=result.encrypted.key_id,
+            key_version=result.encrypted.key_version,
+            source_key_id=result.source_key_id,
+            source_key_version=result.source_key_version,
+        )
+
+    def BatchEncrypt(self, request: pb.BatchEncryptRequest, context: grpc.ServicerContext) -> pb.BatchEncryptResponse:
+        items = [EncryptItem(item.key_id, item.plaintext, item.aad) for item in request.items]
+        response = pb.BatchEncryptResponse()
+        for outcome in self._operations.batch_encrypt(request.tenant_id, items):
+            if isinstance(outcome, CryptoServiceError):
+                response.results.add(error=item_error(outcome))
+            else:
+                response.results.add(
+                    ciphertext=outcome.ciphertext, key_id=outcome.key_id, key_version=outcome.key_version
+                )
+        return response
+
+    def BatchDecrypt(self, request: pb.BatchDecryptRequest, context: grpc.ServicerContext) -> pb.BatchDecryptResponse:
+        items = [DecryptItem(item.ciphertext, item.aad, item.key_id) for item in request.items]
+        response = pb.BatchDecryptResponse()
+        for outcome in self._operations.batch_decrypt(request.tenant_id, items):
+            if isinstance(outcome, CryptoServiceError):
+                response.results.add(error=item_error(outcome))
+            else:
+                response.results.add(
+                    plaintext=outcome.plaintext, key_id=outcome.key_id, key_version=outcome.key_version
+                )
+        return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf import any_pb2
@@ -28,7 +29,29 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.ConcurrentModification: (grpc.StatusCode.ABORTED, errors_pb2.ERROR_REASON_CONCURRENT_MODIFICATION),
     errors.StoreUnavailable: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_STORE_UNAVAILABLE),
     errors.KeyIntegrityError: (grpc.StatusCode.DATA_LOSS, errors_pb2.ERROR_REASON_KEY_INTEGRITY),
+    errors.UnexpectedError: (grpc.StatusCode.INTERNAL, errors_pb2.ERROR_REASON_INTERNAL),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorDescription:
+    """What a caller is told about one error: as a call's status, or as one batch item's error."""
+
+    code: grpc.StatusCode
+    reason: errors_pb2.ErrorReason.ValueType
+    message: str
+    metadata: dict[str, str]
+
+
+def describe(error: errors.CryptoServiceError) -> ErrorDescription:
+    code, reason = next(_TABLE[kind] for kind in type(error).__mro__ if kind in _TABLE)
+    metadata: dict[str, str] = {}
+    if isinstance(error, errors.InvalidArgument):
+        metadata["field"] = error.field
+    key_id = getattr(error, "key_id", None)
+    if isinstance(key_id, str):
+        metadata["key_id"] = key_id
+    return ErrorDescription(code, reason, error.message, metadata)
 
 
 class _RpcStatus(collections.namedtuple("_RpcStatus", ("code", "details", "trailing_metadata")), grpc.Status):  # type: ignore[misc]
@@ -55,14 +78,9 @@ def _status(
 
 def status_for(error: errors.CryptoServiceError, request_id: str) -> tuple[grpc.StatusCode, grpc.Status]:
     """The status a caller receives for `error`."""
-    code, reason = next(_TABLE[kind] for kind in type(error).__mro__ if kind in _TABLE)
-    metadata: dict[str, str] = {}
-    if isinstance(error, errors.InvalidArgument):
-        metadata["field"] = error.field
-    key_id = getattr(error, "key_id", None)
-    if isinstance(key_id, str):
-        metadata["key_id"] = key_id
-    return code, _status(code, error.message, reason, metadata, request_id)
+    described = describe(error)
+    status = _status(described.code, described.message, described.reason, described.metadata, request_id)
+    return described.code, status
 
 
 def internal_status(request_id: str) -> grpc.Status:

@@ -68,3 +68,22 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
 
     def EnableKey(self, request: pb.EnableKeyRequest, context: grpc.ServicerContext) -> pb.EnableKeyResponse:
         return pb.EnableKeyResponse(key=self._key(self._lifecycle.enable_key(request.tenant_id, request.key_id)))
+
+    def GenerateSessionKey(
+        self, request: pb.GenerateSessionKeyRequest, context: grpc.ServicerContext
+    ) -> pb.GenerateSessionKeyResponse:
+        key, material = self._lifecycle.generate_session_key(
+            request.tenant_id,
+            expire_after=(
+                duration_from_proto(request.expire_after, "expire_after") if request.HasField("expire_after") else None
+            ),
+            labels=dict(request.labels),
+            request_id=request.request_id,
+        )
+        return pb.GenerateSessionKeyResponse(key=self._key(key), key_material=material)
+
+    def GetSessionKey(
+        self, request: pb.GetSessionKeyRequest, context: grpc.ServicerContext
+    ) -> pb.GetSessionKeyResponse:
+        key, material = self._lifecycle.get_session_key(request.tenant_id, request.key_id)
+        return pb.GetSessionKeyResponse(key=self._key(key), key_material=material, key_version=key.primary_version)

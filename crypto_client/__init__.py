@@ -36,9 +36,13 @@ from crypto_client.errors import (
     ServiceUnavailableError,
     UnauthenticatedError,
 )
+from crypto_client.messaging import AsyncMessageCipher, MessageCipher
 from crypto_client.metrics import ClientStats
 from crypto_client.models import (
+    DataKey,
+    DecryptItem,
     DecryptResult,
+    EncryptItem,
     EncryptResult,
     HealthStatus,
     Key,
@@ -46,11 +50,15 @@ from crypto_client.models import (
     KeyType,
     KeyVersion,
     KeyVersionState,
+    ReEncryptResult,
+    SessionKey,
 )
+from crypto_client.sessions import SessionKeys
 from crypto_client.sync_client import CryptoClient
 
 __all__ = [
     "AsyncCryptoClient",
+    "AsyncMessageCipher",
     "BreakerPolicy",
     "BreakerState",
     "CircuitOpenError",
@@ -60,9 +68,12 @@ __all__ = [
     "CryptoClient",
     "CryptoClientError",
     "DataIntegrityError",
+    "DataKey",
     "DeadlineExceededError",
+    "DecryptItem",
     "DecryptResult",
     "DecryptionError",
+    "EncryptItem",
     "EncryptResult",
     "FailedPreconditionError",
     "HealthStatus",
@@ -79,9 +90,13 @@ __all__ = [
     "KeyVersion",
     "KeyVersionState",
     "MasterKeyUnavailableError",
+    "MessageCipher",
     "PermissionDeniedError",
+    "ReEncryptResult",
     "ResourceExhaustedError",
     "RetryPolicy",
     "ServiceUnavailableError",
+    "SessionKey",
+    "SessionKeys",
     "UnauthenticatedError",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -20,11 +20,29 @@ from tenacity.stop import stop_base
 from crypto_client import _convert
 from crypto_client.breaker import CircuitBreaker
 from crypto_client.config import ClientConfig, check_tenant_id
-from crypto_client.errors import CircuitOpenError, CryptoClientError, DeadlineExceededError, from_rpc_error
+from crypto_client.errors import (
+    CircuitOpenError,
+    CryptoClientError,
+    DeadlineExceededError,
+    from_item_error,
+    from_rpc_error,
+)
 from crypto_client.errors import is_transport_failure as _is_transport_failure
 from crypto_client.key_cache import KeyMetadataCache
 from crypto_client.metrics import ClientMetrics, ClientStats
-from crypto_client.models import DecryptResult, EncryptResult, HealthStatus, Key, KeyState, KeyType
+from crypto_client.models import (
+    DataKey,
+    DecryptItem,
+    DecryptResult,
+    EncryptItem,
+    EncryptResult,
+    HealthStatus,
+    Key,
+    KeyState,
+    KeyType,
+    ReEncryptResult,
+    SessionKey,
+)
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 
@@ -214,3 +232,100 @@ class ClientCore:
     @staticmethod
     def health_status(response: health_pb2.HealthCheckResponse) -> HealthStatus:
         return _HEALTH_STATUS.get(response.status, HealthStatus.UNKNOWN)
+
+    # -- envelope, migration, batches, session keys ------------------------------------
+
+    def generate_data_key_request(
+        self, key_id: str, aad: bytes, without_plaintext: bool
+    ) -> crypto_pb.GenerateDataKeyRequest:
+        return crypto_pb.GenerateDataKeyRequest(
+            tenant_id=self.tenant_id, key_id=key_id, aad=aad, without_plaintext=without_plaintext
+        )
+
+    @staticmethod
+    def data_key(response: crypto_pb.GenerateDataKeyResponse, without_plaintext: bool) -> DataKey:
+        return DataKey(
+            plaintext=None if without_plaintext else response.plaintext,
+            ciphertext=response.ciphertext,
+            key_id=response.key_id,
+            key_version=response.key_version,
+        )
+
+    def re_encrypt_request(
+        self, ciphertext: bytes, aad: bytes, source_key_id: str | None, destination_key_id: str | None
+    ) -> crypto_pb.ReEncryptRequest:
+        return crypto_pb.ReEncryptRequest(
+            tenant_id=self.tenant_id,
+            ciphertext=ciphertext,
+            aad=aad,
+            source_key_id=source_key_id or "",
+            destination_key_id=destination_key_id or "",
+        )
+
+    @staticmethod
+    def re_encrypted(response: crypto_pb.ReEncryptResponse) -> ReEncryptResult:
+        return ReEncryptResult(
+            ciphertext=response.ciphertext,
+            key_id=response.key_id,
+            key_version=response.key_version,
+            source_key_id=response.source_key_id,
+            source_key_version=response.source_key_version,
+        )
+
+    def batch_encrypt_request(self, items: Sequence[EncryptItem]) -> crypto_pb.BatchEncryptRequest:
+        return crypto_pb.BatchEncryptRequest(
+            tenant_id=self.tenant_id,
+            items=[
+                crypto_pb.BatchEncryptRequest.Item(key_id=i.key_id, plaintext=i.plaintext, aad=i.aad) for i in items
+            ],
+        )
+
+    def batch_decrypt_request(self, items: Sequence[DecryptItem]) -> crypto_pb.BatchDecryptRequest:
+        return crypto_pb.BatchDecryptRequest(
+            tenant_id=self.tenant_id,
+            items=[
+                crypto_pb.BatchDecryptRequest.Item(ciphertext=i.ciphertext, aad=i.aad, key_id=i.key_id or "")
+                for i in items
+            ],
+        )
+
+    @staticmethod
+    def batch_encrypted(response: crypto_pb.BatchEncryptResponse) -> list[EncryptResult | CryptoClientError]:
+        return [
+            _item_error(r.error)
+            if r.HasField("error")
+            else EncryptResult(ciphertext=r.ciphertext, key_id=r.key_id, key_version=r.key_version)
+            for r in response.results
+        ]
+
+    @staticmethod
+    def batch_decrypted(response: crypto_pb.BatchDecryptResponse) -> list[DecryptResult | CryptoClientError]:
+        return [
+            _item_error(r.error)
+            if r.HasField("error")
+            else DecryptResult(plaintext=r.plaintext, key_id=r.key_id, key_version=r.key_version)
+            for r in response.results
+        ]
+
+    def generate_session_key_request(
+        self, expire_after: timedelta | None, labels: Mapping[str, str] | None, request_id: str | None
+    ) -> key_pb.GenerateSessionKeyRequest:
+        request = key_pb.GenerateSessionKeyRequest(
+            tenant_id=self.tenant_id, labels=dict(labels or {}), request_id=request_id or uuid.uuid4().hex
+        )
+        if expire_after is not None:
+            request.expire_after.CopyFrom(_convert.duration(expire_after))
+        return request
+
+    def get_session_key_request(self, key_id: str) -> key_pb.GetSessionKeyRequest:
+        return key_pb.GetSessionKeyRequest(tenant_id=self.tenant_id, key_id=key_id)
+
+    @staticmethod
+    def session_key(response: key_pb.GenerateSessionKeyResponse | key_pb.GetSessionKeyResponse) -> SessionKey:
+        key = _convert.key_from_proto(response.key)
+        version = getattr(response, "key_version", 0) or key.primary_version
+        return SessionKey(key=key, key_material=response.key_material, key_version=version)
+
+
+def _item_error(error: crypto_pb.ItemError) -> CryptoClientError:
+    return from_item_error(error.code, error.message, error.reason, dict(error.metadata))

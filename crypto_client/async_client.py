@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -13,9 +13,21 @@ from tenacity import AsyncRetrying
 
 from crypto_client._core import ClientCore
 from crypto_client.config import ClientConfig
-from crypto_client.errors import from_rpc_error
+from crypto_client.errors import CryptoClientError, from_rpc_error
 from crypto_client.metrics import ClientStats
-from crypto_client.models import DecryptResult, EncryptResult, HealthStatus, Key, KeyState, KeyType
+from crypto_client.models import (
+    DataKey,
+    DecryptItem,
+    DecryptResult,
+    EncryptItem,
+    EncryptResult,
+    HealthStatus,
+    Key,
+    KeyState,
+    KeyType,
+    ReEncryptResult,
+    SessionKey,
+)
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc
 
 _Response = TypeVar("_Response")
@@ -145,6 +157,62 @@ class AsyncCryptoClient:
     ) -> DecryptResult:
         request = self._core.decrypt_request(ciphertext, aad, key_id)
         return self._core.decrypted(await self._call("Decrypt", self._crypto.Decrypt, request, timeout))
+
+    # -- envelope encryption, migration, batches -----------------------------------------
+
+    async def generate_data_key(
+        self, key_id: str, *, aad: bytes = b"", without_plaintext: bool = False, timeout: float | None = None
+    ) -> DataKey:
+        """A fresh 256-bit data key and its copy wrapped under `key_id` (decrypt() unwraps it)."""
+        request = self._core.generate_data_key_request(key_id, aad, without_plaintext)
+        response = await self._call("GenerateDataKey", self._crypto.GenerateDataKey, request, timeout)
+        return self._core.data_key(response, without_plaintext)
+
+    async def re_encrypt(
+        self,
+        ciphertext: bytes,
+        *,
+        aad: bytes = b"",
+        source_key_id: str | None = None,
+        destination_key_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ReEncryptResult:
+        """The plaintext under the primary version (or another key), without it leaving the service."""
+        request = self._core.re_encrypt_request(ciphertext, aad, source_key_id, destination_key_id)
+        return self._core.re_encrypted(await self._call("ReEncrypt", self._crypto.ReEncrypt, request, timeout))
+
+    async def batch_encrypt(
+        self, items: Sequence[EncryptItem], *, timeout: float | None = None
+    ) -> list[EncryptResult | CryptoClientError]:
+        """One result per item, in order: the ciphertext, or the typed error of that item alone."""
+        request = self._core.batch_encrypt_request(items)
+        return self._core.batch_encrypted(await self._call("BatchEncrypt", self._crypto.BatchEncrypt, request, timeout))
+
+    async def batch_decrypt(
+        self, items: Sequence[DecryptItem], *, timeout: float | None = None
+    ) -> list[DecryptResult | CryptoClientError]:
+        request = self._core.batch_decrypt_request(items)
+        return self._core.batch_decrypted(await self._call("BatchDecrypt", self._crypto.BatchDecrypt, request, timeout))
+
+    # -- session keys ---------------------------------------------------------------------
+
+    async def generate_session_key(
+        self,
+        *,
+        expire_after: timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> SessionKey:
+        """A new short-lived key and its material (a repeated `request_id` returns the same key)."""
+        request = self._core.generate_session_key_request(expire_after, labels, request_id)
+        response = await self._call("GenerateSessionKey", self._keys.GenerateSessionKey, request, timeout)
+        return self._core.session_key(response)
+
+    async def get_session_key(self, key_id: str, *, timeout: float | None = None) -> SessionKey:
+        """A session key's material while it is enabled and unexpired."""
+        request = self._core.get_session_key_request(key_id)
+        return self._core.session_key(await self._call("GetSessionKey", self._keys.GetSessionKey, request, timeout))
 
     # -- operations ----------------------------------------------------------------
 

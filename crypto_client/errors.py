@@ -171,6 +171,13 @@ def from_rpc_error(error: grpc.RpcError) -> CryptoClientError:
     return kind(details, code=code, reason=info.reason if info else "", metadata=dict(info.metadata) if info else {})
 
 
+def from_item_error(code: int, message: str, reason: str, metadata: Mapping[str, str]) -> CryptoClientError:
+    """The typed error for one failed item of a batch."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    kind = _BY_REASON.get(reason) or _BY_CODE.get(status, InternalServerError)
+    return kind(message, code=status, reason=reason, metadata=metadata)
+
+
 def is_transport_failure(error: CryptoClientError) -> bool:
     """Whether the error says the service could not be reached or did not answer in time.
 

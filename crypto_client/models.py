@@ -69,3 +69,45 @@ class DecryptResult:
     plaintext: bytes = field(repr=False)
     key_id: str
     key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    """A data key for envelope encryption: use `plaintext` locally, store `ciphertext`; Decrypt unwraps it."""
+
+    plaintext: bytes | None = field(repr=False)
+    ciphertext: bytes
+    key_id: str
+    key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReEncryptResult:
+    ciphertext: bytes
+    key_id: str
+    key_version: int
+    source_key_id: str
+    source_key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptItem:
+    key_id: str
+    plaintext: bytes = field(repr=False)
+    aad: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DecryptItem:
+    ciphertext: bytes
+    aad: bytes = b""
+    key_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    """A session key's metadata and its raw AES-256 key (for realtime media encryption)."""
+
+    key: Key
+    key_material: bytes = field(repr=False)
+    key_version: int = 1

@@ -24,6 +24,7 @@ from crypto_server.root_key import load_root_key
 from crypto_server.service.crypto_operations import MAX_AAD_BYTES, CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.keyring import Keyring
+from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.storage import redis_cache
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
@@ -172,7 +173,8 @@ def build_server(
             ],
         )
         add_service(server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock), middleware)
-        add_service(server, _CRYPTO_SERVICE_DESCRIPTOR, CryptoServicer(operations), middleware)
+        signatures = MacsAndSignatures(keyring, clock, max_data_bytes=settings.max_plaintext_bytes)
+        add_service(server, _CRYPTO_SERVICE_DESCRIPTOR, CryptoServicer(operations, signatures), middleware)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for add_extra_service in register:

@@ -67,6 +67,31 @@ class CryptoServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptResponse.FromString,
                 _registered_method=True)
+        self.ComputeMac = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/ComputeMac',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ComputeMacRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ComputeMacResponse.FromString,
+                _registered_method=True)
+        self.VerifyMac = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/VerifyMac',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyMacRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyMacResponse.FromString,
+                _registered_method=True)
+        self.Sign = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/Sign',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.SignRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.SignResponse.FromString,
+                _registered_method=True)
+        self.Verify = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/Verify',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyResponse.FromString,
+                _registered_method=True)
+        self.GetPublicKey = channel.unary_unary(
+                '/caas.crypto.v1.CryptoService/GetPublicKey',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyResponse.FromString,
+                _registered_method=True)
 
 
 class CryptoServiceServicer:
@@ -123,6 +148,41 @@ class CryptoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ComputeMac(self, request, context):
+        """HMAC-SHA256 of data under an ALGORITHM_HMAC_SHA256 key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyMac(self, request, context):
+        """Checks a MAC in constant time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Sign(self, request, context):
+        """Signs a message with an Ed25519 or ECDSA P-256 key. The private key never leaves the service.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Verify(self, request, context):
+        """Verifies a signature made by Sign.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPublicKey(self, request, context):
+        """The public key of a signing key's version, as PEM (SubjectPublicKeyInfo).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CryptoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +215,31 @@ def add_CryptoServiceServicer_to_server(servicer, server):
                     servicer.BatchDecrypt,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptResponse.SerializeToString,
+            ),
+            'ComputeMac': grpc.unary_unary_rpc_method_handler(
+                    servicer.ComputeMac,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ComputeMacRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ComputeMacResponse.SerializeToString,
+            ),
+            'VerifyMac': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyMac,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyMacRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyMacResponse.SerializeToString,
+            ),
+            'Sign': grpc.unary_unary_rpc_method_handler(
+                    servicer.Sign,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.SignRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.SignResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyResponse.SerializeToString,
+            ),
+            'GetPublicKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPublicKey,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,6 +407,141 @@ class CryptoService:
             '/caas.crypto.v1.CryptoService/BatchDecrypt',
             caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_crypto__service__pb2.BatchDecryptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeMac(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/ComputeMac',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ComputeMacRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.ComputeMacResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyMac(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/VerifyMac',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyMacRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyMacResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/Sign',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.SignRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.SignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/Verify',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPublicKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.CryptoService/GetPublicKey',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

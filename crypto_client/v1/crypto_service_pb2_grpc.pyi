@@ -58,6 +58,16 @@ class CryptoServiceStub:
     """
     BatchDecrypt: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.BatchDecryptRequest, _crypto_service_pb2.BatchDecryptResponse]
     """Decrypts up to the server's batch limit items; each succeeds or fails on its own."""
+    ComputeMac: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.ComputeMacRequest, _crypto_service_pb2.ComputeMacResponse]
+    """HMAC-SHA256 of data under an ALGORITHM_HMAC_SHA256 key."""
+    VerifyMac: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.VerifyMacRequest, _crypto_service_pb2.VerifyMacResponse]
+    """Checks a MAC in constant time."""
+    Sign: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.SignRequest, _crypto_service_pb2.SignResponse]
+    """Signs a message with an Ed25519 or ECDSA P-256 key. The private key never leaves the service."""
+    Verify: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.VerifyRequest, _crypto_service_pb2.VerifyResponse]
+    """Verifies a signature made by Sign."""
+    GetPublicKey: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.GetPublicKeyRequest, _crypto_service_pb2.GetPublicKeyResponse]
+    """The public key of a signing key's version, as PEM (SubjectPublicKeyInfo)."""
 
 @_typing.type_check_only
 class CryptoServiceAsyncStub(CryptoServiceStub):
@@ -89,6 +99,16 @@ class CryptoServiceAsyncStub(CryptoServiceStub):
     """
     BatchDecrypt: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.BatchDecryptRequest, _crypto_service_pb2.BatchDecryptResponse]  # type: ignore[assignment]
     """Decrypts up to the server's batch limit items; each succeeds or fails on its own."""
+    ComputeMac: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.ComputeMacRequest, _crypto_service_pb2.ComputeMacResponse]  # type: ignore[assignment]
+    """HMAC-SHA256 of data under an ALGORITHM_HMAC_SHA256 key."""
+    VerifyMac: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.VerifyMacRequest, _crypto_service_pb2.VerifyMacResponse]  # type: ignore[assignment]
+    """Checks a MAC in constant time."""
+    Sign: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.SignRequest, _crypto_service_pb2.SignResponse]  # type: ignore[assignment]
+    """Signs a message with an Ed25519 or ECDSA P-256 key. The private key never leaves the service."""
+    Verify: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.VerifyRequest, _crypto_service_pb2.VerifyResponse]  # type: ignore[assignment]
+    """Verifies a signature made by Sign."""
+    GetPublicKey: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.GetPublicKeyRequest, _crypto_service_pb2.GetPublicKeyResponse]  # type: ignore[assignment]
+    """The public key of a signing key's version, as PEM (SubjectPublicKeyInfo)."""
 
 class CryptoServiceServicer(metaclass=_abc_1.ABCMeta):
     """CryptoService encrypts and decrypts with a tenant's keys (AES-256-GCM).
@@ -153,5 +173,45 @@ class CryptoServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_crypto_service_pb2.BatchDecryptResponse, _abc.Awaitable[_crypto_service_pb2.BatchDecryptResponse]]:
         """Decrypts up to the server's batch limit items; each succeeds or fails on its own."""
+
+    @_abc_1.abstractmethod
+    def ComputeMac(
+        self,
+        request: _crypto_service_pb2.ComputeMacRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.ComputeMacResponse, _abc.Awaitable[_crypto_service_pb2.ComputeMacResponse]]:
+        """HMAC-SHA256 of data under an ALGORITHM_HMAC_SHA256 key."""
+
+    @_abc_1.abstractmethod
+    def VerifyMac(
+        self,
+        request: _crypto_service_pb2.VerifyMacRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.VerifyMacResponse, _abc.Awaitable[_crypto_service_pb2.VerifyMacResponse]]:
+        """Checks a MAC in constant time."""
+
+    @_abc_1.abstractmethod
+    def Sign(
+        self,
+        request: _crypto_service_pb2.SignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.SignResponse, _abc.Awaitable[_crypto_service_pb2.SignResponse]]:
+        """Signs a message with an Ed25519 or ECDSA P-256 key. The private key never leaves the service."""
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _crypto_service_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.VerifyResponse, _abc.Awaitable[_crypto_service_pb2.VerifyResponse]]:
+        """Verifies a signature made by Sign."""
+
+    @_abc_1.abstractmethod
+    def GetPublicKey(
+        self,
+        request: _crypto_service_pb2.GetPublicKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_crypto_service_pb2.GetPublicKeyResponse, _abc.Awaitable[_crypto_service_pb2.GetPublicKeyResponse]]:
+        """The public key of a signing key's version, as PEM (SubjectPublicKeyInfo)."""
 
 def add_CryptoServiceServicer_to_server(servicer: CryptoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

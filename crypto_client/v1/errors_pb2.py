@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61\x61s/crypto/v1/errors.proto\x12\x0e\x63\x61\x61s.crypto.v1*\xc6\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_KEY_NOT_FOUND\x10\x02\x12\"\n\x1e\x45RROR_REASON_MASTER_KEY_EXISTS\x10\x03\x12\x1d\n\x19\x45RROR_REASON_KEY_DISABLED\x10\x04\x12\x1c\n\x18\x45RROR_REASON_KEY_EXPIRED\x10\x05\x12\"\n\x1e\x45RROR_REASON_KEY_TYPE_MISMATCH\x10\x06\x12\"\n\x1e\x45RROR_REASON_DECRYPTION_FAILED\x10\x07\x12\'\n#ERROR_REASON_MASTER_KEY_UNAVAILABLE\x10\x08\x12(\n$ERROR_REASON_CONCURRENT_MODIFICATION\x10\t\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\n\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0b\x12\x1e\n\x1a\x45RROR_REASON_KEY_INTEGRITY\x10\x0c\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61\x61s/crypto/v1/errors.proto\x12\x0e\x63\x61\x61s.crypto.v1*\xeb\x03\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12\x1e\n\x1a\x45RROR_REASON_KEY_NOT_FOUND\x10\x02\x12\"\n\x1e\x45RROR_REASON_MASTER_KEY_EXISTS\x10\x03\x12\x1d\n\x19\x45RROR_REASON_KEY_DISABLED\x10\x04\x12\x1c\n\x18\x45RROR_REASON_KEY_EXPIRED\x10\x05\x12\"\n\x1e\x45RROR_REASON_KEY_TYPE_MISMATCH\x10\x06\x12\"\n\x1e\x45RROR_REASON_DECRYPTION_FAILED\x10\x07\x12\'\n#ERROR_REASON_MASTER_KEY_UNAVAILABLE\x10\x08\x12(\n$ERROR_REASON_CONCURRENT_MODIFICATION\x10\t\x12\"\n\x1e\x45RROR_REASON_STORE_UNAVAILABLE\x10\n\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0b\x12\x1e\n\x1a\x45RROR_REASON_KEY_INTEGRITY\x10\x0c\x12#\n\x1f\x45RROR_REASON_ALGORITHM_MISMATCH\x10\rb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,5 +32,5 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'caas.crypto.v1.errors_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ERRORREASON']._serialized_start=48
-  _globals['_ERRORREASON']._serialized_end=502
+  _globals['_ERRORREASON']._serialized_end=539
 # @@protoc_insertion_point(module_scope)

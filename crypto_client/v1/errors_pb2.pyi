@@ -53,6 +53,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """An unexpected server error; the log line with the request id says more."""
     ERROR_REASON_KEY_INTEGRITY: _ErrorReason.ValueType  # 12
     """A stored key does not unwrap: the key store was altered or damaged."""
+    ERROR_REASON_ALGORITHM_MISMATCH: _ErrorReason.ValueType  # 13
+    """The key's algorithm does not do this operation (e.g. Encrypt with an HMAC key)."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -92,4 +94,6 @@ ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 11
 """An unexpected server error; the log line with the request id says more."""
 ERROR_REASON_KEY_INTEGRITY: ErrorReason.ValueType  # 12
 """A stored key does not unwrap: the key store was altered or damaged."""
+ERROR_REASON_ALGORITHM_MISMATCH: ErrorReason.ValueType  # 13
+"""The key's algorithm does not do this operation (e.g. Encrypt with an HMAC key)."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -26,7 +26,7 @@ from crypto_client.v1 import resources_pb2 as caas_dot_crypto_dot_v1_dot_resourc
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n caas/crypto/v1/key_service.proto\x12\x0e\x63\x61\x61s.crypto.v1\x1a\x1e\x63\x61\x61s/crypto/v1/resources.proto\x1a\x1egoogle/protobuf/duration.proto\"\xb6\x02\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12)\n\x08key_type\x18\x02 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12/\n\x0c\x65xpire_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frotation_period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x06labels\x18\x05 \x03(\x0b\x32,.caas.crypto.v1.CreateKeyRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x11\x43reateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"2\n\rGetKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"2\n\x0eGetKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\x9f\x01\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.caas.crypto.v1.KeyState\"N\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.caas.crypto.v1.Key\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x10RotateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"5\n\x11RotateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"6\n\x11\x44isableKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"6\n\x12\x44isableKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"5\n\x10\x45nableKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"5\n\x11\x45nableKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\xe9\x01\n\x19GenerateSessionKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\x0c\x65xpire_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x45\n\x06labels\x18\x03 \x03(\x0b\x32\x35.caas.crypto.v1.GenerateSessionKeyRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x1aGenerateSessionKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\x12\x14\n\x0ckey_material\x18\x02 \x01(\x0c\"9\n\x14GetSessionKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"d\n\x15GetSessionKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\x12\x14\n\x0ckey_material\x18\x02 \x01(\x0c\x12\x13\n\x0bkey_version\x18\x03 \x01(\r2\xba\x05\n\nKeyService\x12P\n\tCreateKey\x12 .caas.crypto.v1.CreateKeyRequest\x1a!.caas.crypto.v1.CreateKeyResponse\x12G\n\x06GetKey\x12\x1d.caas.crypto.v1.GetKeyRequest\x1a\x1e.caas.crypto.v1.GetKeyResponse\x12M\n\x08ListKeys\x12\x1f.caas.crypto.v1.ListKeysRequest\x1a .caas.crypto.v1.ListKeysResponse\x12P\n\tRotateKey\x12 .caas.crypto.v1.RotateKeyRequest\x1a!.caas.crypto.v1.RotateKeyResponse\x12S\n\nDisableKey\x12!.caas.crypto.v1.DisableKeyRequest\x1a\".caas.crypto.v1.DisableKeyResponse\x12P\n\tEnableKey\x12 .caas.crypto.v1.EnableKeyRequest\x1a!.caas.crypto.v1.EnableKeyResponse\x12k\n\x12GenerateSessionKey\x12).caas.crypto.v1.GenerateSessionKeyRequest\x1a*.caas.crypto.v1.GenerateSessionKeyResponse\x12\\\n\rGetSessionKey\x12$.caas.crypto.v1.GetSessionKeyRequest\x1a%.caas.crypto.v1.GetSessionKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n caas/crypto/v1/key_service.proto\x12\x0e\x63\x61\x61s.crypto.v1\x1a\x1e\x63\x61\x61s/crypto/v1/resources.proto\x1a\x1egoogle/protobuf/duration.proto\"\xe4\x02\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12)\n\x08key_type\x18\x02 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12/\n\x0c\x65xpire_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frotation_period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x06labels\x18\x05 \x03(\x0b\x32,.caas.crypto.v1.CreateKeyRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12,\n\talgorithm\x18\x07 \x01(\x0e\x32\x19.caas.crypto.v1.Algorithm\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x11\x43reateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"2\n\rGetKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"2\n\x0eGetKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\x9f\x01\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.caas.crypto.v1.KeyState\"N\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.caas.crypto.v1.Key\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x10RotateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"5\n\x11RotateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"6\n\x11\x44isableKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"6\n\x12\x44isableKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"5\n\x10\x45nableKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"5\n\x11\x45nableKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\xe9\x01\n\x19GenerateSessionKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\x0c\x65xpire_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x45\n\x06labels\x18\x03 \x03(\x0b\x32\x35.caas.crypto.v1.GenerateSessionKeyRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x1aGenerateSessionKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\x12\x14\n\x0ckey_material\x18\x02 \x01(\x0c\"9\n\x14GetSessionKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"d\n\x15GetSessionKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\x12\x14\n\x0ckey_material\x18\x02 \x01(\x0c\x12\x13\n\x0bkey_version\x18\x03 \x01(\r2\xba\x05\n\nKeyService\x12P\n\tCreateKey\x12 .caas.crypto.v1.CreateKeyRequest\x1a!.caas.crypto.v1.CreateKeyResponse\x12G\n\x06GetKey\x12\x1d.caas.crypto.v1.GetKeyRequest\x1a\x1e.caas.crypto.v1.GetKeyResponse\x12M\n\x08ListKeys\x12\x1f.caas.crypto.v1.ListKeysRequest\x1a .caas.crypto.v1.ListKeysResponse\x12P\n\tRotateKey\x12 .caas.crypto.v1.RotateKeyRequest\x1a!.caas.crypto.v1.RotateKeyResponse\x12S\n\nDisableKey\x12!.caas.crypto.v1.DisableKeyRequest\x1a\".caas.crypto.v1.DisableKeyResponse\x12P\n\tEnableKey\x12 .caas.crypto.v1.EnableKeyRequest\x1a!.caas.crypto.v1.EnableKeyResponse\x12k\n\x12GenerateSessionKey\x12).caas.crypto.v1.GenerateSessionKeyRequest\x1a*.caas.crypto.v1.GenerateSessionKeyResponse\x12\\\n\rGetSessionKey\x12$.caas.crypto.v1.GetSessionKeyRequest\x1a%.caas.crypto.v1.GetSessionKeyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,41 +38,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEKEYREQUEST']._serialized_start=117
-  _globals['_CREATEKEYREQUEST']._serialized_end=427
-  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_start=382
-  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_end=427
-  _globals['_CREATEKEYRESPONSE']._serialized_start=429
-  _globals['_CREATEKEYRESPONSE']._serialized_end=482
-  _globals['_GETKEYREQUEST']._serialized_start=484
-  _globals['_GETKEYREQUEST']._serialized_end=534
-  _globals['_GETKEYRESPONSE']._serialized_start=536
-  _globals['_GETKEYRESPONSE']._serialized_end=586
-  _globals['_LISTKEYSREQUEST']._serialized_start=589
-  _globals['_LISTKEYSREQUEST']._serialized_end=748
-  _globals['_LISTKEYSRESPONSE']._serialized_start=750
-  _globals['_LISTKEYSRESPONSE']._serialized_end=828
-  _globals['_ROTATEKEYREQUEST']._serialized_start=830
-  _globals['_ROTATEKEYREQUEST']._serialized_end=903
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=905
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=958
-  _globals['_DISABLEKEYREQUEST']._serialized_start=960
-  _globals['_DISABLEKEYREQUEST']._serialized_end=1014
-  _globals['_DISABLEKEYRESPONSE']._serialized_start=1016
-  _globals['_DISABLEKEYRESPONSE']._serialized_end=1070
-  _globals['_ENABLEKEYREQUEST']._serialized_start=1072
-  _globals['_ENABLEKEYREQUEST']._serialized_end=1125
-  _globals['_ENABLEKEYRESPONSE']._serialized_start=1127
-  _globals['_ENABLEKEYRESPONSE']._serialized_end=1180
-  _globals['_GENERATESESSIONKEYREQUEST']._serialized_start=1183
-  _globals['_GENERATESESSIONKEYREQUEST']._serialized_end=1416
-  _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_start=382
-  _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_end=427
-  _globals['_GENERATESESSIONKEYRESPONSE']._serialized_start=1418
-  _globals['_GENERATESESSIONKEYRESPONSE']._serialized_end=1502
-  _globals['_GETSESSIONKEYREQUEST']._serialized_start=1504
-  _globals['_GETSESSIONKEYREQUEST']._serialized_end=1561
-  _globals['_GETSESSIONKEYRESPONSE']._serialized_start=1563
-  _globals['_GETSESSIONKEYRESPONSE']._serialized_end=1663
-  _globals['_KEYSERVICE']._serialized_start=1666
-  _globals['_KEYSERVICE']._serialized_end=2364
+  _globals['_CREATEKEYREQUEST']._serialized_end=473
+  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_start=428
+  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_end=473
+  _globals['_CREATEKEYRESPONSE']._serialized_start=475
+  _globals['_CREATEKEYRESPONSE']._serialized_end=528
+  _globals['_GETKEYREQUEST']._serialized_start=530
+  _globals['_GETKEYREQUEST']._serialized_end=580
+  _globals['_GETKEYRESPONSE']._serialized_start=582
+  _globals['_GETKEYRESPONSE']._serialized_end=632
+  _globals['_LISTKEYSREQUEST']._serialized_start=635
+  _globals['_LISTKEYSREQUEST']._serialized_end=794
+  _globals['_LISTKEYSRESPONSE']._serialized_start=796
+  _globals['_LISTKEYSRESPONSE']._serialized_end=874
+  _globals['_ROTATEKEYREQUEST']._serialized_start=876
+  _globals['_ROTATEKEYREQUEST']._serialized_end=949
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=951
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1004
+  _globals['_DISABLEKEYREQUEST']._serialized_start=1006
+  _globals['_DISABLEKEYREQUEST']._serialized_end=1060
+  _globals['_DISABLEKEYRESPONSE']._serialized_start=1062
+  _globals['_DISABLEKEYRESPONSE']._serialized_end=1116
+  _globals['_ENABLEKEYREQUEST']._serialized_start=1118
+  _globals['_ENABLEKEYREQUEST']._serialized_end=1171
+  _globals['_ENABLEKEYRESPONSE']._serialized_start=1173
+  _globals['_ENABLEKEYRESPONSE']._serialized_end=1226
+  _globals['_GENERATESESSIONKEYREQUEST']._serialized_start=1229
+  _globals['_GENERATESESSIONKEYREQUEST']._serialized_end=1462
+  _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_start=428
+  _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_end=473
+  _globals['_GENERATESESSIONKEYRESPONSE']._serialized_start=1464
+  _globals['_GENERATESESSIONKEYRESPONSE']._serialized_end=1548
+  _globals['_GETSESSIONKEYREQUEST']._serialized_start=1550
+  _globals['_GETSESSIONKEYREQUEST']._serialized_end=1607
+  _globals['_GETSESSIONKEYRESPONSE']._serialized_start=1609
+  _globals['_GETSESSIONKEYRESPONSE']._serialized_end=1709
+  _globals['_KEYSERVICE']._serialized_start=1712
+  _globals['_KEYSERVICE']._serialized_end=2410
 # @@protoc_insertion_point(module_scope)

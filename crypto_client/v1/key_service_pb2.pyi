@@ -50,6 +50,7 @@ class CreateKeyRequest(_message.Message):
     ROTATION_PERIOD_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     key_type: _resources_pb2.KeyType.ValueType
     request_id: _builtins.str
@@ -59,6 +60,8 @@ class CreateKeyRequest(_message.Message):
     state), so a retry after a lost response never makes a second key. The
     same request_id with different parameters is INVALID_ARGUMENT.
     """
+    algorithm: _resources_pb2.Algorithm.ValueType
+    """What the key does; default AES-256-GCM. Only data keys may choose another."""
     @_builtins.property
     def expire_after(self) -> _duration_pb2.Duration:
         """Lifetime of each version for encryption. Defaults: 365 days for data
@@ -81,10 +84,11 @@ class CreateKeyRequest(_message.Message):
         rotation_period: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        algorithm: _resources_pb2.Algorithm.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "rotation_period", b"rotation_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "key_type", b"key_type", "labels", b"labels", "request_id", b"request_id", "rotation_period", b"rotation_period", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "expire_after", b"expire_after", "key_type", b"key_type", "labels", b"labels", "request_id", b"request_id", "rotation_period", b"rotation_period", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

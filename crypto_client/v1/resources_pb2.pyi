@@ -51,6 +51,38 @@ KEY_TYPE_SESSION: KeyType.ValueType  # 3
 """A short-lived data key (default lifetime 24 h) for realtime use."""
 Global___KeyType: _TypeAlias = KeyType  # noqa: Y015
 
+class _Algorithm:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Algorithm.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALGORITHM_UNSPECIFIED: _Algorithm.ValueType  # 0
+    ALGORITHM_AES_256_GCM: _Algorithm.ValueType  # 1
+    """Encrypt, Decrypt, GenerateDataKey, ReEncrypt. The default."""
+    ALGORITHM_HMAC_SHA256: _Algorithm.ValueType  # 2
+    """ComputeMac, VerifyMac."""
+    ALGORITHM_ED25519: _Algorithm.ValueType  # 3
+    """Sign, Verify, GetPublicKey (pure Ed25519 over the message)."""
+    ALGORITHM_ECDSA_P256_SHA256: _Algorithm.ValueType  # 4
+    """Sign, Verify, GetPublicKey (ECDSA on P-256 over SHA-256, DER signatures)."""
+
+class Algorithm(_Algorithm, metaclass=_AlgorithmEnumTypeWrapper):
+    """Algorithm is what a key does. Master and session keys are always
+    AES-256-GCM; data keys may be any of these.
+    """
+
+ALGORITHM_UNSPECIFIED: Algorithm.ValueType  # 0
+ALGORITHM_AES_256_GCM: Algorithm.ValueType  # 1
+"""Encrypt, Decrypt, GenerateDataKey, ReEncrypt. The default."""
+ALGORITHM_HMAC_SHA256: Algorithm.ValueType  # 2
+"""ComputeMac, VerifyMac."""
+ALGORITHM_ED25519: Algorithm.ValueType  # 3
+"""Sign, Verify, GetPublicKey (pure Ed25519 over the message)."""
+ALGORITHM_ECDSA_P256_SHA256: Algorithm.ValueType  # 4
+"""Sign, Verify, GetPublicKey (ECDSA on P-256 over SHA-256, DER signatures)."""
+Global___Algorithm: _TypeAlias = Algorithm  # noqa: Y015
+
 class _KeyState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -176,6 +208,7 @@ class Key(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ROTATION_PERIOD_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    ALGORITHM_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Server-generated UUID (RFC 4122 text form)."""
     tenant_id: _builtins.str
@@ -183,6 +216,7 @@ class Key(_message.Message):
     state: Global___KeyState.ValueType
     primary_version: _builtins.int
     """The version that new encryptions use."""
+    algorithm: Global___Algorithm.ValueType
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyVersion]:
         """Every version, oldest first."""
@@ -212,10 +246,11 @@ class Key(_message.Message):
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         rotation_period: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        algorithm: Global___Algorithm.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "rotation_period", b"rotation_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "primary_version", b"primary_version", "rotation_period", b"rotation_period", "state", b"state", "tenant_id", b"tenant_id", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "primary_version", b"primary_version", "rotation_period", b"rotation_period", "state", b"state", "tenant_id", b"tenant_id", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,3 +89,11 @@ class UnexpectedError(CryptoServiceError):
 
     def __init__(self) -> None:
         super().__init__("internal error processing this item; the server log has details")
+
+
+class AlgorithmMismatch(CryptoServiceError):
+    """The key's algorithm does not do the requested operation."""
+
+    def __init__(self, key_id: str, algorithm: str, operation: str, needed: str) -> None:
+        super().__init__(f"key {key_id} is an {algorithm} key; {operation} needs {needed}")
+        self.key_id = key_id

@@ -27,15 +27,12 @@ class UnwrapFailed(Exception):
     """The wrapped bytes do not open under this parent key and binding."""
 
 
-def generate_key_material() -> bytes:
-    """32 bytes from the operating system's CSPRNG."""
-    return os.urandom(KEY_BYTES)
-
-
-def _binding(tenant_id: str, key_id: str, key_type: str, version: int, parent_version: int) -> bytes:
+def _binding(tenant_id: str, key_id: str, key_type: str, version: int, parent_version: int, algorithm: str) -> bytes:
     tenant = tenant_id.encode()
     ident = key_id.encode()
-    kind = key_type.encode()
+    # The algorithm is bound too: material copied onto a record claiming another algorithm must not
+    # turn an encryption key into a MAC or signing key.
+    kind = f"{key_type}/{algorithm}".encode()
     return b"".join(
         (
             _WRAP_DOMAIN,
@@ -59,10 +56,11 @@ def wrap_key(
     key_type: str,
     version: int,
     parent_version: int,
+    algorithm: str,
 ) -> bytes:
     """Encrypt `material` under `parent`, bound to the key version it belongs to."""
     nonce = os.urandom(NONCE_BYTES)
-    aad = _binding(tenant_id, key_id, key_type, version, parent_version)
+    aad = _binding(tenant_id, key_id, key_type, version, parent_version, algorithm)
     return nonce + parent.encrypt(nonce, material, aad)
 
 
@@ -75,11 +73,12 @@ def unwrap_key(
     key_type: str,
     version: int,
     parent_version: int,
+    algorithm: str,
 ) -> bytes:
     """Inverse of `wrap_key`. Raises UnwrapFailed on any mismatch."""
     if len(wrapped) != WRAPPED_KEY_BYTES:
         raise UnwrapFailed("wrapped key has the wrong length")
-    aad = _binding(tenant_id, key_id, key_type, version, parent_version)
+    aad = _binding(tenant_id, key_id, key_type, version, parent_version, algorithm)
     try:
         return parent.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], aad)
     except InvalidTag:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
+from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import InvalidArgument
 
 TENANT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -193,6 +194,7 @@ class Key:
     parent_key_id: str | None
     # Bumped by the store on every write to the key; lets caches refuse to replace newer state with older.
     revision: int = 0
+    algorithm: Algorithm = Algorithm.AES_256_GCM
 
     @property
     def primary(self) -> KeyVersion:
@@ -211,9 +213,16 @@ class Key:
     def version_for_request(self, request_id: str) -> KeyVersion | None:
         return next((v for v in self.versions if v.request_id == request_id), None)
 
-    def same_creation_as(self, key_type: KeyType, policy: KeyPolicy, labels: Mapping[str, str]) -> bool:
+    def same_creation_as(
+        self, key_type: KeyType, policy: KeyPolicy, labels: Mapping[str, str], algorithm: Algorithm
+    ) -> bool:
         """Whether a CreateKey with these parameters would have made this key (an idempotent repeat)."""
-        return self.key_type is key_type and self.policy == policy and dict(self.labels) == dict(labels)
+        return (
+            self.key_type is key_type
+            and self.policy == policy
+            and dict(self.labels) == dict(labels)
+            and self.algorithm is algorithm
+        )
 
     def version(self, number: int) -> KeyVersion | None:
         # Versions are 1..n in order, so the number is the index plus one.

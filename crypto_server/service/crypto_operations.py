@@ -14,8 +14,10 @@ from functools import partial
 from typing import TypeVar
 
 from crypto_server.domain import ciphertext as codec
+from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import (
+    AlgorithmMismatch,
     CryptoServiceError,
     DecryptionFailed,
     InvalidArgument,
@@ -25,8 +27,8 @@ from crypto_server.domain.errors import (
     KeyTypeMismatch,
     UnexpectedError,
 )
-from crypto_server.domain.keys import KeyType, KeyVersionState, parse_key_id, validate_tenant_id
-from crypto_server.service.keyring import Keyring, LoadedKey
+from crypto_server.domain.keys import KeyType, KeyVersionState, validate_tenant_id
+from crypto_server.service.keyring import Keyring
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_PLAINTEXT_BYTES = 1024 * 1024
@@ -86,15 +88,6 @@ class CryptoOperations:
         self.max_plaintext_bytes = max_plaintext_bytes
         self.max_batch_items = max_batch_items
 
-    def _key(self, tenant_id: str, key_id: str) -> LoadedKey:
-        # Only valid ids are ever in the keyring, so a hit needs no validation.
-        loaded = self._keyring.fresh(tenant_id, key_id)
-        if loaded is None:
-            validate_tenant_id(tenant_id)
-            parse_key_id(key_id)
-            loaded = self._keyring.get(tenant_id, key_id)
-        return loaded
-
     def encrypt(self, tenant_id: str, key_id: str, plaintext: bytes, aad: bytes = b"") -> Encrypted:
         if len(plaintext) > self.max_plaintext_bytes:
             raise InvalidArgument(
@@ -103,8 +96,10 @@ class CryptoOperations:
                 "split the data or use envelope encryption",
             )
         _check_aad(aad)
-        loaded = self._key(tenant_id, key_id)
+        loaded = self._keyring.lookup(tenant_id, key_id)
         key = loaded.key
+        if key.algorithm is not Algorithm.AES_256_GCM:
+            raise AlgorithmMismatch(key_id, key.algorithm.value, "Encrypt", "an AES_256_GCM key")
         if key.key_type is KeyType.MASTER:
             raise KeyTypeMismatch(
                 key_id, f"key {key_id} is the tenant's master key, which only wraps other keys; encrypt with a data key"
@@ -128,18 +123,22 @@ class CryptoOperations:
         """
         validate_tenant_id(tenant_id)
         _check_aad(aad)
-        named = self._key(tenant_id, key_id) if key_id else None
+        named = self._keyring.lookup(tenant_id, key_id) if key_id else None
         if len(ciphertext) > self.max_plaintext_bytes + codec.OVERHEAD_BYTES:
             raise DecryptionFailed()
         header = codec.read_header(ciphertext)
         if named is not None and header.key_id != named.key_uuid:
             raise DecryptionFailed()
         try:
-            loaded = named or self._key(tenant_id, str(header.key_id))
+            loaded = named or self._keyring.lookup(tenant_id, str(header.key_id))
         except KeyNotFound:
             raise DecryptionFailed() from None
         key = loaded.key
-        if key.key_type is KeyType.MASTER or key.version(header.key_version) is None:
+        if (
+            key.key_type is KeyType.MASTER
+            or key.algorithm is not Algorithm.AES_256_GCM
+            or key.version(header.key_version) is None
+        ):
             raise DecryptionFailed()
         if key.disabled:
             raise KeyDisabled(key.key_id)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
+from crypto_server.domain.algorithms import Algorithm, new_material
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import (
     ConcurrentModification,
@@ -24,7 +25,7 @@ from crypto_server.domain.errors import (
     MasterKeyExists,
     MasterKeyUnavailable,
 )
-from crypto_server.domain.key_wrap import generate_key_material, wrap_key
+from crypto_server.domain.key_wrap import wrap_key
 from crypto_server.domain.keys import (
     MAX_SESSION_KEY_LIFETIME,
     Key,
@@ -83,17 +84,22 @@ class KeyLifecycle:
         rotation_period: timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         request_id: str = "",
+        algorithm: Algorithm = Algorithm.AES_256_GCM,
     ) -> Key:
         """Create a key; with a `request_id`, a repeat of the same request returns the first key instead."""
         validate_tenant_id(tenant_id)
         validate_request_id(request_id)
+        if key_type is not KeyType.DATA and algorithm is not Algorithm.AES_256_GCM:
+            raise InvalidArgument(
+                "algorithm", f"{key_type.value.lower()} keys are AES_256_GCM; only data keys may use {algorithm.value}"
+            )
         policy = KeyPolicy.for_new_key(
             key_type, expire_after, rotation_period, max_session_lifetime=self._max_session_lifetime
         )
         checked_labels = validate_labels(labels or {})
         key_id = key_id_for_request(tenant_id, request_id) if request_id else str(uuid.uuid4())
         if request_id:
-            repeat = self._earlier_creation(tenant_id, key_id, key_type, policy, checked_labels)
+            repeat = self._earlier_creation(tenant_id, key_id, key_type, policy, checked_labels, algorithm)
             if repeat is not None:
                 return repeat
         if key_type is KeyType.MASTER:
@@ -103,12 +109,16 @@ class KeyLifecycle:
             parent = None
         else:
             parent = self._master_for_wrapping(tenant_id)
-        key = self._new_key(tenant_id, key_id, key_type, policy, checked_labels, parent)
+        key = self._new_key(tenant_id, key_id, key_type, policy, checked_labels, parent, algorithm)
         try:
             self._store.insert_key(key)
         except DuplicateKeyId:
             # The same request raced with itself (a retry while the first attempt was still running).
-            repeat = self._earlier_creation(tenant_id, key_id, key_type, policy, checked_labels) if request_id else None
+            repeat = (
+                self._earlier_creation(tenant_id, key_id, key_type, policy, checked_labels, algorithm)
+                if request_id
+                else None
+            )
             if repeat is None:
                 raise ConcurrentModification("the new key's id collided with another key; retry") from None
             return repeat
@@ -118,13 +128,19 @@ class KeyLifecycle:
         return key
 
     def _earlier_creation(
-        self, tenant_id: str, key_id: str, key_type: KeyType, policy: KeyPolicy, labels: Mapping[str, str]
+        self,
+        tenant_id: str,
+        key_id: str,
+        key_type: KeyType,
+        policy: KeyPolicy,
+        labels: Mapping[str, str],
+        algorithm: Algorithm,
     ) -> Key | None:
         """The key an earlier CreateKey with the same request id made, if any."""
         existing = self._store.get_key(tenant_id, key_id)
         if existing is None:
             return None
-        if not existing.same_creation_as(key_type, policy, labels):
+        if not existing.same_creation_as(key_type, policy, labels, algorithm):
             raise InvalidArgument("request_id", "was already used by a CreateKey with other parameters")
         return existing
 
@@ -136,10 +152,13 @@ class KeyLifecycle:
         policy: KeyPolicy,
         labels: Mapping[str, str],
         parent: Key | None,
+        algorithm: Algorithm = Algorithm.AES_256_GCM,
     ) -> Key:
         """A key with its first version, wrapped under `parent` (the root key for a master key)."""
         now = to_key_precision(self._clock.now())
-        first = self._new_version(tenant_id, key_id, key_type, 1, now, policy.expiry_for(now), parent)
+        first = self._new_version(
+            tenant_id, key_id, key_type, 1, now, policy.expiry_for(now), parent, algorithm=algorithm
+        )
         return Key(
             key_id=key_id,
             tenant_id=tenant_id,
@@ -151,6 +170,7 @@ class KeyLifecycle:
             policy=policy,
             labels=labels,
             parent_key_id=None if parent is None else parent.key_id,
+            algorithm=algorithm,
         )
 
     def _master_for_wrapping(self, tenant_id: str) -> Key:
@@ -182,6 +202,7 @@ class KeyLifecycle:
         expires_at: datetime | None,
         parent: Key | None,
         *,
+        algorithm: Algorithm,
         request_id: str | None = None,
     ) -> KeyVersion:
         """Fresh material for `version`, wrapped under the parent's primary version (the root key if None)."""
@@ -193,12 +214,13 @@ class KeyLifecycle:
             wrapping = self._keyring.aead(self._keyring.remember(parent), parent_version)
         wrapped = wrap_key(
             wrapping,
-            generate_key_material(),
+            new_material(algorithm),
             tenant_id=tenant_id,
             key_id=key_id,
             key_type=key_type.value,
             version=version,
             parent_version=parent_version,
+            algorithm=algorithm.value,
         )
         return KeyVersion(
             version=version,
@@ -315,6 +337,7 @@ class KeyLifecycle:
                 now,
                 key.policy.expiry_for(now),
                 parent,
+                algorithm=key.algorithm,
                 request_id=request_id or None,
             )
             if self._store.add_version(tenant_id, key_id, version):

@@ -16,14 +16,18 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto_server.domain.errors import KeyIntegrityError, KeyNotFound, MasterKeyUnavailable, StoreUnavailable
 from crypto_server.domain.key_wrap import UnwrapFailed, unwrap_key
-from crypto_server.domain.keys import Key
+from crypto_server.domain.keys import Key, parse_key_id, validate_tenant_id
 from crypto_server.storage.port import KeyStore
+
+_P = TypeVar("_P")
 
 
 @dataclass(slots=True)
@@ -33,7 +37,8 @@ class LoadedKey:
     key: Key
     key_uuid: uuid.UUID
     loaded_at: float
-    aeads: dict[int, AESGCM] = field(default_factory=dict)
+    # Per version, the object built from its unwrapped material (AESGCM, a signing key, MAC bytes).
+    primitives: dict[int, Any] = field(default_factory=dict)
 
 
 class Keyring:
@@ -57,6 +62,15 @@ class Keyring:
                 self._loaded.move_to_end(slot)
                 return loaded
         return None
+
+    def lookup(self, tenant_id: str, key_id: str) -> LoadedKey:
+        """`get` for ids straight from a request: validated only on a miss (only valid ids are ever held)."""
+        loaded = self.fresh(tenant_id, key_id)
+        if loaded is None:
+            validate_tenant_id(tenant_id)
+            parse_key_id(key_id)
+            loaded = self.get(tenant_id, key_id)
+        return loaded
 
     def get(self, tenant_id: str, key_id: str) -> LoadedKey:
         """The key, from memory when fresh, else from the store. Raises KeyNotFound.
@@ -92,8 +106,8 @@ class Keyring:
         with self._lock:
             previous = self._loaded.get(slot)
             if previous is not None and previous.key.versions == key.versions:
-                # Same material: keep the AEADs already unwrapped.
-                loaded.aeads = previous.aeads
+                # Same material: keep what was already unwrapped.
+                loaded.primitives = previous.primitives
             self._loaded[slot] = loaded
             self._loaded.move_to_end(slot)
             while len(self._loaded) > self._max_keys:
@@ -118,13 +132,18 @@ class Keyring:
 
         Raises MasterKeyUnavailable when the parent master key is disabled.
         """
-        aead = loaded.aeads.get(version)
-        if aead is not None:
-            return aead
-        aead = AESGCM(self.material(loaded, version))
-        # Racing threads may both unwrap; the results are identical, so last write wins harmlessly.
-        loaded.aeads[version] = aead
+        aead: AESGCM = self.primitive(loaded, version, AESGCM)
         return aead
+
+    def primitive(self, loaded: LoadedKey, version: int, build: Callable[[bytes], _P]) -> _P:
+        """`build(material)` for one version, built on first use and kept with the loaded key."""
+        built = loaded.primitives.get(version)
+        if built is None:
+            built = build(self.material(loaded, version))
+            # Racing threads may both unwrap; the results are identical, so last write wins harmlessly.
+            loaded.primitives[version] = built
+        result: _P = built
+        return result
 
     def material(self, loaded: LoadedKey, version: int) -> bytes:
         """The raw bytes of one version, unwrapped through its parent. Only for RPCs whose purpose is
@@ -152,6 +171,7 @@ class Keyring:
                 key_type=key.key_type.value,
                 version=record.version,
                 parent_version=record.parent_version,
+                algorithm=key.algorithm.value,
             )
         except UnwrapFailed as error:
             raise KeyIntegrityError(f"key {key.key_id} version {version} does not unwrap") from error

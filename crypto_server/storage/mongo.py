@@ -30,6 +30,7 @@ from pymongo import ASCENDING, MongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from crypto_server.call_deadline import time_left
+from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
 from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyQuery
@@ -120,6 +121,7 @@ class MongoKeyStore:
             "labels": dict(key.labels),
             "parent_key_id": key.parent_key_id,
             "revision": key.revision,
+            "algorithm": key.algorithm.value,
         }
 
     @staticmethod
@@ -165,6 +167,7 @@ class MongoKeyStore:
                 labels=doc["labels"],
                 parent_key_id=doc["parent_key_id"],
                 revision=doc["revision"],
+                algorithm=Algorithm(doc.get("algorithm", Algorithm.AES_256_GCM.value)),
             )
             for doc in documents
         ]

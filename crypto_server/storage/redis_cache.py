@@ -27,6 +27,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.keys import Key, KeyPolicy, KeyType, KeyVersion
 from crypto_server.storage.port import InvalidationListener, KeyQuery, KeyStore
 
@@ -130,6 +131,7 @@ def _encode_key(key: Key) -> str:
             "labels": dict(key.labels),
             "parent_key_id": key.parent_key_id,
             "revision": key.revision,
+            "algorithm": key.algorithm.value,
             "versions": [
                 {
                     "version": v.version,
@@ -177,6 +179,7 @@ def _decode_key(text: bytes) -> Key:
         labels=data["labels"],
         parent_key_id=data["parent_key_id"],
         revision=data["revision"],
+        algorithm=Algorithm(data.get("algorithm", Algorithm.AES_256_GCM.value)),
     )
 
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
 from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyQuery
@@ -35,7 +36,8 @@ CREATE TABLE IF NOT EXISTS keys (
     rotation_period_us INTEGER,
     labels             TEXT NOT NULL,
     parent_key_id      TEXT,
-    revision           INTEGER NOT NULL DEFAULT 0
+    revision           INTEGER NOT NULL DEFAULT 0,
+    algorithm          TEXT NOT NULL DEFAULT 'AES_256_GCM'
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_master_key_per_tenant ON keys (tenant_id) WHERE key_type = 'MASTER';
 CREATE INDEX IF NOT EXISTS keys_by_tenant_created ON keys (tenant_id, created_us, key_id);
@@ -57,7 +59,7 @@ CREATE TABLE IF NOT EXISTS store_meta (
 """
 _KEY_COLUMNS = (
     "key_id, tenant_id, key_type, disabled, primary_version, created_us, expire_after_us, rotation_period_us, "
-    "labels, parent_key_id, revision"
+    "labels, parent_key_id, revision, algorithm"
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -174,6 +176,7 @@ class SqliteKeyStore:
                 labels=json.loads(labels),
                 parent_key_id=parent_key_id,
                 revision=revision,
+                algorithm=Algorithm(algorithm),
             )
             for (
                 key_id,
@@ -187,6 +190,7 @@ class SqliteKeyStore:
                 labels,
                 parent_key_id,
                 revision,
+                algorithm,
             ) in rows
         ]
 
@@ -268,8 +272,8 @@ class SqliteKeyStore:
                     raise DuplicateKeyId(key.key_id)
                 db.execute(
                     "INSERT INTO keys (key_id, tenant_id, key_type, disabled, primary_version, primary_expires_us, "
-                    "created_us, expire_after_us, rotation_period_us, labels, parent_key_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_us, expire_after_us, rotation_period_us, labels, parent_key_id, algorithm) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         key.key_id,
                         key.tenant_id,
@@ -282,6 +286,7 @@ class SqliteKeyStore:
                         _opt_duration_us(key.policy.rotation_period),
                         json.dumps(dict(key.labels), sort_keys=True),
                         key.parent_key_id,
+                        key.algorithm.value,
                     ),
                 )
                 for version in key.versions:

@@ -8,7 +8,9 @@ from crypto_client.v1 import crypto_service_pb2 as pb
 from crypto_client.v1 import crypto_service_pb2_grpc, errors_pb2
 from crypto_server.domain.errors import CryptoServiceError
 from crypto_server.service.crypto_operations import CryptoOperations, DecryptItem, EncryptItem
+from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.transport.errors import describe
+from crypto_server.transport.mapping import algorithm_to_proto
 
 
 def item_error(error: CryptoServiceError) -> pb.ItemError:
@@ -23,8 +25,9 @@ def item_error(error: CryptoServiceError) -> pb.ItemError:
 
 
 class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
-    def __init__(self, operations: CryptoOperations) -> None:
+    def __init__(self, operations: CryptoOperations, macs_and_signatures: MacsAndSignatures) -> None:
         self._operations = operations
+        self._signatures = macs_and_signatures
 
     def Encrypt(self, request: pb.EncryptRequest, context: grpc.ServicerContext) -> pb.EncryptResponse:
         result = self._operations.encrypt(request.tenant_id, request.key_id, request.plaintext, request.aad)
@@ -84,3 +87,39 @@ class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
                     plaintext=outcome.plaintext, key_id=outcome.key_id, key_version=outcome.key_version
                 )
         return response
+
+    def ComputeMac(self, request: pb.ComputeMacRequest, context: grpc.ServicerContext) -> pb.ComputeMacResponse:
+        mac, version = self._signatures.compute_mac(
+            request.tenant_id, request.key_id, request.data, request.key_version
+        )
+        return pb.ComputeMacResponse(mac=mac, key_id=request.key_id, key_version=version)
+
+    def VerifyMac(self, request: pb.VerifyMacRequest, context: grpc.ServicerContext) -> pb.VerifyMacResponse:
+        valid = self._signatures.verify_mac(
+            request.tenant_id, request.key_id, request.data, request.mac, request.key_version
+        )
+        return pb.VerifyMacResponse(valid=valid)
+
+    def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:
+        signed = self._signatures.sign(request.tenant_id, request.key_id, request.message)
+        return pb.SignResponse(
+            signature=signed.signature,
+            key_id=signed.key_id,
+            key_version=signed.key_version,
+            algorithm=algorithm_to_proto(signed.algorithm),
+        )
+
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> pb.VerifyResponse:
+        valid = self._signatures.verify(
+            request.tenant_id, request.key_id, request.message, request.signature, request.key_version
+        )
+        return pb.VerifyResponse(valid=valid)
+
+    def GetPublicKey(self, request: pb.GetPublicKeyRequest, context: grpc.ServicerContext) -> pb.GetPublicKeyResponse:
+        public = self._signatures.public_key(request.tenant_id, request.key_id, request.key_version)
+        return pb.GetPublicKeyResponse(
+            pem=public.pem,
+            algorithm=algorithm_to_proto(public.algorithm),
+            key_id=public.key_id,
+            key_version=public.key_version,
+        )

@@ -10,6 +10,7 @@ from crypto_server.domain.clock import Clock
 from crypto_server.domain.keys import Key
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.transport.mapping import (
+    algorithm_from_proto,
     duration_from_proto,
     key_state_filter_from_proto,
     key_to_proto,
@@ -40,6 +41,7 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
             ),
             labels=dict(request.labels),
             request_id=request.request_id,
+            algorithm=algorithm_from_proto(request.algorithm),
         )
         return pb.CreateKeyResponse(key=self._key(key))
 

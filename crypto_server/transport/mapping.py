@@ -8,6 +8,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from crypto_client.v1 import resources_pb2
+from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import InvalidArgument
 from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersionState
 
@@ -39,6 +40,30 @@ def key_type_from_proto(value: int) -> KeyType:
 def key_type_filter_from_proto(value: int) -> KeyType | None:
     """A ListKeys filter: UNSPECIFIED means any type."""
     return None if value == resources_pb2.KEY_TYPE_UNSPECIFIED else key_type_from_proto(value)
+
+
+_ALGORITHM_TO_PROTO = {
+    Algorithm.AES_256_GCM: resources_pb2.ALGORITHM_AES_256_GCM,
+    Algorithm.HMAC_SHA256: resources_pb2.ALGORITHM_HMAC_SHA256,
+    Algorithm.ED25519: resources_pb2.ALGORITHM_ED25519,
+    Algorithm.ECDSA_P256_SHA256: resources_pb2.ALGORITHM_ECDSA_P256_SHA256,
+}
+_ALGORITHM_FROM_PROTO: dict[int, Algorithm] = {number: a for a, number in _ALGORITHM_TO_PROTO.items()}
+
+
+def algorithm_from_proto(value: int) -> Algorithm:
+    """UNSPECIFIED means the default, AES-256-GCM."""
+    if value == resources_pb2.ALGORITHM_UNSPECIFIED:
+        return Algorithm.AES_256_GCM
+    algorithm = _ALGORITHM_FROM_PROTO.get(value)
+    if algorithm is None:
+        names = ", ".join(resources_pb2.Algorithm.Name(n) for n in _ALGORITHM_TO_PROTO.values())
+        raise InvalidArgument("algorithm", f"must be one of {names}")
+    return algorithm
+
+
+def algorithm_to_proto(algorithm: Algorithm) -> resources_pb2.Algorithm.ValueType:
+    return _ALGORITHM_TO_PROTO[algorithm]
 
 
 def key_state_filter_from_proto(value: int) -> KeyState | None:
@@ -77,6 +102,7 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
         primary_version=key.primary_version,
         created_at=_timestamp(key.created_at),
         labels=dict(key.labels),
+        algorithm=_ALGORITHM_TO_PROTO[key.algorithm],
     )
     if key.expires_at is not None:
         message.expires_at.CopyFrom(_timestamp(key.expires_at))

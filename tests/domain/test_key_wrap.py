@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto_server.domain.key_wrap import (
     WRAPPED_KEY_BYTES,
     UnwrapFailed,
-    generate_key_material,
     make_root_key_check,
     root_key_matches,
     unwrap_key,
     wrap_key,
 )
 
-BINDING = {"tenant_id": "t1", "key_id": "k1", "key_type": "DATA", "version": 2, "parent_version": 1}
+BINDING = {
+    "tenant_id": "t1",
+    "key_id": "k1",
+    "key_type": "DATA",
+    "version": 2,
+    "parent_version": 1,
+    "algorithm": "AES_256_GCM",
+}
 
 
 def test_wrap_then_unwrap_returns_the_material() -> None:
-    parent = AESGCM(generate_key_material())
-    material = generate_key_material()
+    parent = AESGCM(os.urandom(32))
+    material = os.urandom(32)
     wrapped = wrap_key(parent, material, **BINDING)
     assert len(wrapped) == WRAPPED_KEY_BYTES
     assert material not in wrapped
@@ -35,24 +43,25 @@ def test_wrap_then_unwrap_returns_the_material() -> None:
         {"key_type": "SESSION"},
         {"version": 3},
         {"parent_version": 2},
+        {"algorithm": "HMAC_SHA256"},
     ],
 )
 def test_wrapped_material_moved_to_another_binding_does_not_unwrap(change: dict[str, object]) -> None:
-    parent = AESGCM(generate_key_material())
-    wrapped = wrap_key(parent, generate_key_material(), **BINDING)
+    parent = AESGCM(os.urandom(32))
+    wrapped = wrap_key(parent, os.urandom(32), **BINDING)
     with pytest.raises(UnwrapFailed):
         unwrap_key(parent, wrapped, **{**BINDING, **change})
 
 
 def test_another_parent_cannot_unwrap() -> None:
-    wrapped = wrap_key(AESGCM(generate_key_material()), generate_key_material(), **BINDING)
+    wrapped = wrap_key(AESGCM(os.urandom(32)), os.urandom(32), **BINDING)
     with pytest.raises(UnwrapFailed):
-        unwrap_key(AESGCM(generate_key_material()), wrapped, **BINDING)
+        unwrap_key(AESGCM(os.urandom(32)), wrapped, **BINDING)
 
 
 def test_root_key_check_recognises_only_its_own_root_key() -> None:
-    root = AESGCM(generate_key_material())
+    root = AESGCM(os.urandom(32))
     check = make_root_key_check(root)
     assert root_key_matches(root, check)
-    assert not root_key_matches(AESGCM(generate_key_material()), check)
+    assert not root_key_matches(AESGCM(os.urandom(32)), check)
     assert not root_key_matches(root, check[:5])

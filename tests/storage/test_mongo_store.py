@@ -10,17 +10,16 @@ from typing import Any
 
 import pytest
 from bson.raw_bson import RawBSONDocument
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pymongo.database import Database
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
-from crypto_server.domain.key_wrap import unwrap_key
-from crypto_server.domain.keys import Key, KeyVersion
+from crypto_server.domain.keys import KeyVersion
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import DuplicateMasterKey
 from tests.conftest import ServerHandle
 from tests.servers import MongoServer, RedisServer
+from tests.unwrap import unwrapped_material
 
 
 @pytest.fixture
@@ -55,29 +54,6 @@ def test_versions_are_separate_documents(server: ServerHandle, mongo_server: Mon
     assert sorted(v["version"] for v in db["key_versions"].find({"key_id": key.key_id})) == [1, 2, 3, 4]
 
 
-def _material(server: ServerHandle, key: Key) -> list[bytes]:
-    """Every version's raw bytes, unwrapped here from the root key down."""
-    assert server.settings.root_key is not None
-    if key.parent_key_id is None:
-        parents = {0: AESGCM(base64.b64decode(server.settings.root_key))}
-    else:
-        parent = server.running.store.get_key(key.tenant_id, key.parent_key_id)
-        assert parent is not None
-        parents = {n + 1: AESGCM(m) for n, m in enumerate(_material(server, parent))}
-    return [
-        unwrap_key(
-            parents[v.parent_version],
-            v.wrapped_material,
-            tenant_id=key.tenant_id,
-            key_id=key.key_id,
-            key_type=key.key_type.value,
-            version=v.version,
-            parent_version=v.parent_version,
-        )
-        for v in key.versions
-    ]
-
-
 def test_no_mongo_document_or_redis_value_holds_an_unwrapped_key(
     server: ServerHandle, mongo_server: MongoServer, redis_server: RedisServer
 ) -> None:
@@ -88,7 +64,7 @@ def test_no_mongo_document_or_redis_value_holds_an_unwrapped_key(
         server.keys.GetKey(key_pb.GetKeyRequest(tenant_id=key.tenant_id, key_id=key.key_id))
     masters = [server.running.store.get_master_key(t) for t in ("t1", "t2")]
     stored = [server.running.store.get_key(k.tenant_id, k.key_id) for k in created]
-    secrets = [m for key in [*stored, *masters] if key is not None for m in _material(server, key)]
+    secrets = [m for key in [*stored, *masters] if key is not None for m in unwrapped_material(server, key)]
     assert len(secrets) == 2 * len(created) + 2
     db = _database(server, mongo_server)
     blobs = [repr(doc).encode() for name in db.list_collection_names() for doc in db[name].find()]

@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import base64
 import threading
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
-from crypto_server.domain.key_wrap import unwrap_key
 from crypto_server.domain.keys import Key, KeyVersion
 from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import ServerHandle, StartServer
-
-
-def _unwrapped_material(server: ServerHandle, key: Key) -> list[bytes]:
-    """Every version's raw key bytes, unwrapped here from the root key down (independently of the server)."""
-    assert server.settings.root_key is not None
-    store = server.running.store
-    if key.parent_key_id is None:
-        parents = {0: AESGCM(base64.b64decode(server.settings.root_key))}
-    else:
-        parent = store.get_key(key.tenant_id, key.parent_key_id)
-        assert parent is not None
-        parents = {n + 1: AESGCM(m) for n, m in enumerate(_unwrapped_material(server, parent))}
-    return [
-        unwrap_key(
-            parents[v.parent_version],
-            v.wrapped_material,
-            tenant_id=key.tenant_id,
-            key_id=key.key_id,
-            key_type=key.key_type.value,
-            version=v.version,
-            parent_version=v.parent_version,
-        )
-        for v in key.versions
-    ]
+from tests.unwrap import unwrapped_material
 
 
 def _store_files(data_dir: Path) -> list[bytes]:
@@ -60,7 +34,7 @@ def test_the_database_never_contains_raw_key_bytes(server: ServerHandle) -> None
         for t in tenants
     ]
     stored = [server.running.store.get_key(key.tenant_id, key.key_id) for key in [*keys, *masters]]
-    secrets = [m for key in stored if key is not None for m in _unwrapped_material(server, key)]
+    secrets = [m for key in stored if key is not None for m in unwrapped_material(server, key)]
     assert len(secrets) == 2 * len(keys) + len(masters)
     assert all(len(secret) == 32 for secret in secrets)
     contents = _store_files(server.settings.data_dir)

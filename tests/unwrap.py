@@ -1,0 +1,36 @@
+"""Independent unwrapping for tests: from the root key down, as docs/ciphertext-format.md describes."""
+
+from __future__ import annotations
+
+import base64
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from crypto_server.domain.key_wrap import unwrap_key
+from crypto_server.domain.keys import Key
+from tests.conftest import ServerHandle
+
+
+def unwrapped_material(server: ServerHandle, key: Key) -> list[bytes]:
+    """Every version's raw bytes, unwrapped here from the root key down (not by the server's code path)."""
+    assert server.settings.root_key is not None
+    store = server.running.store
+    if key.parent_key_id is None:
+        parents = {0: AESGCM(base64.b64decode(server.settings.root_key))}
+    else:
+        parent = store.get_key(key.tenant_id, key.parent_key_id)
+        assert parent is not None
+        parents = {n + 1: AESGCM(m) for n, m in enumerate(unwrapped_material(server, parent))}
+    return [
+        unwrap_key(
+            parents[v.parent_version],
+            v.wrapped_material,
+            tenant_id=key.tenant_id,
+            key_id=key.key_id,
+            key_type=key.key_type.value,
+            version=v.version,
+            parent_version=v.parent_version,
+            algorithm=key.algorithm.value,
+        )
+        for v in key.versions
+    ]

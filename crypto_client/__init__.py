@@ -39,6 +39,7 @@ from crypto_client.errors import (
 from crypto_client.messaging import AsyncMessageCipher, MessageCipher
 from crypto_client.metrics import ClientStats
 from crypto_client.models import (
+    Algorithm,
     DataKey,
     DecryptItem,
     DecryptResult,
@@ -50,15 +51,22 @@ from crypto_client.models import (
     KeyType,
     KeyVersion,
     KeyVersionState,
+    MacResult,
+    PublicKey,
     ReEncryptResult,
     SessionKey,
+    SignResult,
 )
+from crypto_client.search import BlindIndex
 from crypto_client.sessions import SessionKeys
 from crypto_client.sync_client import CryptoClient
+from crypto_client.tokens import InvalidTokenError, TokenSigner
 
 __all__ = [
+    "Algorithm",
     "AsyncCryptoClient",
     "AsyncMessageCipher",
+    "BlindIndex",
     "BreakerPolicy",
     "BreakerState",
     "CircuitOpenError",
@@ -79,6 +87,7 @@ __all__ = [
     "HealthStatus",
     "InternalServerError",
     "InvalidArgumentError",
+    "InvalidTokenError",
     "Key",
     "KeyAlreadyExistsError",
     "KeyDisabledError",
@@ -89,14 +98,18 @@ __all__ = [
     "KeyTypeMismatchError",
     "KeyVersion",
     "KeyVersionState",
+    "MacResult",
     "MasterKeyUnavailableError",
     "MessageCipher",
     "PermissionDeniedError",
+    "PublicKey",
     "ReEncryptResult",
     "ResourceExhaustedError",
     "RetryPolicy",
     "ServiceUnavailableError",
     "SessionKey",
     "SessionKeys",
+    "SignResult",
+    "TokenSigner",
     "UnauthenticatedError",
 ]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from crypto_client.models import Key, KeyState, KeyType, KeyVersion, KeyVersionState
+from crypto_client.models import Algorithm, Key, KeyState, KeyType, KeyVersion, KeyVersionState
 from crypto_client.v1 import resources_pb2
 
 KEY_TYPE_TO_PROTO = {
@@ -20,6 +20,13 @@ KEY_STATE_TO_PROTO = {
     KeyState.DISABLED: resources_pb2.KEY_STATE_DISABLED,
     KeyState.EXPIRED: resources_pb2.KEY_STATE_EXPIRED,
 }
+ALGORITHM_TO_PROTO = {
+    Algorithm.AES_256_GCM: resources_pb2.ALGORITHM_AES_256_GCM,
+    Algorithm.HMAC_SHA256: resources_pb2.ALGORITHM_HMAC_SHA256,
+    Algorithm.ED25519: resources_pb2.ALGORITHM_ED25519,
+    Algorithm.ECDSA_P256_SHA256: resources_pb2.ALGORITHM_ECDSA_P256_SHA256,
+}
+ALGORITHM_FROM_PROTO = {number: algorithm for algorithm, number in ALGORITHM_TO_PROTO.items()}
 _KEY_TYPE_FROM_PROTO = {number: kind for kind, number in KEY_TYPE_TO_PROTO.items()}
 _KEY_STATE_FROM_PROTO = {number: state for state, number in KEY_STATE_TO_PROTO.items()}
 _VERSION_STATE_FROM_PROTO = {
@@ -59,4 +66,5 @@ def key_from_proto(message: resources_pb2.Key) -> Key:
         expires_at=_moment(message.expires_at) if message.HasField("expires_at") else None,
         rotation_period=message.rotation_period.ToTimedelta() if message.HasField("rotation_period") else None,
         labels=dict(message.labels),
+        algorithm=ALGORITHM_FROM_PROTO.get(message.algorithm, Algorithm.AES_256_GCM),
     )

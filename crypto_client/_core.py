@@ -31,6 +31,7 @@ from crypto_client.errors import is_transport_failure as _is_transport_failure
 from crypto_client.key_cache import KeyMetadataCache
 from crypto_client.metrics import ClientMetrics, ClientStats
 from crypto_client.models import (
+    Algorithm,
     DataKey,
     DecryptItem,
     DecryptResult,
@@ -40,8 +41,11 @@ from crypto_client.models import (
     Key,
     KeyState,
     KeyType,
+    MacResult,
+    PublicKey,
     ReEncryptResult,
     SessionKey,
+    SignResult,
 )
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
@@ -156,10 +160,12 @@ class ClientCore:
         rotation_period: timedelta | None,
         labels: Mapping[str, str] | None,
         request_id: str | None,
+        algorithm: Algorithm = Algorithm.AES_256_GCM,
     ) -> key_pb.CreateKeyRequest:
         request = key_pb.CreateKeyRequest(
             tenant_id=self.tenant_id,
             key_type=_convert.KEY_TYPE_TO_PROTO[key_type],
+            algorithm=_convert.ALGORITHM_TO_PROTO[algorithm],
             labels=dict(labels or {}),
             # One id for every attempt of this call: a retry after a lost response creates nothing new.
             request_id=request_id or uuid.uuid4().hex,
@@ -325,6 +331,51 @@ class ClientCore:
         key = _convert.key_from_proto(response.key)
         version = getattr(response, "key_version", 0) or key.primary_version
         return SessionKey(key=key, key_material=response.key_material, key_version=version)
+
+    # -- MACs and signatures -----------------------------------------------------------------
+
+    def compute_mac_request(self, key_id: str, data: bytes, key_version: int) -> crypto_pb.ComputeMacRequest:
+        return crypto_pb.ComputeMacRequest(tenant_id=self.tenant_id, key_id=key_id, data=data, key_version=key_version)
+
+    def verify_mac_request(self, key_id: str, data: bytes, mac: bytes, key_version: int) -> crypto_pb.VerifyMacRequest:
+        return crypto_pb.VerifyMacRequest(
+            tenant_id=self.tenant_id, key_id=key_id, data=data, mac=mac, key_version=key_version
+        )
+
+    def sign_request(self, key_id: str, message: bytes) -> crypto_pb.SignRequest:
+        return crypto_pb.SignRequest(tenant_id=self.tenant_id, key_id=key_id, message=message)
+
+    def verify_request(
+        self, key_id: str, message: bytes, signature: bytes, key_version: int
+    ) -> crypto_pb.VerifyRequest:
+        return crypto_pb.VerifyRequest(
+            tenant_id=self.tenant_id, key_id=key_id, message=message, signature=signature, key_version=key_version
+        )
+
+    def public_key_request(self, key_id: str, key_version: int) -> crypto_pb.GetPublicKeyRequest:
+        return crypto_pb.GetPublicKeyRequest(tenant_id=self.tenant_id, key_id=key_id, key_version=key_version)
+
+    @staticmethod
+    def mac_result(response: crypto_pb.ComputeMacResponse) -> MacResult:
+        return MacResult(mac=response.mac, key_id=response.key_id, key_version=response.key_version)
+
+    @staticmethod
+    def sign_result(response: crypto_pb.SignResponse) -> SignResult:
+        return SignResult(
+            signature=response.signature,
+            key_id=response.key_id,
+            key_version=response.key_version,
+            algorithm=_convert.ALGORITHM_FROM_PROTO[response.algorithm],
+        )
+
+    @staticmethod
+    def public_key(response: crypto_pb.GetPublicKeyResponse) -> PublicKey:
+        return PublicKey(
+            pem=response.pem,
+            algorithm=_convert.ALGORITHM_FROM_PROTO[response.algorithm],
+            key_id=response.key_id,
+            key_version=response.key_version,
+        )
 
 
 def _item_error(error: crypto_pb.ItemError) -> CryptoClientError:

@@ -14,6 +14,13 @@ class KeyType(enum.Enum):
     SESSION = "SESSION"
 
 
+class Algorithm(enum.Enum):
+    AES_256_GCM = "AES_256_GCM"
+    HMAC_SHA256 = "HMAC_SHA256"
+    ED25519 = "ED25519"
+    ECDSA_P256_SHA256 = "ECDSA_P256_SHA256"
+
+
 class KeyState(enum.Enum):
     ENABLED = "ENABLED"
     DISABLED = "DISABLED"
@@ -55,6 +62,7 @@ class Key:
     expires_at: datetime | None
     rotation_period: timedelta | None
     labels: Mapping[str, str] = field(default_factory=dict)
+    algorithm: Algorithm = Algorithm.AES_256_GCM
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,3 +119,26 @@ class SessionKey:
     key: Key
     key_material: bytes = field(repr=False)
     key_version: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class MacResult:
+    mac: bytes
+    key_id: str
+    key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SignResult:
+    signature: bytes
+    key_id: str
+    key_version: int
+    algorithm: Algorithm
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    pem: str
+    algorithm: Algorithm
+    key_id: str
+    key_version: int

@@ -16,6 +16,7 @@ from crypto_client.config import ClientConfig
 from crypto_client.errors import CryptoClientError, from_rpc_error
 from crypto_client.metrics import ClientStats
 from crypto_client.models import (
+    Algorithm,
     DataKey,
     DecryptItem,
     DecryptResult,
@@ -25,8 +26,11 @@ from crypto_client.models import (
     Key,
     KeyState,
     KeyType,
+    MacResult,
+    PublicKey,
     ReEncryptResult,
     SessionKey,
+    SignResult,
 )
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc
 
@@ -97,10 +101,11 @@ class CryptoClient:
         rotation_period: timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
+        algorithm: Algorithm = Algorithm.AES_256_GCM,
         timeout: float | None = None,
     ) -> Key:
         """Create a key. Retries are safe: the request id (generated unless given) makes a repeat create nothing."""
-        request = self._core.create_key_request(key_type, expire_after, rotation_period, labels, request_id)
+        request = self._core.create_key_request(key_type, expire_after, rotation_period, labels, request_id, algorithm)
         return self._core.key_changed(self._call("CreateKey", self._keys.CreateKey, request, timeout))
 
     def get_key(self, key_id: str, *, use_cache: bool = True, timeout: float | None = None) -> Key:
@@ -211,6 +216,34 @@ class CryptoClient:
         """A session key's material while it is enabled and unexpired."""
         request = self._core.get_session_key_request(key_id)
         return self._core.session_key(self._call("GetSessionKey", self._keys.GetSessionKey, request, timeout))
+
+    # -- MACs and signatures ---------------------------------------------------------------
+
+    def compute_mac(self, key_id: str, data: bytes, *, key_version: int = 0, timeout: float | None = None) -> MacResult:
+        """HMAC-SHA256 under an HMAC key (its primary version unless `key_version` is given)."""
+        request = self._core.compute_mac_request(key_id, data, key_version)
+        return self._core.mac_result(self._call("ComputeMac", self._crypto.ComputeMac, request, timeout))
+
+    def verify_mac(
+        self, key_id: str, data: bytes, mac: bytes, *, key_version: int, timeout: float | None = None
+    ) -> bool:
+        request = self._core.verify_mac_request(key_id, data, mac, key_version)
+        return bool(self._call("VerifyMac", self._crypto.VerifyMac, request, timeout).valid)
+
+    def sign(self, key_id: str, message: bytes, *, timeout: float | None = None) -> SignResult:
+        """Sign with an Ed25519 or ECDSA P-256 key; the private key never leaves the service."""
+        request = self._core.sign_request(key_id, message)
+        return self._core.sign_result(self._call("Sign", self._crypto.Sign, request, timeout))
+
+    def verify(
+        self, key_id: str, message: bytes, signature: bytes, *, key_version: int, timeout: float | None = None
+    ) -> bool:
+        request = self._core.verify_request(key_id, message, signature, key_version)
+        return bool(self._call("Verify", self._crypto.Verify, request, timeout).valid)
+
+    def get_public_key(self, key_id: str, *, key_version: int = 0, timeout: float | None = None) -> PublicKey:
+        request = self._core.public_key_request(key_id, key_version)
+        return self._core.public_key(self._call("GetPublicKey", self._crypto.GetPublicKey, request, timeout))
 
     # -- operations ----------------------------------------------------------------
 

@@ -67,7 +67,9 @@ class MacsAndSignatures:
     def compute_mac(self, tenant_id: str, key_id: str, data: bytes, version: int = 0) -> tuple[bytes, int]:
         self._check_size("data", data)
         loaded = self._keyring.lookup(tenant_id, key_id)
-        number = self._version(loaded, version, "ComputeMac", (Algorithm.HMAC_SHA256,), making=True)
+        # The primary must be unexpired; an explicit older version always computes, because for a
+        # MAC computing is how a lookup (a blind index query) checks an old value.
+        number = self._version(loaded, version, "ComputeMac", (Algorithm.HMAC_SHA256,), making=not version)
         material: bytes = self._keyring.primitive(loaded, number, bytes)
         return algorithms.compute_mac(material, data), number
 

@@ -36,6 +36,7 @@ from crypto_client.errors import (
     ServiceUnavailableError,
     UnauthenticatedError,
 )
+from crypto_client.files import FileCipher
 from crypto_client.messaging import AsyncMessageCipher, MessageCipher
 from crypto_client.metrics import ClientStats
 from crypto_client.models import (
@@ -84,6 +85,7 @@ __all__ = [
     "EncryptItem",
     "EncryptResult",
     "FailedPreconditionError",
+    "FileCipher",
     "HealthStatus",
     "InternalServerError",
     "InvalidArgumentError",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -376,6 +376,24 @@ class ClientCore:
             key_id=response.key_id,
             key_version=response.key_version,
         )
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def encrypt_stream_requests(
+        self, key_id: str, aad: bytes, chunks: Iterable[bytes]
+    ) -> Iterator[crypto_pb.EncryptStreamRequest]:
+        yield crypto_pb.EncryptStreamRequest(tenant_id=self.tenant_id, key_id=key_id, aad=aad)
+        for chunk in chunks:
+            if chunk:
+                yield crypto_pb.EncryptStreamRequest(chunk=chunk)
+
+    def decrypt_stream_requests(
+        self, aad: bytes, key_id: str | None, chunks: Iterable[bytes]
+    ) -> Iterator[crypto_pb.DecryptStreamRequest]:
+        yield crypto_pb.DecryptStreamRequest(tenant_id=self.tenant_id, aad=aad, key_id=key_id or "")
+        for chunk in chunks:
+            if chunk:
+                yield crypto_pb.DecryptStreamRequest(chunk=chunk)
 
 
 def _item_error(error: crypto_pb.ItemError) -> CryptoClientError:

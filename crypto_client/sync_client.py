@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, TypeVar
@@ -244,6 +244,48 @@ class CryptoClient:
     def get_public_key(self, key_id: str, *, key_version: int = 0, timeout: float | None = None) -> PublicKey:
         request = self._core.public_key_request(key_id, key_version)
         return self._core.public_key(self._call("GetPublicKey", self._crypto.GetPublicKey, request, timeout))
+
+    # -- streams ---------------------------------------------------------------------
+
+    def _stream(
+        self, rpc: Callable[..., Iterator[Any]], requests: Iterator[Any], timeout: float | None
+    ) -> Iterator[Any]:
+        """A streaming call: admitted by the breaker, never retried (its input cannot be replayed)."""
+        core = self._core
+        core.metrics.add("calls")
+        core.admit()
+        try:
+            yield from rpc(requests, timeout=timeout, metadata=core.call_metadata())
+        except grpc.RpcError as error:
+            core.metrics.add("failures")
+            raise core.failed(error) from None
+        except BaseException:
+            core.breaker.release()
+            raise
+        core.breaker.record_success()
+
+    def encrypt_stream(
+        self, key_id: str, chunks: Iterable[bytes], *, aad: bytes = b"", timeout: float | None = None
+    ) -> Iterator[bytes]:
+        """Encrypt a stream of any length (segmented AEAD); yields ciphertext as it comes. No deadline
+        unless `timeout` is given: a large file takes as long as it takes."""
+        requests = self._core.encrypt_stream_requests(key_id, aad, chunks)
+        for response in self._stream(self._crypto.EncryptStream, requests, timeout):
+            yield response.chunk
+
+    def decrypt_stream(
+        self,
+        chunks: Iterable[bytes],
+        *,
+        aad: bytes = b"",
+        key_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[bytes]:
+        """Decrypt what encrypt_stream produced; yields plaintext as it comes. Treat it as untrusted until
+        the iteration ends without error: truncation is detected only at the end."""
+        requests = self._core.decrypt_stream_requests(aad, key_id, chunks)
+        for response in self._stream(self._crypto.DecryptStream, requests, timeout):
+            yield response.chunk
 
     # -- operations ----------------------------------------------------------------
 

@@ -775,3 +775,116 @@ class GetPublicKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetPublicKeyResponse: _TypeAlias = GetPublicKeyResponse  # noqa: Y015
+
+@_typing.final
+class EncryptStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """tenant_id, key_id and aad are read from the first message only."""
+    key_id: _builtins.str
+    aad: _builtins.bytes
+    chunk: _builtins.bytes
+    """The next plaintext bytes, of any size up to the message limit."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        aad: _builtins.bytes = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "chunk", b"chunk", "key_id", b"key_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptStreamRequest: _TypeAlias = EncryptStreamRequest  # noqa: Y015
+
+@_typing.final
+class EncryptStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next ciphertext bytes: the stream header first, then one segment per message."""
+    key_id: _builtins.str
+    key_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "key_id", b"key_id", "key_version", b"key_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EncryptStreamResponse: _TypeAlias = EncryptStreamResponse  # noqa: Y015
+
+@_typing.final
+class DecryptStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    AAD_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """tenant_id, aad and key_id are read from the first message only."""
+    aad: _builtins.bytes
+    chunk: _builtins.bytes
+    """The next ciphertext bytes, split anywhere."""
+    key_id: _builtins.str
+    """When set, the stream must have been encrypted with this key."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        aad: _builtins.bytes = ...,
+        chunk: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aad", b"aad", "chunk", b"chunk", "key_id", b"key_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecryptStreamRequest: _TypeAlias = DecryptStreamRequest  # noqa: Y015
+
+@_typing.final
+class DecryptStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """The next plaintext bytes (one segment per message)."""
+    key_id: _builtins.str
+    key_version: _builtins.int
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.bytes = ...,
+        key_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "key_id", b"key_id", "key_version", b"key_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecryptStreamResponse: _TypeAlias = DecryptStreamResponse  # noqa: Y015

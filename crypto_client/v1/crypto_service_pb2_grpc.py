@@ -92,6 +92,16 @@ class CryptoServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyResponse.FromString,
                 _registered_method=True)
+        self.EncryptStream = channel.stream_stream(
+                '/caas.crypto.v1.CryptoService/EncryptStream',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.EncryptStreamRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.EncryptStreamResponse.FromString,
+                _registered_method=True)
+        self.DecryptStream = channel.stream_stream(
+                '/caas.crypto.v1.CryptoService/DecryptStream',
+                request_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptStreamRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptStreamResponse.FromString,
+                _registered_method=True)
 
 
 class CryptoServiceServicer:
@@ -183,6 +193,23 @@ class CryptoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EncryptStream(self, request_iterator, context):
+        """Encrypts a stream of any length with a segmented AEAD (docs/ciphertext-format.md):
+        reordered, dropped, duplicated or truncated segments fail to decrypt. The
+        server holds at most two segments in memory, whatever the stream's length.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecryptStream(self, request_iterator, context):
+        """Decrypts what EncryptStream produced. Output is only trustworthy once the
+        call ends OK: truncation is detected at the end of the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CryptoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -240,6 +267,16 @@ def add_CryptoServiceServicer_to_server(servicer, server):
                     servicer.GetPublicKey,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyResponse.SerializeToString,
+            ),
+            'EncryptStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EncryptStream,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.EncryptStreamRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.EncryptStreamResponse.SerializeToString,
+            ),
+            'DecryptStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecryptStream,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptStreamRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -542,6 +579,60 @@ class CryptoService:
             '/caas.crypto.v1.CryptoService/GetPublicKey',
             caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_crypto__service__pb2.GetPublicKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EncryptStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/caas.crypto.v1.CryptoService/EncryptStream',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.EncryptStreamRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.EncryptStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecryptStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/caas.crypto.v1.CryptoService/DecryptStream',
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptStreamRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_crypto__service__pb2.DecryptStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

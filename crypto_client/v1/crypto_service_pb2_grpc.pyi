@@ -68,6 +68,15 @@ class CryptoServiceStub:
     """Verifies a signature made by Sign."""
     GetPublicKey: _grpc.UnaryUnaryMultiCallable[_crypto_service_pb2.GetPublicKeyRequest, _crypto_service_pb2.GetPublicKeyResponse]
     """The public key of a signing key's version, as PEM (SubjectPublicKeyInfo)."""
+    EncryptStream: _grpc.StreamStreamMultiCallable[_crypto_service_pb2.EncryptStreamRequest, _crypto_service_pb2.EncryptStreamResponse]
+    """Encrypts a stream of any length with a segmented AEAD (docs/ciphertext-format.md):
+    reordered, dropped, duplicated or truncated segments fail to decrypt. The
+    server holds at most two segments in memory, whatever the stream's length.
+    """
+    DecryptStream: _grpc.StreamStreamMultiCallable[_crypto_service_pb2.DecryptStreamRequest, _crypto_service_pb2.DecryptStreamResponse]
+    """Decrypts what EncryptStream produced. Output is only trustworthy once the
+    call ends OK: truncation is detected at the end of the stream.
+    """
 
 @_typing.type_check_only
 class CryptoServiceAsyncStub(CryptoServiceStub):
@@ -109,6 +118,15 @@ class CryptoServiceAsyncStub(CryptoServiceStub):
     """Verifies a signature made by Sign."""
     GetPublicKey: _aio.UnaryUnaryMultiCallable[_crypto_service_pb2.GetPublicKeyRequest, _crypto_service_pb2.GetPublicKeyResponse]  # type: ignore[assignment]
     """The public key of a signing key's version, as PEM (SubjectPublicKeyInfo)."""
+    EncryptStream: _aio.StreamStreamMultiCallable[_crypto_service_pb2.EncryptStreamRequest, _crypto_service_pb2.EncryptStreamResponse]  # type: ignore[assignment]
+    """Encrypts a stream of any length with a segmented AEAD (docs/ciphertext-format.md):
+    reordered, dropped, duplicated or truncated segments fail to decrypt. The
+    server holds at most two segments in memory, whatever the stream's length.
+    """
+    DecryptStream: _aio.StreamStreamMultiCallable[_crypto_service_pb2.DecryptStreamRequest, _crypto_service_pb2.DecryptStreamResponse]  # type: ignore[assignment]
+    """Decrypts what EncryptStream produced. Output is only trustworthy once the
+    call ends OK: truncation is detected at the end of the stream.
+    """
 
 class CryptoServiceServicer(metaclass=_abc_1.ABCMeta):
     """CryptoService encrypts and decrypts with a tenant's keys (AES-256-GCM).
@@ -213,5 +231,26 @@ class CryptoServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_crypto_service_pb2.GetPublicKeyResponse, _abc.Awaitable[_crypto_service_pb2.GetPublicKeyResponse]]:
         """The public key of a signing key's version, as PEM (SubjectPublicKeyInfo)."""
+
+    @_abc_1.abstractmethod
+    def EncryptStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_crypto_service_pb2.EncryptStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_crypto_service_pb2.EncryptStreamResponse], _abc.AsyncIterator[_crypto_service_pb2.EncryptStreamResponse]]:
+        """Encrypts a stream of any length with a segmented AEAD (docs/ciphertext-format.md):
+        reordered, dropped, duplicated or truncated segments fail to decrypt. The
+        server holds at most two segments in memory, whatever the stream's length.
+        """
+
+    @_abc_1.abstractmethod
+    def DecryptStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_crypto_service_pb2.DecryptStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_crypto_service_pb2.DecryptStreamResponse], _abc.AsyncIterator[_crypto_service_pb2.DecryptStreamResponse]]:
+        """Decrypts what EncryptStream produced. Output is only trustworthy once the
+        call ends OK: truncation is detected at the end of the stream.
+        """
 
 def add_CryptoServiceServicer_to_server(servicer: CryptoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

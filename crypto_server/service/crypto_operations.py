@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
 from crypto_server.domain import ciphertext as codec
+from crypto_server.domain import stream_format
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import (
@@ -28,7 +30,7 @@ from crypto_server.domain.errors import (
     UnexpectedError,
 )
 from crypto_server.domain.keys import KeyType, KeyVersionState, validate_tenant_id
-from crypto_server.service.keyring import Keyring
+from crypto_server.service.keyring import Keyring, LoadedKey
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_PLAINTEXT_BYTES = 1024 * 1024
@@ -96,10 +98,17 @@ class CryptoOperations:
                 "split the data or use envelope encryption",
             )
         _check_aad(aad)
+        loaded, version = self._encrypting_version(tenant_id, key_id, "Encrypt")
+        aead = self._keyring.aead(loaded, version)
+        sealed = codec.encrypt(aead, tenant_id, loaded.key_uuid, version, plaintext, aad)
+        return Encrypted(ciphertext=sealed, key_id=key_id, key_version=version)
+
+    def _encrypting_version(self, tenant_id: str, key_id: str, operation: str) -> tuple[LoadedKey, int]:
+        """The key and the version new ciphertexts use, checked able to encrypt now."""
         loaded = self._keyring.lookup(tenant_id, key_id)
         key = loaded.key
         if key.algorithm is not Algorithm.AES_256_GCM:
-            raise AlgorithmMismatch(key_id, key.algorithm.value, "Encrypt", "an AES_256_GCM key")
+            raise AlgorithmMismatch(key_id, key.algorithm.value, operation, "an AES_256_GCM key")
         if key.key_type is KeyType.MASTER:
             raise KeyTypeMismatch(
                 key_id, f"key {key_id} is the tenant's master key, which only wraps other keys; encrypt with a data key"
@@ -109,9 +118,22 @@ class CryptoOperations:
         primary = key.primary
         if primary.state_at(self._clock.now()) is KeyVersionState.EXPIRED:
             raise KeyExpired(key_id, primary.version)
-        aead = self._keyring.aead(loaded, primary.version)
-        sealed = codec.encrypt(aead, tenant_id, loaded.key_uuid, primary.version, plaintext, aad)
-        return Encrypted(ciphertext=sealed, key_id=key_id, key_version=primary.version)
+        return loaded, primary.version
+
+    def _decrypting_key(self, tenant_id: str, named: LoadedKey | None, key_id: uuid.UUID, version: int) -> LoadedKey:
+        """The key a ciphertext names, if it can open it; anything wrong with the ciphertext is DecryptionFailed."""
+        if named is not None and key_id != named.key_uuid:
+            raise DecryptionFailed()
+        try:
+            loaded = named or self._keyring.lookup(tenant_id, str(key_id))
+        except KeyNotFound:
+            raise DecryptionFailed() from None
+        key = loaded.key
+        if key.key_type is KeyType.MASTER or key.algorithm is not Algorithm.AES_256_GCM or key.version(version) is None:
+            raise DecryptionFailed()
+        if key.disabled:
+            raise KeyDisabled(key.key_id)
+        return loaded
 
     def decrypt(self, tenant_id: str, ciphertext: bytes, aad: bytes = b"", key_id: str = "") -> Decrypted:
         """Open a ciphertext made by `encrypt`.
@@ -127,24 +149,51 @@ class CryptoOperations:
         if len(ciphertext) > self.max_plaintext_bytes + codec.OVERHEAD_BYTES:
             raise DecryptionFailed()
         header = codec.read_header(ciphertext)
-        if named is not None and header.key_id != named.key_uuid:
-            raise DecryptionFailed()
-        try:
-            loaded = named or self._keyring.lookup(tenant_id, str(header.key_id))
-        except KeyNotFound:
-            raise DecryptionFailed() from None
-        key = loaded.key
-        if (
-            key.key_type is KeyType.MASTER
-            or key.algorithm is not Algorithm.AES_256_GCM
-            or key.version(header.key_version) is None
-        ):
-            raise DecryptionFailed()
-        if key.disabled:
-            raise KeyDisabled(key.key_id)
+        loaded = self._decrypting_key(tenant_id, named, header.key_id, header.key_version)
         aead = self._keyring.aead(loaded, header.key_version)
         plaintext = codec.decrypt(aead, tenant_id, ciphertext, aad)
-        return Decrypted(plaintext=plaintext, key_id=key.key_id, key_version=header.key_version)
+        return Decrypted(plaintext=plaintext, key_id=loaded.key.key_id, key_version=header.key_version)
+
+    # -- streams ---------------------------------------------------------------------
+
+    def encrypt_stream(
+        self, tenant_id: str, key_id: str, aad: bytes, chunks: Iterator[bytes]
+    ) -> tuple[Encrypted, Iterator[bytes]]:
+        """The key and version used, and the stream: header, then segments as `chunks` arrive.
+        Memory: at most one segment of plaintext, whatever the stream's length."""
+        _check_aad(aad)
+        loaded, version = self._encrypting_version(tenant_id, key_id, "EncryptStream")
+        encryptor = stream_format.StreamEncryptor(
+            self._keyring.material(loaded, version), tenant_id, loaded.key_uuid, version, aad
+        )
+        return Encrypted(b"", key_id, version), stream_format.encrypt_all(encryptor, chunks)
+
+    def decrypt_stream(
+        self, tenant_id: str, aad: bytes, key_id: str, chunks: Iterator[bytes]
+    ) -> tuple[Decrypted, Iterator[bytes]]:
+        """Read the header from `chunks`, then the plaintext segment by segment. Truncation is only
+        detected at the end: what came before is not to be trusted until the stream ends without error."""
+        validate_tenant_id(tenant_id)
+        _check_aad(aad)
+        named = self._keyring.lookup(tenant_id, key_id) if key_id else None
+        start = bytearray()
+        for chunk in chunks:
+            start += chunk
+            if len(start) >= stream_format.HEADER_BYTES:
+                break
+        header = stream_format.read_header(bytes(start))
+        loaded = self._decrypting_key(tenant_id, named, header.key_id, header.key_version)
+        decryptor = stream_format.StreamDecryptor(
+            self._keyring.material(loaded, header.key_version), tenant_id, header, aad
+        )
+
+        def plaintext() -> Iterator[bytes]:
+            yield from decryptor.update(bytes(start[stream_format.HEADER_BYTES :]))
+            for chunk in chunks:
+                yield from decryptor.update(chunk)
+            yield decryptor.finish()
+
+        return Decrypted(b"", loaded.key.key_id, header.key_version), plaintext()
 
     # -- envelope encryption and migration ----------------------------------------
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
 from crypto_client.v1 import crypto_service_pb2 as pb
 from crypto_client.v1 import crypto_service_pb2_grpc, errors_pb2
-from crypto_server.domain.errors import CryptoServiceError
+from crypto_server.domain.errors import CryptoServiceError, InvalidArgument
 from crypto_server.service.crypto_operations import CryptoOperations, DecryptItem, EncryptItem
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.transport.errors import describe
@@ -123,3 +125,41 @@ class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
             key_id=public.key_id,
             key_version=public.key_version,
         )
+
+    def EncryptStream(
+        self, request_iterator: Iterator[pb.EncryptStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.EncryptStreamResponse]:
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgument("request", "the stream ended before its first message")
+        used, sealed = self._operations.encrypt_stream(
+            first.tenant_id, first.key_id, first.aad, _chunks(first.chunk, request_iterator)
+        )
+        for index, chunk in enumerate(sealed):
+            if index == 0:
+                yield pb.EncryptStreamResponse(chunk=chunk, key_id=used.key_id, key_version=used.key_version)
+            else:
+                yield pb.EncryptStreamResponse(chunk=chunk)
+
+    def DecryptStream(
+        self, request_iterator: Iterator[pb.DecryptStreamRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.DecryptStreamResponse]:
+        first = next(request_iterator, None)
+        if first is None:
+            raise InvalidArgument("request", "the stream ended before its first message")
+        used, opened = self._operations.decrypt_stream(
+            first.tenant_id, first.aad, first.key_id, _chunks(first.chunk, request_iterator)
+        )
+        for index, chunk in enumerate(opened):
+            if index == 0:
+                yield pb.DecryptStreamResponse(chunk=chunk, key_id=used.key_id, key_version=used.key_version)
+            else:
+                yield pb.DecryptStreamResponse(chunk=chunk)
+
+
+def _chunks(
+    first: bytes, rest: Iterator[pb.EncryptStreamRequest] | Iterator[pb.DecryptStreamRequest]
+) -> Iterator[bytes]:
+    yield first
+    for message in rest:
+        yield message.chunk

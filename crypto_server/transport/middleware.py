@@ -16,7 +16,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -109,6 +109,63 @@ class RpcMiddleware:
             response_serializer=handler.response_serializer,
         )
 
+    def wrap_stream(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_stream(
+        self, method: str, behaviour: Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]]
+    ) -> Callable[..., Iterator[Any]]:
+        """The unary wrapper's duties for a bidirectional stream; the log line is written when it ends."""
+        in_flight = self.in_flight
+
+        def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            in_flight.enter()
+            started = time.perf_counter()
+            request_id = _request_id(context)
+            code = grpc.StatusCode.OK
+            first: list[Any] = []
+
+            def checked() -> Iterator[Any]:
+                for request in requests:
+                    if request is _MALFORMED:
+                        raise InvalidArgument("request", "a stream message is not a valid protobuf message")
+                    if not first:
+                        first.append(request)
+                    yield request
+
+            try:
+                deadline = enter_call(context.time_remaining())
+                try:
+                    yield from behaviour(checked(), context)
+                finally:
+                    leave_call(deadline)
+                context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+            except CryptoServiceError as error:
+                code, status = status_for(error, request_id)
+                context.abort_with_status(status)
+            except Exception:
+                code = grpc.StatusCode.INTERNAL
+                rpc_log.exception("unhandled error", extra={"method": method, "request_id": request_id})
+                context.abort_with_status(internal_status(request_id))
+            finally:
+                in_flight.leave()
+                if access_log.enabled():
+                    opening = first[0] if first else None
+                    access_log.record(
+                        method,
+                        _text_field(opening, "tenant_id"),
+                        _text_field(opening, "key_id"),
+                        code.name,
+                        (time.perf_counter() - started) * 1000,
+                        request_id,
+                    )
+
+        return handle
+
     def _wrap(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         in_flight = self.in_flight
         log_calls = access_log.enabled
@@ -159,14 +216,27 @@ def add_service(
     servicer: object,
     middleware: RpcMiddleware,
 ) -> None:
-    """Register `servicer`'s unary methods for `service`, each wrapped by `middleware` once."""
+    """Register `servicer`'s methods for `service` (unary or bidirectional streaming), wrapped once."""
     handlers = {}
     for method in service.methods:
         request_class = message_factory.GetMessageClass(method.input_type)
         response_class = message_factory.GetMessageClass(method.output_type)
         name = f"/{service.full_name}/{method.name}"
+        behaviour = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = middleware.wrap_stream(
+                name,
+                grpc.stream_stream_rpc_method_handler(
+                    behaviour,
+                    request_deserializer=request_class.FromString,
+                    response_serializer=response_class.SerializeToString,
+                ),
+            )
+            continue
+        if method.client_streaming or method.server_streaming:
+            raise ValueError(f"{name}: only unary and bidirectional streaming methods are supported")
         handler = grpc.unary_unary_rpc_method_handler(
-            getattr(servicer, method.name),
+            behaviour,
             request_deserializer=request_class.FromString,
             response_serializer=response_class.SerializeToString,
         )

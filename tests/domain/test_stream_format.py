@@ -1,0 +1,96 @@
+"""The segmented stream format: reordering, dropping, duplicating, truncating or extending segments is detected."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from crypto_server.domain import stream_format as fmt
+from crypto_server.domain.errors import DecryptionFailed
+
+SEGMENT = fmt.MIN_SEGMENT_BYTES
+MATERIAL = os.urandom(32)
+KEY_ID = uuid.uuid4()
+
+
+def _encrypt(plaintext: bytes, aad: bytes = b"aad") -> tuple[bytes, list[bytes]]:
+    encryptor = fmt.StreamEncryptor(MATERIAL, "t1", KEY_ID, 3, aad, segment_bytes=SEGMENT)
+    chunks = [plaintext[i : i + 1000] for i in range(0, len(plaintext), 1000)]
+    header, *segments = fmt.encrypt_all(encryptor, chunks)
+    return header, segments
+
+
+def _decrypt(header: bytes, segments: list[bytes], aad: bytes = b"aad", tenant: str = "t1") -> bytes:
+    parsed = fmt.read_header(header)
+    decryptor = fmt.StreamDecryptor(MATERIAL, tenant, parsed, aad)
+    out = b"".join(piece for segment in segments for piece in decryptor.update(segment))
+    return out + decryptor.finish()
+
+
+PLAINTEXT = os.urandom(SEGMENT * 5 + 123)
+
+
+def test_round_trip_in_segments_with_a_header() -> None:
+    header, segments = _encrypt(PLAINTEXT)
+    assert len(header) == fmt.HEADER_BYTES
+    parsed = fmt.read_header(header)
+    assert (parsed.key_id, parsed.key_version, parsed.segment_bytes) == (KEY_ID, 3, SEGMENT)
+    assert len(segments) == 6
+    assert all(len(s) == SEGMENT + fmt.TAG_BYTES for s in segments[:-1])
+    assert _decrypt(header, segments) == PLAINTEXT
+
+
+@pytest.mark.parametrize("size", [0, 1, SEGMENT - 1, SEGMENT, SEGMENT + 1, 2 * SEGMENT])
+def test_boundary_sizes_round_trip(size: int) -> None:
+    plaintext = os.urandom(size)
+    header, segments = _encrypt(plaintext)
+    assert _decrypt(header, segments) == plaintext
+
+
+def test_ciphertext_split_anywhere_still_decrypts() -> None:
+    header, segments = _encrypt(PLAINTEXT)
+    blob = b"".join(segments)
+    parsed = fmt.read_header(header)
+    decryptor = fmt.StreamDecryptor(MATERIAL, "t1", parsed, b"aad")
+    out = b"".join(p for i in range(0, len(blob), 777) for p in decryptor.update(blob[i : i + 777]))
+    assert out + decryptor.finish() == PLAINTEXT
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda s: [s[1], s[0], *s[2:]], id="reorder"),
+        pytest.param(lambda s: [s[0], *s[2:]], id="drop"),
+        pytest.param(lambda s: [s[0], s[0], *s[1:]], id="duplicate"),
+        pytest.param(lambda s: s[:-1], id="truncate-at-a-segment"),
+        pytest.param(lambda s: [*s[:-1], s[-1][:-5]], id="truncate-inside-the-last"),
+        pytest.param(lambda s: [*s, s[-1]], id="extend"),
+        pytest.param(lambda s: [s[0][:-1] + bytes([s[0][-1] ^ 1]), *s[1:]], id="flip-a-bit"),
+        pytest.param(lambda s: [], id="nothing-after-the-header"),
+    ],
+)
+def test_damaged_streams_fail(damage: object) -> None:
+    header, segments = _encrypt(PLAINTEXT)
+    with pytest.raises(DecryptionFailed):
+        _decrypt(header, damage(segments))  # type: ignore[operator]
+
+
+def test_another_tenant_or_aad_or_header_fails() -> None:
+    header, segments = _encrypt(PLAINTEXT)
+    with pytest.raises(DecryptionFailed):
+        _decrypt(header, segments, tenant="t2")
+    with pytest.raises(DecryptionFailed):
+        _decrypt(header, segments, aad=b"other")
+    other_header, _ = _encrypt(PLAINTEXT)
+    with pytest.raises(DecryptionFailed):
+        _decrypt(other_header, segments)
+
+
+@pytest.mark.parametrize(
+    "header", [b"", b"\x02" * 63, b"\x01" + b"\0" * 63, b"\x02" + b"\0" * 20 + b"\0\0\0\1" + b"\0" * 39]
+)
+def test_malformed_headers_are_rejected(header: bytes) -> None:
+    with pytest.raises(DecryptionFailed):
+        fmt.read_header(header)

@@ -15,6 +15,7 @@ See docs/client.md.
 from crypto_client.async_client import AsyncCryptoClient
 from crypto_client.breaker import BreakerState
 from crypto_client.config import BreakerPolicy, ClientConfig, RetryPolicy
+from crypto_client.envelope import DataKeyCache, EnvelopeCipher, NullDataKeyCache
 from crypto_client.errors import (
     CircuitOpenError,
     ConflictError,
@@ -78,12 +79,14 @@ __all__ = [
     "CryptoClientError",
     "DataIntegrityError",
     "DataKey",
+    "DataKeyCache",
     "DeadlineExceededError",
     "DecryptItem",
     "DecryptResult",
     "DecryptionError",
     "EncryptItem",
     "EncryptResult",
+    "EnvelopeCipher",
     "FailedPreconditionError",
     "FileCipher",
     "HealthStatus",
@@ -103,6 +106,7 @@ __all__ = [
     "MacResult",
     "MasterKeyUnavailableError",
     "MessageCipher",
+    "NullDataKeyCache",
     "PermissionDeniedError",
     "PublicKey",
     "ReEncryptResult",

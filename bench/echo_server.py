@@ -10,6 +10,8 @@ production server ever has it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
 from crypto_server.__main__ import main
@@ -22,9 +24,15 @@ def _empty(request: bytes, context: grpc.ServicerContext) -> bytes:
     return request
 
 
+def _stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+    """Every message back as it came: the baseline for streaming encryption."""
+    yield from requests
+
+
 def add_echo_service(server: grpc.Server) -> None:
     handlers = {
         "Empty": grpc.unary_unary_rpc_method_handler(_empty),
+        "Stream": grpc.stream_stream_rpc_method_handler(_stream),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("caas.bench.v1.Echo", handlers),))
 

@@ -95,18 +95,24 @@ class StreamEncryptor:
         self._pending = bytearray()
         self._index = 0
 
-    def _seal(self, data: bytes, last: bool) -> bytes:
+    def _seal(self, data: bytes | memoryview, last: bool) -> bytes:
         sealed = self._aead.encrypt(_nonce(self._prefix, self._index, last), data, self._aad)
         self._index += 1
         return sealed
 
-    def update(self, chunk: bytes) -> Iterator[bytes]:
-        """Sealed segments that `chunk` completes. The last full segment is kept back: it may be the final one."""
+    def update(self, chunk: bytes) -> bytes:
+        """The sealed segments that `chunk` completes, joined (possibly nothing). The last full
+        segment is kept back: it may be the final one."""
         self._pending += chunk
-        while len(self._pending) > self._segment_bytes:
-            segment = bytes(self._pending[: self._segment_bytes])
-            del self._pending[: self._segment_bytes]
-            yield self._seal(segment, last=False)
+        sealed = []
+        start = 0
+        with memoryview(self._pending) as pending:
+            while len(pending) - start > self._segment_bytes:
+                sealed.append(self._seal(pending[start : start + self._segment_bytes], last=False))
+                start += self._segment_bytes
+        # One move of the remainder per update, not one per segment.
+        del self._pending[:start]
+        return b"".join(sealed)
 
     def finish(self) -> bytes:
         """The final segment (possibly of nothing), marked last."""
@@ -135,7 +141,7 @@ class StreamDecryptor:
         self._pending = bytearray()
         self._index = 0
 
-    def _open(self, sealed: bytes, last: bool) -> bytes:
+    def _open(self, sealed: bytes | memoryview, last: bool) -> bytes:
         try:
             opened = self._aead.decrypt(_nonce(self._prefix, self._index, last), sealed, self._aad)
         except (InvalidTag, ValueError):
@@ -143,12 +149,17 @@ class StreamDecryptor:
         self._index += 1
         return opened
 
-    def update(self, chunk: bytes) -> Iterator[bytes]:
+    def update(self, chunk: bytes) -> bytes:
+        """The plaintext of the segments `chunk` completes, joined (possibly nothing)."""
         self._pending += chunk
-        while len(self._pending) > self._sealed_bytes:
-            sealed = bytes(self._pending[: self._sealed_bytes])
-            del self._pending[: self._sealed_bytes]
-            yield self._open(sealed, last=False)
+        opened = []
+        start = 0
+        with memoryview(self._pending) as pending:
+            while len(pending) - start > self._sealed_bytes:
+                opened.append(self._open(pending[start : start + self._sealed_bytes], last=False))
+                start += self._sealed_bytes
+        del self._pending[:start]
+        return b"".join(opened)
 
     def finish(self) -> bytes:
         if len(self._pending) < TAG_BYTES:
@@ -159,8 +170,10 @@ class StreamDecryptor:
 
 
 def encrypt_all(encryptor: StreamEncryptor, chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """Header, then every segment, for an iterable of plaintext chunks."""
+    """The header, then the sealed segments each input chunk completes (one piece per chunk), then the last."""
     yield encryptor.header
     for chunk in chunks:
-        yield from encryptor.update(chunk)
+        sealed = encryptor.update(chunk)
+        if sealed:
+            yield sealed
     yield encryptor.finish()

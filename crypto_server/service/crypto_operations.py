@@ -188,9 +188,13 @@ class CryptoOperations:
         )
 
         def plaintext() -> Iterator[bytes]:
-            yield from decryptor.update(bytes(start[stream_format.HEADER_BYTES :]))
+            opened = decryptor.update(bytes(start[stream_format.HEADER_BYTES :]))
+            if opened:
+                yield opened
             for chunk in chunks:
-                yield from decryptor.update(chunk)
+                opened = decryptor.update(chunk)
+                if opened:
+                    yield opened
             yield decryptor.finish()
 
         return Decrypted(b"", loaded.key.key_id, header.key_version), plaintext()

@@ -18,14 +18,16 @@ KEY_ID = uuid.uuid4()
 def _encrypt(plaintext: bytes, aad: bytes = b"aad") -> tuple[bytes, list[bytes]]:
     encryptor = fmt.StreamEncryptor(MATERIAL, "t1", KEY_ID, 3, aad, segment_bytes=SEGMENT)
     chunks = [plaintext[i : i + 1000] for i in range(0, len(plaintext), 1000)]
-    header, *segments = fmt.encrypt_all(encryptor, chunks)
-    return header, segments
+    header = encryptor.header
+    sealed = b"".join(encryptor.update(chunk) for chunk in chunks) + encryptor.finish()
+    size = SEGMENT + fmt.TAG_BYTES
+    return header, [sealed[i : i + size] for i in range(0, len(sealed), size)]
 
 
 def _decrypt(header: bytes, segments: list[bytes], aad: bytes = b"aad", tenant: str = "t1") -> bytes:
     parsed = fmt.read_header(header)
     decryptor = fmt.StreamDecryptor(MATERIAL, tenant, parsed, aad)
-    out = b"".join(piece for segment in segments for piece in decryptor.update(segment))
+    out = b"".join(decryptor.update(segment) for segment in segments)
     return out + decryptor.finish()
 
 
@@ -54,7 +56,7 @@ def test_ciphertext_split_anywhere_still_decrypts() -> None:
     blob = b"".join(segments)
     parsed = fmt.read_header(header)
     decryptor = fmt.StreamDecryptor(MATERIAL, "t1", parsed, b"aad")
-    out = b"".join(p for i in range(0, len(blob), 777) for p in decryptor.update(blob[i : i + 777]))
+    out = b"".join(decryptor.update(blob[i : i + 777]) for i in range(0, len(blob), 777))
     assert out + decryptor.finish() == PLAINTEXT
 
 

@@ -123,3 +123,26 @@ def test_a_256_mib_stream_round_trips_with_flat_server_memory(launch: Launch, tm
             peaks[size] = server.peak_rss_bytes()
             sealed_path.unlink()
     assert peaks[256 * MIB] - peaks[16 * MIB] < 50 * MIB, f"server memory grew with the stream: {peaks}"
+
+
+@pytest.mark.parametrize("damage", ["reorder", "drop", "duplicate", "truncate"])
+def test_damaged_segments_are_detected_over_grpc(faulty_server: ServerHandle, damage: str) -> None:
+    with CryptoClient(faulty_server.address, "acme") as crypto:
+        key_id = crypto.create_key().key_id
+        plaintext = os.urandom(5 * 64 * 1024 + 999)
+        sealed = b"".join(crypto.encrypt_stream(key_id, [plaintext], aad=b"a"))
+        header, body = sealed[:64], sealed[64:]
+        size = 64 * 1024 + 16
+        segments = [body[i : i + size] for i in range(0, len(body), size)]
+        assert len(segments) == 6
+        damaged = {
+            "reorder": [segments[1], segments[0], *segments[2:]],
+            "drop": [segments[0], *segments[2:]],
+            "duplicate": [segments[0], *segments],
+            "truncate": segments[:-1],
+        }[damage]
+        assert b"".join(crypto.decrypt_stream([header, *segments], aad=b"a")) == plaintext
+        with pytest.raises(DecryptionError) as caught:
+            b"".join(crypto.decrypt_stream([header, *damaged], aad=b"a"))
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details == "ciphertext could not be decrypted"

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint proto proto-check bench bench-quick
+.PHONY: help install run test lint proto proto-check bench bench-quick docker-build up down logs
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -24,11 +24,12 @@ run: $(INSTALLED) ## Run the server on the embedded store (./data), port 3009
 test: $(INSTALLED) ## Run the test suite
 	$(BIN)/pytest
 
-lint: $(INSTALLED) ## ruff, mypy and buf lint
+lint: $(INSTALLED) ## ruff, mypy, buf lint and hadolint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd protos && ../$(BIN)/buf lint
+	$(BIN)/hadolint Dockerfile
 
 proto: $(INSTALLED) ## Regenerate crypto_client/v1 from protos/
 	$(BIN)/python protos/generate.py
@@ -41,3 +42,20 @@ bench: $(INSTALLED) ## Run the benchmarks (needs h2load: apt-get install nghttp2
 
 bench-quick: $(INSTALLED) ## The benchmarks with short phases (under a minute); writes bench/results/quick.json
 	$(BIN)/python -m bench --quick
+
+secrets/crypto_root_key:
+	mkdir -p secrets && chmod 700 secrets
+	$(PYTHON) -c "import base64, os; print(base64.b64encode(os.urandom(32)).decode())" > $@
+	chmod 600 $@
+
+docker-build: ## Build the container image caas/crypto-service:dev (needs a Docker engine)
+	docker build -t caas/crypto-service:dev .
+
+up: secrets/crypto_root_key ## Start crypto-service, MongoDB and Redis with docker compose, waiting until healthy
+	docker compose up --build --detach --wait
+
+down: ## Stop the compose services (data volumes are kept)
+	docker compose down
+
+logs: ## Follow the compose services' logs
+	docker compose logs --follow

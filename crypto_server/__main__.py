@@ -51,6 +51,7 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
             "port": running.port,
             "data_dir": str(settings.data_dir),
             "workers": settings.workers,
+            "metrics_port": running.metrics_port,
         },
     )
     stop_requested.wait()

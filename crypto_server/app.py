@@ -32,6 +32,7 @@ from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.crypto_servicer import CryptoServicer
 from crypto_server.transport.health import StoreHealthMonitor
 from crypto_server.transport.key_servicer import KeyServicer
+from crypto_server.transport.metrics import Metrics
 from crypto_server.transport.middleware import InFlightCalls, RpcMiddleware, add_service
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class CryptoServer:
     in_flight: InFlightCalls
     keyring: Keyring
     health_monitor: StoreHealthMonitor
+    metrics: Metrics | None = None
+    metrics_port: int | None = None
     # Threads that serve the requests (cross-replica invalidation): stopped after the last call.
     background: list[_Stoppable] = field(default_factory=list)
 
@@ -82,6 +85,8 @@ class CryptoServer:
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         for task in self.background:
             task.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.store.close()
 
 
@@ -121,12 +126,14 @@ def build_server(
     root = AESGCM(load_root_key(settings))
     store, namespace = _open_store(settings)
     background: list[_Stoppable] = []
+    in_flight = InFlightCalls()
+    metrics = Metrics(lambda: in_flight.count) if settings.metrics_port is not None else None
     try:
         _check_root_key(store, root)
         redis_client = redis_guard = None
         if settings.redis_url:
             redis_client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-            redis_guard = redis_cache.RedisGuard()
+            redis_guard = redis_cache.RedisGuard(on_failure=metrics.redis_errors.inc if metrics else None)
             store = redis_cache.RedisCachedKeyStore(
                 store, redis_client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_guard
             )
@@ -161,7 +168,7 @@ def build_server(
         # handler and gets INVALID_ARGUMENT naming the field rather than a transport error.
         # (16 MiB leaves room for batches of small items.)
         message_limit = max(16 * 1024 * 1024, settings.max_plaintext_bytes + MAX_AAD_BYTES + 64 * 1024)
-        middleware = RpcMiddleware()
+        middleware = RpcMiddleware(in_flight, observer=metrics)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
             interceptors=interceptors,
@@ -187,6 +194,10 @@ def build_server(
         except RuntimeError as error:
             raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {error}") from None
         server.start()
+        metrics_port = None
+        if metrics is not None and settings.metrics_port is not None:
+            metrics.watch_state(keyring, store, clock)
+            metrics_port = metrics.serve(settings.host, settings.metrics_port)
     except BaseException:
         for task in background:
             task.stop()
@@ -205,5 +216,7 @@ def build_server(
         in_flight=middleware.in_flight,
         keyring=keyring,
         health_monitor=monitor,
+        metrics=metrics,
+        metrics_port=metrics_port,
         background=background,
     )

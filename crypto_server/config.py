@@ -40,6 +40,7 @@ class Settings:
     cache_ttl_s: float = 3600.0
     health_interval_s: float = 2.0
     reuse_port: bool = False
+    metrics_port: int | None = None
     max_batch_items: int = 1000
     max_session_key_lifetime_s: float = 7 * 86400.0
 
@@ -125,6 +126,9 @@ class Settings:
             redis_url=redis_url,
             cache_ttl_s=number("CRYPTO_CACHE_TTL", defaults.cache_ttl_s, 1, 7 * 86400),
             reuse_port=flag("CRYPTO_REUSE_PORT"),
+            metrics_port=(
+                integer("CRYPTO_METRICS_PORT", 0, 0, 65535) if env.get("CRYPTO_METRICS_PORT", "").strip() else None
+            ),
             max_batch_items=integer("CRYPTO_MAX_BATCH_ITEMS", defaults.max_batch_items, 1, 100_000),
             max_session_key_lifetime_s=number(
                 "CRYPTO_MAX_SESSION_KEY_LIFETIME", defaults.max_session_key_lifetime_s, 60, 365 * 86400

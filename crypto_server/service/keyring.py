@@ -46,6 +46,9 @@ class Keyring:
         if ttl_s < 0 or max_keys < 1 or max_stale_s < 0:
             raise ValueError("keyring ttl and max_stale must be >= 0 and max_keys >= 1")
         self._max_stale_s = max_stale_s
+        # Lookups answered from memory and lookups that went to the store (for metrics).
+        self.hits = 0
+        self.misses = 0
         self._store = store
         self.root = root
         self._ttl_s = ttl_s
@@ -60,6 +63,7 @@ class Keyring:
             loaded = self._loaded.get(slot)
             if loaded is not None and time.monotonic() - loaded.loaded_at < self._ttl_s:
                 self._loaded.move_to_end(slot)
+                self.hits += 1
                 return loaded
         return None
 
@@ -86,7 +90,9 @@ class Keyring:
             loaded = self._loaded.get(slot)
             if loaded is not None and now - loaded.loaded_at < self._ttl_s:
                 self._loaded.move_to_end(slot)
+                self.hits += 1
                 return loaded
+            self.misses += 1
         try:
             key = self._store.get_key(tenant_id, key_id)
         except StoreUnavailable:

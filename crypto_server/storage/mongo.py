@@ -33,7 +33,7 @@ from crypto_server.call_deadline import time_left
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyQuery
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyCounts, KeyQuery
 
 _ROOT_KEY_CHECK_ID = "root_key_check"
 
@@ -276,6 +276,27 @@ class MongoKeyStore:
         stored = self.get_root_key_check()
         assert stored is not None
         return stored
+
+    def key_counts(self, now: datetime) -> KeyCounts:
+        counts: dict[tuple[KeyType, KeyState], int] = {}
+        with self._bounded():
+            for key_type in KeyType:
+                by_state: dict[KeyState, dict[str, Any]] = {
+                    KeyState.DISABLED: {"disabled": True},
+                    KeyState.EXPIRED: {"disabled": False, "primary_expires_at": {"$ne": None, "$lte": now}},
+                    KeyState.ENABLED: {
+                        "disabled": False,
+                        "$or": [{"primary_expires_at": None}, {"primary_expires_at": {"$gt": now}}],
+                    },
+                }
+                for state, condition in by_state.items():
+                    counted = self._keys.count_documents({"key_type": key_type.value, **condition})
+                    if counted:
+                        counts[(key_type, state)] = counted
+            tenants = next(
+                iter(self._keys.aggregate([{"$group": {"_id": "$tenant_id"}}, {"$count": "tenants"}])), {"tenants": 0}
+            )["tenants"]
+        return KeyCounts(counts, tenants)
 
     def ping(self) -> None:
         with self._bounded():

@@ -46,6 +46,12 @@ class KeyQuery:
     after: ListCursor | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class KeyCounts:
+    by_type_and_state: dict[tuple[KeyType, KeyState], int]
+    tenants: int
+
+
 class KeyStore(Protocol):
     def insert_key(self, key: Key) -> None:
         """Store a new key with its versions. Raises DuplicateKeyId, else DuplicateMasterKey."""
@@ -78,6 +84,10 @@ class KeyStore(Protocol):
 
     def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers now (cheap; used by health checks)."""
+        ...
+
+    def key_counts(self, now: datetime) -> KeyCounts:
+        """How many keys there are by type and effective state, and how many tenants have keys (for metrics)."""
         ...
 
     def close(self) -> None: ...

@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.keys import Key, KeyPolicy, KeyType, KeyVersion
-from crypto_server.storage.port import InvalidationListener, KeyQuery, KeyStore
+from crypto_server.storage.port import InvalidationListener, KeyCounts, KeyQuery, KeyStore
 
 log = logging.getLogger(__name__)
 DEFAULT_DB_INDEX = 2
@@ -67,7 +67,10 @@ class RedisGuard:
     most once per `log_interval_s`, and the recovery once.
     """
 
-    def __init__(self, *, backoff_s: float = 1.0, log_interval_s: float = 30.0) -> None:
+    def __init__(
+        self, *, backoff_s: float = 1.0, log_interval_s: float = 30.0, on_failure: Callable[[], None] | None = None
+    ) -> None:
+        self._on_failure = on_failure
         self._backoff_s = backoff_s
         self._log_interval_s = log_interval_s
         self._lock = threading.Lock()
@@ -91,6 +94,8 @@ class RedisGuard:
         return result
 
     def failed(self, operation: str, error: Exception) -> None:
+        if self._on_failure is not None:
+            self._on_failure()
         now = time.monotonic()
         with self._lock:
             self._skip_until = now + self._backoff_s
@@ -249,6 +254,9 @@ class RedisCachedKeyStore:
 
     def ping(self) -> None:
         self._inner.ping()
+
+    def key_counts(self, now: datetime) -> KeyCounts:
+        return self._inner.key_counts(now)
 
     def close(self) -> None:
         self._inner.close()

@@ -21,7 +21,7 @@ from typing import Any
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyQuery
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyCounts, KeyQuery
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -333,6 +333,17 @@ class SqliteKeyStore:
             db.execute("INSERT OR IGNORE INTO store_meta (name, value) VALUES ('root_key_check', ?)", (check,))
             row = db.execute("SELECT value FROM store_meta WHERE name = 'root_key_check'").fetchone()
         return bytes(row[0])
+
+    def key_counts(self, now: datetime) -> KeyCounts:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT key_type, CASE WHEN disabled = 1 THEN 'DISABLED' "
+                "WHEN primary_expires_us IS NOT NULL AND primary_expires_us <= ? THEN 'EXPIRED' "
+                "ELSE 'ENABLED' END AS state, COUNT(*) FROM keys GROUP BY key_type, state",
+                (_to_us(now),),
+            ).fetchall()
+            (tenants,) = db.execute("SELECT COUNT(DISTINCT tenant_id) FROM keys").fetchone()
+        return KeyCounts({(KeyType(kind), KeyState(state)): count for kind, state, count in rows}, tenants)
 
     def ping(self) -> None:
         with self._read() as db:

@@ -28,6 +28,7 @@ from crypto_server.call_deadline import enter_call, leave_call
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument
 from crypto_server.transport import access_log
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
+from crypto_server.transport.metrics import NullRpcObserver, RpcObserver
 
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LOGGED_TEXT_CHARS = 128
@@ -85,6 +86,11 @@ class InFlightCalls:
             self._count -= 1
             self._last_finished = time.monotonic()
 
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
     def quiet_for(self) -> float:
         """Seconds since the last call finished, or 0 while any call is running."""
         with self._lock:
@@ -99,8 +105,9 @@ class RpcMiddleware:
     the handler table once does the same job at no per-call dispatch cost.
     """
 
-    def __init__(self) -> None:
-        self.in_flight = InFlightCalls()
+    def __init__(self, in_flight: InFlightCalls | None = None, observer: RpcObserver | None = None) -> None:
+        self.in_flight = in_flight or InFlightCalls()
+        self._observer: RpcObserver = observer or NullRpcObserver()
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         return grpc.unary_unary_rpc_method_handler(
@@ -121,6 +128,7 @@ class RpcMiddleware:
     ) -> Callable[..., Iterator[Any]]:
         """The unary wrapper's duties for a bidirectional stream; the log line is written when it ends."""
         in_flight = self.in_flight
+        observer = self._observer
 
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             in_flight.enter()
@@ -146,6 +154,7 @@ class RpcMiddleware:
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
             except CryptoServiceError as error:
                 code, status = status_for(error, request_id)
+                observer.failed(error)
                 context.abort_with_status(status)
             except Exception:
                 code = grpc.StatusCode.INTERNAL
@@ -153,6 +162,7 @@ class RpcMiddleware:
                 context.abort_with_status(internal_status(request_id))
             finally:
                 in_flight.leave()
+                observer.finished(method, code.name, time.perf_counter() - started)
                 if access_log.enabled():
                     opening = first[0] if first else None
                     access_log.record(
@@ -168,6 +178,7 @@ class RpcMiddleware:
 
     def _wrap(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
         in_flight = self.in_flight
+        observer = self._observer
         log_calls = access_log.enabled
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
@@ -189,6 +200,7 @@ class RpcMiddleware:
                 return response
             except CryptoServiceError as error:
                 code, status = status_for(error, request_id)
+                observer.failed(error)
                 context.abort_with_status(status)
             except Exception:
                 code = grpc.StatusCode.INTERNAL
@@ -196,6 +208,7 @@ class RpcMiddleware:
                 context.abort_with_status(internal_status(request_id))
             finally:
                 in_flight.leave()
+                observer.finished(method, code.name, time.perf_counter() - started)
                 if log_calls():
                     access_log.record(
                         method,

@@ -1,0 +1,143 @@
+"""Prometheus metrics on CRYPTO_METRICS_PORT (off when unset). Bounded cardinality: no tenant or key labels.
+
+| series | type | labels |
+|---|---|---|
+| caas_crypto_rpc_total | counter | method, code |
+| caas_crypto_rpc_duration_seconds | histogram | method |
+| caas_crypto_rpc_in_flight | gauge | |
+| caas_crypto_keyring_lookups_total | counter | result (hit, miss) |
+| caas_crypto_store_errors_total | counter | |
+| caas_crypto_redis_errors_total | counter | |
+| caas_crypto_keys | gauge | key_type, state |
+| caas_crypto_tenants | gauge | |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from crypto_server.domain.clock import Clock
+from crypto_server.domain.errors import CryptoServiceError, StoreUnavailable
+from crypto_server.service.keyring import Keyring
+from crypto_server.storage.port import KeyCounts, KeyStore
+
+log = logging.getLogger(__name__)
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_KEY_COUNT_MAX_AGE_S = 30.0
+
+
+class RpcObserver(Protocol):
+    def finished(self, method: str, code: str, seconds: float) -> None: ...
+
+    def failed(self, error: CryptoServiceError) -> None: ...
+
+
+class NullRpcObserver:
+    """Metrics off: nothing to record."""
+
+    def finished(self, method: str, code: str, seconds: float) -> None:
+        return None
+
+    def failed(self, error: CryptoServiceError) -> None:
+        return None
+
+
+class _StateCollector:
+    """Series read at scrape time: keyring lookups, and key counts (from the store, at most every 30 s)."""
+
+    def __init__(self, keyring: Keyring, store: KeyStore, clock: Clock) -> None:
+        self._keyring = keyring
+        self._store = store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counts: KeyCounts | None = None
+        self._counted_at = -float("inf")
+
+    def _key_counts(self) -> KeyCounts | None:
+        with self._lock:
+            if time.monotonic() - self._counted_at >= _KEY_COUNT_MAX_AGE_S:
+                # On a store error keep the last counts; the errors show in their own series.
+                with contextlib.suppress(StoreUnavailable):
+                    self._counts = self._store.key_counts(self._clock.now())
+                self._counted_at = time.monotonic()
+            return self._counts
+
+    def collect(self) -> Iterator[Metric]:
+        lookups = CounterMetricFamily(
+            "caas_crypto_keyring_lookups",
+            "Key lookups answered from memory (hit) or the store (miss)",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], self._keyring.hits)
+        lookups.add_metric(["miss"], self._keyring.misses)
+        yield lookups
+        counts = self._key_counts()
+        if counts is not None:
+            keys = GaugeMetricFamily(
+                "caas_crypto_keys", "Keys by type and effective state", labels=["key_type", "state"]
+            )
+            for (key_type, state), number in sorted(counts.by_type_and_state.items(), key=lambda i: str(i[0])):
+                keys.add_metric([key_type.value, state.value], number)
+            yield keys
+            yield GaugeMetricFamily("caas_crypto_tenants", "Tenants with at least one key", value=counts.tenants)
+
+
+class Metrics:
+    def __init__(self, in_flight: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self._calls = Counter(
+            "caas_crypto_rpc", "RPCs by method and status code", ["method", "code"], registry=self.registry
+        )
+        self._latency = Histogram(
+            "caas_crypto_rpc_duration_seconds",
+            "RPC latency by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        in_flight_gauge = Gauge("caas_crypto_rpc_in_flight", "RPCs being served", registry=self.registry)
+        in_flight_gauge.set_function(in_flight)
+        self._store_errors = Counter(
+            "caas_crypto_store_errors",
+            "Calls that failed because the key store was unavailable",
+            registry=self.registry,
+        )
+        self.redis_errors = Counter(
+            "caas_crypto_redis_errors",
+            "Redis calls that failed (the service went on without Redis)",
+            registry=self.registry,
+        )
+        self._server: object | None = None
+
+    def finished(self, method: str, code: str, seconds: float) -> None:
+        self._calls.labels(method, code).inc()
+        self._latency.labels(method).observe(seconds)
+
+    def failed(self, error: CryptoServiceError) -> None:
+        if isinstance(error, StoreUnavailable):
+            self._store_errors.inc()
+
+    def watch_state(self, keyring: Keyring, store: KeyStore, clock: Clock) -> None:
+        self.registry.register(_StateCollector(keyring, store, clock))
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; the port it listens on."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        bound: int = server.server_address[1]
+        return bound
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()  # type: ignore[attr-defined]
+            self._server.server_close()  # type: ignore[attr-defined]
+            self._server = None

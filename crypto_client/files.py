@@ -62,23 +62,27 @@ class FileCipher:
     def encrypt_file(
         self, source: Path, destination: Path, *, aad: bytes = b"", progress: Progress | None = None
     ) -> int:
-        return self._to_path(source, destination, lambda i, o: self.encrypt(i, o, aad=aad, progress=progress))
+        with source.open("rb") as reader:
+            return write_atomically(destination, lambda out: self.encrypt(reader, out, aad=aad, progress=progress))
 
     def decrypt_file(
         self, source: Path, destination: Path, *, aad: bytes = b"", progress: Progress | None = None
     ) -> int:
         """Decrypt into a temporary file beside `destination`, renamed into place only when the whole
         stream verified: a damaged file never leaves a partial plaintext behind."""
-        return self._to_path(source, destination, lambda i, o: self.decrypt(i, o, aad=aad, progress=progress))
+        with source.open("rb") as reader:
+            return write_atomically(destination, lambda out: self.decrypt(reader, out, aad=aad, progress=progress))
 
-    @staticmethod
-    def _to_path(source: Path, destination: Path, transform: Callable[[BinaryIO, BinaryIO], int]) -> int:
-        handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-        try:
-            with source.open("rb") as reader, os.fdopen(handle, "wb") as writer:
-                written = transform(reader, writer)
-            os.replace(temporary, destination)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return written
+
+def write_atomically(destination: Path, write: Callable[[BinaryIO], int]) -> int:
+    """Run `write` into a temporary file beside `destination` and rename it into place only if it
+    succeeds; on any error the temporary file is removed and `destination` is untouched."""
+    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
+    try:
+        with os.fdopen(handle, "wb") as writer:
+            written = write(writer)
+        os.replace(temporary, destination)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return written

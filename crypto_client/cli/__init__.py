@@ -1,0 +1,1 @@
+"""`cryptoctl`: the operator's command line for the crypto service (on top of crypto_client)."""

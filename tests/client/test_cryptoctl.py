@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,7 @@ def cryptoctl(
     )
 
 
-def _json(result: subprocess.CompletedProcess[bytes]) -> object:
+def _json(result: subprocess.CompletedProcess[bytes]) -> Any:
     assert result.returncode == 0, result.stderr.decode()
     return json.loads(result.stdout)
 
@@ -49,22 +50,22 @@ def test_key_commands_with_table_and_json_output(server: CryptoServerProcess) ->
     assert table.returncode == 0
     assert b"KEY_ID" in table.stdout and key_id.encode() in table.stdout
     listed = _json(cryptoctl(server, "--json", "keys", "list", "--type", "data"))
-    assert [k["key_id"] for k in listed] == [key_id]  # type: ignore[union-attr,index]
+    assert [k["key_id"] for k in listed] == [key_id]
     rotated = _json(cryptoctl(server, "--json", "keys", "rotate", key_id))
-    assert rotated[0]["primary_version"] == 2  # type: ignore[index]
-    assert _json(cryptoctl(server, "--json", "keys", "disable", key_id))[0]["state"] == "DISABLED"  # type: ignore[index]
-    assert _json(cryptoctl(server, "--json", "keys", "enable", key_id))[0]["state"] == "ENABLED"  # type: ignore[index]
-    assert _json(cryptoctl(server, "--json", "keys", "get", key_id))[0]["primary_version"] == 2  # type: ignore[index]
+    assert rotated[0]["primary_version"] == 2
+    assert _json(cryptoctl(server, "--json", "keys", "disable", key_id))[0]["state"] == "DISABLED"
+    assert _json(cryptoctl(server, "--json", "keys", "enable", key_id))[0]["state"] == "ENABLED"
+    assert _json(cryptoctl(server, "--json", "keys", "get", key_id))[0]["primary_version"] == 2
     signer = _json(cryptoctl(server, "--json", "keys", "create", "--algorithm", "ed25519"))
-    assert signer[0]["algorithm"] == "ED25519"  # type: ignore[index]
+    assert signer[0]["algorithm"] == "ED25519"
 
 
 def test_value_round_trip_and_exit_codes(server: CryptoServerProcess) -> None:
-    key_id = _json(cryptoctl(server, "--json", "keys", "create"))[0]["key_id"]  # type: ignore[index]
+    key_id = _json(cryptoctl(server, "--json", "keys", "create"))[0]["key_id"]
     sealed = _json(cryptoctl(server, "--json", "encrypt", "--key", key_id, "--value", "hello", "--aad", "ctx"))
-    ciphertext = sealed["ciphertext"]  # type: ignore[index]
+    ciphertext = sealed["ciphertext"]
     opened = _json(cryptoctl(server, "--json", "decrypt", "--value", ciphertext, "--aad", "ctx"))
-    assert opened["plaintext"] == "hello"  # type: ignore[index]
+    assert opened["plaintext"] == "hello"
     assert cryptoctl(server, "decrypt", "--value", ciphertext, "--aad", "other").returncode == 4
     assert cryptoctl(server, "keys", "get", "00000000-0000-4000-8000-000000000000").returncode == 3
     cryptoctl(server, "keys", "disable", key_id)
@@ -82,7 +83,7 @@ def test_health_and_an_unreachable_service(server: CryptoServerProcess) -> None:
 
 
 def test_a_64_mib_file_round_trips_with_identical_bytes(server: CryptoServerProcess, tmp_path: Path) -> None:
-    key_id = _json(cryptoctl(server, "--json", "keys", "create"))[0]["key_id"]  # type: ignore[index]
+    key_id = _json(cryptoctl(server, "--json", "keys", "create"))[0]["key_id"]
     original = tmp_path / "video.bin"
     original.write_bytes(os.urandom(64 * MIB))
     sealed, restored = tmp_path / "video.enc", tmp_path / "video.out"
@@ -99,7 +100,7 @@ def test_a_64_mib_file_round_trips_with_identical_bytes(server: CryptoServerProc
 
 
 def test_stdin_and_stdout_are_the_default_streams(server: CryptoServerProcess) -> None:
-    key_id = _json(cryptoctl(server, "--json", "keys", "create"))[0]["key_id"]  # type: ignore[index]
+    key_id = _json(cryptoctl(server, "--json", "keys", "create"))[0]["key_id"]
     payload = os.urandom(300_000)
     sealed = cryptoctl(server, "encrypt", "--key", key_id, stdin=payload)
     assert sealed.returncode == 0 and payload not in sealed.stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
@@ -176,3 +177,30 @@ def test_an_unknown_version_is_invalid_argument(server: ServerHandle) -> None:
         "ERROR_REASON_INVALID_FIELD",
         "key_version",
     )
+
+
+@pytest.mark.parametrize("algorithm", [HMAC, ED25519, ECDSA])
+def test_a_disabled_mac_or_signing_key_refuses_every_operation_until_enabled(
+    server: ServerHandle, algorithm: int
+) -> None:
+    key = server.create_key("t1", algorithm=algorithm)
+    if algorithm == HMAC:
+        made = _mac(server, key.key_id, b"x").mac
+        calls: list[Callable[[], object]] = [
+            lambda: _mac(server, key.key_id, b"x"),
+            lambda: _verify_mac(server, key.key_id, b"x", made, 1),
+        ]
+    else:
+        made = server.crypto.Sign(crypto_pb.SignRequest(tenant_id="t1", key_id=key.key_id, message=b"x")).signature
+        verify = crypto_pb.VerifyRequest(tenant_id="t1", key_id=key.key_id, message=b"x", signature=made, key_version=1)
+        calls = [
+            lambda: server.crypto.Sign(crypto_pb.SignRequest(tenant_id="t1", key_id=key.key_id, message=b"x")),
+            lambda: server.crypto.Verify(verify),
+            lambda: server.crypto.GetPublicKey(crypto_pb.GetPublicKeyRequest(tenant_id="t1", key_id=key.key_id)),
+        ]
+    server.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id="t1", key_id=key.key_id))
+    for call in calls:
+        expect_error(call, grpc.StatusCode.FAILED_PRECONDITION, "ERROR_REASON_KEY_DISABLED")
+    server.keys.EnableKey(key_pb.EnableKeyRequest(tenant_id="t1", key_id=key.key_id))
+    for call in calls:
+        call()

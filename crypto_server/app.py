@@ -20,7 +20,7 @@ from crypto_client.v1 import crypto_service_pb2, key_service_pb2
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.clock import Clock, SystemClock
 from crypto_server.domain.key_wrap import make_root_key_check, root_key_matches
-from crypto_server.root_key import load_root_key
+from crypto_server.root_key import load_other_root_key, load_root_key
 from crypto_server.service.crypto_operations import MAX_AAD_BYTES, CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.keyring import Keyring
@@ -90,13 +90,17 @@ class CryptoServer:
         self.store.close()
 
 
-def _check_root_key(store: KeyStore, root: AESGCM) -> None:
+def _check_root_key(store: KeyStore, root: AESGCM, other: AESGCM | None) -> None:
     check = store.get_root_key_check() or store.set_root_key_check(make_root_key_check(root))
-    if not root_key_matches(root, check):
-        raise ConfigError(
-            "the configured root key is not the one that wrapped the keys in this store; "
-            "refusing to start (check CRYPTO_ROOT_KEY / CRYPTO_ROOT_KEY_FILE)"
-        )
+    if root_key_matches(root, check):
+        return
+    if other is not None and root_key_matches(other, check):
+        log.warning("root key rotation in progress: run crypto-rewrap-root, then drop CRYPTO_OTHER_ROOT_KEY_FILE")
+        return
+    raise ConfigError(
+        "the configured root key is not the one that wrapped the keys in this store; "
+        "refusing to start (check CRYPTO_ROOT_KEY / CRYPTO_ROOT_KEY_FILE)"
+    )
 
 
 def _open_store(settings: Settings) -> tuple[KeyStore, str]:
@@ -107,6 +111,17 @@ def _open_store(settings: Settings) -> tuple[KeyStore, str]:
     # Two embedded stores sharing one Redis must not share cache entries: name the store by its file.
     location = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:12]
     return SqliteKeyStore(settings.data_dir), f"embedded:{location}"
+
+
+def open_key_store(settings: Settings) -> KeyStore:
+    """The configured store, behind the Redis cache when REDIS_URL is set (for tools that write keys)."""
+    store, namespace = _open_store(settings)
+    if settings.redis_url:
+        client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
+        return redis_cache.RedisCachedKeyStore(
+            store, client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_cache.RedisGuard()
+        )
+    return store
 
 
 def build_server(
@@ -124,12 +139,14 @@ def build_server(
     """
     clock = clock or SystemClock()
     root = AESGCM(load_root_key(settings))
+    other_material = load_other_root_key(settings)
+    other_root = AESGCM(other_material) if other_material else None
     store, namespace = _open_store(settings)
     background: list[_Stoppable] = []
     in_flight = InFlightCalls()
     metrics = Metrics(lambda: in_flight.count) if settings.metrics_port is not None else None
     try:
-        _check_root_key(store, root)
+        _check_root_key(store, root, other_root)
         redis_client = redis_guard = None
         if settings.redis_url:
             redis_client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
@@ -143,6 +160,7 @@ def build_server(
             ttl_s=settings.keyring_ttl_s,
             max_keys=settings.keyring_size,
             max_stale_s=settings.keyring_max_stale_s,
+            other_roots=(other_root,) if other_root else (),
         )
         invalidation: Invalidation
         if redis_client is not None and redis_guard is not None:

@@ -27,6 +27,8 @@ class Settings:
     # Secrets stay out of repr(), so logging the settings cannot leak them.
     root_key: str | None = field(default=None, repr=False)
     root_key_file: Path | None = None
+    # Another root key accepted for unwrapping (never for wrapping), during a root key rotation.
+    other_root_key_file: Path | None = None
     max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES
     keyring_ttl_s: float = 300.0
     keyring_size: int = 10_000
@@ -89,6 +91,9 @@ class Settings:
         if root_key and root_key_file:
             raise ConfigError("set CRYPTO_ROOT_KEY or CRYPTO_ROOT_KEY_FILE, not both")
         mongodb_uri = env.get("MONGODB_URI", "").strip() or None
+        other_root_key_file = env.get("CRYPTO_OTHER_ROOT_KEY_FILE", "").strip() or None
+        if other_root_key_file and not (root_key or root_key_file):
+            raise ConfigError("CRYPTO_OTHER_ROOT_KEY_FILE needs the root key set too (CRYPTO_ROOT_KEY_FILE)")
         if mongodb_uri and not (root_key or root_key_file):
             # Every replica must share one root key; a generated one would differ per replica.
             raise ConfigError("MONGODB_URI needs the root key: set CRYPTO_ROOT_KEY_FILE (or CRYPTO_ROOT_KEY)")
@@ -112,6 +117,7 @@ class Settings:
             data_dir=Path(text("CRYPTO_DATA_DIR", str(defaults.data_dir))),
             root_key=root_key,
             root_key_file=Path(root_key_file) if root_key_file else None,
+            other_root_key_file=Path(other_root_key_file) if other_root_key_file else None,
             max_plaintext_bytes=integer(
                 "CRYPTO_MAX_PLAINTEXT_BYTES", defaults.max_plaintext_bytes, 1, MAX_PLAINTEXT_LIMIT_BYTES
             ),

@@ -54,3 +54,15 @@ def load_root_key(settings: Settings) -> bytes:
         extra={"path": str(path)},
     )
     return _decode(path.read_text(), f"root key file {path}")
+
+
+def load_other_root_key(settings: Settings) -> bytes | None:
+    """CRYPTO_OTHER_ROOT_KEY_FILE: a second root key that unwraps (never wraps), for root key rotation."""
+    if settings.other_root_key_file is None:
+        return None
+    source = f"CRYPTO_OTHER_ROOT_KEY_FILE {settings.other_root_key_file}"
+    try:
+        text = settings.other_root_key_file.read_text()
+    except OSError as error:
+        raise ConfigError(f"{source} cannot be read: {error.strerror}") from None
+    return _decode(text, source)

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto_server.domain.errors import KeyIntegrityError, KeyNotFound, MasterKeyUnavailable, StoreUnavailable
 from crypto_server.domain.key_wrap import UnwrapFailed, unwrap_key
-from crypto_server.domain.keys import Key, parse_key_id, validate_tenant_id
+from crypto_server.domain.keys import Key, KeyVersion, parse_key_id, validate_tenant_id
 from crypto_server.storage.port import KeyStore
 
 _P = TypeVar("_P")
@@ -42,7 +42,16 @@ class LoadedKey:
 
 
 class Keyring:
-    def __init__(self, store: KeyStore, root: AESGCM, *, ttl_s: float, max_keys: int, max_stale_s: float = 0.0):
+    def __init__(
+        self,
+        store: KeyStore,
+        root: AESGCM,
+        *,
+        ttl_s: float,
+        max_keys: int,
+        max_stale_s: float = 0.0,
+        other_roots: Sequence[AESGCM] = (),
+    ):
         if ttl_s < 0 or max_keys < 1 or max_stale_s < 0:
             raise ValueError("keyring ttl and max_stale must be >= 0 and max_keys >= 1")
         self._max_stale_s = max_stale_s
@@ -51,6 +60,8 @@ class Keyring:
         self.misses = 0
         self._store = store
         self.root = root
+        # Root keys that master keys may still be wrapped under (during a root key rotation); never wrap with them.
+        self._unwrapping_roots = (root, *other_roots)
         self._ttl_s = ttl_s
         self._max_keys = max_keys
         self._loaded: OrderedDict[tuple[str, str], LoadedKey] = OrderedDict()
@@ -159,7 +170,7 @@ class Keyring:
         if record is None:
             raise KeyError(version)
         if key.parent_key_id is None:
-            parent = self.root
+            parents: tuple[AESGCM, ...] = self._unwrapping_roots
         else:
             try:
                 parent_key = self.get(key.tenant_id, key.parent_key_id)
@@ -167,18 +178,24 @@ class Keyring:
                 raise KeyIntegrityError(f"key {key.key_id} names a parent key that does not exist") from None
             if parent_key.key.disabled:
                 raise MasterKeyUnavailable("the tenant's master key is disabled, so none of its keys can be used")
-            parent = self.aead(parent_key, record.parent_version)
-        try:
-            material = unwrap_key(
-                parent,
-                record.wrapped_material,
-                tenant_id=key.tenant_id,
-                key_id=key.key_id,
-                key_type=key.key_type.value,
-                version=record.version,
-                parent_version=record.parent_version,
-                algorithm=key.algorithm.value,
-            )
-        except UnwrapFailed as error:
-            raise KeyIntegrityError(f"key {key.key_id} version {version} does not unwrap") from error
-        return material
+            parents = (self.aead(parent_key, record.parent_version),)
+        for parent in parents:
+            try:
+                return unwrap_version(parent, key, record)
+            except UnwrapFailed:
+                continue
+        raise KeyIntegrityError(f"key {key.key_id} version {version} does not unwrap")
+
+
+def unwrap_version(parent: AESGCM, key: Key, record: KeyVersion) -> bytes:
+    """One version's material, unwrapped under `parent` with the binding of that key and version."""
+    return unwrap_key(
+        parent,
+        record.wrapped_material,
+        tenant_id=key.tenant_id,
+        key_id=key.key_id,
+        key_type=key.key_type.value,
+        version=record.version,
+        parent_version=record.parent_version,
+        algorithm=key.algorithm.value,
+    )

@@ -264,6 +264,37 @@ class MongoKeyStore:
             keys = self._with_versions([document] if document else [])
         return keys[0] if keys else None
 
+    def master_keys(self) -> Iterator[Key]:
+        after = ""
+        while True:
+            with self._bounded():
+                documents = list(
+                    self._keys.find({"key_type": KeyType.MASTER.value, "_id": {"$gt": after}})
+                    .sort("_id", ASCENDING)
+                    .limit(500)
+                )
+                keys = self._with_versions(documents)
+            if not keys:
+                return
+            yield from keys
+            after = keys[-1].key_id
+
+    def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:
+        with self._bounded():
+            if self._keys.count_documents({"_id": key_id, "tenant_id": tenant_id}, limit=1) == 0:
+                return False
+            changed = self._versions.update_one(
+                {"key_id": key_id, "version": version, "wrapped_material": Binary(old)},
+                {"$set": {"wrapped_material": Binary(new)}},
+            ).modified_count
+            if changed:
+                self._keys.update_one({"_id": key_id}, {"$inc": {"revision": 1}})
+            return changed == 1
+
+    def replace_root_key_check(self, check: bytes) -> None:
+        with self._bounded():
+            self._meta.replace_one({"_id": _ROOT_KEY_CHECK_ID}, {"value": Binary(check)}, upsert=True)
+
     def get_root_key_check(self) -> bytes | None:
         with self._bounded():
             document = self._meta.find_one({"_id": _ROOT_KEY_CHECK_ID})

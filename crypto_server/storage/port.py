@@ -7,6 +7,7 @@ StoreUnavailable when the store cannot be reached, never a driver exception.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -77,6 +78,16 @@ class KeyStore(Protocol):
         ...
 
     def get_root_key_check(self) -> bytes | None: ...
+
+    def master_keys(self) -> Iterator[Key]:
+        """Every tenant's master key (for re-wrapping under a new root key)."""
+        ...
+
+    def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:
+        """Swap one version's wrapped bytes, only if they are still `old` (same material, new wrapping)."""
+        ...
+
+    def replace_root_key_check(self, check: bytes) -> None: ...
 
     def set_root_key_check(self, check: bytes) -> bytes:
         """Store `check` unless one exists; return the stored one."""

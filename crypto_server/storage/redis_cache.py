@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -248,6 +248,20 @@ class RedisCachedKeyStore:
 
     def get_root_key_check(self) -> bytes | None:
         return self._inner.get_root_key_check()
+
+    def master_keys(self) -> Iterator[Key]:
+        return self._inner.master_keys()
+
+    def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:
+        if not self._inner.replace_wrapped_material(tenant_id, key_id, version, old, new):
+            return False
+        fresh = self._inner.get_key(tenant_id, key_id)
+        if fresh is not None:
+            self._put(fresh)
+        return True
+
+    def replace_root_key_check(self, check: bytes) -> None:
+        self._inner.replace_root_key_check(check)
 
     def set_root_key_check(self, check: bytes) -> bytes:
         return self._inner.set_root_key_check(check)

@@ -323,6 +323,36 @@ class SqliteKeyStore:
             )
             return self._select_one(db, "key_id = ? AND tenant_id = ?", (key_id, tenant_id))
 
+    def master_keys(self) -> Iterator[Key]:
+        after = ""
+        while True:
+            with self._read() as db:
+                rows = db.execute(
+                    f"SELECT {_KEY_COLUMNS} FROM keys WHERE key_type = 'MASTER' AND key_id > ? "  # noqa: S608
+                    "ORDER BY key_id LIMIT 500",
+                    (after,),
+                ).fetchall()
+                keys = self._keys_from_rows(db, rows)
+            if not keys:
+                return
+            yield from keys
+            after = keys[-1].key_id
+
+    def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE key_versions SET wrapped_material = ? WHERE key_id = ? AND version = ? "
+                "AND wrapped_material = ? AND key_id IN (SELECT key_id FROM keys WHERE tenant_id = ?)",
+                (new, key_id, version, old, tenant_id),
+            ).rowcount
+            if changed:
+                db.execute("UPDATE keys SET revision = revision + 1 WHERE key_id = ?", (key_id,))
+            return changed == 1
+
+    def replace_root_key_check(self, check: bytes) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO store_meta (name, value) VALUES ('root_key_check', ?)", (check,))
+
     def get_root_key_check(self) -> bytes | None:
         with self._read() as db:
             row = db.execute("SELECT value FROM store_meta WHERE name = 'root_key_check'").fetchone()

@@ -6,8 +6,8 @@ import base64
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from crypto_server.domain.key_wrap import unwrap_key
 from crypto_server.domain.keys import Key
+from crypto_server.service.keyring import unwrap_version
 from tests.conftest import ServerHandle
 
 
@@ -21,16 +21,4 @@ def unwrapped_material(server: ServerHandle, key: Key) -> list[bytes]:
         parent = store.get_key(key.tenant_id, key.parent_key_id)
         assert parent is not None
         parents = {n + 1: AESGCM(m) for n, m in enumerate(unwrapped_material(server, parent))}
-    return [
-        unwrap_key(
-            parents[v.parent_version],
-            v.wrapped_material,
-            tenant_id=key.tenant_id,
-            key_id=key.key_id,
-            key_type=key.key_type.value,
-            version=v.version,
-            parent_version=v.parent_version,
-            algorithm=key.algorithm.value,
-        )
-        for v in key.versions
-    ]
+    return [unwrap_version(parents[v.parent_version], key, v) for v in key.versions]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import grpc
 
@@ -135,11 +136,7 @@ class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
         used, sealed = self._operations.encrypt_stream(
             first.tenant_id, first.key_id, first.aad, _chunks(first.chunk, request_iterator)
         )
-        for index, chunk in enumerate(sealed):
-            if index == 0:
-                yield pb.EncryptStreamResponse(chunk=chunk, key_id=used.key_id, key_version=used.key_version)
-            else:
-                yield pb.EncryptStreamResponse(chunk=chunk)
+        yield from _responses(pb.EncryptStreamResponse, used.key_id, used.key_version, sealed)
 
     def DecryptStream(
         self, request_iterator: Iterator[pb.DecryptStreamRequest], context: grpc.ServicerContext
@@ -150,11 +147,7 @@ class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
         used, opened = self._operations.decrypt_stream(
             first.tenant_id, first.aad, first.key_id, _chunks(first.chunk, request_iterator)
         )
-        for index, chunk in enumerate(opened):
-            if index == 0:
-                yield pb.DecryptStreamResponse(chunk=chunk, key_id=used.key_id, key_version=used.key_version)
-            else:
-                yield pb.DecryptStreamResponse(chunk=chunk)
+        yield from _responses(pb.DecryptStreamResponse, used.key_id, used.key_version, opened)
 
 
 def _chunks(
@@ -163,3 +156,14 @@ def _chunks(
     yield first
     for message in rest:
         yield message.chunk
+
+
+_StreamResponse = TypeVar("_StreamResponse", pb.EncryptStreamResponse, pb.DecryptStreamResponse)
+
+
+def _responses(
+    kind: type[_StreamResponse], key_id: str, key_version: int, chunks: Iterator[bytes]
+) -> Iterator[_StreamResponse]:
+    """One response per chunk; the first also says which key and version the stream uses."""
+    for index, chunk in enumerate(chunks):
+        yield kind(chunk=chunk, key_id=key_id, key_version=key_version) if index == 0 else kind(chunk=chunk)

@@ -97,6 +97,18 @@ class InFlightCalls:
             return 0.0 if self._count else time.monotonic() - self._last_finished
 
 
+def _failure(error: CryptoServiceError, request_id: str, observer: RpcObserver) -> tuple[grpc.StatusCode, grpc.Status]:
+    """The status a failed call ends with, the error counted."""
+    observer.failed(error)
+    return status_for(error, request_id)
+
+
+def _bug(method: str, request_id: str) -> tuple[grpc.StatusCode, grpc.Status]:
+    """The last resort: logged with its traceback, answered with nothing but the request id."""
+    rpc_log.exception("unhandled error", extra={"method": method, "request_id": request_id})
+    return grpc.StatusCode.INTERNAL, internal_status(request_id)
+
+
 class RpcMiddleware:
     """Wraps each caas.crypto.v1 method handler once, when the service is registered.
 
@@ -153,13 +165,11 @@ class RpcMiddleware:
                     leave_call(deadline)
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
             except CryptoServiceError as error:
-                code, status = status_for(error, request_id)
-                observer.failed(error)
+                code, status = _failure(error, request_id, observer)
                 context.abort_with_status(status)
             except Exception:
-                code = grpc.StatusCode.INTERNAL
-                rpc_log.exception("unhandled error", extra={"method": method, "request_id": request_id})
-                context.abort_with_status(internal_status(request_id))
+                code, status = _bug(method, request_id)
+                context.abort_with_status(status)
             finally:
                 in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)
@@ -199,13 +209,11 @@ class RpcMiddleware:
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
                 return response
             except CryptoServiceError as error:
-                code, status = status_for(error, request_id)
-                observer.failed(error)
+                code, status = _failure(error, request_id, observer)
                 context.abort_with_status(status)
             except Exception:
-                code = grpc.StatusCode.INTERNAL
-                rpc_log.exception("unhandled error", extra={"method": method, "request_id": request_id})
-                context.abort_with_status(internal_status(request_id))
+                code, status = _bug(method, request_id)
+                context.abort_with_status(status)
             finally:
                 in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)

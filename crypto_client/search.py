@@ -7,10 +7,12 @@ token for the same tenant and key; another tenant's key gives another token;
 without the key, tokens reveal nothing but equality.
 
 Rotation: new documents are indexed under the key's primary version. A query
-computes the term's token under every version of the key and searches for any
-of them, so documents indexed before a rotation are still found. Re-indexing
-old documents under the new version (then dropping the old tokens) is a
-background job the search service may run at leisure.
+computes the term's token under every unexpired version of the key and searches
+for any of them, so documents indexed before a rotation are still found. An
+expired version computes no more MACs (the service refuses, as it refuses to
+encrypt with it), so documents must be re-indexed under a newer version before
+their version expires: a background job the search service runs after each
+rotation (versions live 365 days by default).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Callable
 
+from crypto_client.errors import KeyExpiredError
+from crypto_client.models import KeyVersionState
 from crypto_client.sync_client import CryptoClient
 
 _DOMAIN = b"caas.search.v1\x00"
@@ -57,10 +61,15 @@ class BlindIndex:
         return mac[: self._token_bytes].hex()
 
     def query_tokens(self, term: str) -> list[str]:
-        """Every token the term may have been indexed under (one per key version, newest first)."""
-        versions = sorted((v.version for v in self._client.get_key(self._key_id).versions), reverse=True)
+        """Every token the term may have been indexed under (one per unexpired key version, newest first)."""
+        key = self._client.get_key(self._key_id)
+        versions = sorted((v.version for v in key.versions if v.state is not KeyVersionState.EXPIRED), reverse=True)
         data = self._data(term)
-        return [
-            self._client.compute_mac(self._key_id, data, key_version=version).mac[: self._token_bytes].hex()
-            for version in versions
-        ]
+        tokens = []
+        for version in versions:
+            try:
+                mac = self._client.compute_mac(self._key_id, data, key_version=version).mac
+            except KeyExpiredError:
+                continue  # expired since the key's metadata was cached
+            tokens.append(mac[: self._token_bytes].hex())
+        return tokens

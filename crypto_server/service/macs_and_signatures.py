@@ -67,9 +67,9 @@ class MacsAndSignatures:
     def compute_mac(self, tenant_id: str, key_id: str, data: bytes, version: int = 0) -> tuple[bytes, int]:
         self._check_size("data", data)
         loaded = self._keyring.lookup(tenant_id, key_id)
-        # The primary must be unexpired; an explicit older version always computes, because for a
-        # MAC computing is how a lookup (a blind index query) checks an old value.
-        number = self._version(loaded, version, "ComputeMac", (Algorithm.HMAC_SHA256,), making=not version)
+        # Computing makes a new MAC whichever version is named, so an expired version refuses, as it
+        # does for encryption: a version past its cryptoperiod only verifies.
+        number = self._version(loaded, version, "ComputeMac", (Algorithm.HMAC_SHA256,), making=True)
         material: bytes = self._keyring.primitive(loaded, number, bytes)
         return algorithms.compute_mac(material, data), number
 

@@ -169,6 +169,22 @@ def test_an_expired_signing_key_refuses_to_sign_but_still_verifies(server: Serve
     assert server.crypto.Verify(request).valid
 
 
+@pytest.mark.parametrize("named_version", [0, 1], ids=["primary", "explicit-version"])
+def test_an_expired_mac_version_computes_no_new_macs_but_still_verifies(
+    server: ServerHandle, named_version: int
+) -> None:
+    # The attack: name the expired primary explicitly to get a new MAC out of it.
+    key = server.create_key("t1", algorithm=HMAC, expire_after=Duration(seconds=3600))
+    made = _mac(server, key.key_id, b"term")
+    server.clock.advance(timedelta(hours=1))
+    expect_error(
+        lambda: _mac(server, key.key_id, b"term", version=named_version),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_KEY_EXPIRED",
+    )
+    assert _verify_mac(server, key.key_id, b"term", made.mac, 1)
+
+
 def test_an_unknown_version_is_invalid_argument(server: ServerHandle) -> None:
     key = server.create_key("t1", algorithm=HMAC)
     expect_error(

@@ -211,7 +211,8 @@ class KeyLifecycle:
             wrapping = self._keyring.root
         else:
             parent_version = parent.primary_version
-            wrapping = self._keyring.aead(self._keyring.remember(parent), parent_version)
+            # Read from the store for its state, not through the keyring: used once, never kept there.
+            wrapping = self._keyring.aead(self._keyring.transient(parent), parent_version)
         wrapped = wrap_key(
             wrapping,
             new_material(algorithm),

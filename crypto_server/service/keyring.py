@@ -30,6 +30,16 @@ from crypto_server.storage.port import KeyStore
 _P = TypeVar("_P")
 
 
+class _Fill:
+    """A store read under way for one slot. An invalidation of that slot (or its tenant, or everything)
+    while the read runs marks it stale: what it read may predate the change, so it is not kept."""
+
+    __slots__ = ("stale",)
+
+    def __init__(self) -> None:
+        self.stale = False
+
+
 @dataclass(slots=True)
 class LoadedKey:
     """A key's metadata plus the AEADs of the versions used so far."""
@@ -65,6 +75,8 @@ class Keyring:
         self._ttl_s = ttl_s
         self._max_keys = max_keys
         self._loaded: OrderedDict[tuple[str, str], LoadedKey] = OrderedDict()
+        # Store reads under way, per slot; only ever as many as there are concurrent misses.
+        self._fills: dict[tuple[str, str], list[_Fill]] = {}
         self._lock = threading.Lock()
 
     def fresh(self, tenant_id: str, key_id: str) -> LoadedKey | None:
@@ -97,6 +109,7 @@ class Keyring:
         """
         slot = (tenant_id, key_id)
         now = time.monotonic()
+        fill = _Fill()
         with self._lock:
             loaded = self._loaded.get(slot)
             if loaded is not None and now - loaded.loaded_at < self._ttl_s:
@@ -104,23 +117,34 @@ class Keyring:
                 self.hits += 1
                 return loaded
             self.misses += 1
+            self._fills.setdefault(slot, []).append(fill)
         try:
-            key = self._store.get_key(tenant_id, key_id)
-        except StoreUnavailable:
+            try:
+                key = self._store.get_key(tenant_id, key_id)
+            except StoreUnavailable:
+                with self._lock:
+                    still_held = self._loaded.get(slot) is loaded
+                if loaded is not None and still_held and now - loaded.loaded_at < self._ttl_s + self._max_stale_s:
+                    return loaded
+                raise
+            if key is None:
+                raise KeyNotFound(key_id)
+            return self._keep(key, fill)
+        finally:
             with self._lock:
-                still_held = self._loaded.get(slot) is loaded
-            if loaded is not None and still_held and now - loaded.loaded_at < self._ttl_s + self._max_stale_s:
-                return loaded
-            raise
-        if key is None:
-            raise KeyNotFound(key_id)
-        return self.remember(key)
+                fills = self._fills[slot]
+                fills.remove(fill)
+                if not fills:
+                    del self._fills[slot]
 
-    def remember(self, key: Key) -> LoadedKey:
-        """Hold `key` (fresh from the store or just written) in memory."""
+    def _keep(self, key: Key, fill: _Fill | None) -> LoadedKey:
+        """Hold `key` in memory, unless an invalidation arrived while `fill` was reading it: then the
+        caller gets it (its call overlapped the change) but nobody after it does."""
         loaded = LoadedKey(key=key, key_uuid=uuid.UUID(key.key_id), loaded_at=time.monotonic())
         slot = (key.tenant_id, key.key_id)
         with self._lock:
+            if fill is not None and fill.stale:
+                return loaded
             previous = self._loaded.get(slot)
             if previous is not None and previous.key.versions == key.versions:
                 # Same material: keep what was already unwrapped.
@@ -131,18 +155,38 @@ class Keyring:
                 self._loaded.popitem(last=False)
         return loaded
 
+    def remember(self, key: Key) -> LoadedKey:
+        """Hold `key`, just written by this server, in memory."""
+        return self._keep(key, None)
+
+    @staticmethod
+    def transient(key: Key) -> LoadedKey:
+        """`key` as a LoadedKey that is not kept: for a key read outside the keyring (whose read may
+        predate an invalidation), used once."""
+        return LoadedKey(key=key, key_uuid=uuid.UUID(key.key_id), loaded_at=time.monotonic())
+
     def forget(self, tenant_id: str, key_id: str) -> None:
+        slot = (tenant_id, key_id)
         with self._lock:
-            self._loaded.pop((tenant_id, key_id), None)
+            self._loaded.pop(slot, None)
+            for fill in self._fills.get(slot, ()):
+                fill.stale = True
 
     def forget_tenant(self, tenant_id: str) -> None:
         with self._lock:
             for slot in [slot for slot in self._loaded if slot[0] == tenant_id]:
                 del self._loaded[slot]
+            for slot, fills in self._fills.items():
+                if slot[0] == tenant_id:
+                    for fill in fills:
+                        fill.stale = True
 
     def forget_all(self) -> None:
         with self._lock:
             self._loaded.clear()
+            for fills in self._fills.values():
+                for fill in fills:
+                    fill.stale = True
 
     def aead(self, loaded: LoadedKey, version: int) -> AESGCM:
         """The AEAD for one version of `loaded`, unwrapping it (through its parent) on first use.

@@ -1,9 +1,10 @@
 """TokenSigner: JWTs (EdDSA with Ed25519 keys, ES256 with ECDSA P-256 keys) signed by the service.
 
-The private key never leaves the service. Verification is local: the public
-key of each (key, version) is fetched once and cached, so verifying a token on
-the gateway's hot path costs no call. A token's `kid` header is
-"<key id>/<version>", so tokens signed before a rotation keep verifying.
+The private key never leaves the service. Verification is local, with PyJWT: the
+public key of each (key, version) is fetched from the service and cached for a
+bounded time, so verifying a token on the gateway's hot path costs no call and a
+key disabled in the service stops verifying within that time. A token's `kid`
+header is "<key id>/<version>", so tokens signed before a rotation keep verifying.
 
 API keys for storage: `seal_api_key` / `open_api_key` encrypt them under an
 AES key, bound to their owner, so a sealed key copied to another owner does
@@ -14,97 +15,318 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 import threading
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from crypto_client.models import Algorithm
+from crypto_client.errors import (
+    CryptoClientError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    KeyNotFoundError,
+    PermissionDeniedError,
+)
+from crypto_client.models import Algorithm, PublicKey
 from crypto_client.sync_client import CryptoClient
 
 _JWT_ALGORITHM = {Algorithm.ED25519: "EdDSA", Algorithm.ECDSA_P256_SHA256: "ES256"}
 
+# Bounds checked before any parsing: a token is an HTTP header, so anything larger is not one of ours.
+MAX_TOKEN_CHARS = 16 * 1024
+# A kid version is what the service numbers versions with (a uint32 over 0, ASCII digits only).
+_KID_VERSION = re.compile(r"[1-9][0-9]{0,9}")
+_MAX_KEY_VERSION = 2**32 - 1
+# Every verification failure says the same thing, whatever the cause (kept as the exception's __cause__).
+_INVALID = "invalid token"
+
 
 class InvalidTokenError(Exception):
-    """The token is malformed, its signature does not verify, or it has expired. One error for all."""
+    """The token is malformed, its signature does not verify, it has expired or is not yet valid, its
+    audience or issuer is wrong, or its key (version) is unknown or refused. One error for all."""
+
+
+@dataclass(frozen=True, slots=True)
+class _VerificationKey:
+    jwt_algorithm: str  # the only `alg` a token of this key may name
+    public_key: ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+    fetched_at: float
+
+
+class _PublicKeyCache:
+    """The public keys of one signing key's versions, fetched from the service and kept for a bounded time.
+
+    - A fetched public key is used for `ttl_s`, then fetched again: GetPublicKey refuses a disabled key,
+      so a key disabled in the service stops verifying tokens within `ttl_s`.
+    - A refusal is remembered for `refusal_ttl_s`, so forged `kid`s cannot make each verification a call:
+      a refused key (disabled, deleted, not a signing key) makes no further call until the refusal lapses;
+      a version that does not exist costs one GetPublicKey and one GetKey (to learn the newest version;
+      versions only grow), then every version above the newest is refused without a call until it lapses.
+    - At most `max_versions` public keys are held, the least recently used dropped first.
+    - One fetch at a time, so concurrent verifications of one unknown version make one call, not one each.
+    Failures that say nothing about the key (the service unreachable, deadline, circuit open) are not
+    remembered: the next verification asks again.
+    """
+
+    def __init__(
+        self,
+        client: CryptoClient,
+        key_id: str,
+        *,
+        ttl_s: float,
+        refusal_ttl_s: float,
+        max_versions: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._client = client
+        self._key_id = key_id
+        self._ttl_s = ttl_s
+        self._refusal_ttl_s = refusal_ttl_s
+        self._max_versions = max_versions
+        self._clock = clock
+        self._keys: OrderedDict[int, _VerificationKey] = OrderedDict()
+        self._key_refused_at: float | None = None
+        self._absent_from: tuple[int, float] | None = None  # (no version from this one up, learned at)
+        self._lock = threading.Lock()  # guards the state above; never held during a call
+        self._fetch_lock = threading.Lock()
+
+    def get(self, version: int) -> _VerificationKey:
+        """The public key of `version`, cached or fetched; InvalidTokenError if the service refuses it."""
+        cached = self._cached(version)
+        if cached is not None:
+            return cached
+        with self._fetch_lock:
+            cached = self._cached(version)  # another thread may have fetched (or been refused) meanwhile
+            return cached if cached is not None else self._fetch(version)
+
+    def note_version_exists(self, version: int) -> None:
+        """`version` exists (this process just signed with it): a remembered absence cannot cover it."""
+        with self._lock:
+            if self._absent_from is not None and self._absent_from[0] <= version:
+                self._absent_from = (version + 1, self._absent_from[1])
+
+    def _cached(self, version: int) -> _VerificationKey | None:
+        """The fresh cached key of `version`; None to fetch it; InvalidTokenError while a refusal holds."""
+        now = self._clock()
+        with self._lock:
+            if self._key_refused_at is not None:
+                if now - self._key_refused_at < self._refusal_ttl_s:
+                    raise InvalidTokenError(_INVALID)
+                self._key_refused_at = None
+            if self._absent_from is not None:
+                lowest_absent, learned_at = self._absent_from
+                if now - learned_at >= self._refusal_ttl_s:
+                    self._absent_from = None
+                elif version >= lowest_absent:
+                    raise InvalidTokenError(_INVALID)
+            entry = self._keys.get(version)
+            if entry is None:
+                return None
+            if now - entry.fetched_at >= self._ttl_s:
+                del self._keys[version]
+                return None
+            self._keys.move_to_end(version)
+            return entry
+
+    def _fetch(self, version: int) -> _VerificationKey:
+        try:
+            public = self._client.get_public_key(self._key_id, key_version=version)
+        except InvalidArgumentError as error:  # the key has no such version
+            self._remember_absent(version)
+            raise InvalidTokenError(_INVALID) from error
+        except (KeyNotFoundError, FailedPreconditionError, PermissionDeniedError) as error:
+            with self._lock:
+                self._key_refused_at = self._clock()
+                self._keys.clear()  # every version of a refused key is refused
+            raise InvalidTokenError(_INVALID) from error
+        except CryptoClientError as error:  # no answer about the key: remember nothing
+            raise InvalidTokenError(_INVALID) from error
+        entry = _verification_key(public, fetched_at=self._clock())
+        with self._lock:
+            self._keys[version] = entry
+            self._keys.move_to_end(version)
+            while len(self._keys) > self._max_versions:
+                self._keys.popitem(last=False)
+        return entry
+
+    def _remember_absent(self, version: int) -> None:
+        """No version from `version` up exists (versions are 1..n and n only grows); asking for the newest
+        version once lets a flood of made-up versions, in any order, cost no further call."""
+        lowest_absent = version
+        newest = self._newest_version()
+        if newest is not None:
+            lowest_absent = min(lowest_absent, newest + 1)
+        with self._lock:
+            self._absent_from = (lowest_absent, self._clock())
+
+    def _newest_version(self) -> int | None:
+        try:
+            key = self._client.get_key(self._key_id, use_cache=False)
+        except CryptoClientError:
+            return None  # the refusal alone still proved `version` and above absent
+        return max((v.version for v in key.versions), default=0)
+
+
+def _verification_key(public: PublicKey, *, fetched_at: float) -> _VerificationKey:
+    """The service's PEM loaded, and checked to be the kind of key its algorithm says."""
+    loaded = serialization.load_pem_public_key(public.pem.encode())
+    if public.algorithm is Algorithm.ED25519 and isinstance(loaded, ed25519.Ed25519PublicKey):
+        return _VerificationKey("EdDSA", loaded, fetched_at)
+    if (
+        public.algorithm is Algorithm.ECDSA_P256_SHA256
+        and isinstance(loaded, ec.EllipticCurvePublicKey)
+        and isinstance(loaded.curve, ec.SECP256R1)
+    ):
+        return _VerificationKey("ES256", loaded, fetched_at)
+    raise InvalidTokenError(_INVALID)
 
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 class TokenSigner:
-    def __init__(self, client: CryptoClient, signing_key_id: str, *, api_key_id: str | None = None) -> None:
+    """Signs JWTs with a signing key of the service and verifies them locally.
+
+    Args:
+        client: the client to call the service with.
+        signing_key_id: an ED25519 (EdDSA) or ECDSA_P256_SHA256 (ES256) key.
+        api_key_id: the AES key that seals API keys (`seal_api_key`), if used.
+        audience: when set, `sign` adds it as `aud` (unless the claims carry one) and `verify` requires a
+            token's `aud` to contain it. When not set, a token carrying an `aud` is refused.
+        issuer: when set, `sign` adds it as `iss` (unless the claims carry one) and `verify` requires it.
+        leeway_s: clock skew allowed when checking `exp`, `nbf` and `iat` (default 30 s).
+        public_key_ttl_s: how long a fetched public key verifies before it is fetched again; the bound on
+            how long a disabled key keeps verifying (default 5 minutes).
+        refusal_ttl_s: how long an unknown or refused key (version) is remembered, so a flood of forged
+            `kid`s costs the service a bounded number of calls (default 30 s).
+        max_cached_versions: the most public keys held (default 64).
+        clock: monotonic seconds for the cache lifetimes (injected by tests).
+    """
+
+    def __init__(
+        self,
+        client: CryptoClient,
+        signing_key_id: str,
+        *,
+        api_key_id: str | None = None,
+        audience: str | None = None,
+        issuer: str | None = None,
+        leeway_s: float = 30.0,
+        public_key_ttl_s: float = 300.0,
+        refusal_ttl_s: float = 30.0,
+        max_cached_versions: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 <= leeway_s <= 300:
+            raise ValueError("leeway_s must be between 0 and 300 seconds")
+        if public_key_ttl_s <= 0 or refusal_ttl_s <= 0 or max_cached_versions < 1:
+            raise ValueError("TokenSigner cache lifetimes and size must be positive")
+        if audience == "" or issuer == "":
+            raise ValueError("audience and issuer are None (not checked) or non-empty")
         self._client = client
         self._key_id = signing_key_id
         self._api_key_id = api_key_id
-        self._public_keys: dict[tuple[str, int], Any] = {}
-        self._lock = threading.Lock()
+        self._audience = audience
+        self._issuer = issuer
+        self._leeway_s = leeway_s
+        self._public_keys = _PublicKeyCache(
+            client,
+            signing_key_id,
+            ttl_s=public_key_ttl_s,
+            refusal_ttl_s=refusal_ttl_s,
+            max_versions=max_cached_versions,
+            clock=clock,
+        )
 
     def sign(self, claims: Mapping[str, Any]) -> str:
-        """A compact JWT of `claims`, signed with the key's primary version."""
+        """A compact JWT of `claims` (plus the configured `iss`/`aud`), signed with the key's primary version.
+
+        Raises:
+            ValueError: the key is not an Ed25519 or ECDSA P-256 key.
+            CryptoClientError: the service refused or could not sign.
+        """
         key = self._client.get_key(self._key_id)
         if key.algorithm not in _JWT_ALGORITHM:
             raise ValueError(f"key {self._key_id} is {key.algorithm.value}; JWTs need ED25519 or ECDSA_P256_SHA256")
-        payload = _b64(json.dumps(dict(claims), separators=(",", ":")).encode())
+        body = dict(claims)
+        if self._issuer is not None:
+            body.setdefault("iss", self._issuer)
+        if self._audience is not None:
+            body.setdefault("aud", self._audience)
+        payload = _b64(json.dumps(body, separators=(",", ":")).encode())
         version = key.primary_version
         for _ in range(3):  # the primary may move under us (a rotation); re-sign with the right kid
             header = {"alg": _JWT_ALGORITHM[key.algorithm], "typ": "JWT", "kid": f"{self._key_id}/{version}"}
             signing_input = f"{_b64(json.dumps(header, separators=(',', ':')).encode())}.{payload}"
             signed = self._client.sign(self._key_id, signing_input.encode())
             if signed.key_version == version:
+                self._public_keys.note_version_exists(version)
                 return f"{signing_input}.{_b64(_jose_signature(signed.algorithm, signed.signature))}"
             version = signed.key_version
         raise RuntimeError("the signing key kept rotating while signing")
 
     def verify(self, token: str, *, now: float | None = None) -> dict[str, Any]:
-        """The claims of a token this service signed; raises InvalidTokenError otherwise (checks `exp`/`nbf`)."""
+        """The claims of a token signed by this signer's key.
+
+        Checks the signature with the public key of the version the `kid` names, under the one algorithm
+        that key's type implies (never `none`, never HS*); `exp`, `nbf` and `iat` against `now` (default:
+        the wall clock) with the configured leeway; `aud` and `iss` as configured.
+
+        Raises:
+            InvalidTokenError: for every reason a token does not verify, including a key (version) the
+                service does not know or refuses, and a service that could not be asked for the public key.
+        """
         try:
-            header_b64, payload_b64, signature_b64 = token.split(".")
-            header = json.loads(_unb64(header_b64))
-            key_id, version_text = str(header["kid"]).rsplit("/", 1)
-            public = self._public_key(key_id, int(version_text))
-            signature = _unb64(signature_b64)
-            signing_input = f"{header_b64}.{payload_b64}".encode()
-            if header.get("alg") == "EdDSA" and isinstance(public, ed25519.Ed25519PublicKey):
-                public.verify(signature, signing_input)
-            elif header.get("alg") == "ES256" and isinstance(public, ec.EllipticCurvePublicKey):
-                if len(signature) != 64:
-                    raise InvalidTokenError("bad signature length")
-                der = encode_dss_signature(int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big"))
-                public.verify(der, signing_input, ec.ECDSA(hashes.SHA256()))
-            else:
-                raise InvalidTokenError("algorithm does not match the key")
-            claims: dict[str, Any] = json.loads(_unb64(payload_b64))
-        except (ValueError, KeyError, TypeError, InvalidSignature) as error:
-            raise InvalidTokenError("invalid token") from error
-        moment = time.time() if now is None else now
-        if "exp" in claims and moment >= float(claims["exp"]):
-            raise InvalidTokenError("invalid token")
-        if "nbf" in claims and moment < float(claims["nbf"]):
-            raise InvalidTokenError("invalid token")
+            if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+                raise InvalidTokenError(_INVALID)
+            version = self._kid_version(jwt.get_unverified_header(token).get("kid"))
+            key = self._public_keys.get(version)
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.public_key,
+                algorithms=[key.jwt_algorithm],
+                audience=self._audience,
+                issuer=self._issuer,
+                # Times are checked below against an injectable `now`, with the same rules.
+                options={"verify_exp": False, "verify_nbf": False, "verify_iat": False},
+            )
+            self._check_times(claims, time.time() if now is None else now)
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, OverflowError, RecursionError) as error:
+            raise InvalidTokenError(_INVALID) from error
         return claims
 
-    def _public_key(self, key_id: str, version: int) -> Any:
-        if key_id != self._key_id:
-            raise InvalidTokenError("token was signed with another key")
-        with self._lock:
-            cached = self._public_keys.get((key_id, version))
-        if cached is None:
-            pem = self._client.get_public_key(key_id, key_version=version).pem
-            cached = serialization.load_pem_public_key(pem.encode())
-            with self._lock:
-                self._public_keys[(key_id, version)] = cached
-        return cached
+    def _kid_version(self, kid: object) -> int:
+        """The version a `kid` of "<this key id>/<version>" names; other keys are refused without a call."""
+        if not isinstance(kid, str):
+            raise InvalidTokenError(_INVALID)
+        key_id, _, version_text = kid.rpartition("/")
+        if key_id != self._key_id or not _KID_VERSION.fullmatch(version_text):
+            raise InvalidTokenError(_INVALID)
+        version = int(version_text)
+        if version > _MAX_KEY_VERSION:
+            raise InvalidTokenError(_INVALID)
+        return version
+
+    def _check_times(self, claims: Mapping[str, Any], now: float) -> None:
+        """RFC 7519 NumericDates: `exp` must be after now, `nbf` and `iat` not after it (give or take leeway)."""
+        leeway = self._leeway_s
+        expires = _numeric_date(claims, "exp")
+        if expires is not None and now - leeway >= expires:
+            raise InvalidTokenError(_INVALID)
+        for claim in ("nbf", "iat"):
+            moment = _numeric_date(claims, claim)
+            if moment is not None and moment > now + leeway:
+                raise InvalidTokenError(_INVALID)
 
     # -- API keys at rest ---------------------------------------------------------------------
 
@@ -122,6 +344,16 @@ class TokenSigner:
     @staticmethod
     def _owner_aad(owner_id: str) -> bytes:
         return b"caas.gateway.api-key.v1\x00" + owner_id.encode()
+
+
+def _numeric_date(claims: Mapping[str, Any], claim: str) -> float | None:
+    """A claim that must be a JSON number (not a string, not a boolean) if present."""
+    if claim not in claims:
+        return None
+    value = claims[claim]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidTokenError(_INVALID)
+    return float(value)
 
 
 def _jose_signature(algorithm: Algorithm, signature: bytes) -> bytes:

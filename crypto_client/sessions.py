@@ -1,7 +1,10 @@
 """SessionKeys: short-lived keys for calls and rooms in the realtime socket service.
 
 `open(room_id)` creates the room's session key (idempotent for the same
-`attempt_id`, so a retried or duplicated open makes one key); `fetch(key_id)`
+`attempt_id`, so a retried or duplicated open makes one key). An attempt id is
+an unguessable token (`new_attempt_id()`): the service hands the key's material
+to whoever repeats its request within the retry window, so a guessable one (a
+room name, a counter) would let another caller obtain the key. `fetch(key_id)`
 returns it to the other participants while it is valid. Fetched material is
 kept in memory until the key expires, so a busy room asks the service once per
 process.
@@ -9,12 +12,22 @@ process.
 
 from __future__ import annotations
 
+import re
+import secrets
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from crypto_client.models import SessionKey
 from crypto_client.sync_client import CryptoClient
+
+# 128 bits or more of base64url: what new_attempt_id() makes.
+_ATTEMPT_ID = re.compile(r"[A-Za-z0-9_-]{22,120}")
+
+
+def new_attempt_id() -> str:
+    """An unguessable id for one open of a session key; keep it to repeat that open after a lost answer."""
+    return secrets.token_urlsafe(16)
 
 
 class SessionKeys:
@@ -32,9 +45,22 @@ class SessionKeys:
         self._lock = threading.Lock()
 
     def open(self, room_id: str, *, attempt_id: str | None = None) -> SessionKey:
-        """A new session key for `room_id` (labelled with it). Pass the same `attempt_id` when
-        repeating an open whose answer was lost: the service then returns the same key."""
-        request_id = f"room:{room_id}:{attempt_id}" if attempt_id else None
+        """A new session key for `room_id` (labelled with it).
+
+        To repeat an open whose answer was lost, pass the same `attempt_id` (from `new_attempt_id()`, kept
+        with the pending open): the service then returns the same key, within its retry window. Without
+        one, a fresh attempt id is used, so the client's own retries of this call still make one key.
+
+        Raises:
+            ValueError: `attempt_id` is not an unguessable token of 22-120 base64url characters.
+        """
+        attempt = new_attempt_id() if attempt_id is None else attempt_id
+        if _ATTEMPT_ID.fullmatch(attempt) is None:
+            raise ValueError(
+                "attempt_id must be an unguessable token of 22-120 characters of [A-Za-z0-9_-]: "
+                "use crypto_client.sessions.new_attempt_id()"
+            )
+        request_id = f"session:{attempt}"
         session = self._client.generate_session_key(
             expire_after=self._lifetime, labels={"room": room_id[:256]}, request_id=request_id
         )

@@ -19,6 +19,13 @@ from grpc_reflection.v1alpha import reflection
 from crypto_client.v1 import crypto_service_pb2, key_service_pb2
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.clock import Clock, SystemClock
+from crypto_server.domain.key_integrity import (
+    METADATA_KEY_RECORD,
+    MetadataAuthenticator,
+    new_metadata_key,
+    unwrap_metadata_key,
+    wrap_metadata_key,
+)
 from crypto_server.domain.key_wrap import make_root_key_check, root_key_matches
 from crypto_server.root_key import load_other_root_key, load_root_key
 from crypto_server.service.crypto_operations import MAX_AAD_BYTES, CryptoOperations
@@ -26,6 +33,7 @@ from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.storage import redis_cache
+from crypto_server.storage.integrity import AuthenticatedKeyStore
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
@@ -91,7 +99,15 @@ class CryptoServer:
 
 
 def _check_root_key(store: KeyStore, root: AESGCM, other: AESGCM | None) -> None:
-    check = store.get_root_key_check() or store.set_root_key_check(make_root_key_check(root))
+    check = store.get_root_key_check()
+    if check is None:
+        if store.has_keys():
+            # Deleting the check must not let any root key in: it would record itself as the right one.
+            raise ConfigError(
+                "the key store holds keys but no root key check value (the store was altered or damaged); "
+                "refusing to start"
+            )
+        check = store.set_root_key_check(make_root_key_check(root))
     if root_key_matches(root, check):
         return
     if other is not None and root_key_matches(other, check):
@@ -101,6 +117,23 @@ def _check_root_key(store: KeyStore, root: AESGCM, other: AESGCM | None) -> None
         "the configured root key is not the one that wrapped the keys in this store; "
         "refusing to start (check CRYPTO_ROOT_KEY / CRYPTO_ROOT_KEY_FILE)"
     )
+
+
+def load_metadata_authenticator(store: KeyStore, roots: tuple[AESGCM, ...]) -> MetadataAuthenticator:
+    """The authenticator of key metadata, its key created (wrapped under the root key) on a new store."""
+    wrapped = store.get_meta(METADATA_KEY_RECORD)
+    if wrapped is None:
+        if store.has_keys():
+            raise ConfigError(
+                "the key store holds keys but no metadata key, so their metadata cannot be authenticated "
+                "(the store was altered, or was written by a version before metadata authentication); "
+                "refusing to start"
+            )
+        wrapped = store.add_meta(METADATA_KEY_RECORD, wrap_metadata_key(roots[0], new_metadata_key()))
+    metadata_key = unwrap_metadata_key(roots, wrapped)
+    if metadata_key is None:
+        raise ConfigError("the key store's metadata key does not open under the root key (the store was altered)")
+    return MetadataAuthenticator(metadata_key)
 
 
 def _open_store(settings: Settings) -> tuple[KeyStore, str]:
@@ -147,6 +180,7 @@ def build_server(
     metrics = Metrics(lambda: in_flight.count) if settings.metrics_port is not None else None
     try:
         _check_root_key(store, root, other_root)
+        authenticator = load_metadata_authenticator(store, (root, other_root) if other_root else (root,))
         redis_client = redis_guard = None
         if settings.redis_url:
             redis_client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
@@ -154,6 +188,9 @@ def build_server(
             store = redis_cache.RedisCachedKeyStore(
                 store, redis_client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_guard
             )
+        store = AuthenticatedKeyStore(
+            store, authenticator, on_failure=metrics.integrity_failures.inc if metrics else None
+        )
         keyring = Keyring(
             store,
             root,
@@ -173,6 +210,7 @@ def build_server(
             keyring,
             clock,
             invalidation,
+            request_key_id_secret=authenticator.request_key_id_secret(),
             max_session_lifetime=timedelta(seconds=settings.max_session_key_lifetime_s),
         )
         operations = CryptoOperations(

@@ -13,6 +13,8 @@ its disabled flag and its primary version's expiry.
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 import re
 import uuid
 from collections.abc import Mapping
@@ -25,8 +27,6 @@ from crypto_server.domain.errors import InvalidArgument
 
 TENANT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-# Key ids of idempotent creations are derived from (tenant, request id) in this namespace.
-_REQUEST_KEY_ID_NAMESPACE = uuid.UUID("6f1c3c1e-8a55-4d0c-9d1e-7c0a4f5b2a10")
 LABEL_KEY_PATTERN = re.compile(r"[a-z][a-z0-9_.\-]{0,62}")
 MAX_LABELS = 64
 MAX_LABEL_VALUE_CHARS = 256
@@ -94,10 +94,12 @@ def validate_request_id(request_id: str) -> str:
     return request_id
 
 
-def key_id_for_request(tenant_id: str, request_id: str) -> str:
+def key_id_for_request(tenant_id: str, request_id: str, secret: bytes) -> str:
     """The key id an idempotent CreateKey gets: the same for every repeat of the request, so the
-    store's uniqueness of key ids is what makes a repeat create nothing."""
-    return str(uuid.uuid5(_REQUEST_KEY_ID_NAMESPACE, f"{tenant_id}\0{request_id}"))
+    store's uniqueness of key ids is what makes a repeat create nothing. Keyed with a server secret:
+    whoever knows only a request id cannot compute the id of the key it created."""
+    digest = hmac.new(secret, f"{tenant_id}\0{request_id}".encode(), hashlib.sha256).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
 def validate_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
@@ -195,6 +197,8 @@ class Key:
     # Bumped by the store on every write to the key; lets caches refuse to replace newer state with older.
     revision: int = 0
     algorithm: Algorithm = Algorithm.AES_256_GCM
+    # HMAC of the metadata under the store's metadata key (key_integrity.py); checked on every load.
+    integrity_tag: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def primary(self) -> KeyVersion:

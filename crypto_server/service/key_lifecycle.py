@@ -20,6 +20,7 @@ from crypto_server.domain.errors import (
     InvalidArgument,
     KeyDisabled,
     KeyExpired,
+    KeyIntegrityError,
     KeyNotFound,
     KeyTypeMismatch,
     MasterKeyExists,
@@ -49,6 +50,9 @@ MAX_PAGE_SIZE = 1000
 # Each failed attempt means another writer added a version, so the key moves
 # forward; the bound only stops a pathological storm from spinning forever.
 MAX_ROTATION_ATTEMPTS = 100
+# A GenerateSessionKey repeated with its request id returns the same material only this long after
+# the first: long enough for a client's retries, too short for a request id to serve as a capability.
+SESSION_KEY_REPLAY_WINDOW = timedelta(minutes=10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +69,12 @@ class KeyLifecycle:
         clock: Clock,
         invalidation: Invalidation,
         *,
+        request_key_id_secret: bytes,
         max_session_lifetime: timedelta = MAX_SESSION_KEY_LIFETIME,
+        session_key_replay_window: timedelta = SESSION_KEY_REPLAY_WINDOW,
     ) -> None:
+        self._request_key_id_secret = request_key_id_secret
+        self._session_key_replay_window = session_key_replay_window
         self._store = store
         self._keyring = keyring
         self._clock = clock
@@ -87,6 +95,29 @@ class KeyLifecycle:
         algorithm: Algorithm = Algorithm.AES_256_GCM,
     ) -> Key:
         """Create a key; with a `request_id`, a repeat of the same request returns the first key instead."""
+        key, _ = self._create_or_repeat(
+            tenant_id,
+            key_type,
+            expire_after=expire_after,
+            rotation_period=rotation_period,
+            labels=labels,
+            request_id=request_id,
+            algorithm=algorithm,
+        )
+        return key
+
+    def _create_or_repeat(
+        self,
+        tenant_id: str,
+        key_type: KeyType,
+        *,
+        expire_after: timedelta | None,
+        rotation_period: timedelta | None,
+        labels: Mapping[str, str] | None,
+        request_id: str,
+        algorithm: Algorithm,
+    ) -> tuple[Key, bool]:
+        """The new key and True, or the key an earlier request with `request_id` made and False."""
         validate_tenant_id(tenant_id)
         validate_request_id(request_id)
         if key_type is not KeyType.DATA and algorithm is not Algorithm.AES_256_GCM:
@@ -97,11 +128,13 @@ class KeyLifecycle:
             key_type, expire_after, rotation_period, max_session_lifetime=self._max_session_lifetime
         )
         checked_labels = validate_labels(labels or {})
-        key_id = key_id_for_request(tenant_id, request_id) if request_id else str(uuid.uuid4())
+        key_id = (
+            key_id_for_request(tenant_id, request_id, self._request_key_id_secret) if request_id else str(uuid.uuid4())
+        )
         if request_id:
             repeat = self._earlier_creation(tenant_id, key_id, key_type, policy, checked_labels, algorithm)
             if repeat is not None:
-                return repeat
+                return repeat, False
         if key_type is KeyType.MASTER:
             existing = self._store.get_master_key(tenant_id)
             if existing is not None:
@@ -121,11 +154,11 @@ class KeyLifecycle:
             )
             if repeat is None:
                 raise ConcurrentModification("the new key's id collided with another key; retry") from None
-            return repeat
+            return repeat, False
         except DuplicateMasterKey:
             master = self._store.get_master_key(tenant_id)
             raise MasterKeyExists(master.key_id if master else "unknown") from None
-        return key
+        return key, True
 
     def _earlier_creation(
         self,
@@ -242,11 +275,38 @@ class KeyLifecycle:
         labels: Mapping[str, str] | None = None,
         request_id: str = "",
     ) -> tuple[Key, bytes]:
-        """A new session key and its material, handed to the caller (a repeated request_id: the same key)."""
-        key = self.create_key(
-            tenant_id, KeyType.SESSION, expire_after=expire_after, labels=labels, request_id=request_id
+        """A new session key and its material, handed to the caller.
+
+        A repeat with the same request_id (a retry whose answer was lost) returns the same key, under the
+        same checks as GetSessionKey (enabled, unexpired) and only within the replay window.
+        """
+        key, created = self._create_or_repeat(
+            tenant_id,
+            KeyType.SESSION,
+            expire_after=expire_after,
+            rotation_period=None,
+            labels=labels,
+            request_id=request_id,
+            algorithm=Algorithm.AES_256_GCM,
         )
+        if not created:
+            now = self._clock.now()
+            if now - key.created_at > self._session_key_replay_window:
+                raise InvalidArgument(
+                    "request_id",
+                    f"was used by a GenerateSessionKey more than {self._session_key_replay_window} ago; "
+                    "use a new request id, or GetSessionKey with the key id",
+                )
+            self._check_session_key_usable(key, now)
         return key, self._keyring.material(self._keyring.remember(key), key.primary_version)
+
+    @staticmethod
+    def _check_session_key_usable(key: Key, now: datetime) -> None:
+        state = key.state_at(now)
+        if state is KeyState.DISABLED:
+            raise KeyDisabled(key.key_id)
+        if state is KeyState.EXPIRED:
+            raise KeyExpired(key.key_id, key.primary_version)
 
     def get_session_key(self, tenant_id: str, key_id: str) -> tuple[Key, bytes]:
         """A session key's current material, while it is enabled and unexpired."""
@@ -260,11 +320,7 @@ class KeyLifecycle:
                 f"key {key_id} is a {key.key_type.value.lower()} key, not a session key; "
                 "only session keys hand out their material",
             )
-        state = key.state_at(self._clock.now())
-        if state is KeyState.DISABLED:
-            raise KeyDisabled(key_id)
-        if state is KeyState.EXPIRED:
-            raise KeyExpired(key_id, key.primary_version)
+        self._check_session_key_usable(key, self._clock.now())
         return key, self._keyring.material(loaded, key.primary_version)
 
     # -- read ------------------------------------------------------------------
@@ -328,6 +384,12 @@ class KeyLifecycle:
                 return key
             if key.disabled:
                 raise KeyDisabled(key_id)
+            pending = self._store.pending_version(tenant_id, key_id, key.latest_version + 1)
+            if pending is not None:
+                # A rotation stopped between its two writes (or is between them now): finish it first,
+                # so versions stay consecutive and a retry of that request finds its version.
+                self._finish_pending_rotation(key, pending)
+                continue
             parent = None if key.parent_key_id is None else self._master_for_wrapping(tenant_id)
             now = to_key_precision(self._clock.now())
             version = self._new_version(
@@ -341,10 +403,27 @@ class KeyLifecycle:
                 algorithm=key.algorithm,
                 request_id=request_id or None,
             )
-            if self._store.add_version(tenant_id, key_id, version):
+            if self._store.add_version(key.with_new_primary(version), key.revision):
                 self._invalidation.key_changed(tenant_id, key_id)
                 return key.with_new_primary(version)
+            # Lost the race, unless whoever won finished this very version (see above).
+            now_stored = self._store.get_key(tenant_id, key_id)
+            mine = None if now_stored is None else now_stored.version(version.version)
+            if now_stored is not None and mine is not None and mine.wrapped_material == version.wrapped_material:
+                self._invalidation.key_changed(tenant_id, key_id)
+                return now_stored
         raise ConcurrentModification(f"key {key_id} is being rotated concurrently by many callers; retry the rotation")
+
+    def _finish_pending_rotation(self, key: Key, pending: KeyVersion) -> None:
+        """Make `pending` the primary, once it is shown to unwrap (a stored version nobody can open
+        must never become the version everything encrypts with)."""
+        finished = key.with_new_primary(pending)
+        try:
+            self._keyring.material(self._keyring.transient(finished), pending.version)
+        except KeyError:
+            raise KeyIntegrityError(f"key {key.key_id} has a pending version that does not belong to it") from None
+        if self._store.add_version(finished, key.revision):
+            self._invalidation.key_changed(key.tenant_id, key.key_id)
 
     def disable_key(self, tenant_id: str, key_id: str) -> Key:
         return self._set_disabled(tenant_id, key_id, True)
@@ -355,12 +434,19 @@ class KeyLifecycle:
     def _set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key:
         validate_tenant_id(tenant_id)
         parse_key_id(key_id)
-        key = self._store.set_disabled(tenant_id, key_id, disabled)
-        if key is None:
-            raise KeyNotFound(key_id)
+        for _ in range(MAX_ROTATION_ATTEMPTS):
+            key = self._store.get_key(tenant_id, key_id)
+            if key is None:
+                raise KeyNotFound(key_id)
+            changed = key.with_disabled(disabled)
+            # From the state read only: the stored metadata and its tag always describe one state.
+            if key.disabled == disabled or self._store.update_key(changed, key.revision):
+                break
+        else:
+            raise ConcurrentModification(f"key {key_id} is being changed concurrently by many callers; retry")
         if key.key_type is KeyType.MASTER:
             # Every key of the tenant is unwrapped through the master key.
             self._invalidation.tenant_changed(tenant_id)
         else:
             self._invalidation.key_changed(tenant_id, key_id)
-        return key
+        return changed

@@ -4,12 +4,15 @@ Keys and their versions are separate documents, so a key with thousands of
 versions never becomes one huge document. Every write is safe with several
 server processes on one database:
 
-- a new key inserts its versions first and its key document last, so a key is
-  never visible without its versions;
-- a rotation inserts version n+1 (a unique (key_id, version) index makes a
-  second writer of n+1 fail, and it retries with n+2), then moves the primary
-  forward only if it is lower — so versions are consecutive, each exists once,
-  and the primary is always the highest version whose rotation completed;
+- a new key is one document with its first version inside it: one atomic
+  insert, so a crashed or repeated creation leaves nothing half-made;
+- a rotation inserts version n+1 into `key_versions` (a unique (key_id,
+  version) index makes a second writer of n+1 fail), then moves the key's
+  primary to it with a compare-and-set on the key's revision. A key is its
+  versions up to its primary (what its integrity tag covers): a version above
+  the primary is "pending" — its writer stopped between the two writes, or is
+  between them now — and the next rotation finishes it (see
+  KeyLifecycle.rotate_key) rather than failing on it;
 - at most one master key per tenant is enforced by a unique partial index.
 
 Every round trip is bounded by the current call's deadline (and the store
@@ -26,7 +29,7 @@ from typing import Any
 
 import pymongo
 from bson.binary import Binary
-from pymongo import ASCENDING, MongoClient, ReturnDocument
+from pymongo import ASCENDING, MongoClient
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from crypto_server.call_deadline import time_left
@@ -122,12 +125,14 @@ class MongoKeyStore:
             "parent_key_id": key.parent_key_id,
             "revision": key.revision,
             "algorithm": key.algorithm.value,
+            "integrity_tag": Binary(key.integrity_tag),
+            # The first version lives inside the key document, so that creating a key is one write.
+            "versions": [MongoKeyStore._version_fields(v) for v in key.versions],
         }
 
     @staticmethod
-    def _version_document(key_id: str, version: KeyVersion) -> dict[str, Any]:
+    def _version_fields(version: KeyVersion) -> dict[str, Any]:
         return {
-            "key_id": key_id,
             "version": version.version,
             "created_at": version.created_at,
             "expires_at": version.expires_at,
@@ -136,41 +141,53 @@ class MongoKeyStore:
             "request_id": version.request_id,
         }
 
+    @staticmethod
+    def _version_document(key_id: str, version: KeyVersion) -> dict[str, Any]:
+        return {"key_id": key_id, **MongoKeyStore._version_fields(version)}
+
+    @staticmethod
+    def _version(item: Mapping[str, Any]) -> KeyVersion:
+        return KeyVersion(
+            version=item["version"],
+            created_at=_utc(item["created_at"]),  # type: ignore[arg-type]
+            expires_at=_utc(item["expires_at"]),
+            parent_version=item["parent_version"],
+            wrapped_material=bytes(item["wrapped_material"]),
+            request_id=item.get("request_id"),
+        )
+
     def _with_versions(self, documents: Sequence[Mapping[str, Any]]) -> list[Key]:
         if not documents:
             return []
-        versions: dict[str, list[KeyVersion]] = {doc["_id"]: [] for doc in documents}
-        cursor = self._versions.find({"key_id": {"$in": list(versions)}}).sort(
-            [("key_id", ASCENDING), ("version", ASCENDING)]
-        )
+        versions: dict[str, dict[int, KeyVersion]] = {doc["_id"]: {} for doc in documents}
+        cursor = self._versions.find({"key_id": {"$in": list(versions)}})
         for item in cursor:
-            versions[item["key_id"]].append(
-                KeyVersion(
-                    version=item["version"],
-                    created_at=_utc(item["created_at"]),  # type: ignore[arg-type]
-                    expires_at=_utc(item["expires_at"]),
-                    parent_version=item["parent_version"],
-                    wrapped_material=bytes(item["wrapped_material"]),
-                    request_id=item.get("request_id"),
+            versions[item["key_id"]][item["version"]] = self._version(item)
+        keys = []
+        for doc in documents:
+            found = versions[doc["_id"]]
+            # Keys created before versions moved into the key document have them all in key_versions.
+            found.update((item["version"], self._version(item)) for item in doc.get("versions", ()))
+            primary = doc["primary_version"]
+            keys.append(
+                Key(
+                    key_id=doc["_id"],
+                    tenant_id=doc["tenant_id"],
+                    key_type=KeyType(doc["key_type"]),
+                    disabled=doc["disabled"],
+                    primary_version=primary,
+                    # A key is its versions up to the primary; a higher one is a pending rotation.
+                    versions=tuple(found[number] for number in sorted(found) if number <= primary),
+                    created_at=_utc(doc["created_at"]),  # type: ignore[arg-type]
+                    policy=KeyPolicy(_duration(doc["expire_after_ms"]), _duration(doc["rotation_period_ms"])),
+                    labels=doc["labels"],
+                    parent_key_id=doc["parent_key_id"],
+                    revision=doc["revision"],
+                    algorithm=Algorithm(doc.get("algorithm", Algorithm.AES_256_GCM.value)),
+                    integrity_tag=bytes(doc.get("integrity_tag", b"")),
                 )
             )
-        return [
-            Key(
-                key_id=doc["_id"],
-                tenant_id=doc["tenant_id"],
-                key_type=KeyType(doc["key_type"]),
-                disabled=doc["disabled"],
-                primary_version=doc["primary_version"],
-                versions=tuple(versions[doc["_id"]]),
-                created_at=_utc(doc["created_at"]),  # type: ignore[arg-type]
-                policy=KeyPolicy(_duration(doc["expire_after_ms"]), _duration(doc["rotation_period_ms"])),
-                labels=doc["labels"],
-                parent_key_id=doc["parent_key_id"],
-                revision=doc["revision"],
-                algorithm=Algorithm(doc.get("algorithm", Algorithm.AES_256_GCM.value)),
-            )
-            for doc in documents
-        ]
+        return keys
 
     # -- reads -----------------------------------------------------------------
 
@@ -221,48 +238,62 @@ class MongoKeyStore:
         with self._bounded():
             if self._keys.count_documents({"_id": key.key_id}, limit=1):
                 raise DuplicateKeyId(key.key_id)
-            # Versions first: until the key document exists, nothing can see them.
-            try:
-                # One by one (a new key has one version): a duplicate is then a DuplicateKeyError.
-                for version in key.versions:
-                    self._versions.insert_one(self._version_document(key.key_id, version))
-            except DuplicateKeyError:
-                raise DuplicateKeyId(key.key_id) from None  # the same key is being created concurrently
+            # Version documents with no key document were left by a creation that crashed half-way
+            # (before creation became one write); they would shadow nothing but confuse a reader.
+            self._versions.delete_many({"key_id": key.key_id})
             try:
                 self._keys.insert_one(self._key_document(key))
             except DuplicateKeyError as error:
-                # Only the master-key index can refuse a key id whose versions were just inserted.
-                self._versions.delete_many({"key_id": key.key_id})
+                if self._keys.count_documents({"_id": key.key_id}, limit=1):
+                    raise DuplicateKeyId(key.key_id) from None  # the same key created concurrently
                 raise DuplicateMasterKey(key.tenant_id) from error
 
-    def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
+    def add_version(self, updated: Key, expected_revision: int) -> bool:
+        version = updated.primary
+        current = {"_id": updated.key_id, "tenant_id": updated.tenant_id, "revision": expected_revision}
         with self._bounded():
-            if self._keys.count_documents({"_id": key_id, "tenant_id": tenant_id}, limit=1) == 0:
+            if self._keys.count_documents(current, limit=1) == 0:
                 return False
             try:
-                self._versions.insert_one(self._version_document(key_id, version))
+                self._versions.insert_one(self._version_document(updated.key_id, version))
             except DuplicateKeyError:
-                return False  # another writer added this version number first, or this request id
-            # Move the primary forward only: a slower concurrent rotation to a
-            # lower number must not pull it back.
-            self._keys.update_one(
-                {"_id": key_id, "primary_version": {"$lt": version.version}},
+                existing = self._versions.find_one({"key_id": updated.key_id, "version": version.version})
+                if existing is None or bytes(existing["wrapped_material"]) != version.wrapped_material:
+                    return False  # another writer's version has that number or this request id
+                # Our own version, written by an attempt that stopped before the second write.
+            # Only from the revision the caller read: a concurrent change (another rotation, a
+            # disable) makes this match nothing, and the version stays pending for the next rotation.
+            moved = self._keys.update_one(
+                current,
                 {
-                    "$set": {"primary_version": version.version, "primary_expires_at": version.expires_at},
+                    "$set": {
+                        "primary_version": version.version,
+                        "primary_expires_at": version.expires_at,
+                        "integrity_tag": Binary(updated.integrity_tag),
+                    },
                     "$inc": {"revision": 1},
                 },
             )
-            return True
+            return moved.matched_count == 1
 
-    def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:
+    def update_key(self, updated: Key, expected_revision: int) -> bool:
         with self._bounded():
-            document = self._keys.find_one_and_update(
-                {"_id": key_id, "tenant_id": tenant_id},
-                {"$set": {"disabled": disabled}, "$inc": {"revision": 1}},
-                return_document=ReturnDocument.AFTER,
+            changed = self._keys.update_one(
+                {"_id": updated.key_id, "tenant_id": updated.tenant_id, "revision": expected_revision},
+                {
+                    "$set": {"disabled": updated.disabled, "integrity_tag": Binary(updated.integrity_tag)},
+                    "$inc": {"revision": 1},
+                },
             )
-            keys = self._with_versions([document] if document else [])
-        return keys[0] if keys else None
+        return changed.matched_count == 1
+
+    def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
+        with self._bounded():
+            document = self._keys.find_one({"_id": key_id, "tenant_id": tenant_id}, {"primary_version": 1})
+            if document is None or document["primary_version"] >= number:
+                return None
+            item = self._versions.find_one({"key_id": key_id, "version": number})
+        return None if item is None else self._version(item)
 
     def master_keys(self) -> Iterator[Key]:
         after = ""
@@ -281,8 +312,23 @@ class MongoKeyStore:
 
     def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:
         with self._bounded():
-            if self._keys.count_documents({"_id": key_id, "tenant_id": tenant_id}, limit=1) == 0:
+            document = self._keys.find_one({"_id": key_id, "tenant_id": tenant_id})
+            if document is None:
                 return False
+            embedded = document.get("versions", [])
+            if any(item["version"] == version for item in embedded):
+                if not any(item["version"] == version and bytes(item["wrapped_material"]) == old for item in embedded):
+                    return False
+                rewrapped = [
+                    {**item, "wrapped_material": Binary(new)} if item["version"] == version else item
+                    for item in embedded
+                ]
+                # The whole array, only from the revision read: a concurrent change makes this a no-op.
+                changed = self._keys.update_one(
+                    {"_id": key_id, "revision": document["revision"]},
+                    {"$set": {"versions": rewrapped}, "$inc": {"revision": 1}},
+                ).matched_count
+                return changed == 1
             changed = self._versions.update_one(
                 {"key_id": key_id, "version": version, "wrapped_material": Binary(old)},
                 {"$set": {"wrapped_material": Binary(new)}},
@@ -290,6 +336,27 @@ class MongoKeyStore:
             if changed:
                 self._keys.update_one({"_id": key_id}, {"$inc": {"revision": 1}})
             return changed == 1
+
+    def get_meta(self, name: str) -> bytes | None:
+        with self._bounded():
+            document = self._meta.find_one({"_id": name})
+        return None if document is None else bytes(document["value"])
+
+    def add_meta(self, name: str, value: bytes) -> bytes:
+        # When another server stored one first, theirs is the value.
+        with self._bounded(), contextlib.suppress(DuplicateKeyError):
+            self._meta.insert_one({"_id": name, "value": Binary(value)})
+        stored = self.get_meta(name)
+        assert stored is not None
+        return stored
+
+    def replace_meta(self, name: str, value: bytes) -> None:
+        with self._bounded():
+            self._meta.replace_one({"_id": name}, {"value": Binary(value)}, upsert=True)
+
+    def has_keys(self) -> bool:
+        with self._bounded():
+            return self._keys.count_documents({}, limit=1) > 0
 
     def replace_root_key_check(self, check: bytes) -> None:
         with self._bounded():

@@ -66,15 +66,35 @@ class KeyStore(Protocol):
 
     def list_keys(self, query: KeyQuery) -> list[Key]: ...
 
-    def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
-        """Append `version` and make it primary, only if it is exactly one more
-        than the key's latest version at the time of the write and no version
-        of the key has its request id. Returns False when another writer got
-        there first (the caller reloads and retries)."""
+    def add_version(self, updated: Key, expected_revision: int) -> bool:
+        """Store `updated.primary` (its last version, one more than the key's latest) as the key's new
+        primary, with `updated`'s integrity tag, only if the key is still at `expected_revision` and
+        no version has that number or request id. Returns False when another writer got there first
+        (the caller reloads and retries)."""
         ...
 
-    def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:
-        """Set the disabled flag; the updated key, or None when not found."""
+    def update_key(self, updated: Key, expected_revision: int) -> bool:
+        """Store `updated`'s disabled flag and integrity tag, only if the key is still at
+        `expected_revision`. Returns False when another writer changed the key first."""
+        ...
+
+    def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
+        """A version written by a rotation that never made it primary (a writer that stopped between its
+        two writes), if the store can hold one: a later rotation finishes it instead of failing on it."""
+        ...
+
+    def get_meta(self, name: str) -> bytes | None:
+        """A value of the store's own metadata (the wrapped metadata key), or None."""
+        ...
+
+    def add_meta(self, name: str, value: bytes) -> bytes:
+        """Store `value` under `name` unless one exists; return the stored one."""
+        ...
+
+    def replace_meta(self, name: str, value: bytes) -> None: ...
+
+    def has_keys(self) -> bool:
+        """Whether the store holds any key (start-up refuses a keyed store whose checks are missing)."""
         ...
 
     def get_root_key_check(self) -> bytes | None: ...

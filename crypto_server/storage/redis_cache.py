@@ -137,6 +137,7 @@ def _encode_key(key: Key) -> str:
             "parent_key_id": key.parent_key_id,
             "revision": key.revision,
             "algorithm": key.algorithm.value,
+            "integrity_tag": base64.b64encode(key.integrity_tag).decode(),
             "versions": [
                 {
                     "version": v.version,
@@ -185,6 +186,7 @@ def _decode_key(text: bytes) -> Key:
         parent_key_id=data["parent_key_id"],
         revision=data["revision"],
         algorithm=Algorithm(data.get("algorithm", Algorithm.AES_256_GCM.value)),
+        integrity_tag=base64.b64decode(data.get("integrity_tag", "")),
     )
 
 
@@ -223,19 +225,37 @@ class RedisCachedKeyStore:
             self._put(key)
         return key
 
-    def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
-        if not self._inner.add_version(tenant_id, key_id, version):
-            return False
+    def _refresh(self, tenant_id: str, key_id: str) -> None:
         fresh = self._inner.get_key(tenant_id, key_id)
         if fresh is not None:
             self._put(fresh)
+
+    def add_version(self, updated: Key, expected_revision: int) -> bool:
+        if not self._inner.add_version(updated, expected_revision):
+            return False
+        self._refresh(updated.tenant_id, updated.key_id)
         return True
 
-    def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:
-        key = self._inner.set_disabled(tenant_id, key_id, disabled)
-        if key is not None:
-            self._put(key)
-        return key
+    def update_key(self, updated: Key, expected_revision: int) -> bool:
+        if not self._inner.update_key(updated, expected_revision):
+            return False
+        self._refresh(updated.tenant_id, updated.key_id)
+        return True
+
+    def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
+        return self._inner.pending_version(tenant_id, key_id, number)
+
+    def get_meta(self, name: str) -> bytes | None:
+        return self._inner.get_meta(name)
+
+    def add_meta(self, name: str, value: bytes) -> bytes:
+        return self._inner.add_meta(name, value)
+
+    def replace_meta(self, name: str, value: bytes) -> None:
+        self._inner.replace_meta(name, value)
+
+    def has_keys(self) -> bool:
+        return self._inner.has_keys()
 
     def insert_key(self, key: Key) -> None:
         self._inner.insert_key(key)
@@ -255,9 +275,7 @@ class RedisCachedKeyStore:
     def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:
         if not self._inner.replace_wrapped_material(tenant_id, key_id, version, old, new):
             return False
-        fresh = self._inner.get_key(tenant_id, key_id)
-        if fresh is not None:
-            self._put(fresh)
+        self._refresh(tenant_id, key_id)
         return True
 
     def replace_root_key_check(self, check: bytes) -> None:

@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS keys (
     labels             TEXT NOT NULL,
     parent_key_id      TEXT,
     revision           INTEGER NOT NULL DEFAULT 0,
-    algorithm          TEXT NOT NULL DEFAULT 'AES_256_GCM'
+    algorithm          TEXT NOT NULL DEFAULT 'AES_256_GCM',
+    integrity_tag      BLOB NOT NULL DEFAULT x''
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_master_key_per_tenant ON keys (tenant_id) WHERE key_type = 'MASTER';
 CREATE INDEX IF NOT EXISTS keys_by_tenant_created ON keys (tenant_id, created_us, key_id);
@@ -59,8 +60,10 @@ CREATE TABLE IF NOT EXISTS store_meta (
 """
 _KEY_COLUMNS = (
     "key_id, tenant_id, key_type, disabled, primary_version, created_us, expire_after_us, rotation_period_us, "
-    "labels, parent_key_id, revision, algorithm"
+    "labels, parent_key_id, revision, algorithm, integrity_tag"
 )
+# Columns added after the first release, with what an older file gets when it is opened.
+_ADDED_COLUMNS = {"integrity_tag": "BLOB NOT NULL DEFAULT x''"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -98,8 +101,17 @@ class SqliteKeyStore:
         self._connections_lock = threading.Lock()
         try:
             self._connection().executescript(_SCHEMA)
+            self._add_missing_columns()
         except sqlite3.Error as error:
             raise StoreUnavailable(f"cannot open the embedded key store at {self.path}: {error}") from error
+
+    def _add_missing_columns(self) -> None:
+        db = self._connection()
+        present = {row[1] for row in db.execute("PRAGMA table_info(keys)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                # Both names are this module's constants.
+                db.execute(f"ALTER TABLE keys ADD COLUMN {name} {definition}")
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -170,13 +182,15 @@ class SqliteKeyStore:
                 key_type=KeyType(key_type),
                 disabled=bool(disabled),
                 primary_version=primary_version,
-                versions=tuple(versions[key_id]),
+                # A key is the versions up to its primary, as its integrity tag says.
+                versions=tuple(v for v in versions[key_id] if v.version <= primary_version),
                 created_at=_from_us(created_us),
                 policy=KeyPolicy(_opt_duration(expire_after_us), _opt_duration(rotation_period_us)),
                 labels=json.loads(labels),
                 parent_key_id=parent_key_id,
                 revision=revision,
                 algorithm=Algorithm(algorithm),
+                integrity_tag=bytes(integrity_tag),
             )
             for (
                 key_id,
@@ -191,6 +205,7 @@ class SqliteKeyStore:
                 parent_key_id,
                 revision,
                 algorithm,
+                integrity_tag,
             ) in rows
         ]
 
@@ -272,8 +287,8 @@ class SqliteKeyStore:
                     raise DuplicateKeyId(key.key_id)
                 db.execute(
                     "INSERT INTO keys (key_id, tenant_id, key_type, disabled, primary_version, primary_expires_us, "
-                    "created_us, expire_after_us, rotation_period_us, labels, parent_key_id, algorithm) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_us, expire_after_us, rotation_period_us, labels, parent_key_id, algorithm, integrity_tag) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         key.key_id,
                         key.tenant_id,
@@ -287,6 +302,7 @@ class SqliteKeyStore:
                         json.dumps(dict(key.labels), sort_keys=True),
                         key.parent_key_id,
                         key.algorithm.value,
+                        key.integrity_tag,
                     ),
                 )
                 for version in key.versions:
@@ -296,32 +312,55 @@ class SqliteKeyStore:
                 raise DuplicateMasterKey(key.tenant_id) from error
             raise
 
-    def add_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
+    def add_version(self, updated: Key, expected_revision: int) -> bool:
+        version = updated.primary
         with self._write() as db:
             row = db.execute(
-                "SELECT MAX(v.version) FROM key_versions v JOIN keys k ON k.key_id = v.key_id "
-                "WHERE k.key_id = ? AND k.tenant_id = ?",
-                (key_id, tenant_id),
+                "SELECT revision FROM keys WHERE key_id = ? AND tenant_id = ?", (updated.key_id, updated.tenant_id)
             ).fetchone()
-            if row is None or row[0] is None or row[0] + 1 != version.version:
+            if row is None or row[0] != expected_revision:
                 return False
             try:
-                self._insert_version(db, key_id, version)
+                self._insert_version(db, updated.key_id, version)
             except sqlite3.IntegrityError:
-                return False  # a version with this request id exists: the rotation was done already
+                return False  # that number or request id exists: another writer was first
             db.execute(
-                "UPDATE keys SET primary_version = ?, primary_expires_us = ?, revision = revision + 1 WHERE key_id = ?",
-                (version.version, _opt_to_us(version.expires_at), key_id),
+                "UPDATE keys SET primary_version = ?, primary_expires_us = ?, integrity_tag = ?, "
+                "revision = revision + 1 WHERE key_id = ?",
+                (version.version, _opt_to_us(version.expires_at), updated.integrity_tag, updated.key_id),
             )
             return True
 
-    def set_disabled(self, tenant_id: str, key_id: str, disabled: bool) -> Key | None:
+    def update_key(self, updated: Key, expected_revision: int) -> bool:
         with self._write() as db:
-            db.execute(
-                "UPDATE keys SET disabled = ?, revision = revision + 1 WHERE key_id = ? AND tenant_id = ?",
-                (int(disabled), key_id, tenant_id),
-            )
-            return self._select_one(db, "key_id = ? AND tenant_id = ?", (key_id, tenant_id))
+            changed = db.execute(
+                "UPDATE keys SET disabled = ?, integrity_tag = ?, revision = revision + 1 "
+                "WHERE key_id = ? AND tenant_id = ? AND revision = ?",
+                (int(updated.disabled), updated.integrity_tag, updated.key_id, updated.tenant_id, expected_revision),
+            ).rowcount
+        return changed == 1
+
+    def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
+        return None  # a rotation is one transaction here: it never stops half-way
+
+    def get_meta(self, name: str) -> bytes | None:
+        with self._read() as db:
+            row = db.execute("SELECT value FROM store_meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def add_meta(self, name: str, value: bytes) -> bytes:
+        with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO store_meta (name, value) VALUES (?, ?)", (name, value))
+            row = db.execute("SELECT value FROM store_meta WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
+
+    def replace_meta(self, name: str, value: bytes) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO store_meta (name, value) VALUES (?, ?)", (name, value))
+
+    def has_keys(self) -> bool:
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM keys LIMIT 1").fetchone() is not None
 
     def master_keys(self) -> Iterator[Key]:
         after = ""

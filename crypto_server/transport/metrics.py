@@ -8,6 +8,7 @@
 | caas_crypto_keyring_lookups_total | counter | result (hit, miss) |
 | caas_crypto_store_errors_total | counter | |
 | caas_crypto_redis_errors_total | counter | |
+| caas_crypto_key_integrity_failures_total | counter | |
 | caas_crypto_keys | gauge | key_type, state |
 | caas_crypto_tenants | gauge | |
 """
@@ -114,6 +115,11 @@ class Metrics:
         self.redis_errors = Counter(
             "caas_crypto_redis_errors",
             "Redis calls that failed (the service went on without Redis)",
+            registry=self.registry,
+        )
+        self.integrity_failures = Counter(
+            "caas_crypto_key_integrity_failures",
+            "Keys refused because their stored metadata failed its integrity check",
             registry=self.registry,
         )
         self._server: object | None = None

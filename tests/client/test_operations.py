@@ -21,6 +21,7 @@ from crypto_client import (
     SessionKeys,
 )
 from crypto_client.messaging import message_aad
+from crypto_client.sessions import new_attempt_id
 from tests.client.conftest import MakeClient
 from tests.conftest import ServerHandle
 
@@ -102,11 +103,24 @@ def test_message_aad_fields_cannot_shift() -> None:
 
 def test_session_keys_helper_serves_a_room_and_caches_material(faulty_server: ServerHandle) -> None:
     with CryptoClient(faulty_server.address, "acme") as caller, CryptoClient(faulty_server.address, "acme") as other:
-        opened = SessionKeys(caller, lifetime=timedelta(hours=1)).open("room-7", attempt_id="a1")
-        again = SessionKeys(caller, lifetime=timedelta(hours=1)).open("room-7", attempt_id="a1")
+        attempt = new_attempt_id()
+        opened = SessionKeys(caller, lifetime=timedelta(hours=1)).open("room-7", attempt_id=attempt)
+        again = SessionKeys(caller, lifetime=timedelta(hours=1)).open("room-7", attempt_id=attempt)
         assert again.key.key_id == opened.key.key_id, "a repeated open with the same attempt id is one key"
         assert opened.key.labels == {"room": "room-7"}
         participant = SessionKeys(other, clock=faulty_server.clock.now)
         assert participant.fetch(opened.key.key_id).key_material == opened.key_material
         assert participant.fetch(opened.key.key_id).key_material == opened.key_material
         assert other.stats().calls == 1, "the second fetch came from memory"
+
+
+@pytest.mark.parametrize("guessable", ["a1", "room-7:1", "x" * 21, "call id with spaces and enough length"])
+def test_session_keys_helper_refuses_guessable_attempt_ids(faulty_server: ServerHandle, guessable: str) -> None:
+    with CryptoClient(faulty_server.address, "acme") as caller, pytest.raises(ValueError, match="unguessable"):
+        SessionKeys(caller).open("room-7", attempt_id=guessable)
+
+
+def test_session_keys_helper_opens_distinct_keys_without_an_attempt_id(faulty_server: ServerHandle) -> None:
+    with CryptoClient(faulty_server.address, "acme") as caller:
+        sessions = SessionKeys(caller)
+        assert sessions.open("room-7").key.key_id != sessions.open("room-7").key.key_id

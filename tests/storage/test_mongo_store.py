@@ -42,16 +42,18 @@ def test_indexes_are_created_at_startup(server: ServerHandle, mongo_server: Mong
     assert versions["one_version_per_number"]["key"] == [("key_id", 1), ("version", 1)]
 
 
-def test_versions_are_separate_documents(server: ServerHandle, mongo_server: MongoServer) -> None:
+def test_the_first_version_is_in_the_key_document_and_rotations_are_separate_documents(
+    server: ServerHandle, mongo_server: MongoServer
+) -> None:
     key = server.create_key("t1")
     for _ in range(3):
         server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id))
     db = _database(server, mongo_server)
     document = db["keys"].find_one({"_id": key.key_id})
     assert document is not None
-    assert "versions" not in document
+    assert [v["version"] for v in document["versions"]] == [1], "creating a key is one write"
     assert document["primary_version"] == 4
-    assert sorted(v["version"] for v in db["key_versions"].find({"key_id": key.key_id})) == [1, 2, 3, 4]
+    assert sorted(v["version"] for v in db["key_versions"].find({"key_id": key.key_id})) == [2, 3, 4]
 
 
 def test_no_mongo_document_or_redis_value_holds_an_unwrapped_key(
@@ -107,7 +109,7 @@ def test_two_stores_racing_for_the_same_version_let_exactly_one_win(
 
         def race(store: MongoKeyStore) -> None:
             barrier.wait()
-            results.append(store.add_version("t1", key.key_id, candidate))
+            results.append(store.add_version(stored.with_new_primary(candidate), stored.revision))
 
         threads = [threading.Thread(target=race, args=(s,)) for s in stores]
         for thread in threads:

@@ -92,8 +92,8 @@ def test_two_stores_on_one_file_never_duplicate_a_version(server: ServerHandle) 
             parent_version=1,
             wrapped_material=b"\0" * 60,
         )
-        assert other.add_version("t1", key.key_id, next_version)
-        assert not server.running.store.add_version("t1", key.key_id, next_version)
+        assert other.add_version(stored.with_new_primary(next_version), stored.revision)
+        assert not server.running.store.add_version(stored.with_new_primary(next_version), stored.revision)
     finally:
         other.close()
 

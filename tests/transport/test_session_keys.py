@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from datetime import timedelta
 
 import grpc
@@ -87,3 +88,52 @@ def test_a_repeated_generate_returns_the_same_key(server: ServerHandle) -> None:
     first = server.keys.GenerateSessionKey(request)
     again = server.keys.GenerateSessionKey(request)
     assert (again.key.key_id, again.key_material) == (first.key.key_id, first.key_material)
+
+
+def test_a_replayed_generate_of_a_disabled_session_key_hands_out_nothing(server: ServerHandle) -> None:
+    # The attack: replay the request id after the key was disabled, to get its material anyway.
+    request = key_pb.GenerateSessionKeyRequest(tenant_id="t1", request_id="room:r-1:1")
+    created = server.keys.GenerateSessionKey(request)
+    server.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id="t1", key_id=created.key.key_id))
+    expect_error(
+        lambda: server.keys.GenerateSessionKey(request),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_KEY_DISABLED",
+    )
+
+
+def test_a_replayed_generate_of_an_expired_session_key_hands_out_nothing(server: ServerHandle) -> None:
+    request = key_pb.GenerateSessionKeyRequest(
+        tenant_id="t1", request_id="room:r-1:1", expire_after=Duration(seconds=300)
+    )
+    server.keys.GenerateSessionKey(request)
+    server.clock.advance(timedelta(minutes=5))
+    expect_error(
+        lambda: server.keys.GenerateSessionKey(request),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_KEY_EXPIRED",
+    )
+
+
+def test_a_request_id_replays_only_within_the_retry_window(server: ServerHandle) -> None:
+    request = key_pb.GenerateSessionKeyRequest(tenant_id="t1", request_id="call-9")
+    first = server.keys.GenerateSessionKey(request)
+    server.clock.advance(timedelta(minutes=9))
+    assert server.keys.GenerateSessionKey(request).key_material == first.key_material
+    server.clock.advance(timedelta(minutes=2))
+    error = expect_error(
+        lambda: server.keys.GenerateSessionKey(request),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ERROR_REASON_INVALID_FIELD",
+        "request_id",
+    )
+    assert "GetSessionKey" in (error.details() or "")
+
+
+def test_a_request_id_does_not_reveal_the_key_id_it_created(server: ServerHandle) -> None:
+    """Key ids of idempotent creations are keyed with a server secret: from the request id alone (the
+    old derivation was a public uuid5) nobody can compute the key id to fetch its material."""
+    created = server.keys.GenerateSessionKey(key_pb.GenerateSessionKeyRequest(tenant_id="t1", request_id="call-9"))
+    public_derivation = uuid.uuid5(uuid.UUID("6f1c3c1e-8a55-4d0c-9d1e-7c0a4f5b2a10"), "t1\0call-9")
+    assert created.key.key_id != str(public_derivation)
+    assert uuid.UUID(created.key.key_id).version == 4

@@ -1,0 +1,269 @@
+"""Key metadata is authenticated: every single-field edit of a stored key, on SQLite and on MongoDB, is
+detected on the next load (DATA_LOSS, a log line and a metric), never served.
+
+The attack each test performs: someone with write access to the database edits one field — re-enables a
+disabled key, rolls the primary back, drops a version, moves an expiry — and the server loads the key.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from pymongo.database import Database
+
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.v1 import resources_pb2
+from crypto_server.domain.errors import KeyIntegrityError
+from crypto_server.storage.sqlite import SqliteKeyStore
+from tests.conftest import ServerHandle, StartServer, expect_error
+from tests.servers import MongoServer
+
+# How to load a key after an edit: (tenant, key id) as the edited row now names them.
+Where = tuple[str, str]
+
+
+@pytest.fixture
+def prepared(server: ServerHandle) -> tuple[ServerHandle, str, str]:
+    """A disabled data key with two versions (one rotation with a request id) and a label, plus its master."""
+    key = server.create_key("t1", labels={"team": "messaging"})
+    server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id, request_id="rotate-1"))
+    server.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id="t1", key_id=key.key_id))
+    master = server.running.store.get_master_key("t1")
+    assert master is not None
+    return server, key.key_id, master.key_id
+
+
+def _load_is_refused(server: ServerHandle, where: Where) -> None:
+    with pytest.raises(KeyIntegrityError):
+        server.running.store.get_key(*where)
+
+
+# -- SQLite ---------------------------------------------------------------------------------------------------
+
+_SQLITE_EDITS: dict[str, tuple[str, Callable[[str, str], Where]]] = {
+    # name: (UPDATE statement with ? for the data key id, where the key is loaded from afterwards)
+    "disabled": ("UPDATE keys SET disabled = 0 WHERE key_id = ?", lambda k, m: ("t1", k)),
+    "primary_version": ("UPDATE keys SET primary_version = 1 WHERE key_id = ?", lambda k, m: ("t1", k)),
+    "key_type": ("UPDATE keys SET key_type = 'SESSION' WHERE key_id = ?", lambda k, m: ("t1", k)),
+    "algorithm": ("UPDATE keys SET algorithm = 'HMAC_SHA256' WHERE key_id = ?", lambda k, m: ("t1", k)),
+    "created_us": ("UPDATE keys SET created_us = created_us + 1000 WHERE key_id = ?", lambda k, m: ("t1", k)),
+    "expire_after_us": (
+        "UPDATE keys SET expire_after_us = expire_after_us * 2 WHERE key_id = ?",
+        lambda k, m: ("t1", k),
+    ),
+    "rotation_period_us": (
+        "UPDATE keys SET rotation_period_us = rotation_period_us + 1000 WHERE key_id = ?",
+        lambda k, m: ("t1", k),
+    ),
+    "labels": ('UPDATE keys SET labels = \'{"team":"media"}\' WHERE key_id = ?', lambda k, m: ("t1", k)),
+    "parent_key_id": (
+        "UPDATE keys SET parent_key_id = '00000000-0000-4000-8000-000000000000' WHERE key_id = ?",
+        lambda k, m: ("t1", k),
+    ),
+    "tenant_id": ("UPDATE keys SET tenant_id = 't2' WHERE key_id = ?", lambda k, m: ("t2", k)),
+    "version.created_us": (
+        "UPDATE key_versions SET created_us = created_us + 1000 WHERE key_id = ? AND version = 2",
+        lambda k, m: ("t1", k),
+    ),
+    "version.expires_us": (
+        "UPDATE key_versions SET expires_us = expires_us + 86400000000 WHERE key_id = ? AND version = 1",
+        lambda k, m: ("t1", k),
+    ),
+    "version.parent_version": (
+        "UPDATE key_versions SET parent_version = 7 WHERE key_id = ? AND version = 2",
+        lambda k, m: ("t1", k),
+    ),
+    "version.request_id": (
+        "UPDATE key_versions SET request_id = 'other' WHERE key_id = ? AND version = 2",
+        lambda k, m: ("t1", k),
+    ),
+    "version deleted": ("DELETE FROM key_versions WHERE key_id = ? AND version = 1", lambda k, m: ("t1", k)),
+    "version renumbered": (
+        "UPDATE key_versions SET version = 9 WHERE key_id = ? AND version = 1",
+        lambda k, m: ("t1", k),
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+@pytest.mark.parametrize("edit", sorted(_SQLITE_EDITS))
+def test_a_single_field_edit_in_sqlite_is_refused_on_load(prepared: tuple[ServerHandle, str, str], edit: str) -> None:
+    server, key_id, master_id = prepared
+    statement, where = _SQLITE_EDITS[edit]
+    with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+        assert db.execute(statement, (key_id,)).rowcount == 1
+    _load_is_refused(server, where(key_id, master_id))
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+@pytest.mark.parametrize("column", ["disabled", "primary_version"])
+def test_an_edit_of_the_master_key_in_sqlite_is_refused_on_load(
+    prepared: tuple[ServerHandle, str, str], column: str
+) -> None:
+    server, _, master_id = prepared
+    server.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id="t1", key_id=master_id))
+    server.keys.EnableKey(key_pb.EnableKeyRequest(tenant_id="t1", key_id=master_id))
+    with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+        value = 1 if column == "disabled" else 2
+        db.execute(f"UPDATE keys SET {column} = ? WHERE key_id = ?", (value, master_id))
+    with pytest.raises(KeyIntegrityError):
+        server.running.store.get_master_key("t1")
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_re_enabling_a_disabled_key_in_the_database_is_data_loss_not_a_working_key(
+    prepared: tuple[ServerHandle, str, str],
+) -> None:
+    server, key_id, _ = prepared
+    with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+        db.execute("UPDATE keys SET disabled = 0 WHERE key_id = ?", (key_id,))
+    server.running.keyring.forget_all()  # as after a restart, or the keyring TTL
+    expect_error(
+        lambda: server.encrypt("t1", key_id, b"must not encrypt"),
+        grpc.StatusCode.DATA_LOSS,
+        "ERROR_REASON_KEY_INTEGRITY",
+    )
+    expect_error(
+        lambda: server.keys.GetKey(key_pb.GetKeyRequest(tenant_id="t1", key_id=key_id)),
+        grpc.StatusCode.DATA_LOSS,
+        "ERROR_REASON_KEY_INTEGRITY",
+    )
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_refused_key_is_logged_and_counted(start_server: StartServer, caplog: pytest.LogCaptureFixture) -> None:
+    server = start_server(metrics_port=0)
+    key = server.create_key("t1")
+    with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+        db.execute("UPDATE keys SET disabled = 1 WHERE key_id = ?", (key.key_id,))
+    with pytest.raises(KeyIntegrityError):
+        server.running.store.get_key("t1", key.key_id)
+    assert any("integrity check" in record.getMessage() for record in caplog.records)
+    assert server.running.metrics is not None
+    assert server.running.metrics.integrity_failures._value.get() == 1
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_keys_listed_after_an_edit_are_refused_too(prepared: tuple[ServerHandle, str, str]) -> None:
+    server, key_id, _ = prepared
+    with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+        db.execute("UPDATE keys SET disabled = 0 WHERE key_id = ?", (key_id,))
+    expect_error(
+        lambda: server.keys.ListKeys(key_pb.ListKeysRequest(tenant_id="t1")),
+        grpc.StatusCode.DATA_LOSS,
+        "ERROR_REASON_KEY_INTEGRITY",
+    )
+
+
+# -- MongoDB --------------------------------------------------------------------------------------------------
+
+
+def _database(server: ServerHandle, mongo_server: MongoServer) -> Database[dict[str, Any]]:
+    return mongo_server.client()[server.settings.mongodb_database]
+
+
+def _shifted(moment: datetime) -> datetime:
+    return moment + timedelta(seconds=1)
+
+
+_MONGO_KEY_EDITS: dict[str, dict[str, Any]] = {
+    "disabled": {"$set": {"disabled": False}},
+    "primary_version": {"$set": {"primary_version": 1}},
+    "key_type": {"$set": {"key_type": "SESSION"}},
+    "algorithm": {"$set": {"algorithm": "HMAC_SHA256"}},
+    "expire_after_ms": {"$set": {"expire_after_ms": 1}},
+    "rotation_period_ms": {"$set": {"rotation_period_ms": 3_600_000}},
+    "labels": {"$set": {"labels": {"team": "media"}}},
+    "parent_key_id": {"$set": {"parent_key_id": "00000000-0000-4000-8000-000000000000"}},
+    "embedded version parent_version": {"$set": {"versions.0.parent_version": 9}},
+    "embedded version request_id": {"$set": {"versions.0.request_id": "other"}},
+    "embedded version removed": {"$set": {"versions": []}},
+}
+
+
+@pytest.mark.parametrize("backend", ["mongo", "mongo+redis"], indirect=True)
+@pytest.mark.parametrize("edit", sorted(_MONGO_KEY_EDITS))
+def test_a_single_field_edit_of_a_mongo_key_document_is_refused_on_load(
+    prepared: tuple[ServerHandle, str, str], mongo_server: MongoServer, edit: str
+) -> None:
+    server, key_id, _ = prepared
+    db = _database(server, mongo_server)
+    document = db["keys"].find_one({"_id": key_id})
+    assert document is not None
+    if edit.startswith("embedded") and "versions" not in document:
+        pytest.fail("keys are created with their first version embedded")
+    assert db["keys"].update_one({"_id": key_id}, _MONGO_KEY_EDITS[edit]).modified_count == 1
+    _bypass_redis(server)
+    _load_is_refused(server, ("t1", key_id))
+
+
+@pytest.mark.parametrize("backend", ["mongo"], indirect=True)
+@pytest.mark.parametrize("edit", ["created_at", "tenant_id"])
+def test_moving_a_mongo_key_in_time_or_to_another_tenant_is_refused(
+    prepared: tuple[ServerHandle, str, str], mongo_server: MongoServer, edit: str
+) -> None:
+    server, key_id, _ = prepared
+    db = _database(server, mongo_server)
+    document = db["keys"].find_one({"_id": key_id})
+    assert document is not None
+    change = {"created_at": _shifted(document["created_at"])} if edit == "created_at" else {"tenant_id": "t2"}
+    db["keys"].update_one({"_id": key_id}, {"$set": change})
+    _load_is_refused(server, ("t2" if edit == "tenant_id" else "t1", key_id))
+
+
+@pytest.mark.parametrize("backend", ["mongo", "mongo+redis"], indirect=True)
+@pytest.mark.parametrize("edit", ["created_at", "expires_at", "parent_version", "request_id", "deleted"])
+def test_an_edit_of_a_mongo_version_document_is_refused_on_load(
+    prepared: tuple[ServerHandle, str, str], mongo_server: MongoServer, edit: str
+) -> None:
+    server, key_id, _ = prepared
+    versions = _database(server, mongo_server)["key_versions"]
+    document = versions.find_one({"key_id": key_id, "version": 2})
+    assert document is not None
+    if edit == "deleted":
+        versions.delete_one({"_id": document["_id"]})
+    else:
+        value: Any = {
+            "created_at": _shifted(document["created_at"]),
+            "expires_at": _shifted(document["expires_at"]),
+            "parent_version": 9,
+            "request_id": "other",
+        }[edit]
+        versions.update_one({"_id": document["_id"]}, {"$set": {edit: value}})
+    _bypass_redis(server)
+    _load_is_refused(server, ("t1", key_id))
+
+
+@pytest.mark.parametrize("backend", ["mongo+redis"], indirect=True)
+def test_an_edited_redis_entry_is_refused_like_a_database_row(
+    prepared: tuple[ServerHandle, str, str], request: pytest.FixtureRequest
+) -> None:
+    server, key_id, _ = prepared
+    redis_client = request.getfixturevalue("redis_server").client()
+    (name,) = [n for n in redis_client.keys("caas:crypto:*:key:*") if key_id.encode() in n]
+    cached = redis_client.hget(name, "key")
+    redis_client.hset(name, "key", cached.replace(b'"disabled":true', b'"disabled":false'))
+    _load_is_refused(server, ("t1", key_id))
+
+
+def _bypass_redis(server: ServerHandle) -> None:
+    """With Redis in front, drop its copy so the load reaches the edited database."""
+    if server.settings.redis_url:
+        client = redis.Redis.from_url(server.settings.redis_url, db=2)
+        for name in client.keys("caas:crypto:*:key:*"):
+            client.delete(name)
+
+
+@pytest.mark.parametrize("backend", ["embedded", "mongo"], indirect=True)
+def test_unedited_keys_load_and_work(prepared: tuple[ServerHandle, str, str]) -> None:
+    server, key_id, _ = prepared
+    server.keys.EnableKey(key_pb.EnableKeyRequest(tenant_id="t1", key_id=key_id))
+    server.running.keyring.forget_all()
+    assert server.encrypt("t1", key_id, b"fine").key_version == 2
+    assert server.create_key("t1", resources_pb2.KEY_TYPE_SESSION).key_id

@@ -29,6 +29,8 @@ class Settings:
     root_key_file: Path | None = None
     # Another root key accepted for unwrapping (never for wrapping), during a root key rotation.
     other_root_key_file: Path | None = None
+    # Accept a root key file that other users can read (CRYPTO_ALLOW_INSECURE): an escape hatch, never a default.
+    allow_insecure: bool = False
     max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES
     keyring_ttl_s: float = 300.0
     keyring_size: int = 10_000
@@ -48,7 +50,15 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
+        """Settings from `env`, by default the process environment.
+
+        Reading the process environment also removes CRYPTO_ROOT_KEY from it, so that no child process
+        inherits the root key. That does not clear /proc/<pid>/environ (Linux keeps the environment the
+        process started with); only CRYPTO_ROOT_KEY_FILE keeps the key out of it.
+        """
+        if env is None:
+            env = dict(os.environ)
+            os.environ.pop("CRYPTO_ROOT_KEY", None)
         defaults = cls()
 
         def text(name: str, default: str) -> str:
@@ -118,6 +128,7 @@ class Settings:
             root_key=root_key,
             root_key_file=Path(root_key_file) if root_key_file else None,
             other_root_key_file=Path(other_root_key_file) if other_root_key_file else None,
+            allow_insecure=flag("CRYPTO_ALLOW_INSECURE"),
             max_plaintext_bytes=integer(
                 "CRYPTO_MAX_PLAINTEXT_BYTES", defaults.max_plaintext_bytes, 1, MAX_PLAINTEXT_LIMIT_BYTES
             ),

@@ -1,97 +1,276 @@
-"""`crypto-rewrap-root`: re-wrap every master key under a new root key (root key rotation).
+"""`crypto-rewrap-root`: re-wrap every stored secret under a new root key (root key rotation).
 
 The procedure (docs/operations.md), with no downtime:
 
 1. Roll out every replica with CRYPTO_ROOT_KEY_FILE=<old> and CRYPTO_OTHER_ROOT_KEY_FILE=<new>.
 2. Roll out every replica with CRYPTO_ROOT_KEY_FILE=<new> and CRYPTO_OTHER_ROOT_KEY_FILE=<old>:
    each replica unwraps under either, and wraps new master keys under the new one.
-3. Run this command with the same two variables: every master key version wrapped under the old root key
-   is re-wrapped under the new one (same material, so nothing else changes), then the store records the
-   new root key as its own.
+3. Run this command with the same two variables: every secret wrapped under the old root key is re-wrapped
+   under the new one (same material, so nothing else changes), then the store records the new root key as
+   its own.
 4. Roll out every replica with CRYPTO_ROOT_KEY_FILE=<new> only, and retire the old key.
 
-Idempotent and resumable: versions already under the new root key are skipped.
+Before it writes anything it proves that the old key is the store's root key (the store's check value opens
+under it), that the two keys differ, and that every stored secret opens under one of them; then it shows
+both keys' fingerprints (the replicas log theirs at start-up as "root key loaded") and needs `--yes` or a
+"yes" typed at a terminal. Resumable: secrets already under the new key are skipped, and the store's check
+value moves to the new key last.
 """
 
 from __future__ import annotations
 
+import argparse
+import hmac
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto_server.app import open_key_store
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.errors import ConcurrentModification, KeyIntegrityError, StoreUnavailable
-from crypto_server.domain.key_wrap import UnwrapFailed, make_root_key_check, wrap_key
+from crypto_server.domain.key_wrap import (
+    UnwrapFailed,
+    make_root_key_check,
+    root_key_fingerprint,
+    root_key_matches,
+    wrap_key,
+)
 from crypto_server.root_key import load_other_root_key, load_root_key
 from crypto_server.service.keyring import unwrap_version
 from crypto_server.storage.port import KeyStore
 
+PROGRAM = "crypto-rewrap-root"
+EXIT_DONE = 0
+EXIT_STOPPED = 1
+EXIT_REFUSED = 2
+
+_EPILOG = """\
+environment:
+  CRYPTO_ROOT_KEY_FILE        the NEW root key (the one every replica now wraps with)
+  CRYPTO_OTHER_ROOT_KEY_FILE  the OLD root key (the one the store's check value names)
+  MONGODB_URI, MONGODB_DATABASE, REDIS_URL, CRYPTO_DATA_DIR: the store, as the replicas have them
+
+exit codes:
+  0  done; or --dry-run; or nothing to do (the store holds no keys)
+  1  stopped: the store became unreachable, or a key changed while it was being re-wrapped. What was
+     re-wrapped stays valid (replicas unwrap under either key); run it again.
+  2  refused, nothing written: bad settings or usage, the old key is not the store's root key, the keys
+     are the same, the store has keys but no check value, a secret opens under neither key (the new key
+     is not the one the replicas use), or no --yes / confirmation.
+"""
+
+
+class Refused(Exception):
+    """A safety check failed before anything was written."""
+
 
 @dataclass(frozen=True)
-class RewrapReport:
-    master_keys: int
-    versions_rewrapped: int
-    versions_already_rewrapped: int
+class RootKeys:
+    old: AESGCM
+    new: AESGCM
 
 
-def rewrap_master_keys(store: KeyStore, new_root: AESGCM, old_root: AESGCM) -> RewrapReport:
-    keys = rewrapped = already = 0
+@dataclass(frozen=True)
+class SecretCount:
+    """One kind of stored secret: how many are re-wrapped (with --dry-run: would be), how many were already."""
+
+    rewrapped: int = 0
+    already_rewrapped: int = 0
+
+
+class StoredSecretRewrap(Protocol):
+    def __call__(self, store: KeyStore, keys: RootKeys, *, write: bool) -> SecretCount:
+        """Re-wrap (when `write`) every secret of one kind from keys.old to keys.new, and count them.
+
+        Raises KeyIntegrityError for a secret that opens under neither key, ConcurrentModification when one
+        changed while it was being re-wrapped.
+        """
+        ...
+
+
+def rewrap_master_key_versions(store: KeyStore, keys: RootKeys, *, write: bool) -> SecretCount:
+    """Master key versions: the key material wrapped directly under the root key."""
+    rewrapped = already = 0
     for key in store.master_keys():
-        keys += 1
         for record in key.versions:
             try:
-                unwrap_version(new_root, key, record)
+                unwrap_version(keys.new, key, record)
                 already += 1
                 continue
             except UnwrapFailed:
                 pass
             try:
-                material = unwrap_version(old_root, key, record)
+                material = unwrap_version(keys.old, key, record)
             except UnwrapFailed:
                 raise KeyIntegrityError(
                     f"master key {key.key_id} version {record.version} opens under neither root key"
                 ) from None
-            wrapped = wrap_key(
-                new_root,
-                material,
-                tenant_id=key.tenant_id,
-                key_id=key.key_id,
-                key_type=key.key_type.value,
-                version=record.version,
-                parent_version=record.parent_version,
-                algorithm=key.algorithm.value,
-            )
-            if not store.replace_wrapped_material(
-                key.tenant_id, key.key_id, record.version, record.wrapped_material, wrapped
-            ):
-                raise ConcurrentModification(f"master key {key.key_id} changed during the re-wrap; run it again")
+            if write:
+                wrapped = wrap_key(
+                    keys.new,
+                    material,
+                    tenant_id=key.tenant_id,
+                    key_id=key.key_id,
+                    key_type=key.key_type.value,
+                    version=record.version,
+                    parent_version=record.parent_version,
+                    algorithm=key.algorithm.value,
+                )
+                if not store.replace_wrapped_material(
+                    key.tenant_id, key.key_id, record.version, record.wrapped_material, wrapped
+                ):
+                    raise ConcurrentModification(f"master key {key.key_id} changed during the re-wrap; run it again")
             rewrapped += 1
-    store.replace_root_key_check(make_root_key_check(new_root))
-    return RewrapReport(keys, rewrapped, already)
+    return SecretCount(rewrapped, already)
 
 
-def main() -> int:
+# Every kind of secret the store keeps wrapped under the root key, by its name in the report.
+# Another kind is one more function of the StoredSecretRewrap shape, added here.
+STORED_SECRETS: dict[str, StoredSecretRewrap] = {
+    "master_key_versions": rewrap_master_key_versions,
+}
+
+
+def rewrap_stored_secrets(store: KeyStore, keys: RootKeys, *, write: bool) -> dict[str, SecretCount]:
+    """Every kind in STORED_SECRETS; when `write`, the store's check value then names the new key."""
+    counts = {name: rewrap(store, keys, write=write) for name, rewrap in STORED_SECRETS.items()}
+    if write:
+        store.replace_root_key_check(make_root_key_check(keys.new))
+    return counts
+
+
+def verify_root_keys(store: KeyStore, old: bytes, new: bytes) -> RootKeys | None:
+    """The two keys, once proven safe to re-wrap from `old` to `new`; None when the store holds no keys at all.
+
+    Raises Refused when `old` is not the store's root key (its check value does not open under it), when the
+    keys are the same, or when the store holds keys but no check value to prove which key wrapped them.
+    """
+    if hmac.compare_digest(old, new):
+        raise Refused("CRYPTO_OTHER_ROOT_KEY_FILE (old) and CRYPTO_ROOT_KEY_FILE (new) hold the same key")
+    keys = RootKeys(old=AESGCM(old), new=AESGCM(new))
+    check = store.get_root_key_check()
+    if check is None:
+        if next(iter(store.master_keys()), None) is None:
+            return None
+        raise Refused(
+            "the store holds keys but no root key check value, so nothing proves which root key wrapped them; "
+            "start one server on the old root key alone (it records the check value), then run this again"
+        )
+    old_name, new_name = root_key_fingerprint(old), root_key_fingerprint(new)
+    if root_key_matches(keys.old, check):
+        return keys
+    if root_key_matches(keys.new, check):
+        raise Refused(
+            f"the store's root key is the NEW key {new_name} (CRYPTO_ROOT_KEY_FILE), not the old key {old_name} "
+            "(CRYPTO_OTHER_ROOT_KEY_FILE): either the re-wrap has completed already, or the two variables are swapped"
+        )
+    raise Refused(
+        f"the old key {old_name} (CRYPTO_OTHER_ROOT_KEY_FILE) is not the store's root key, "
+        f"and neither is the new key {new_name}: check both files and the store settings"
+    )
+
+
+def _confirmed(prompt: str) -> bool:
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        return False
+    return answer.strip().lower() == "yes"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description=(
+            "Re-wrap every master key version from the old root key (CRYPTO_OTHER_ROOT_KEY_FILE) to the new\n"
+            "one (CRYPTO_ROOT_KEY_FILE), then record the new key as the store's root key. Step 3 of the root\n"
+            "key rotation in docs/operations.md. Checks everything before it writes anything."
+        ),
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dry-run", action="store_true", help="check and count what would change; write nothing")
+    parser.add_argument("--yes", action="store_true", help="write without asking (needed when stdin is no terminal)")
+    return parser
+
+
+def _report(counts: dict[str, SecretCount], old: bytes, new: bytes, *, dry_run: bool) -> str:
+    return json.dumps(
+        {
+            "dry_run": dry_run,
+            "old_root_key": root_key_fingerprint(old),
+            "new_root_key": root_key_fingerprint(new),
+            **{name: asdict(count) for name, count in counts.items()},
+        }
+    )
+
+
+def _run(store: KeyStore, old: bytes, new: bytes, *, dry_run: bool, yes: bool) -> int:
+    keys = verify_root_keys(store, old, new)
+    if keys is None:
+        print(f"{PROGRAM}: the store holds no keys; nothing to re-wrap", file=sys.stderr)
+        return EXIT_DONE
+    try:
+        counts = rewrap_stored_secrets(store, keys, write=False)
+    except KeyIntegrityError as error:
+        # The old key is proven to be the store's, so a secret under neither key was wrapped by a replica under
+        # a root key that is not this new one.
+        raise Refused(
+            f"{error.message}: if a replica wrapped it, the replicas use a root key that is not the new key "
+            f'{root_key_fingerprint(new)} (CRYPTO_ROOT_KEY_FILE); compare it with their "root key loaded" log line'
+        ) from None
+    if dry_run:
+        print(_report(counts, old, new, dry_run=True))
+        return EXIT_DONE
+    to_rewrap = ", ".join(f"{count.rewrapped} {name}" for name, count in counts.items())
+    summary = (
+        f"{PROGRAM}: re-wrap {to_rewrap} from root key {root_key_fingerprint(old)} to root key "
+        f'{root_key_fingerprint(new)}; the replicas must log "root key loaded" with fingerprint '
+        f"{root_key_fingerprint(new)}"
+    )
+    if not any(count.already_rewrapped for count in counts.values()):
+        summary += " (nothing in the store is wrapped under the new key yet, so only that log line can show it)"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise Refused("writing needs --yes, or a terminal to confirm on (--dry-run shows what would change)")
+        if not _confirmed(f"{summary}\nType yes to re-wrap: "):
+            raise Refused("not confirmed; nothing written")
+    else:
+        print(summary, file=sys.stderr)
+    counts = rewrap_stored_secrets(store, keys, write=True)
+    print(_report(counts, old, new, dry_run=False))
+    return EXIT_DONE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit codes: see _EPILOG (`crypto-rewrap-root --help`)."""
+    arguments = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
         old = load_other_root_key(settings)
         if old is None:
             raise ConfigError("set CRYPTO_OTHER_ROOT_KEY_FILE to the old root key, CRYPTO_ROOT_KEY_FILE to the new one")
+        new = load_root_key(settings)
         store = open_key_store(settings)
     except (ConfigError, StoreUnavailable) as error:
-        print(f"crypto-rewrap-root: {error}", file=sys.stderr)
-        return 2
+        print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return EXIT_REFUSED
     try:
-        report = rewrap_master_keys(store, AESGCM(load_root_key(settings)), AESGCM(old))
+        return _run(store, old, new, dry_run=arguments.dry_run, yes=arguments.yes)
+    except Refused as refusal:
+        print(f"{PROGRAM}: refused: {refusal}", file=sys.stderr)
+        return EXIT_REFUSED
     except (KeyIntegrityError, ConcurrentModification, StoreUnavailable) as error:
-        print(f"crypto-rewrap-root: {error.message}", file=sys.stderr)
-        return 1
+        print(f"{PROGRAM}: {error.message}", file=sys.stderr)
+        return EXIT_STOPPED
     finally:
         store.close()
-    print(json.dumps(asdict(report)))
-    return 0
 
 
 if __name__ == "__main__":

@@ -84,6 +84,14 @@ class ServerHandle:
 StartServer = Callable[..., ServerHandle]
 
 
+def write_root_key_file(path: Path, key: str) -> Path:
+    """A root key file as operators must keep one: readable by its owner only (the server refuses others)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as key_file:
+        key_file.write(key + "\n")
+    return path
+
+
 @pytest.fixture
 def root_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()

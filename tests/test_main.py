@@ -18,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
 from crypto_client.v1 import key_service_pb2 as key_pb
-from tests.conftest import Launch
+from crypto_server.domain.key_wrap import root_key_fingerprint
+from tests.conftest import Launch, write_root_key_file
 
 
 def _run_to_exit(env: dict[str, str], timeout_s: float = 20) -> tuple[int, str]:
@@ -110,6 +111,45 @@ def test_generates_a_private_development_root_key_with_a_warning(launch: Launch,
     assert warning["level"] == "warning"
 
 
+def test_the_data_directory_and_store_files_are_private_to_the_service_user(launch: Launch, tmp_path: Path) -> None:
+    server = launch()
+    data_dir = tmp_path / "data"
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        key_service_pb2_grpc.KeyServiceStub(channel).CreateKey(
+            key_pb.CreateKeyRequest(tenant_id="t", key_type=resources_pb2.KEY_TYPE_DATA)
+        )
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in data_dir.iterdir()}
+    assert modes == dict.fromkeys(["root.key", "keys.sqlite3", "keys.sqlite3-wal", "keys.sqlite3-shm"], 0o600)
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert server.terminate() == 0
+
+
+def test_a_root_key_file_open_to_other_users_is_refused_unless_allowed(launch: Launch, tmp_path: Path) -> None:
+    key_file = write_root_key_file(tmp_path / "root.b64", base64.b64encode(os.urandom(32)).decode())
+    key_file.chmod(0o644)
+    code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "data"), "CRYPTO_ROOT_KEY_FILE": str(key_file)})
+    assert code == 2
+    assert "is open to other users (mode 0o644)" in stderr and "CRYPTO_ALLOW_INSECURE=1" in stderr
+    assert "Traceback" not in stderr
+    server = launch(CRYPTO_ROOT_KEY_FILE=str(key_file), CRYPTO_ALLOW_INSECURE="1")
+    accepted = server.wait_for_log("accepting a root key file open to other users because CRYPTO_ALLOW_INSECURE is set")
+    assert accepted["level"] == "warning"
+    assert server.terminate() == 0
+
+
+def test_the_root_key_variable_is_warned_about_and_only_its_fingerprint_logged(launch: Launch) -> None:
+    key = os.urandom(32)
+    server = launch(CRYPTO_ROOT_KEY=base64.b64encode(key).decode())
+    warning = server.wait_for_log(
+        "the root key comes from the CRYPTO_ROOT_KEY variable, which the process environment keeps; "
+        "use CRYPTO_ROOT_KEY_FILE in production"
+    )
+    assert warning["level"] == "warning"
+    assert server.wait_for_log("root key loaded")["fingerprint"] == root_key_fingerprint(key)
+    assert server.terminate() == 0
+    assert base64.b64encode(key).decode() not in "\n".join(server.lines)
+
+
 def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(launch: Launch, tmp_path: Path) -> None:
     first_key = base64.b64encode(os.urandom(32)).decode()
     server = launch(CRYPTO_ROOT_KEY=first_key)
@@ -118,12 +158,11 @@ def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(laun
             key_pb.CreateKeyRequest(tenant_id="t", key_type=resources_pb2.KEY_TYPE_DATA)
         )
     assert server.terminate() == 0
-    key_file = tmp_path / "root.b64"
-    key_file.write_text(base64.b64encode(os.urandom(32)).decode() + "\n")
+    key_file = write_root_key_file(tmp_path / "root.b64", base64.b64encode(os.urandom(32)).decode())
     code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "data"), "CRYPTO_ROOT_KEY_FILE": str(key_file)})
     assert code == 2
     assert "root key is not the one that wrapped the keys" in stderr
-    key_file.write_text(first_key + "\n")
+    write_root_key_file(key_file, first_key)
     restarted = launch(CRYPTO_ROOT_KEY_FILE=str(key_file))
     assert restarted.terminate() == 0
 

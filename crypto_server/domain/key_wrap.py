@@ -13,6 +13,7 @@ import os
 import struct
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_BYTES = 32
@@ -21,6 +22,8 @@ TAG_BYTES = 16
 WRAPPED_KEY_BYTES = NONCE_BYTES + KEY_BYTES + TAG_BYTES
 _WRAP_DOMAIN = b"caas.crypto.v1/key-wrap\x00"
 _ROOT_CHECK_AAD = b"caas.crypto.v1/root-key-check\x00"
+_FINGERPRINT_LABEL = b"caas.crypto.v1/root-key-fingerprint"
+_FINGERPRINT_BYTES = 8
 
 
 class UnwrapFailed(Exception):
@@ -99,3 +102,13 @@ def root_key_matches(root: AESGCM, check: bytes) -> bool:
     except (InvalidTag, ValueError):
         return False
     return True
+
+
+def root_key_fingerprint(root_key: bytes) -> str:
+    """A name for a root key that is safe to log and print: the first 8 bytes of
+    HMAC-SHA256(root_key, "caas.crypto.v1/root-key-fingerprint"), in hex. It tells
+    keys apart (a replica's log line against what an operator is about to use)
+    and reveals nothing about the key."""
+    mac = hmac.HMAC(root_key, hashes.SHA256())
+    mac.update(_FINGERPRINT_LABEL)
+    return mac.finalize()[:_FINGERPRINT_BYTES].hex()

@@ -9,6 +9,7 @@ serialised across threads and processes sharing the file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -22,6 +23,7 @@ from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
 from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyCounts, KeyQuery
+from crypto_server.storage.private_files import ensure_private_directory, ensure_private_file, restrict_to_owner
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
@@ -93,8 +95,17 @@ class SqliteKeyStore:
     FILE_NAME = "keys.sqlite3"
 
     def __init__(self, data_dir: Path, *, busy_timeout_s: float = 5.0) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
         self.path = data_dir / self.FILE_NAME
+        try:
+            ensure_private_directory(data_dir)
+            # Created 0600 before SQLite opens it: SQLite gives its -wal, -shm and -journal files the
+            # database file's mode, so they are private too. Ones left by an earlier run are tightened.
+            ensure_private_file(self.path)
+            for suffix in ("-wal", "-shm", "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    restrict_to_owner(self.path.with_name(self.path.name + suffix))
+        except OSError as error:
+            raise StoreUnavailable(f"cannot open the embedded key store at {self.path}: {error.strerror}") from error
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []

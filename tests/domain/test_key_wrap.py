@@ -11,6 +11,7 @@ from crypto_server.domain.key_wrap import (
     WRAPPED_KEY_BYTES,
     UnwrapFailed,
     make_root_key_check,
+    root_key_fingerprint,
     root_key_matches,
     unwrap_key,
     wrap_key,
@@ -65,3 +66,9 @@ def test_root_key_check_recognises_only_its_own_root_key() -> None:
     assert root_key_matches(root, check)
     assert not root_key_matches(AESGCM(os.urandom(32)), check)
     assert not root_key_matches(root, check[:5])
+
+
+def test_root_key_fingerprint_is_the_documented_hmac_and_tells_keys_apart() -> None:
+    # HMAC-SHA256(bytes 0..31, "caas.crypto.v1/root-key-fingerprint"), first 8 bytes.
+    assert root_key_fingerprint(bytes(range(32))) == "aef1c464a585f920"
+    assert root_key_fingerprint(os.urandom(32)) != root_key_fingerprint(bytes(range(32)))

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from crypto_server.app import open_key_store
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.errors import ConcurrentModification, KeyIntegrityError, StoreUnavailable
+from crypto_server.domain.key_integrity import METADATA_KEY_RECORD, unwrap_metadata_key, wrap_metadata_key
 from crypto_server.domain.key_wrap import (
     UnwrapFailed,
     make_root_key_check,
@@ -128,10 +129,26 @@ def rewrap_master_key_versions(store: KeyStore, keys: RootKeys, *, write: bool) 
     return SecretCount(rewrapped, already)
 
 
+def rewrap_metadata_key(store: KeyStore, keys: RootKeys, *, write: bool) -> SecretCount:
+    """The key that authenticates key metadata (domain/key_integrity.py), one per store."""
+    wrapped = store.get_meta(METADATA_KEY_RECORD)
+    if wrapped is None:
+        return SecretCount()
+    if unwrap_metadata_key((keys.new,), wrapped) is not None:
+        return SecretCount(already_rewrapped=1)
+    metadata_key = unwrap_metadata_key((keys.old,), wrapped)
+    if metadata_key is None:
+        raise KeyIntegrityError("the store's metadata key opens under neither root key")
+    if write:
+        store.replace_meta(METADATA_KEY_RECORD, wrap_metadata_key(keys.new, metadata_key))
+    return SecretCount(rewrapped=1)
+
+
 # Every kind of secret the store keeps wrapped under the root key, by its name in the report.
 # Another kind is one more function of the StoredSecretRewrap shape, added here.
 STORED_SECRETS: dict[str, StoredSecretRewrap] = {
     "master_key_versions": rewrap_master_key_versions,
+    "metadata_key": rewrap_metadata_key,
 }
 
 
@@ -154,7 +171,7 @@ def verify_root_keys(store: KeyStore, old: bytes, new: bytes) -> RootKeys | None
     keys = RootKeys(old=AESGCM(old), new=AESGCM(new))
     check = store.get_root_key_check()
     if check is None:
-        if next(iter(store.master_keys()), None) is None:
+        if not store.has_keys():
             return None
         raise Refused(
             "the store holds keys but no root key check value, so nothing proves which root key wrapped them; "
@@ -188,9 +205,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
         description=(
-            "Re-wrap every master key version from the old root key (CRYPTO_OTHER_ROOT_KEY_FILE) to the new\n"
-            "one (CRYPTO_ROOT_KEY_FILE), then record the new key as the store's root key. Step 3 of the root\n"
-            "key rotation in docs/operations.md. Checks everything before it writes anything."
+            "Re-wrap every master key version and the metadata key from the old root key\n"
+            "(CRYPTO_OTHER_ROOT_KEY_FILE) to the new one (CRYPTO_ROOT_KEY_FILE), then record the new key as the\n"
+            "store's root key. Step 3 of the root key rotation in docs/operations.md. Checks everything before\n"
+            "it writes anything."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -160,6 +160,7 @@ def test_rotating_the_root_key_keeps_every_key_and_ciphertext(
     done = run_tool(env, "--yes")
     assert done.code == 0, done.stderr
     assert done.report()["master_key_versions"] == {"rewrapped": 3, "already_rewrapped": 1}
+    assert done.report()["metadata_key"] == {"rewrapped": 1, "already_rewrapped": 0}
     assert done.report()["new_root_key"] == root_key_fingerprint(base64.b64decode(new_key))
     state = _store_state(settings)
     again = run_tool(env, "--yes")
@@ -272,6 +273,7 @@ def test_dry_run_reports_what_would_change_and_writes_nothing(rotation: Rotation
         "old_root_key": root_key_fingerprint(base64.b64decode(rotation.old.read_text())),
         "new_root_key": root_key_fingerprint(base64.b64decode(rotation.new.read_text())),
         "master_key_versions": {"rewrapped": 2, "already_rewrapped": 1},
+        "metadata_key": {"rewrapped": 1, "already_rewrapped": 0},
     }
     assert _store_state(rotation.settings) == before
 

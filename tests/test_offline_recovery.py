@@ -18,7 +18,7 @@ from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from tests import offline_recovery as page
-from tests.conftest import StartServer
+from tests.conftest import StartServer, write_root_key_file
 
 TENANT = "acme.corp"
 
@@ -34,8 +34,7 @@ def _backup(live: Path, copy: Path) -> Path:
 def test_operator_recovers_every_kind_of_key_and_a_ciphertext_offline(
     start_server: StartServer, root_key: str, tmp_path: Path
 ) -> None:
-    root_key_file = tmp_path / "root.key"
-    root_key_file.write_text(root_key + "\n")
+    root_key_file = write_root_key_file(tmp_path / "root.key", root_key)
     server = start_server(root_key=None, root_key_file=root_key_file)
 
     data_key = server.create_key(TENANT)

@@ -1,4 +1,5 @@
-"""Independent unwrapping for tests: from the root key down, as docs/ciphertext-format.md describes."""
+"""Unwrapping for tests, from the root key down through the stored records (the production unwrap of one version;
+for a decoder written from docs/ciphertext-format.md alone, see tests/offline_recovery.py)."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from crypto_client.breaker import BreakerState
 from crypto_client.config import BreakerPolicy, ClientConfig, RetryPolicy
 from crypto_client.envelope import DataKeyCache, EnvelopeCipher, NullDataKeyCache
 from crypto_client.errors import (
+    AlgorithmMismatchError,
     CircuitOpenError,
     ConflictError,
     CryptoClientError,
@@ -33,8 +34,12 @@ from crypto_client.errors import (
     KeyTypeMismatchError,
     MasterKeyUnavailableError,
     PermissionDeniedError,
+    QuotaExceededError,
     ResourceExhaustedError,
+    ResponseTooLargeError,
     ServiceUnavailableError,
+    StreamIdleError,
+    StreamLimitError,
     UnauthenticatedError,
 )
 from crypto_client.files import FileCipher
@@ -66,6 +71,7 @@ from crypto_client.tokens import InvalidTokenError, TokenSigner
 
 __all__ = [
     "Algorithm",
+    "AlgorithmMismatchError",
     "AsyncCryptoClient",
     "AsyncMessageCipher",
     "BlindIndex",
@@ -109,13 +115,17 @@ __all__ = [
     "NullDataKeyCache",
     "PermissionDeniedError",
     "PublicKey",
+    "QuotaExceededError",
     "ReEncryptResult",
     "ResourceExhaustedError",
+    "ResponseTooLargeError",
     "RetryPolicy",
     "ServiceUnavailableError",
     "SessionKey",
     "SessionKeys",
     "SignResult",
+    "StreamIdleError",
+    "StreamLimitError",
     "TokenSigner",
     "UnauthenticatedError",
 ]

@@ -100,8 +100,17 @@ class ClientCore:
         # do not retry together.
         backoff = wait_random_exponential(multiplier=policy.initial_backoff_s, max=policy.max_backoff_s)
 
+        def server_delay(state: RetryCallState) -> float:
+            error = state.outcome.exception() if state.outcome else None
+            return getattr(error, "retry_after_s", None) or 0.0
+
+        def retryable(error: BaseException) -> bool:
+            # A server that asks for a long wait (or one past the deadline) is not retried blindly.
+            delay = getattr(error, "retry_after_s", None) or 0.0
+            return _is_retryable(error) and delay <= policy.max_server_delay_s and time.monotonic() + delay < deadline
+
         def wait(state: RetryCallState) -> float:
-            return max(0.0, min(backoff(state), deadline - time.monotonic()))
+            return max(0.0, min(max(backoff(state), server_delay(state)), deadline - time.monotonic()))
 
         def before_sleep(state: RetryCallState) -> None:
             self.metrics.add("retries")
@@ -116,7 +125,7 @@ class ClientCore:
             )
 
         return {
-            "retry": retry_if_exception(_is_retryable),
+            "retry": retry_if_exception(retryable),
             "stop": stop_after_attempt(policy.max_attempts) | _PastDeadline(deadline),
             "wait": wait,
             "before_sleep": before_sleep,

@@ -51,7 +51,9 @@ class AsyncCryptoClient:
 
     def __init__(self, target: str, tenant_id: str, config: ClientConfig | None = None) -> None:
         self._core = ClientCore(tenant_id, config or ClientConfig())
-        options = list(self._core.config.channel_options)
+        config = self._core.config
+        # The caller's options come last, so they win over ours.
+        options = [("grpc.max_receive_message_length", config.max_receive_message_bytes), *config.channel_options]
         credentials = self._core.config.credentials
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=options)

@@ -19,7 +19,10 @@ class RetryPolicy:
     The wait before retry n is random in [0, min(max_backoff_s, initial_backoff_s * 2**(n-1))].
 
     A call retries at most `max_attempts - 1` times and never past its
-    deadline. Every call is safe to repeat: CreateKey and RotateKey carry a
+    deadline. When the server says how long to wait (RetryInfo, e.g. a tenant
+    over its quota) the wait is at least that; a call the server asks to wait
+    longer than `max_server_delay_s` (or past the deadline) fails at once
+    instead. Every call is safe to repeat: CreateKey and RotateKey carry a
     request id the server deduplicates, the others do not change state or set
     it absolutely.
     """
@@ -30,8 +33,11 @@ class RetryPolicy:
     # Each attempt's own deadline (None: the rest of the call's deadline). With
     # a value, an attempt that times out can be retried within the call's deadline.
     attempt_timeout_s: float | None = None
+    max_server_delay_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if self.max_server_delay_s < 0:
+            raise ValueError("RetryPolicy.max_server_delay_s must not be negative")
         if self.max_attempts < 1:
             raise ValueError("RetryPolicy.max_attempts must be at least 1")
         if not 0 < self.initial_backoff_s <= self.max_backoff_s:
@@ -70,6 +76,9 @@ class ClientConfig:
     key_cache_ttl_s: float = 5.0
     key_cache_size: int = 1024
     channel_options: Sequence[tuple[str, Any]] = ()
+    # Above the largest send limit a server can have (64 MiB plaintexts, plus aad and framing): grpc's
+    # default of 4 MiB would refuse a large batch or Decrypt answer the server may legitimately send.
+    max_receive_message_bytes: int = 72 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:

@@ -2,7 +2,9 @@
 
 Every error keeps `code` (grpc.StatusCode), `details` (the server's message),
 `reason` (the ErrorInfo reason, or "") and `metadata` (ErrorInfo metadata).
-`transient` says whether the same call may succeed if repeated.
+`transient` says whether the same call may succeed if repeated;
+`retry_after_s` is how long the server asked the caller to wait first
+(a google.rpc.RetryInfo detail), or None.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ class CryptoClientError(Exception):
         code: grpc.StatusCode | None = None,
         reason: str = "",
         metadata: Mapping[str, str] | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
         self.reason = reason
         self.metadata: Mapping[str, str] = dict(metadata or {})
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         code = self.code.name if self.code is not None else "CLIENT"
@@ -78,6 +82,10 @@ class MasterKeyUnavailableError(FailedPreconditionError):
     pass
 
 
+class AlgorithmMismatchError(FailedPreconditionError):
+    """The key's algorithm does not do this operation (e.g. Encrypt with an HMAC key)."""
+
+
 class PermissionDeniedError(CryptoClientError):
     pass
 
@@ -104,6 +112,28 @@ class DeadlineExceededError(CryptoClientError):
 
 class ResourceExhaustedError(CryptoClientError):
     transient = True
+
+
+class QuotaExceededError(ResourceExhaustedError):
+    """The tenant is over its request quota on that server; retried after `retry_after_s` (when short enough)."""
+
+
+class StreamLimitError(ResourceExhaustedError):
+    """The server serves as many streams as it allows. Not retried: open the stream again later."""
+
+    transient = False
+
+
+class ResponseTooLargeError(ResourceExhaustedError):
+    """The answer would exceed the message limit: ask for less per call (a smaller batch)."""
+
+    transient = False
+
+
+class StreamIdleError(DeadlineExceededError):
+    """The stream sent nothing for the server's idle timeout and was ended."""
+
+    transient = False
 
 
 class CircuitOpenError(ServiceUnavailableError):
@@ -133,6 +163,11 @@ _BY_REASON: dict[str, type[CryptoClientError]] = {
     "ERROR_REASON_STORE_UNAVAILABLE": ServiceUnavailableError,
     "ERROR_REASON_KEY_INTEGRITY": DataIntegrityError,
     "ERROR_REASON_INTERNAL": InternalServerError,
+    "ERROR_REASON_ALGORITHM_MISMATCH": AlgorithmMismatchError,
+    "ERROR_REASON_STREAM_LIMIT": StreamLimitError,
+    "ERROR_REASON_STREAM_IDLE": StreamIdleError,
+    "ERROR_REASON_TENANT_QUOTA": QuotaExceededError,
+    "ERROR_REASON_RESPONSE_TOO_LARGE": ResponseTooLargeError,
 }
 _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
@@ -149,26 +184,37 @@ _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
 }
 
 
-def _error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+def _rich_details(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None, float | None]:
+    """The service's ErrorInfo and the RetryInfo delay (seconds), each if present."""
     trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    info = retry_after_s = None
     for key, value in trailing or ():
         if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
         status = status_pb2.Status.FromString(value)
         for detail in status.details:
-            info = error_details_pb2.ErrorInfo()
-            if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
-                return info
-    return None
+            found = error_details_pb2.ErrorInfo()
+            retry = error_details_pb2.RetryInfo()
+            if detail.Unpack(found) and found.domain == ERROR_DOMAIN:
+                info = found
+            elif detail.Unpack(retry):
+                retry_after_s = retry.retry_delay.ToNanoseconds() / 1e9
+    return info, retry_after_s
 
 
 def from_rpc_error(error: grpc.RpcError) -> CryptoClientError:
     """The typed error for a failed call (sync or asyncio)."""
     code: grpc.StatusCode = error.code()
     details: str = error.details() or code.name
-    info = _error_info(error)
+    info, retry_after_s = _rich_details(error)
     kind = (_BY_REASON.get(info.reason) if info else None) or _BY_CODE.get(code, InternalServerError)
-    return kind(details, code=code, reason=info.reason if info else "", metadata=dict(info.metadata) if info else {})
+    return kind(
+        details,
+        code=code,
+        reason=info.reason if info else "",
+        metadata=dict(info.metadata) if info else {},
+        retry_after_s=retry_after_s,
+    )
 
 
 def from_item_error(code: int, message: str, reason: str, metadata: Mapping[str, str]) -> CryptoClientError:

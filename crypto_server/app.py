@@ -28,10 +28,11 @@ from crypto_server.domain.key_integrity import (
 )
 from crypto_server.domain.key_wrap import make_root_key_check, root_key_matches
 from crypto_server.root_key import load_other_root_key, load_root_key
-from crypto_server.service.crypto_operations import MAX_AAD_BYTES, CryptoOperations
+from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
+from crypto_server.service.quotas import quotas_for
 from crypto_server.storage import redis_cache
 from crypto_server.storage.integrity import AuthenticatedKeyStore
 from crypto_server.storage.mongo import MongoKeyStore
@@ -41,7 +42,8 @@ from crypto_server.transport.crypto_servicer import CryptoServicer
 from crypto_server.transport.health import StoreHealthMonitor
 from crypto_server.transport.key_servicer import KeyServicer
 from crypto_server.transport.metrics import Metrics
-from crypto_server.transport.middleware import InFlightCalls, RpcMiddleware, add_service
+from crypto_server.transport.middleware import InFlightCalls, RpcLimits, RpcMiddleware, add_service
+from crypto_server.transport.streams import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,17 @@ HEALTH_SERVICES = ("", KEY_SERVICE, CRYPTO_SERVICE)
 _QUIET_BEFORE_STOP_S = 0.2
 # Redis is a cache: a call to it that takes longer than this is not worth waiting for.
 _REDIS_TIMEOUT_S = 0.25
+# HTTP/2 keepalive (docs/security.md, "Resource limits"): the server pings a connection idle for a minute
+# and drops it if the ping goes unanswered for 20 s, so a vanished client's calls end and free their
+# workers. Clients may ping every 30 s, even without calls; a client pinging more often gets a strike,
+# and after 2 strikes a GOAWAY (too_many_pings).
+_KEEPALIVE_OPTIONS = (
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+    ("grpc.http2.max_ping_strikes", 2),
+)
 
 
 class _Stoppable(Protocol):
@@ -218,13 +231,17 @@ def build_server(
             clock,
             max_plaintext_bytes=settings.max_plaintext_bytes,
             max_batch_items=settings.max_batch_items,
+            max_batch_bytes=settings.max_batch_bytes,
         )
 
-        # Room for the largest legal request, so an oversized plaintext reaches the
-        # handler and gets INVALID_ARGUMENT naming the field rather than a transport error.
-        # (16 MiB leaves room for batches of small items.)
-        message_limit = max(16 * 1024 * 1024, settings.max_plaintext_bytes + MAX_AAD_BYTES + 64 * 1024)
-        middleware = RpcMiddleware(in_flight, observer=metrics)
+        message_limit = settings.message_limit_bytes
+        limits = RpcLimits(
+            streams=StreamSlots(settings.stream_limit),
+            stream_idle_timeout_s=settings.stream_idle_timeout_s,
+            quotas=quotas_for(settings.tenant_rate, settings.tenant_burst),
+            max_response_bytes=message_limit,
+        )
+        middleware = RpcMiddleware(in_flight, observer=metrics, limits=limits)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
             interceptors=interceptors,
@@ -233,7 +250,14 @@ def build_server(
                 ("grpc.max_send_message_length", message_limit),
                 # Two servers must not silently share one port, unless asked to (multi-process mode).
                 ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+                # A client must reconnect now and then (a GOAWAY, then `grace` for its calls to finish):
+                # load spreads over new replicas, and nothing holds a connection forever.
+                ("grpc.max_connection_age_ms", round(settings.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_s * 1000)),
+                *_KEEPALIVE_OPTIONS,
             ],
+            # Calls beyond this are refused by grpc at once (RESOURCE_EXHAUSTED), not queued for a worker.
+            maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
         )
         add_service(server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock), middleware)
         signatures = MacsAndSignatures(keyring, clock, max_data_bytes=settings.max_plaintext_bytes)

@@ -8,10 +8,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crypto_server.service.crypto_operations import DEFAULT_MAX_PLAINTEXT_BYTES
+from crypto_server.service.crypto_operations import (
+    BATCH_ITEM_RESPONSE_BYTES,
+    DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_PLAINTEXT_BYTES,
+    MAX_AAD_BYTES,
+)
+from crypto_server.service.quotas import DEFAULT_TENANT_BURST, DEFAULT_TENANT_RATE
+from crypto_server.transport.streams import DEFAULT_STREAM_IDLE_TIMEOUT_S, default_max_streams
 
 # Larger single messages belong in streaming or envelope encryption, not one unary call.
 MAX_PLAINTEXT_LIMIT_BYTES = 64 * 1024 * 1024
+# The smallest receive/send message limit; room for batches of small items.
+MIN_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -47,6 +56,31 @@ class Settings:
     metrics_port: int | None = None
     max_batch_items: int = 1000
     max_session_key_lifetime_s: float = 7 * 86400.0
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    # None: a quarter of the workers (see resolved values below).
+    max_streams: int | None = None
+    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    # None: eight calls per worker; grpc refuses any beyond with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int | None = None
+    max_connection_age_s: float = 1800.0
+    max_connection_age_grace_s: float = 300.0
+    # Requests per second per tenant (batch items count one each); 0 turns quotas off.
+    tenant_rate: float = DEFAULT_TENANT_RATE
+    tenant_burst: int = DEFAULT_TENANT_BURST
+
+    @property
+    def stream_limit(self) -> int:
+        return self.max_streams if self.max_streams is not None else default_max_streams(self.workers)
+
+    @property
+    def concurrent_rpc_limit(self) -> int:
+        return self.max_concurrent_rpcs if self.max_concurrent_rpcs is not None else self.workers * 8
+
+    @property
+    def message_limit_bytes(self) -> int:
+        """grpc's receive and send limit: room for the largest legal request, so an oversized plaintext
+        reaches the handler and gets INVALID_ARGUMENT naming the field rather than a transport error."""
+        return max(MIN_MESSAGE_BYTES, self.max_plaintext_bytes + MAX_AAD_BYTES + 64 * 1024)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -120,10 +154,33 @@ class Settings:
         log_level = text("CRYPTO_LOG_LEVEL", "INFO").upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CRYPTO_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        workers = integer("CRYPTO_WORKERS", defaults.workers, 1, 1024)
+        max_batch_items = integer("CRYPTO_MAX_BATCH_ITEMS", defaults.max_batch_items, 1, 100_000)
+        max_batch_bytes = integer("CRYPTO_MAX_BATCH_BYTES", defaults.max_batch_bytes, 1, MIN_MESSAGE_BYTES)
+        if max_batch_bytes + max_batch_items * BATCH_ITEM_RESPONSE_BYTES > MIN_MESSAGE_BYTES:
+            # The answer to the largest batch must fit in one message.
+            raise ConfigError(
+                f"CRYPTO_MAX_BATCH_BYTES + CRYPTO_MAX_BATCH_ITEMS x {BATCH_ITEM_RESPONSE_BYTES} must be at most "
+                f"{MIN_MESSAGE_BYTES} (the message limit), got {max_batch_bytes} + {max_batch_items} items"
+            )
+        max_streams = None
+        if env.get("CRYPTO_MAX_STREAMS", "").strip():
+            # Streams hold a worker each: at least one worker must stay free for unary calls and health.
+            max_streams = integer("CRYPTO_MAX_STREAMS", 1, 1, max(1, workers - 1))
+        max_concurrent_rpcs = None
+        if env.get("CRYPTO_MAX_CONCURRENT_RPCS", "").strip():
+            max_concurrent_rpcs = integer("CRYPTO_MAX_CONCURRENT_RPCS", 1, workers, 1_000_000)
+        tenant_rate = number("CRYPTO_TENANT_RATE", defaults.tenant_rate, 0, 1e9)
+        tenant_burst = integer("CRYPTO_TENANT_BURST", defaults.tenant_burst, 1, 1_000_000_000)
+        if tenant_rate and tenant_burst < max_batch_items:
+            raise ConfigError(
+                f"CRYPTO_TENANT_BURST ({tenant_burst}) must be at least CRYPTO_MAX_BATCH_ITEMS ({max_batch_items}): "
+                "a batch costs one token per item and could never pass"
+            )
         return cls(
             host=text("CRYPTO_HOST", defaults.host),
             port=integer("CRYPTO_PORT", defaults.port, 0, 65535),
-            workers=integer("CRYPTO_WORKERS", defaults.workers, 1, 1024),
+            workers=workers,
             data_dir=Path(text("CRYPTO_DATA_DIR", str(defaults.data_dir))),
             root_key=root_key,
             root_key_file=Path(root_key_file) if root_key_file else None,
@@ -146,7 +203,17 @@ class Settings:
             metrics_port=(
                 integer("CRYPTO_METRICS_PORT", 0, 0, 65535) if env.get("CRYPTO_METRICS_PORT", "").strip() else None
             ),
-            max_batch_items=integer("CRYPTO_MAX_BATCH_ITEMS", defaults.max_batch_items, 1, 100_000),
+            max_batch_items=max_batch_items,
+            max_batch_bytes=max_batch_bytes,
+            max_streams=max_streams,
+            stream_idle_timeout_s=number("CRYPTO_STREAM_IDLE_TIMEOUT", defaults.stream_idle_timeout_s, 0.01, 3600),
+            max_concurrent_rpcs=max_concurrent_rpcs,
+            max_connection_age_s=number("CRYPTO_MAX_CONNECTION_AGE", defaults.max_connection_age_s, 1, 30 * 86400),
+            max_connection_age_grace_s=number(
+                "CRYPTO_MAX_CONNECTION_AGE_GRACE", defaults.max_connection_age_grace_s, 0, 86400
+            ),
+            tenant_rate=tenant_rate,
+            tenant_burst=tenant_burst,
             max_session_key_lifetime_s=number(
                 "CRYPTO_MAX_SESSION_KEY_LIFETIME", defaults.max_session_key_lifetime_s, 60, 365 * 86400
             ),

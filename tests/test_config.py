@@ -33,6 +33,11 @@ def test_defaults_match_the_documentation() -> None:
     assert (settings.mongodb_uri, settings.redis_url, settings.metrics_port) == (None, None, None)
     assert settings.mongodb_database == "caas_crypto"
     assert settings.max_batch_items == 1000
+    assert settings.max_batch_bytes == 8 * 1024 * 1024
+    assert (settings.stream_limit, settings.stream_idle_timeout_s) == (4, 30.0)
+    assert settings.concurrent_rpc_limit == 128
+    assert (settings.max_connection_age_s, settings.max_connection_age_grace_s) == (1800.0, 300.0)
+    assert (settings.tenant_rate, settings.tenant_burst) == (10_000.0, 20_000)
 
 
 def test_secrets_never_appear_in_the_settings_repr() -> None:
@@ -47,3 +52,19 @@ def test_metrics_port_zero_means_any_free_port() -> None:
     assert Settings.from_env({"CRYPTO_METRICS_PORT": "0"}).metrics_port == 0
     with pytest.raises(ConfigError, match="CRYPTO_METRICS_PORT"):
         Settings.from_env({"CRYPTO_METRICS_PORT": "web"})
+
+
+def test_stream_and_rpc_limits_follow_the_workers_unless_set() -> None:
+    assert Settings.from_env({"CRYPTO_WORKERS": "2"}).stream_limit == 1
+    assert Settings.from_env({"CRYPTO_WORKERS": "40"}).concurrent_rpc_limit == 320
+    assert Settings.from_env({"CRYPTO_MAX_STREAMS": "3"}).stream_limit == 3
+    with pytest.raises(ConfigError, match="CRYPTO_MAX_STREAMS"):
+        Settings.from_env({"CRYPTO_WORKERS": "4", "CRYPTO_MAX_STREAMS": "4"})  # no worker left for health
+
+
+def test_limits_that_could_never_be_met_are_refused() -> None:
+    with pytest.raises(ConfigError, match="CRYPTO_TENANT_BURST"):
+        Settings.from_env({"CRYPTO_TENANT_BURST": "10"})  # below the 1000-item batch
+    with pytest.raises(ConfigError, match="CRYPTO_MAX_BATCH_BYTES"):
+        Settings.from_env({"CRYPTO_MAX_BATCH_ITEMS": "100000"})  # the answer could not fit one message
+    assert Settings.from_env({"CRYPTO_TENANT_RATE": "0", "CRYPTO_TENANT_BURST": "1"}).tenant_rate == 0

@@ -55,6 +55,20 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """A stored key does not unwrap: the key store was altered or damaged."""
     ERROR_REASON_ALGORITHM_MISMATCH: _ErrorReason.ValueType  # 13
     """The key's algorithm does not do this operation (e.g. Encrypt with an HMAC key)."""
+    ERROR_REASON_STREAM_LIMIT: _ErrorReason.ValueType  # 14
+    """The server already serves as many streams as it allows at once
+    (CRYPTO_MAX_STREAMS); open the stream again later, not in a tight loop.
+    """
+    ERROR_REASON_STREAM_IDLE: _ErrorReason.ValueType  # 15
+    """The stream sent no message for CRYPTO_STREAM_IDLE_TIMEOUT seconds and was
+    ended; ErrorInfo.metadata["idle_timeout_s"] gives the limit.
+    """
+    ERROR_REASON_TENANT_QUOTA: _ErrorReason.ValueType  # 16
+    """The tenant sent more requests (batch items count one each) than its quota
+    allows; a google.rpc.RetryInfo detail says how long to wait.
+    """
+    ERROR_REASON_RESPONSE_TOO_LARGE: _ErrorReason.ValueType  # 17
+    """The response would exceed the message size limit; send less per call."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -96,4 +110,18 @@ ERROR_REASON_KEY_INTEGRITY: ErrorReason.ValueType  # 12
 """A stored key does not unwrap: the key store was altered or damaged."""
 ERROR_REASON_ALGORITHM_MISMATCH: ErrorReason.ValueType  # 13
 """The key's algorithm does not do this operation (e.g. Encrypt with an HMAC key)."""
+ERROR_REASON_STREAM_LIMIT: ErrorReason.ValueType  # 14
+"""The server already serves as many streams as it allows at once
+(CRYPTO_MAX_STREAMS); open the stream again later, not in a tight loop.
+"""
+ERROR_REASON_STREAM_IDLE: ErrorReason.ValueType  # 15
+"""The stream sent no message for CRYPTO_STREAM_IDLE_TIMEOUT seconds and was
+ended; ErrorInfo.metadata["idle_timeout_s"] gives the limit.
+"""
+ERROR_REASON_TENANT_QUOTA: ErrorReason.ValueType  # 16
+"""The tenant sent more requests (batch items count one each) than its quota
+allows; a google.rpc.RetryInfo detail says how long to wait.
+"""
+ERROR_REASON_RESPONSE_TOO_LARGE: ErrorReason.ValueType  # 17
+"""The response would exceed the message size limit; send less per call."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -97,3 +97,45 @@ class AlgorithmMismatch(CryptoServiceError):
     def __init__(self, key_id: str, algorithm: str, operation: str, needed: str) -> None:
         super().__init__(f"key {key_id} is an {algorithm} key; {operation} needs {needed}")
         self.key_id = key_id
+
+
+class StreamLimitReached(CryptoServiceError):
+    """The server already serves as many streams as it allows at once; each holds a worker thread."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this server already serves {limit} streams, its limit (CRYPTO_MAX_STREAMS); "
+            "open the stream again later, or use unary calls"
+        )
+        self.limit = limit
+
+
+class StreamIdle(CryptoServiceError):
+    """A stream sent nothing for too long and was ended, to free the worker it held."""
+
+    def __init__(self, idle_timeout_s: float) -> None:
+        super().__init__(
+            f"the stream sent no message for {idle_timeout_s:g} s (CRYPTO_STREAM_IDLE_TIMEOUT) and was ended; "
+            "send the data without pauses, or in several streams"
+        )
+        self.idle_timeout_s = idle_timeout_s
+
+
+class QuotaExceeded(CryptoServiceError):
+    """The tenant is over its request quota; it may try again after `retry_after_s`."""
+
+    def __init__(self, rate: float, retry_after_s: float) -> None:
+        super().__init__(
+            f"this tenant is over its quota of {rate:g} requests per second on this server "
+            f"(batch items count one each); retry after {retry_after_s:.3f} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class ResponseTooLarge(CryptoServiceError):
+    """The answer would not fit in one message; the caller must ask for less per call."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"the response would be {size} bytes, over the message limit of {limit}; send fewer or smaller items"
+        )

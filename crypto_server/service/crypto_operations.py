@@ -35,6 +35,12 @@ from crypto_server.service.keyring import Keyring, LoadedKey
 log = logging.getLogger(__name__)
 DEFAULT_MAX_PLAINTEXT_BYTES = 1024 * 1024
 DEFAULT_MAX_BATCH_ITEMS = 1000
+# Request bytes (plaintexts or ciphertexts, and aads) in one batch. With the per-item overhead of the
+# response (BATCH_ITEM_RESPONSE_BYTES) the answer to the largest batch fits in one 16 MiB message.
+DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
+# A generous bound on what one item adds to a batch response beyond its request bytes: ciphertext
+# overhead (codec.OVERHEAD_BYTES), key id, version and framing, or an ItemError with its message.
+BATCH_ITEM_RESPONSE_BYTES = 1024
 DATA_KEY_BYTES = 32
 MAX_AAD_BYTES = 64 * 1024
 
@@ -82,13 +88,15 @@ class CryptoOperations:
         *,
         max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES,
         max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     ) -> None:
-        if max_plaintext_bytes < 1 or max_batch_items < 1:
-            raise ValueError("max_plaintext_bytes and max_batch_items must be positive")
+        if max_plaintext_bytes < 1 or max_batch_items < 1 or max_batch_bytes < 1:
+            raise ValueError("max_plaintext_bytes, max_batch_items and max_batch_bytes must be positive")
         self._keyring = keyring
         self._clock = clock
         self.max_plaintext_bytes = max_plaintext_bytes
         self.max_batch_items = max_batch_items
+        self.max_batch_bytes = max_batch_bytes
 
     def encrypt(self, tenant_id: str, key_id: str, plaintext: bytes, aad: bytes = b"") -> Encrypted:
         if len(plaintext) > self.max_plaintext_bytes:
@@ -223,18 +231,24 @@ class CryptoOperations:
 
     # -- batches -------------------------------------------------------------------
 
-    def _check_batch(self, tenant_id: str, count: int) -> None:
+    def _check_batch(self, tenant_id: str, count: int, size: int) -> None:
         validate_tenant_id(tenant_id)
         if count > self.max_batch_items:
             raise InvalidArgument("items", f"has {count} items, over the limit of {self.max_batch_items} per batch")
+        if size > self.max_batch_bytes:
+            raise InvalidArgument(
+                "items",
+                f"hold {size} bytes of data and aad, over the limit of {self.max_batch_bytes} bytes per batch "
+                "(CRYPTO_MAX_BATCH_BYTES); split the batch",
+            )
 
     def batch_encrypt(self, tenant_id: str, items: Sequence[EncryptItem]) -> list[Encrypted | CryptoServiceError]:
         """Each item's ciphertext, or the error that item alone gets; one bad item never fails the batch."""
-        self._check_batch(tenant_id, len(items))
+        self._check_batch(tenant_id, len(items), sum(len(i.plaintext) + len(i.aad) for i in items))
         return [_outcome(partial(self.encrypt, tenant_id, i.key_id, i.plaintext, i.aad)) for i in items]
 
     def batch_decrypt(self, tenant_id: str, items: Sequence[DecryptItem]) -> list[Decrypted | CryptoServiceError]:
-        self._check_batch(tenant_id, len(items))
+        self._check_batch(tenant_id, len(items), sum(len(i.ciphertext) + len(i.aad) for i in items))
         return [_outcome(partial(self.decrypt, tenant_id, i.ciphertext, i.aad, i.key_id)) for i in items]
 
 

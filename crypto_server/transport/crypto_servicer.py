@@ -161,9 +161,32 @@ def _chunks(
 _StreamResponse = TypeVar("_StreamResponse", pb.EncryptStreamResponse, pb.DecryptStreamResponse)
 
 
+# The most stream bytes in one response message: far under the send limit, whatever the size of the
+# request chunks (a 16 MiB chunk in gives 8 messages out). The client's 1 MiB chunks (about 1 MiB + tags
+# out) still take one message each. How bytes are split across messages is not part of the format: the
+# caller concatenates the chunks.
+MAX_STREAM_RESPONSE_BYTES = 2 * 1024 * 1024
+
+
+def _pieces(chunk: bytes) -> Iterator[bytes]:
+    if len(chunk) <= MAX_STREAM_RESPONSE_BYTES:
+        yield chunk
+        return
+    with memoryview(chunk) as view:
+        for start in range(0, len(chunk), MAX_STREAM_RESPONSE_BYTES):
+            yield bytes(view[start : start + MAX_STREAM_RESPONSE_BYTES])
+
+
 def _responses(
     kind: type[_StreamResponse], key_id: str, key_version: int, chunks: Iterator[bytes]
 ) -> Iterator[_StreamResponse]:
-    """One response per chunk; the first also says which key and version the stream uses."""
-    for index, chunk in enumerate(chunks):
-        yield kind(chunk=chunk, key_id=key_id, key_version=key_version) if index == 0 else kind(chunk=chunk)
+    """Responses of at most MAX_STREAM_RESPONSE_BYTES each; the first also says which key and version
+    the stream uses."""
+    first = True
+    for chunk in chunks:
+        for piece in _pieces(chunk):
+            if first:
+                yield kind(chunk=piece, key_id=key_id, key_version=key_version)
+                first = False
+            else:
+                yield kind(chunk=piece)

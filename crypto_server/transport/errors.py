@@ -31,6 +31,10 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.KeyIntegrityError: (grpc.StatusCode.DATA_LOSS, errors_pb2.ERROR_REASON_KEY_INTEGRITY),
     errors.UnexpectedError: (grpc.StatusCode.INTERNAL, errors_pb2.ERROR_REASON_INTERNAL),
     errors.AlgorithmMismatch: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_ALGORITHM_MISMATCH),
+    errors.StreamLimitReached: (grpc.StatusCode.RESOURCE_EXHAUSTED, errors_pb2.ERROR_REASON_STREAM_LIMIT),
+    errors.StreamIdle: (grpc.StatusCode.DEADLINE_EXCEEDED, errors_pb2.ERROR_REASON_STREAM_IDLE),
+    errors.QuotaExceeded: (grpc.StatusCode.RESOURCE_EXHAUSTED, errors_pb2.ERROR_REASON_TENANT_QUOTA),
+    errors.ResponseTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, errors_pb2.ERROR_REASON_RESPONSE_TOO_LARGE),
 }
 
 
@@ -42,6 +46,8 @@ class ErrorDescription:
     reason: errors_pb2.ErrorReason.ValueType
     message: str
     metadata: dict[str, str]
+    # How long the caller should wait before trying again (a google.rpc.RetryInfo detail), if the server knows.
+    retry_delay_s: float | None = None
 
 
 def describe(error: errors.CryptoServiceError) -> ErrorDescription:
@@ -52,7 +58,14 @@ def describe(error: errors.CryptoServiceError) -> ErrorDescription:
     key_id = getattr(error, "key_id", None)
     if isinstance(key_id, str):
         metadata["key_id"] = key_id
-    return ErrorDescription(code, reason, error.message, metadata)
+    retry_delay_s = None
+    if isinstance(error, errors.QuotaExceeded):
+        retry_delay_s = error.retry_after_s
+    elif isinstance(error, errors.StreamIdle):
+        metadata["idle_timeout_s"] = f"{error.idle_timeout_s:g}"
+    elif isinstance(error, errors.StreamLimitReached):
+        metadata["limit"] = str(error.limit)
+    return ErrorDescription(code, reason, error.message, metadata, retry_delay_s)
 
 
 class _RpcStatus(collections.namedtuple("_RpcStatus", ("code", "details", "trailing_metadata")), grpc.Status):  # type: ignore[misc]
@@ -65,22 +78,30 @@ def _status(
     reason: errors_pb2.ErrorReason.ValueType,
     metadata: dict[str, str],
     request_id: str,
+    retry_delay_s: float | None = None,
 ) -> grpc.Status:
     info = error_details_pb2.ErrorInfo(
         reason=errors_pb2.ErrorReason.Name(reason),
         domain=ERROR_DOMAIN,
         metadata=metadata,
     )
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    rich = rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail]))
+    details = [any_pb2.Any()]
+    details[0].Pack(info)
+    if retry_delay_s is not None:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(max(1, round(retry_delay_s * 1e9)))
+        details.append(any_pb2.Any())
+        details[1].Pack(retry)
+    rich = rpc_status.to_status(status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details))
     return _RpcStatus(rich.code, rich.details, (*rich.trailing_metadata, (REQUEST_ID_HEADER, request_id)))
 
 
 def status_for(error: errors.CryptoServiceError, request_id: str) -> tuple[grpc.StatusCode, grpc.Status]:
     """The status a caller receives for `error`."""
     described = describe(error)
-    status = _status(described.code, described.message, described.reason, described.metadata, request_id)
+    status = _status(
+        described.code, described.message, described.reason, described.metadata, request_id, described.retry_delay_s
+    )
     return described.code, status
 
 

@@ -4,7 +4,11 @@
 - domain errors turned into rich statuses through the error table;
 - a last-resort INTERNAL that reveals nothing, for bugs;
 - a request body that does not parse becomes INVALID_ARGUMENT, not INTERNAL;
-- one structured log line per RPC;
+- per-tenant quotas (service/quotas.py), charged before the handler runs;
+- streams: a cap on how many run at once and an idle timeout (transport/streams.py);
+- a response too large to send becomes RESOURCE_EXHAUSTED here, so the log line and the
+  metrics say what the caller got rather than OK;
+- one structured log line per RPC, with the status the caller received;
 - a count of calls in flight, so shutdown can wait for the server to go quiet.
 """
 
@@ -17,6 +21,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -25,10 +30,17 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from crypto_server.call_deadline import enter_call, leave_call
-from crypto_server.domain.errors import CryptoServiceError, InvalidArgument
+from crypto_server.domain.errors import CryptoServiceError, InvalidArgument, ResponseTooLarge
+from crypto_server.service.quotas import NoQuotas, Quotas
 from crypto_server.transport import access_log
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
 from crypto_server.transport.metrics import NullRpcObserver, RpcObserver
+from crypto_server.transport.streams import (
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    IdleLimitedRequests,
+    StreamSlots,
+    default_max_streams,
+)
 
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LOGGED_TEXT_CHARS = 128
@@ -109,6 +121,22 @@ def _bug(method: str, request_id: str) -> tuple[grpc.StatusCode, grpc.Status]:
     return grpc.StatusCode.INTERNAL, internal_status(request_id)
 
 
+@dataclass(frozen=True)
+class RpcLimits:
+    """The limits the middleware enforces on every call (docs/security.md, "Resource limits")."""
+
+    streams: StreamSlots = field(default_factory=lambda: StreamSlots(default_max_streams(16)))
+    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    quotas: Quotas = field(default_factory=NoQuotas)
+    # The server's grpc.max_send_message_length: a larger response would fail in grpc, after the handler.
+    max_response_bytes: int = 16 * 1024 * 1024
+
+
+def _cost(request: Any) -> int:
+    """What a batch costs against the tenant's quota: one per item."""
+    return len(request.items) or 1
+
+
 class RpcMiddleware:
     """Wraps each caas.crypto.v1 method handler once, when the service is registered.
 
@@ -117,13 +145,20 @@ class RpcMiddleware:
     the handler table once does the same job at no per-call dispatch cost.
     """
 
-    def __init__(self, in_flight: InFlightCalls | None = None, observer: RpcObserver | None = None) -> None:
+    def __init__(
+        self,
+        in_flight: InFlightCalls | None = None,
+        observer: RpcObserver | None = None,
+        limits: RpcLimits | None = None,
+    ) -> None:
         self.in_flight = in_flight or InFlightCalls()
         self._observer: RpcObserver = observer or NullRpcObserver()
+        self.limits = limits or RpcLimits()
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler, *, per_item: bool = False) -> grpc.RpcMethodHandler:
+        """`per_item`: the request is a batch (an `items` field), charged one quota token per item."""
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),
+            self._wrap(method, handler.unary_unary, per_item),
             request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
@@ -141,6 +176,7 @@ class RpcMiddleware:
         """The unary wrapper's duties for a bidirectional stream; the log line is written when it ends."""
         in_flight = self.in_flight
         observer = self._observer
+        limits = self.limits
 
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             in_flight.enter()
@@ -148,16 +184,21 @@ class RpcMiddleware:
             request_id = _request_id(context)
             code = grpc.StatusCode.OK
             first: list[Any] = []
+            slot_taken = False
+            idle_limited = IdleLimitedRequests(requests, limits.stream_idle_timeout_s)
 
             def checked() -> Iterator[Any]:
-                for request in requests:
+                for request in idle_limited:
                     if request is _MALFORMED:
                         raise InvalidArgument("request", "a stream message is not a valid protobuf message")
                     if not first:
                         first.append(request)
+                        limits.quotas.charge(getattr(request, "tenant_id", ""))
                     yield request
 
             try:
+                limits.streams.take()
+                slot_taken = True
                 deadline = enter_call(context.time_remaining())
                 try:
                     yield from behaviour(checked(), context)
@@ -167,10 +208,19 @@ class RpcMiddleware:
             except CryptoServiceError as error:
                 code, status = _failure(error, request_id, observer)
                 context.abort_with_status(status)
+            except grpc.RpcError:
+                # Reading the next message failed: the caller cancelled, or its connection went away.
+                code = grpc.StatusCode.CANCELLED
             except Exception:
                 code, status = _bug(method, request_id)
                 context.abort_with_status(status)
             finally:
+                idle_limited.close()
+                if slot_taken:
+                    limits.streams.give_back()
+                if code is grpc.StatusCode.OK and not context.is_active():
+                    # grpc stopped taking responses (the caller cancelled or went away): not an OK.
+                    code = grpc.StatusCode.CANCELLED
                 in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)
                 if access_log.enabled():
@@ -186,10 +236,14 @@ class RpcMiddleware:
 
         return handle
 
-    def _wrap(self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[..., Any]:
+    def _wrap(
+        self, method: str, behaviour: Callable[[Any, grpc.ServicerContext], Any], per_item: bool
+    ) -> Callable[..., Any]:
         in_flight = self.in_flight
         observer = self._observer
         log_calls = access_log.enabled
+        charge = self.limits.quotas.charge
+        max_response_bytes = self.limits.max_response_bytes
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             in_flight.enter()
@@ -200,11 +254,16 @@ class RpcMiddleware:
             try:
                 if request is _MALFORMED:
                     raise InvalidArgument("request", "the request body is not a valid protobuf message")
+                charge(getattr(request, "tenant_id", ""), _cost(request) if per_item else 1)
                 deadline = enter_call(context.time_remaining())
                 try:
                     response = behaviour(request, context)
                 finally:
                     leave_call(deadline)
+                # grpc would refuse to send it (RESOURCE_EXHAUSTED) after this returns, unseen by the log line.
+                size = response.ByteSize()
+                if size > max_response_bytes:
+                    raise ResponseTooLarge(size, max_response_bytes)
                 # In the trailers, sent with the status: no extra round of the completion queue.
                 context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
                 return response
@@ -261,6 +320,7 @@ def add_service(
             request_deserializer=request_class.FromString,
             response_serializer=response_class.SerializeToString,
         )
-        handlers[method.name] = middleware.wrap(name, handler)
+        per_item = "items" in method.input_type.fields_by_name
+        handlers[method.name] = middleware.wrap(name, handler, per_item=per_item)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
     server.add_registered_method_handlers(service.full_name, handlers)

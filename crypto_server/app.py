@@ -28,6 +28,7 @@ from crypto_server.domain.key_integrity import (
 )
 from crypto_server.domain.key_wrap import make_root_key_check, root_key_matches
 from crypto_server.root_key import load_other_root_key, load_root_key
+from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.keyring import Keyring
@@ -194,11 +195,11 @@ def build_server(
     try:
         _check_root_key(store, root, other_root)
         authenticator = load_metadata_authenticator(store, (root, other_root) if other_root else (root,))
-        redis_client = redis_guard = None
+        redis_client = redis_guard = cached_store = None
         if settings.redis_url:
             redis_client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
             redis_guard = redis_cache.RedisGuard(on_failure=metrics.redis_errors.inc if metrics else None)
-            store = redis_cache.RedisCachedKeyStore(
+            store = cached_store = redis_cache.RedisCachedKeyStore(
                 store, redis_client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_guard
             )
         store = AuthenticatedKeyStore(
@@ -218,6 +219,16 @@ def build_server(
             background.append(invalidation)
         else:
             invalidation = LocalInvalidation(keyring)
+        # The bound that holds whatever Redis does: every server reads recent changes from the store.
+        poller = ChangePoller(
+            store,
+            keyring,
+            interval_s=settings.invalidation_interval_s,
+            margin_s=change_margin(settings.store_timeout_s).total_seconds(),
+            cache_fixes=[cached_store.drop_if_older] if cached_store is not None else [],
+        )
+        poller.start()
+        background.append(poller)
         lifecycle = KeyLifecycle(
             store,
             keyring,

@@ -52,6 +52,8 @@ class Settings:
     redis_url: str | None = field(default=None, repr=False)
     cache_ttl_s: float = 3600.0
     health_interval_s: float = 2.0
+    # How often each server asks the store which keys changed (the bound on missing another server's change).
+    invalidation_interval_s: float = 1.0
     reuse_port: bool = False
     metrics_port: int | None = None
     max_batch_items: int = 1000
@@ -218,4 +220,5 @@ class Settings:
                 "CRYPTO_MAX_SESSION_KEY_LIFETIME", defaults.max_session_key_lifetime_s, 60, 365 * 86400
             ),
             health_interval_s=number("CRYPTO_HEALTH_INTERVAL", defaults.health_interval_s, 0.1, 60),
+            invalidation_interval_s=number("CRYPTO_INVALIDATION_INTERVAL", defaults.invalidation_interval_s, 0.05, 60),
         )

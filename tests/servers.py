@@ -7,6 +7,7 @@ one-node replica set speaking the MongoDB wire protocol.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,36 @@ class ServerProcess:
             self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT)
         _wait_until(self._ready, self.name)
 
+    def _signal(self, signum: int) -> None:
+        assert self._process is not None and self._process.poll() is None, f"{self.name} is not running"
+        self._process.send_signal(signum)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process holds its sockets but answers nothing (a stall, not a crash)."""
+        self._signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Frozen inside the block, thawed after it whatever happens."""
+        self.freeze()
+        try:
+            yield
+        finally:
+            self.thaw()
+
+    def kill(self) -> None:
+        """SIGKILL, then reap: a crash (start() brings it back on the same port and data)."""
+        assert self._process is not None
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)  # a frozen process cannot act on SIGTERM
             self._process.terminate()
             try:
                 self._process.wait(timeout=10)

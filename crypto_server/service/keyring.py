@@ -172,6 +172,22 @@ class Keyring:
             for fill in self._fills.get(slot, ()):
                 fill.stale = True
 
+    def forget_unless_current(self, tenant_id: str, key_id: str, revision: int) -> None:
+        """Forget the key unless what is held is at `revision` or later (a change heard of twice)."""
+        with self._lock:
+            loaded = self._loaded.get((tenant_id, key_id))
+            if loaded is not None and loaded.key.revision >= revision:
+                return
+        self.forget(tenant_id, key_id)
+
+    def forget_tenant_unless_current(self, tenant_id: str, master_key_id: str, revision: int) -> None:
+        """Forget the tenant's keys after its master key changed, unless the master held is that revision."""
+        with self._lock:
+            loaded = self._loaded.get((tenant_id, master_key_id))
+            if loaded is not None and loaded.key.revision >= revision:
+                return
+        self.forget_tenant(tenant_id)
+
     def forget_tenant(self, tenant_id: str) -> None:
         with self._lock:
             for slot in [slot for slot in self._loaded if slot[0] == tenant_id]:

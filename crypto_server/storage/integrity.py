@@ -17,7 +17,7 @@ from datetime import datetime
 from crypto_server.domain.errors import KeyIntegrityError
 from crypto_server.domain.key_integrity import MetadataAuthenticator
 from crypto_server.domain.keys import Key, KeyVersion
-from crypto_server.storage.port import KeyCounts, KeyQuery, KeyStore
+from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class AuthenticatedKeyStore:
 
     def replace_meta(self, name: str, value: bytes) -> None:
         self._inner.replace_meta(name, value)
+
+    def changed_keys(self, since: datetime) -> list[KeyChange]:
+        return self._inner.changed_keys(since)
 
     def has_keys(self) -> bool:
         return self._inner.has_keys()

@@ -36,7 +36,7 @@ from crypto_server.call_deadline import time_left
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyCounts, KeyQuery
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery
 
 _ROOT_KEY_CHECK_ID = "root_key_check"
 
@@ -47,6 +47,11 @@ def _ms(duration: timedelta | None) -> int | None:
 
 def _duration(ms: int | None) -> timedelta | None:
     return None if ms is None else timedelta(milliseconds=ms)
+
+
+def _now() -> datetime:
+    # Bookkeeping for the change feed: real time, not the service's (injectable) clock.
+    return datetime.now(UTC)
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -84,6 +89,7 @@ class MongoKeyStore:
                 [("tenant_id", ASCENDING), ("created_at", ASCENDING), ("_id", ASCENDING)],
                 name="keys_by_tenant_created",
             )
+            self._keys.create_index([("changed_at", ASCENDING)], name="keys_by_change")
             self._versions.create_index(
                 [("key_id", ASCENDING), ("version", ASCENDING)], name="one_version_per_number", unique=True
             )
@@ -126,6 +132,7 @@ class MongoKeyStore:
             "revision": key.revision,
             "algorithm": key.algorithm.value,
             "integrity_tag": Binary(key.integrity_tag),
+            "changed_at": _now(),
             # The first version lives inside the key document, so that creating a key is one write.
             "versions": [MongoKeyStore._version_fields(v) for v in key.versions],
         }
@@ -270,6 +277,7 @@ class MongoKeyStore:
                         "primary_version": version.version,
                         "primary_expires_at": version.expires_at,
                         "integrity_tag": Binary(updated.integrity_tag),
+                        "changed_at": _now(),
                     },
                     "$inc": {"revision": 1},
                 },
@@ -281,7 +289,11 @@ class MongoKeyStore:
             changed = self._keys.update_one(
                 {"_id": updated.key_id, "tenant_id": updated.tenant_id, "revision": expected_revision},
                 {
-                    "$set": {"disabled": updated.disabled, "integrity_tag": Binary(updated.integrity_tag)},
+                    "$set": {
+                        "disabled": updated.disabled,
+                        "integrity_tag": Binary(updated.integrity_tag),
+                        "changed_at": _now(),
+                    },
                     "$inc": {"revision": 1},
                 },
             )
@@ -326,7 +338,7 @@ class MongoKeyStore:
                 # The whole array, only from the revision read: a concurrent change makes this a no-op.
                 changed = self._keys.update_one(
                     {"_id": key_id, "revision": document["revision"]},
-                    {"$set": {"versions": rewrapped}, "$inc": {"revision": 1}},
+                    {"$set": {"versions": rewrapped, "changed_at": _now()}, "$inc": {"revision": 1}},
                 ).matched_count
                 return changed == 1
             changed = self._versions.update_one(
@@ -334,7 +346,7 @@ class MongoKeyStore:
                 {"$set": {"wrapped_material": Binary(new)}},
             ).modified_count
             if changed:
-                self._keys.update_one({"_id": key_id}, {"$inc": {"revision": 1}})
+                self._keys.update_one({"_id": key_id}, {"$inc": {"revision": 1}, "$set": {"changed_at": _now()}})
             return changed == 1
 
     def get_meta(self, name: str) -> bytes | None:
@@ -353,6 +365,23 @@ class MongoKeyStore:
     def replace_meta(self, name: str, value: bytes) -> None:
         with self._bounded():
             self._meta.replace_one({"_id": name}, {"value": Binary(value)}, upsert=True)
+
+    def changed_keys(self, since: datetime) -> list[KeyChange]:
+        with self._bounded():
+            documents = self._keys.find(
+                {"changed_at": {"$gte": since}},
+                {"tenant_id": 1, "key_type": 1, "revision": 1, "changed_at": 1},
+            )
+            return [
+                KeyChange(
+                    doc["tenant_id"],
+                    doc["_id"],
+                    KeyType(doc["key_type"]),
+                    doc["revision"],
+                    doc["changed_at"].astimezone(UTC),
+                )
+                for doc in documents
+            ]
 
     def has_keys(self) -> bool:
         with self._bounded():

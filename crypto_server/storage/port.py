@@ -48,6 +48,17 @@ class KeyQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyChange:
+    """A key written at `changed_at` (the writer's wall clock), now at `revision`."""
+
+    tenant_id: str
+    key_id: str
+    key_type: KeyType
+    revision: int
+    changed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class KeyCounts:
     by_type_and_state: dict[tuple[KeyType, KeyState], int]
     tenants: int
@@ -92,6 +103,11 @@ class KeyStore(Protocol):
         ...
 
     def replace_meta(self, name: str, value: bytes) -> None: ...
+
+    def changed_keys(self, since: datetime) -> list[KeyChange]:
+        """Keys written at or after `since` (every write records when): how each server learns of changes
+        made by others, whatever happens to Redis. Cheap: an indexed range of a few recent keys."""
+        ...
 
     def has_keys(self) -> bool:
         """Whether the store holds any key (start-up refuses a keyed store whose checks are missing)."""

@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.keys import Key, KeyPolicy, KeyType, KeyVersion
-from crypto_server.storage.port import InvalidationListener, KeyCounts, KeyQuery, KeyStore
+from crypto_server.storage.port import InvalidationListener, KeyChange, KeyCounts, KeyQuery, KeyStore
 
 log = logging.getLogger(__name__)
 DEFAULT_DB_INDEX = 2
@@ -42,6 +42,14 @@ local current = redis.call('HGET', KEYS[1], 'revision')
 if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'revision', ARGV[1], 'key', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+# Delete the entry if it holds an older revision than the store's (a change this server heard of late).
+_DELETE_IF_OLDER = """
+local current = redis.call('HGET', KEYS[1], 'revision')
+if current and tonumber(current) < tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
@@ -201,6 +209,11 @@ class RedisCachedKeyStore:
         self._ttl_ms = int(ttl_s * 1000)
         self._guard = guard
         self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+        self._delete_if_older = client.register_script(_DELETE_IF_OLDER)
+        # Entries that may hold an older state than the store (a write could not update them): never read,
+        # deleted as soon as Redis answers again.
+        self._suspect: set[str] = set()
+        self._suspect_lock = threading.Lock()
 
     def _name(self, tenant_id: str, key_id: str) -> str:
         return f"{self._prefix}{tenant_id}:{key_id}"
@@ -213,17 +226,56 @@ class RedisCachedKeyStore:
             return True
 
         if not self._guard.call("put", put, False):
-            # Could not write the new state: at least try to drop the old one.
-            self._guard.call("delete", lambda: self._client.delete(name), 0)
+            self._distrust(name)
+
+    def _distrust(self, name: str) -> None:
+        """The entry may be older than the store: delete it now, or remember to before any read of Redis.
+        Not through the back-off: skipping this delete is how a stale entry would outlive the outage."""
+        try:
+            self._client.delete(name)
+        except RedisError as error:
+            self._guard.failed("delete", error)
+            with self._suspect_lock:
+                self._suspect.add(name)
+
+    def _trusted(self, name: str) -> bool:
+        """Whether Redis may be read for `name`: no entry is suspect, or the suspects could be deleted now."""
+        with self._suspect_lock:
+            if not self._suspect:
+                return True
+            suspects = list(self._suspect)
+
+        def delete() -> bool:
+            self._client.delete(*suspects)
+            return True
+
+        if not self._guard.call("delete", delete, False):
+            return name not in suspects
+        with self._suspect_lock:
+            self._suspect.difference_update(suspects)
+        return True
 
     def get_key(self, tenant_id: str, key_id: str) -> Key | None:
-        cached = self._guard.call("get", lambda: self._client.hget(self._name(tenant_id, key_id), "key"), None)
+        name = self._name(tenant_id, key_id)
+        cached = self._guard.call("get", lambda: self._client.hget(name, "key"), None) if self._trusted(name) else None
         if cached is not None:
             return _decode_key(cached)  # type: ignore[arg-type]
         key = self._inner.get_key(tenant_id, key_id)
         if key is not None:
             self._put(key)
         return key
+
+    def drop_if_older(self, change: KeyChange) -> bool:
+        """Delete the cached copy of a changed key if it predates the change; False when Redis cannot be
+        reached now (the caller tries again). Not subject to the back-off: a stale entry outlives it."""
+        name = self._name(change.tenant_id, change.key_id)
+        try:
+            self._delete_if_older(keys=[name], args=[change.revision])
+        except RedisError as error:
+            self._guard.failed("delete", error)
+            return False
+        self._guard.succeeded()
+        return True
 
     def _refresh(self, tenant_id: str, key_id: str) -> None:
         fresh = self._inner.get_key(tenant_id, key_id)
@@ -232,12 +284,15 @@ class RedisCachedKeyStore:
 
     def add_version(self, updated: Key, expected_revision: int) -> bool:
         if not self._inner.add_version(updated, expected_revision):
+            # The caller read an older revision than the store's, perhaps from here: never again.
+            self._distrust(self._name(updated.tenant_id, updated.key_id))
             return False
         self._refresh(updated.tenant_id, updated.key_id)
         return True
 
     def update_key(self, updated: Key, expected_revision: int) -> bool:
         if not self._inner.update_key(updated, expected_revision):
+            self._distrust(self._name(updated.tenant_id, updated.key_id))
             return False
         self._refresh(updated.tenant_id, updated.key_id)
         return True
@@ -253,6 +308,9 @@ class RedisCachedKeyStore:
 
     def replace_meta(self, name: str, value: bytes) -> None:
         self._inner.replace_meta(name, value)
+
+    def changed_keys(self, since: datetime) -> list[KeyChange]:
+        return self._inner.changed_keys(since)
 
     def has_keys(self) -> bool:
         return self._inner.has_keys()

@@ -13,6 +13,7 @@ import contextlib
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -22,7 +23,7 @@ from typing import Any
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyCounts, KeyQuery
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery
 from crypto_server.storage.private_files import ensure_private_directory, ensure_private_file, restrict_to_owner
 
 _SCHEMA = """
@@ -40,7 +41,9 @@ CREATE TABLE IF NOT EXISTS keys (
     parent_key_id      TEXT,
     revision           INTEGER NOT NULL DEFAULT 0,
     algorithm          TEXT NOT NULL DEFAULT 'AES_256_GCM',
-    integrity_tag      BLOB NOT NULL DEFAULT x''
+    integrity_tag      BLOB NOT NULL DEFAULT x'',
+    -- When the row was last written (the writer's wall clock): the change feed other processes poll.
+    changed_us         INTEGER NOT NULL DEFAULT 0
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_master_key_per_tenant ON keys (tenant_id) WHERE key_type = 'MASTER';
 CREATE INDEX IF NOT EXISTS keys_by_tenant_created ON keys (tenant_id, created_us, key_id);
@@ -65,12 +68,17 @@ _KEY_COLUMNS = (
     "labels, parent_key_id, revision, algorithm, integrity_tag"
 )
 # Columns added after the first release, with what an older file gets when it is opened.
-_ADDED_COLUMNS = {"integrity_tag": "BLOB NOT NULL DEFAULT x''"}
+_ADDED_COLUMNS = {"integrity_tag": "BLOB NOT NULL DEFAULT x''", "changed_us": "INTEGER NOT NULL DEFAULT 0"}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _to_us(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def _now_us() -> int:
+    # Bookkeeping for the change feed: real time, not the service's (injectable) clock.
+    return time.time_ns() // 1000
 
 
 def _from_us(us: int) -> datetime:
@@ -123,6 +131,7 @@ class SqliteKeyStore:
             if name not in present:
                 # Both names are this module's constants.
                 db.execute(f"ALTER TABLE keys ADD COLUMN {name} {definition}")
+        db.execute("CREATE INDEX IF NOT EXISTS keys_by_change ON keys (changed_us)")
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -298,8 +307,8 @@ class SqliteKeyStore:
                     raise DuplicateKeyId(key.key_id)
                 db.execute(
                     "INSERT INTO keys (key_id, tenant_id, key_type, disabled, primary_version, primary_expires_us, "
-                    "created_us, expire_after_us, rotation_period_us, labels, parent_key_id, algorithm, integrity_tag) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_us, expire_after_us, rotation_period_us, labels, parent_key_id, algorithm, integrity_tag, "
+                    "changed_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         key.key_id,
                         key.tenant_id,
@@ -314,6 +323,7 @@ class SqliteKeyStore:
                         key.parent_key_id,
                         key.algorithm.value,
                         key.integrity_tag,
+                        _now_us(),
                     ),
                 )
                 for version in key.versions:
@@ -337,17 +347,24 @@ class SqliteKeyStore:
                 return False  # that number or request id exists: another writer was first
             db.execute(
                 "UPDATE keys SET primary_version = ?, primary_expires_us = ?, integrity_tag = ?, "
-                "revision = revision + 1 WHERE key_id = ?",
-                (version.version, _opt_to_us(version.expires_at), updated.integrity_tag, updated.key_id),
+                "revision = revision + 1, changed_us = ? WHERE key_id = ?",
+                (version.version, _opt_to_us(version.expires_at), updated.integrity_tag, _now_us(), updated.key_id),
             )
             return True
 
     def update_key(self, updated: Key, expected_revision: int) -> bool:
         with self._write() as db:
             changed = db.execute(
-                "UPDATE keys SET disabled = ?, integrity_tag = ?, revision = revision + 1 "
+                "UPDATE keys SET disabled = ?, integrity_tag = ?, revision = revision + 1, changed_us = ? "
                 "WHERE key_id = ? AND tenant_id = ? AND revision = ?",
-                (int(updated.disabled), updated.integrity_tag, updated.key_id, updated.tenant_id, expected_revision),
+                (
+                    int(updated.disabled),
+                    updated.integrity_tag,
+                    _now_us(),
+                    updated.key_id,
+                    updated.tenant_id,
+                    expected_revision,
+                ),
             ).rowcount
         return changed == 1
 
@@ -368,6 +385,17 @@ class SqliteKeyStore:
     def replace_meta(self, name: str, value: bytes) -> None:
         with self._write() as db:
             db.execute("INSERT OR REPLACE INTO store_meta (name, value) VALUES (?, ?)", (name, value))
+
+    def changed_keys(self, since: datetime) -> list[KeyChange]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT tenant_id, key_id, key_type, revision, changed_us FROM keys WHERE changed_us >= ?",
+                (_to_us(since),),
+            ).fetchall()
+        return [
+            KeyChange(tenant, key_id, KeyType(kind), revision, _from_us(us))
+            for tenant, key_id, kind, revision, us in rows
+        ]
 
     def has_keys(self) -> bool:
         with self._read() as db:
@@ -396,7 +424,9 @@ class SqliteKeyStore:
                 (new, key_id, version, old, tenant_id),
             ).rowcount
             if changed:
-                db.execute("UPDATE keys SET revision = revision + 1 WHERE key_id = ?", (key_id,))
+                db.execute(
+                    "UPDATE keys SET revision = revision + 1, changed_us = ? WHERE key_id = ?", (_now_us(), key_id)
+                )
             return changed == 1
 
     def replace_root_key_check(self, check: bytes) -> None:

@@ -168,6 +168,7 @@ _BY_REASON: dict[str, type[CryptoClientError]] = {
     "ERROR_REASON_STREAM_IDLE": StreamIdleError,
     "ERROR_REASON_TENANT_QUOTA": QuotaExceededError,
     "ERROR_REASON_RESPONSE_TOO_LARGE": ResponseTooLargeError,
+    "ERROR_REASON_SHUTTING_DOWN": ServiceUnavailableError,
 }
 _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
@@ -178,6 +179,10 @@ _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.ABORTED: ConflictError,
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
+    # This client never cancels its own calls (a deadline is DEADLINE_EXCEEDED, a cancelled asyncio task
+    # raises CancelledError): a CANCELLED status comes from the server or the connection — a server that
+    # stopped while the call was on its way — so the call may be repeated, on another replica.
+    grpc.StatusCode.CANCELLED: ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DATA_LOSS: DataIntegrityError,

@@ -55,8 +55,11 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
         },
     )
     stop_requested.wait()
-    log.info("stopping", extra={"signal": received[0], "grace_s": settings.shutdown_grace_s})
-    running.stop(settings.shutdown_grace_s)
+    log.info(
+        "stopping",
+        extra={"signal": received[0], "drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s},
+    )
+    running.stop(settings.shutdown_grace_s, drain_s=settings.shutdown_drain_s)
     log.info("stopped")
     stop_logging()
     return 0

@@ -35,6 +35,7 @@ from crypto_server.service.keyring import Keyring
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.service.quotas import quotas_for
 from crypto_server.storage import redis_cache
+from crypto_server.storage.circuit import StoreCircuit
 from crypto_server.storage.integrity import AuthenticatedKeyStore
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
@@ -53,7 +54,9 @@ _CRYPTO_SERVICE_DESCRIPTOR = crypto_service_pb2.DESCRIPTOR.services_by_name["Cry
 KEY_SERVICE = _KEY_SERVICE_DESCRIPTOR.full_name
 CRYPTO_SERVICE = _CRYPTO_SERVICE_DESCRIPTOR.full_name
 HEALTH_SERVICES = ("", KEY_SERVICE, CRYPTO_SERVICE)
-_QUIET_BEFORE_STOP_S = 0.2
+# Before grpc stops: no call (not even a refused one) for this long, waited for at most _MAX_SETTLE_S.
+_QUIET_BEFORE_STOP_S = 0.05
+_MAX_SETTLE_S = 1.0
 # Redis is a cache: a call to it that takes longer than this is not worth waiting for.
 _REDIS_TIMEOUT_S = 0.25
 # HTTP/2 keepalive (docs/security.md, "Resource limits"): the server pings a connection idle for a minute
@@ -89,21 +92,31 @@ class CryptoServer:
     # Threads that serve the requests (cross-replica invalidation): stopped after the last call.
     background: list[_Stoppable] = field(default_factory=list)
 
-    def stop(self, grace_s: float) -> None:
-        """Stop within `grace_s` seconds, finishing the calls already sent.
+    def stop(self, grace_s: float, *, drain_s: float = 0.0) -> None:
+        """Stop after `drain_s` seconds of serving on, finishing calls in flight within `grace_s` more.
 
-        Health turns NOT_SERVING first, so balancers and clients watching it
-        stop sending. The server keeps serving until it has been quiet for a
-        moment (or the grace runs out): grpc cancels calls that reached the
-        server but had not started when it stops, so stopping at once would
-        fail calls that were already on their way. Whatever still runs when
-        the grace expires is cancelled.
+        1. Health turns NOT_SERVING at once, so balancers and health-checking clients stop sending.
+        2. For `drain_s` the server serves as usual (a balancer needs a moment to notice).
+        3. Then every new call is answered UNAVAILABLE (ERROR_REASON_SHUTTING_DOWN) at once — callers retry,
+           reaching another replica — while the calls in flight finish.
+        4. Once none is in flight and no call has arrived for a moment, grpc stops. Only calls still running
+           when the grace runs out are cancelled.
+
+        Why the wait for a quiet moment: grpc cancels (CANCELLED) calls that have reached the server but not
+        yet a handler when it stops; calls answered UNAVAILABLE by step 3 make well-behaved clients back off,
+        which gives that moment.
         """
-        deadline = time.monotonic() + grace_s
         self.health_monitor.stop()  # it must not turn a service back to SERVING
         self.health.enter_graceful_shutdown()
-        while time.monotonic() < deadline and self.in_flight.quiet_for() < _QUIET_BEFORE_STOP_S:
-            time.sleep(0.01)
+        if drain_s > 0:
+            time.sleep(drain_s)
+        deadline = time.monotonic() + grace_s
+        self.in_flight.refuse_new_calls()
+        while time.monotonic() < deadline and self.in_flight.count:
+            time.sleep(0.005)
+        settle_until = min(deadline, time.monotonic() + _MAX_SETTLE_S)
+        while time.monotonic() < settle_until and self.in_flight.quiet_for() < _QUIET_BEFORE_STOP_S:
+            time.sleep(0.005)
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
         for task in self.background:
             task.stop()
@@ -188,7 +201,11 @@ def build_server(
     root = AESGCM(load_root_key(settings))
     other_material = load_other_root_key(settings)
     other_root = AESGCM(other_material) if other_material else None
-    store, namespace = _open_store(settings)
+    raw_store, namespace = _open_store(settings)
+    # Fail fast while the database is down, and never let it hold more than its share of the workers.
+    store: KeyStore = StoreCircuit(
+        raw_store, max_concurrent=settings.store_call_limit, max_waiting=max(1, settings.workers // 4)
+    )
     background: list[_Stoppable] = []
     in_flight = InFlightCalls()
     metrics = Metrics(lambda: in_flight.count) if settings.metrics_port is not None else None

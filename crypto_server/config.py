@@ -69,6 +69,14 @@ class Settings:
     # Requests per second per tenant (batch items count one each); 0 turns quotas off.
     tenant_rate: float = DEFAULT_TENANT_RATE
     tenant_burst: int = DEFAULT_TENANT_BURST
+    # None: half the workers may wait on the key store at once; the rest stay free for cached keys and health.
+    store_concurrency: int | None = None
+    # After SIGTERM: seconds of serving on with health NOT_SERVING, so balancers stop sending first.
+    shutdown_drain_s: float = 0.0
+
+    @property
+    def store_call_limit(self) -> int:
+        return self.store_concurrency if self.store_concurrency is not None else max(1, self.workers // 2)
 
     @property
     def stream_limit(self) -> int:
@@ -169,6 +177,10 @@ class Settings:
         if env.get("CRYPTO_MAX_STREAMS", "").strip():
             # Streams hold a worker each: at least one worker must stay free for unary calls and health.
             max_streams = integer("CRYPTO_MAX_STREAMS", 1, 1, max(1, workers - 1))
+        store_concurrency = None
+        if env.get("CRYPTO_STORE_CONCURRENCY", "").strip():
+            # At least one worker must stay out of the store, for cached keys and health.
+            store_concurrency = integer("CRYPTO_STORE_CONCURRENCY", 1, 1, max(1, workers - 1))
         max_concurrent_rpcs = None
         if env.get("CRYPTO_MAX_CONCURRENT_RPCS", "").strip():
             max_concurrent_rpcs = integer("CRYPTO_MAX_CONCURRENT_RPCS", 1, workers, 1_000_000)
@@ -208,6 +220,8 @@ class Settings:
             max_batch_items=max_batch_items,
             max_batch_bytes=max_batch_bytes,
             max_streams=max_streams,
+            store_concurrency=store_concurrency,
+            shutdown_drain_s=number("CRYPTO_SHUTDOWN_DRAIN", defaults.shutdown_drain_s, 0, 600),
             stream_idle_timeout_s=number("CRYPTO_STREAM_IDLE_TIMEOUT", defaults.stream_idle_timeout_s, 0.01, 3600),
             max_concurrent_rpcs=max_concurrent_rpcs,
             max_connection_age_s=number("CRYPTO_MAX_CONNECTION_AGE", defaults.max_connection_age_s, 1, 30 * 86400),

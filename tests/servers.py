@@ -164,13 +164,18 @@ class CryptoServerProcess:
     port: int = 0
 
     @classmethod
-    def launch(cls, env: dict[str, str], *, module: str = "crypto_server") -> CryptoServerProcess:
+    def launch(
+        cls, env: dict[str, str], *, module: str = "crypto_server", uid: int | None = None
+    ) -> CryptoServerProcess:
+        """Start it (as user `uid`, when given: file permissions do not bind root)."""
         process = subprocess.Popen(
             [sys.executable, "-m", module],
             env={**os.environ, "CRYPTO_HOST": "127.0.0.1", "CRYPTO_PORT": "0", **env},
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            user=uid,
+            group=uid,
         )
         lines: list[str] = []
 

@@ -69,6 +69,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_RESPONSE_TOO_LARGE: _ErrorReason.ValueType  # 17
     """The response would exceed the message size limit; send less per call."""
+    ERROR_REASON_SHUTTING_DOWN: _ErrorReason.ValueType  # 19
+    """The server is shutting down and takes no new calls; retry, and a client
+    or balancer will reach another replica.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -124,4 +128,8 @@ allows; a google.rpc.RetryInfo detail says how long to wait.
 """
 ERROR_REASON_RESPONSE_TOO_LARGE: ErrorReason.ValueType  # 17
 """The response would exceed the message size limit; send less per call."""
+ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 19
+"""The server is shutting down and takes no new calls; retry, and a client
+or balancer will reach another replica.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

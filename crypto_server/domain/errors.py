@@ -80,6 +80,10 @@ class StoreUnavailable(CryptoServiceError):
     """The key store cannot be reached or did not answer in time."""
 
 
+class StoreWriteRefused(StoreUnavailable):
+    """The key store answers but cannot write now (full disk, read-only files, a busy lock): reads still work."""
+
+
 class KeyIntegrityError(CryptoServiceError):
     """A stored key does not unwrap: the store was altered or damaged. Never the caller's fault."""
 
@@ -139,3 +143,10 @@ class ResponseTooLarge(CryptoServiceError):
         super().__init__(
             f"the response would be {size} bytes, over the message limit of {limit}; send fewer or smaller items"
         )
+
+
+class ServerShuttingDown(CryptoServiceError):
+    """The server is stopping and takes no new calls; the caller retries, reaching another replica."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down and takes no new calls; retry (another replica will answer)")

@@ -426,8 +426,10 @@ class MongoKeyStore:
         return KeyCounts(counts, tenants)
 
     def ping(self) -> None:
+        # A write, not a ping: a database that answers but cannot write (read-only, no primary, disk full)
+        # must show in health, as every write fails.
         with self._bounded():
-            self._client.admin.command("ping")
+            self._meta.update_one({"_id": "health_probe"}, {"$set": {"at": _now()}}, upsert=True)
 
     def close(self) -> None:
         self._client.close()

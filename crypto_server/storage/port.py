@@ -130,7 +130,7 @@ class KeyStore(Protocol):
         ...
 
     def ping(self) -> None:
-        """Raise StoreUnavailable unless the store answers now (cheap; used by health checks)."""
+        """Raise StoreUnavailable unless the store answers and takes a small write now (cheap; for health)."""
         ...
 
     def key_counts(self, now: datetime) -> KeyCounts:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from crypto_server.domain.algorithms import Algorithm
-from crypto_server.domain.errors import StoreUnavailable
+from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
 from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery
 from crypto_server.storage.private_files import ensure_private_directory, ensure_private_file, restrict_to_owner
@@ -118,6 +118,10 @@ class SqliteKeyStore:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
+        # Bumped on every failure and on every recovery the health probe sees: a connection opened before
+        # is replaced on its next use (one opened while the file was read-only stays read-only for life).
+        self._generation = 0
+        self._probe_failing = False
         try:
             self._connection().executescript(_SCHEMA)
             self._add_missing_columns()
@@ -135,6 +139,9 @@ class SqliteKeyStore:
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None and getattr(self._local, "generation", 0) != self._generation:
+            self._discard_connection()
+            db = None
         if db is None:
             # isolation_level=None: autocommit, transactions only where we BEGIN them.
             db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
@@ -142,30 +149,51 @@ class SqliteKeyStore:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             self._local.db = db
+            self._local.generation = self._generation
             with self._connections_lock:
                 self._connections.append(db)
         return db
+
+    def _discard_connection(self) -> None:
+        """Forget this thread's connection after a failure: one opened while the file was read-only (or the
+        disk full) stays that way for its whole life, so the next call must open a new one."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            return
+        self._local.db = None
+        with self._connections_lock:
+            self._connections = [kept for kept in self._connections if kept is not db]
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
+
+    def _failed(self, error: sqlite3.OperationalError, *, writing: bool = False) -> StoreUnavailable:
+        self._generation += 1
+        self._discard_connection()
+        if writing:
+            return StoreWriteRefused(f"the embedded key store cannot write: {error}")
+        return StoreUnavailable(f"the embedded key store failed: {error}")
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         try:
             yield self._connection()
         except sqlite3.OperationalError as error:
-            raise StoreUnavailable(f"the embedded key store failed: {error}") from error
+            raise self._failed(error) from error
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        db = self._connection()
         try:
+            db = self._connection()
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
         except sqlite3.OperationalError as error:
-            raise StoreUnavailable(f"the embedded key store failed: {error}") from error
+            raise self._failed(error, writing=True) from error
 
     # -- reads -----------------------------------------------------------------
 
@@ -456,8 +484,25 @@ class SqliteKeyStore:
         return KeyCounts({(KeyType(kind), KeyState(state)): count for kind, state, count in rows}, tenants)
 
     def ping(self) -> None:
-        with self._read() as db:
-            db.execute("SELECT 1").fetchone()
+        # A write, not a read: a read-only file or a full disk must show in health, as every write fails.
+        # On a connection of its own, opened afresh: a connection opened earlier keeps the access it had then.
+        try:
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
+        except sqlite3.OperationalError as error:
+            raise StoreUnavailable(f"the embedded key store failed: {error}") from error
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT OR REPLACE INTO store_meta (name, value) VALUES ('health_probe', ?)", (b"\x01",))
+            db.execute("COMMIT")
+        except sqlite3.OperationalError as error:
+            self._probe_failing = True
+            raise StoreWriteRefused(f"the embedded key store cannot write: {error}") from error
+        finally:
+            db.close()
+        if self._probe_failing:
+            # Writable again: connections opened during the failure may be read-only or broken; renew them all.
+            self._probe_failing = False
+            self._generation += 1
 
     def close(self) -> None:
         with self._connections_lock:

@@ -30,7 +30,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from crypto_server.call_deadline import enter_call, leave_call
-from crypto_server.domain.errors import CryptoServiceError, InvalidArgument, ResponseTooLarge
+from crypto_server.domain.errors import CryptoServiceError, InvalidArgument, ResponseTooLarge, ServerShuttingDown
 from crypto_server.service.quotas import NoQuotas, Quotas
 from crypto_server.transport import access_log
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
@@ -82,16 +82,27 @@ def _text_field(request: object, name: str) -> str:
 
 
 class InFlightCalls:
-    """How many RPCs are running, and when the last one finished."""
+    """How many RPCs are running, when the last one finished, and whether new ones are still taken."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._count = 0
         self._last_finished = time.monotonic()
+        self._refusing = False
 
-    def enter(self) -> None:
+    def enter(self) -> bool:
+        """Count a call in; False when the server is shutting down (the call is then refused, not counted)."""
         with self._lock:
+            if self._refusing:
+                self._last_finished = time.monotonic()
+                return False
             self._count += 1
+            return True
+
+    def refuse_new_calls(self) -> None:
+        """From now on every new call is answered UNAVAILABLE at once (the server is about to stop)."""
+        with self._lock:
+            self._refusing = True
 
     def leave(self) -> None:
         with self._lock:
@@ -179,7 +190,7 @@ class RpcMiddleware:
         limits = self.limits
 
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-            in_flight.enter()
+            entered = in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
             code = grpc.StatusCode.OK
@@ -197,6 +208,8 @@ class RpcMiddleware:
                     yield request
 
             try:
+                if not entered:
+                    raise ServerShuttingDown()
                 limits.streams.take()
                 slot_taken = True
                 deadline = enter_call(context.time_remaining())
@@ -221,7 +234,8 @@ class RpcMiddleware:
                 if code is grpc.StatusCode.OK and not context.is_active():
                     # grpc stopped taking responses (the caller cancelled or went away): not an OK.
                     code = grpc.StatusCode.CANCELLED
-                in_flight.leave()
+                if entered:
+                    in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)
                 if access_log.enabled():
                     opening = first[0] if first else None
@@ -246,12 +260,14 @@ class RpcMiddleware:
         max_response_bytes = self.limits.max_response_bytes
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
-            in_flight.enter()
+            entered = in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
             code = grpc.StatusCode.OK
             response = None
             try:
+                if not entered:
+                    raise ServerShuttingDown()
                 if request is _MALFORMED:
                     raise InvalidArgument("request", "the request body is not a valid protobuf message")
                 charge(getattr(request, "tenant_id", ""), _cost(request) if per_item else 1)
@@ -274,7 +290,8 @@ class RpcMiddleware:
                 code, status = _bug(method, request_id)
                 context.abort_with_status(status)
             finally:
-                in_flight.leave()
+                if entered:
+                    in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)
                 if log_calls():
                     access_log.record(

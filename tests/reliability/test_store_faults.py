@@ -1,0 +1,201 @@
+"""The key store stalls, fills up or turns read-only; the service keeps its promises (issue 10, defects 5 and 8).
+
+- A frozen MongoDB (SIGSTOP) under a storm of key-management calls: store-bound calls fail UNAVAILABLE fast,
+  cached Encrypt/Decrypt and health keep answering, and everything recovers without a restart.
+- The embedded store on a full disk (a small tmpfs) and on read-only files: KeyService health says so, and
+  the store's connections recover by themselves once the disk is writable again.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.v1 import resources_pb2
+from crypto_server.storage.sqlite import SqliteKeyStore
+from tests.conftest import Launch
+from tests.reliability.conftest import Replica, StartReplicas, within
+from tests.servers import MongoServer
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+KEY_SERVICE = "caas.crypto.v1.KeyService"
+
+
+def _health(replica: Replica, service: str = "", timeout_s: float = 1.0) -> int:
+    stub = health_pb2_grpc.HealthStub(replica.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s).status
+
+
+def _create(replica: Replica, timeout_s: float = 10.0) -> str:
+    request = key_pb.CreateKeyRequest(tenant_id="acme", key_type=resources_pb2.KEY_TYPE_DATA)
+    return replica.keys.CreateKey(request, timeout=timeout_s).key.key_id
+
+
+def test_a_frozen_database_costs_key_management_milliseconds_and_crypto_nothing(
+    start_replicas: StartReplicas, own_mongo: MongoServer
+) -> None:
+    (replica,) = start_replicas(1, CRYPTO_HEALTH_INTERVAL="0.5")
+    key_id = _create(replica)
+    sealed = replica.encrypt(key_id).ciphertext
+    stop = threading.Event()
+    create_outcomes: list[tuple[str, float]] = []
+    crypto_failures: list[str] = []
+    crypto_pairs = 0
+    health_failures: list[str] = []
+
+    def create_storm() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                _create(replica)
+                outcome = "OK"
+            except grpc.RpcError as error:
+                outcome = error.code().name
+            create_outcomes.append((outcome, time.monotonic() - started))
+
+    def crypto_load() -> None:
+        nonlocal crypto_pairs
+        while not stop.is_set():
+            try:
+                replica.encrypt(key_id)
+                replica.crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=sealed), timeout=5)
+                crypto_pairs += 1
+            except grpc.RpcError as error:
+                crypto_failures.append(error.code().name)
+
+    def health_probe() -> None:
+        while not stop.is_set():
+            try:
+                _health(replica, timeout_s=1.0)  # Kubernetes' default probe timeout
+            except grpc.RpcError as error:
+                health_failures.append(error.code().name)
+            time.sleep(0.1)
+
+    with own_mongo.frozen(), ThreadPoolExecutor(20) as pool:
+        workers = [pool.submit(create_storm) for _ in range(16)]
+        workers += [pool.submit(crypto_load) for _ in range(2)]
+        workers.append(pool.submit(health_probe))
+        time.sleep(8)  # a real outage, longer than the store timeout (5 s)
+        stop.set()
+        for worker in workers:
+            worker.result()
+
+    assert not health_failures, f"health must answer whatever the load: {Counter(health_failures)}"
+    assert not crypto_failures, f"cached keys keep working: {Counter(crypto_failures)}"
+    assert crypto_pairs >= 200, f"cached Encrypt/Decrypt kept their pace ({crypto_pairs} pairs in 8 s)"
+    codes = Counter(code for code, _ in create_outcomes)
+    assert set(codes) == {"UNAVAILABLE"}, f"UNAVAILABLE, never DEADLINE_EXCEEDED: {codes}"
+    late = sorted(took for _, took in create_outcomes[len(create_outcomes) // 2 :])
+    assert late[len(late) // 2] < 0.5, "once the store is known down, calls fail in milliseconds"
+    # Recovery without a restart.
+    within(15.0, lambda: _health(replica, KEY_SERVICE) == SERVING, step_s=0.1)
+    assert _create(replica)
+
+
+@pytest.fixture
+def small_disk() -> Iterator[Path]:
+    """A 4 MiB tmpfs to fill up (a real ENOSPC)."""
+    mount_point = Path(tempfile.mkdtemp(prefix="caas-disk-"))
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)], capture_output=True, check=False
+    )
+    if mounted.returncode != 0:
+        mount_point.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    mount_point.rmdir()
+
+
+def _fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def _embedded_replica(launch: Launch, data_dir: Path) -> Replica:
+    env = {
+        "CRYPTO_DATA_DIR": str(data_dir),
+        "CRYPTO_ROOT_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "CRYPTO_HEALTH_INTERVAL": "0.2",
+    }
+    return Replica(launch(**env))
+
+
+def test_a_full_disk_shows_in_health_and_writes_recover_when_space_returns(launch: Launch, small_disk: Path) -> None:
+    replica = _embedded_replica(launch, small_disk / "data")
+    key_id = _create(replica)
+    filler = _fill(small_disk)
+    try:
+        within(5.0, lambda: _health(replica, KEY_SERVICE) == NOT_SERVING, step_s=0.05)
+        assert _health(replica) == SERVING, "the server as a whole stays in the balancer: cached keys work"
+        assert replica.encrypt(key_id).key_version == 1
+        with pytest.raises(grpc.RpcError) as refused:
+            _create(replica)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        filler.unlink()
+    within(5.0, lambda: _health(replica, KEY_SERVICE) == SERVING, step_s=0.05)
+    with ThreadPoolExecutor(8) as pool:
+        created = list(pool.map(lambda _: _attempt(replica), range(48)))
+    assert Counter(created) == {"OK": 48}, replica.process.lines[-80:]
+    replica.process.terminate()
+
+
+def _set_immutable(paths: list[Path], on: bool) -> None:
+    """chattr +i: even root cannot open the files for writing (file modes do not bind root), so a connection
+    opened meanwhile is read-only, as on a read-only volume."""
+    done = subprocess.run(["chattr", "+i" if on else "-i", *map(str, paths)], capture_output=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"chattr is not available here: {done.stderr.decode().strip()}")
+
+
+def test_connections_opened_while_the_store_was_read_only_recover_by_themselves(launch: Launch, tmp_path: Path) -> None:
+    data_dir = tmp_path / "ro-data"
+    replica = _embedded_replica(launch, data_dir)
+    _create(replica)
+    # Not the -shm file: SQLite maps it into memory, and a write fault there is a SIGBUS, not an error.
+    files = [data_dir, *(data_dir / (SqliteKeyStore.FILE_NAME + suffix) for suffix in ("", "-wal"))]
+    _set_immutable(files, True)
+    try:
+        within(5.0, lambda: _health(replica, KEY_SERVICE) == NOT_SERVING, step_s=0.05)
+        # Many calls at once: worker threads that had no connection yet open one now, read-only.
+        with ThreadPoolExecutor(16) as pool:
+            during = list(pool.map(lambda _: _attempt(replica), range(48)))
+        assert "UNAVAILABLE" in during
+    finally:
+        _set_immutable(files, False)
+    within(5.0, lambda: _health(replica, KEY_SERVICE) == SERVING, step_s=0.05)
+    # As many at once as the store takes (CRYPTO_STORE_CONCURRENCY: half the workers): none may fail.
+    with ThreadPoolExecutor(8) as pool:
+        after = list(pool.map(lambda _: _attempt(replica), range(48)))
+    assert Counter(after) == {"OK": 48}, f"no connection stays read-only: {replica.process.lines[-60:]}"
+
+
+def _attempt(replica: Replica) -> str:
+    try:
+        _create(replica)
+    except grpc.RpcError as error:
+        return error.code().name
+    return "OK"

@@ -69,6 +69,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_RESPONSE_TOO_LARGE: _ErrorReason.ValueType  # 17
     """The response would exceed the message size limit; send less per call."""
+    ERROR_REASON_ROOT_KEY_UNAVAILABLE: _ErrorReason.ValueType  # 18
+    """The root key's HSM cannot be reached, so a key this server has not used
+    recently cannot be unwrapped; keys in use keep working. The call may be
+    retried.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -124,4 +129,9 @@ allows; a google.rpc.RetryInfo detail says how long to wait.
 """
 ERROR_REASON_RESPONSE_TOO_LARGE: ErrorReason.ValueType  # 17
 """The response would exceed the message size limit; send less per call."""
+ERROR_REASON_ROOT_KEY_UNAVAILABLE: ErrorReason.ValueType  # 18
+"""The root key's HSM cannot be reached, so a key this server has not used
+recently cannot be unwrapped; keys in use keep working. The call may be
+retried.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -31,6 +31,7 @@ TARGETS = (
     ("streaming: encrypt >= 0.8 x echo stream MB/s", ("large_data", "largest_ratio_to_echo"), ">=", 0.8),
     ("large data: server RSS flat (+-50 MiB)", ("large_data", "rss_growth_mib"), "<=", 50.0),
     ("2 processes >= 1.5 x 1 process", ("scale_out", "ratio"), ">=", 1.5),
+    ("HSM root: warm keys within 10% of file root", ("cold_tenants", "hsm_to_file_warm_ratio"), ">=", 0.90),
 )
 
 
@@ -91,6 +92,8 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
                 results["unary"]["mongo_redis"]["16"]["encrypt"]["rps"]["median"]
                 / results["unary"]["embedded"]["16"]["encrypt"]["rps"]["median"]
             )
+            log("cold tenants after a restart, file vs HSM root key")
+            results["cold_tenants"] = scenarios.cold_tenants(backends, phases)
             log("large data")
             with scenarios.bench_server(backends.env("embedded", "large")) as servers:
                 results["large_data"] = scenarios.large_data(servers, phases)
@@ -123,6 +126,15 @@ def table(results: dict[str, Any]) -> str:
     row("python client: encrypt @16 rps", check["encrypt_rps"])
     for backend, cold in results["cold_path"].items():
         row(f"{backend} cold path (keys/s)", cold["keys_per_s"])
+    for root in ("file", "hsm"):
+        figures = results["cold_tenants"][root]
+        if "cold_keys_per_s" in figures:
+            row(f"{root} root: cold tenants after restart (keys/s)", figures["cold_keys_per_s"])
+            row(f"{root} root: the same keys warm (keys/s)", figures["warm_keys_per_s"])
+    for phase in ("cold", "warm"):
+        ratio = results["cold_tenants"].get(f"hsm_to_file_{phase}_ratio")
+        if ratio is not None:
+            lines.append(f"{'HSM / file root, ' + phase + ' tenants':<44} {ratio:>12.2f}")
     for backend, management in results["key_management"].items():
         row(f"{backend} CreateKey/s", management["create_per_s"])
         row(f"{backend} RotateKey/s", management["rotate_per_s"])

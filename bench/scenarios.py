@@ -26,7 +26,8 @@ from bench.echo_server import ECHO_METHOD, ECHO_STREAM_METHOD
 from crypto_client import CryptoClient, KeyType
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
-from tests.servers import CryptoServerProcess, MongoServer, RedisServer, free_port
+from crypto_client.v1 import key_service_pb2_grpc, resources_pb2
+from tests.servers import CryptoServerProcess, MongoServer, RedisServer, SoftHsm, find_softhsm_library, free_port
 
 ENCRYPT = "/caas.crypto.v1.CryptoService/Encrypt"
 DECRYPT = "/caas.crypto.v1.CryptoService/Decrypt"
@@ -43,13 +44,14 @@ class Phases:
     unary_requests: int  # per run, at 16 and 64 in flight
     single_requests: int  # per run, at 1 in flight
     cold_keys: int
+    cold_tenants: int  # tenants whose first use after a restart is measured, per root key provider
     large_sizes_mib: tuple[int, int]
     key_management_ops: int
     backends_in_flight: tuple[int, ...]  # in-flight levels measured on MongoDB + Redis too
 
 
-FULL = Phases(3, 6000, 1500, 1000, (16, 256), 300, (1, 16, 64))
-QUICK = Phases(3, 800, 250, 150, (16, 32), 40, (16,))
+FULL = Phases(3, 6000, 1500, 1000, 1000, (16, 256), 300, (1, 16, 64))
+QUICK = Phases(3, 800, 250, 150, 100, (16, 32), 40, (16,))
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -72,6 +74,7 @@ class Backends:
         self._scratch = scratch
         self._mongo: MongoServer | None = None
         self._redis: RedisServer | None = None
+        self._hsm: SoftHsm | None = None
         self.root_key = base64.b64encode(os.urandom(32)).decode()
 
     def env(self, backend: str, name: str) -> dict[str, str]:
@@ -92,6 +95,21 @@ class Backends:
                 self._mongo.start()
             env.update(MONGODB_URI=self._mongo.uri, MONGODB_DATABASE=f"bench_{name}")
         return env
+
+    def root_env(self, root: str, name: str) -> dict[str, str] | None:
+        """The embedded store with the root key from a variable ("file") or a SoftHSM2 token ("hsm"); None when
+        SoftHSM2 is not installed."""
+        env = self.env("embedded", name)
+        if root == "file":
+            return env
+        library = find_softhsm_library()
+        if library is None:
+            return None
+        if self._hsm is None:
+            self._hsm = SoftHsm.create(self._scratch / "softhsm", library)
+            self._hsm.init_key(SoftHsm.ROOT_LABEL)
+        del env["CRYPTO_ROOT_KEY"]
+        return {**env, **self._hsm.env()}
 
     def stop(self) -> None:
         for server in (self._mongo, self._redis):
@@ -202,6 +220,55 @@ def cold_path(address: str, phases: Phases) -> dict[str, Any]:
         return pyload.run_calls([first_use(k) for k in key_ids], address, in_flight=16)
 
     return {"keys_per_s": repeat(phases.repetitions, measure), "keys_per_run": phases.cold_keys}
+
+
+def _first_encrypts(tenants: list[tuple[str, str]]) -> list[Callable[[grpc.aio.Channel], Any]]:
+    def first_use(tenant: str, key_id: str) -> Callable[[grpc.aio.Channel], Any]:
+        request = crypto_pb.EncryptRequest(tenant_id=tenant, key_id=key_id, plaintext=b"first use").SerializeToString()
+
+        async def call(channel: grpc.aio.Channel) -> object:
+            stub = channel.unary_unary(ENCRYPT, request_serializer=None, response_deserializer=None)
+            return await stub(request, timeout=30)
+
+        return call
+
+    return [first_use(tenant, key_id) for tenant, key_id in tenants]
+
+
+def cold_tenants(backends: Backends, phases: Phases) -> dict[str, Any]:
+    """Scenario 3b: after a restart, the first Encrypt with a key of each of many tenants (each needs its master
+    key unwrapped under the root key), with the root key from a file and in an HSM (SoftHSM2); then the same
+    calls again, warm. keys/s, and the HSM's figure as a ratio to the file's."""
+    results: dict[str, Any] = {}
+    for root in ("file", "hsm"):
+        env = backends.root_env(root, f"cold-tenants-{root}")
+        if env is None:
+            results[root] = {"skipped": "SoftHSM2 is not installed (apt-get install softhsm2)"}
+            continue
+        with bench_server(env) as (server,), grpc.insecure_channel(server.address) as channel:
+            keys = key_service_pb2_grpc.KeyServiceStub(channel)
+            tenants = [
+                (
+                    tenant,
+                    keys.CreateKey(
+                        key_pb.CreateKeyRequest(tenant_id=tenant, key_type=resources_pb2.KEY_TYPE_DATA)
+                    ).key.key_id,
+                )
+                for tenant in (f"cold-{n}" for n in range(phases.cold_tenants))
+            ]
+        cold: list[float] = []
+        warm: list[float] = []
+        for _ in range(phases.repetitions):
+            with bench_server(env) as (server,):  # a restart: nothing unwrapped in memory
+                cold.append(pyload.run_calls(_first_encrypts(tenants), server.address, in_flight=16))
+                warm.append(pyload.run_calls(_first_encrypts(tenants), server.address, in_flight=16))
+        results[root] = {"cold_keys_per_s": summary(cold), "warm_keys_per_s": summary(warm), "tenants": len(tenants)}
+    if "cold_keys_per_s" in results["hsm"]:
+        for phase in ("cold", "warm"):
+            results[f"hsm_to_file_{phase}_ratio"] = (
+                results["hsm"][f"{phase}_keys_per_s"]["median"] / results["file"][f"{phase}_keys_per_s"]["median"]
+            )
+    return results
 
 
 def key_management(address: str, phases: Phases) -> dict[str, Any]:

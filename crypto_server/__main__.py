@@ -12,7 +12,7 @@ import grpc
 
 from crypto_server.app import build_server
 from crypto_server.config import ConfigError, Settings
-from crypto_server.domain.errors import StoreUnavailable
+from crypto_server.domain.errors import RootKeyUnavailable, StoreUnavailable
 from crypto_server.log_format import configure_logging, stop_logging
 
 log = logging.getLogger("crypto_server")
@@ -43,6 +43,9 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
         running = build_server(settings, register=register)
     except (ConfigError, StoreUnavailable) as error:
         log.error("cannot start: %s", error)
+        return 2
+    except RootKeyUnavailable as error:
+        log.error("cannot start: %s (%s)", error, error.detail)
         return 2
     log.info(
         "serving",

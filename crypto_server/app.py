@@ -12,7 +12,6 @@ from datetime import timedelta
 from typing import Protocol
 
 import grpc
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -26,8 +25,8 @@ from crypto_server.domain.key_integrity import (
     unwrap_metadata_key,
     wrap_metadata_key,
 )
-from crypto_server.domain.key_wrap import make_root_key_check, root_key_matches
-from crypto_server.root_key import load_other_root_key, load_root_key
+from crypto_server.domain.key_wrap import WrappingKey, make_root_key_check, root_key_matches
+from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
 from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
@@ -118,14 +117,14 @@ class CryptoServer:
         while time.monotonic() < settle_until and self.in_flight.quiet_for() < _QUIET_BEFORE_STOP_S:
             time.sleep(0.005)
         self.server.stop(max(0.0, deadline - time.monotonic())).wait()
-        for task in self.background:
+        for task in reversed(self.background):  # the root keys, first in, go last
             task.stop()
         if self.metrics is not None:
             self.metrics.stop()
         self.store.close()
 
 
-def _check_root_key(store: KeyStore, root: AESGCM, other: AESGCM | None) -> None:
+def _check_root_key(store: KeyStore, root: RootKey, other: RootKey | None) -> None:
     check = store.get_root_key_check()
     if check is None:
         if store.has_keys():
@@ -138,15 +137,19 @@ def _check_root_key(store: KeyStore, root: AESGCM, other: AESGCM | None) -> None
     if root_key_matches(root, check):
         return
     if other is not None and root_key_matches(other, check):
-        log.warning("root key rotation in progress: run crypto-rewrap-root, then drop CRYPTO_OTHER_ROOT_KEY_FILE")
+        log.warning(
+            "root key rotation in progress: run crypto-rewrap-root, then drop CRYPTO_OTHER_ROOT_KEY_FILE "
+            "(or CRYPTO_PKCS11_OTHER_KEY_LABEL)"
+        )
         return
     raise ConfigError(
-        "the configured root key is not the one that wrapped the keys in this store; "
-        "refusing to start (check CRYPTO_ROOT_KEY / CRYPTO_ROOT_KEY_FILE)"
+        "the configured root key is not the one that wrapped the keys in this store "
+        f"({root.source}, fingerprint {root.fingerprint}); refusing to start (check CRYPTO_ROOT_KEY / "
+        "CRYPTO_ROOT_KEY_FILE, or the CRYPTO_PKCS11_* settings)"
     )
 
 
-def load_metadata_authenticator(store: KeyStore, roots: tuple[AESGCM, ...]) -> MetadataAuthenticator:
+def load_metadata_authenticator(store: KeyStore, roots: tuple[WrappingKey, ...]) -> MetadataAuthenticator:
     """The authenticator of key metadata, its key created (wrapped under the root key) on a new store."""
     wrapped = store.get_meta(METADATA_KEY_RECORD)
     if wrapped is None:
@@ -198,15 +201,15 @@ def build_server(
     `register` adds further services before the server starts.
     """
     clock = clock or SystemClock()
-    root = AESGCM(load_root_key(settings))
-    other_material = load_other_root_key(settings)
-    other_root = AESGCM(other_material) if other_material else None
+    root = load_root_key(settings)
+    other_root = load_other_root_key(settings)
     raw_store, namespace = _open_store(settings)
     # Fail fast while the database is down, and never let it hold more than its share of the workers.
     store: KeyStore = StoreCircuit(
         raw_store, max_concurrent=settings.store_call_limit, max_waiting=max(1, settings.workers // 4)
     )
-    background: list[_Stoppable] = []
+    # Root keys let go of their HSM sessions last, after the last call.
+    background: list[_Stoppable] = [root] if other_root is None else [root, other_root]
     in_flight = InFlightCalls()
     metrics = Metrics(lambda: in_flight.count) if settings.metrics_port is not None else None
     try:
@@ -305,6 +308,7 @@ def build_server(
         metrics_port = None
         if metrics is not None and settings.metrics_port is not None:
             metrics.watch_state(keyring, store, clock)
+            metrics.watch_root_keys(root, other_root)
             metrics_port = metrics.serve(settings.host, settings.metrics_port)
     except BaseException:
         for task in background:
@@ -313,7 +317,9 @@ def build_server(
         raise
     for name in HEALTH_SERVICES:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    monitor = StoreHealthMonitor(store, health_servicer, KEY_SERVICE, interval_s=settings.health_interval_s)
+    monitor = StoreHealthMonitor(
+        store, health_servicer, KEY_SERVICE, interval_s=settings.health_interval_s, root_key=root
+    )
     monitor.check_once()
     monitor.start()
     return CryptoServer(

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from crypto_server.service.crypto_operations import (
     BATCH_ITEM_RESPONSE_BYTES,
@@ -78,6 +79,26 @@ class Settings:
     def store_call_limit(self) -> int:
         return self.store_concurrency if self.store_concurrency is not None else max(1, self.workers // 2)
 
+    # Where the root key lives (CRYPTO_ROOT_KEY_PROVIDER): "file" (the variable, file or development key above)
+    # or "pkcs11", a key object in a PKCS#11 token that never leaves it (docs/operations.md, "The root key in an
+    # HSM"). The PIN is read from a file, never from a variable.
+    root_key_provider: str = "file"
+    pkcs11_library: Path | None = None
+    pkcs11_token_label: str | None = None
+    pkcs11_pin_file: Path | None = None
+    pkcs11_key_label: str | None = None
+    # Another root key in the same token, accepted for unwrapping only (as CRYPTO_OTHER_ROOT_KEY_FILE).
+    pkcs11_other_key_label: str | None = None
+
+    @property
+    def has_root_key(self) -> bool:
+        """Whether the root key is configured (not a development key generated into the data directory)."""
+        return bool(self.root_key or self.root_key_file or self.root_key_provider == "pkcs11")
+
+    @property
+    def has_other_root_key(self) -> bool:
+        return self.other_root_key_file is not None or self.pkcs11_other_key_label is not None
+
     @property
     def stream_limit(self) -> int:
         return self.max_streams if self.max_streams is not None else default_max_streams(self.workers)
@@ -146,11 +167,18 @@ class Settings:
             raise ConfigError("set CRYPTO_ROOT_KEY or CRYPTO_ROOT_KEY_FILE, not both")
         mongodb_uri = env.get("MONGODB_URI", "").strip() or None
         other_root_key_file = env.get("CRYPTO_OTHER_ROOT_KEY_FILE", "").strip() or None
-        if other_root_key_file and not (root_key or root_key_file):
+        hsm = _pkcs11_settings(env, root_key=root_key, root_key_file=root_key_file, other_file=other_root_key_file)
+        has_root_key = bool(root_key or root_key_file or hsm["root_key_provider"] == "pkcs11")
+        if other_root_key_file and not has_root_key:
             raise ConfigError("CRYPTO_OTHER_ROOT_KEY_FILE needs the root key set too (CRYPTO_ROOT_KEY_FILE)")
-        if mongodb_uri and not (root_key or root_key_file):
+        if hsm["pkcs11_other_key_label"] and not has_root_key:
+            raise ConfigError("CRYPTO_PKCS11_OTHER_KEY_LABEL needs the root key set too (CRYPTO_ROOT_KEY_FILE)")
+        if mongodb_uri and not has_root_key:
             # Every replica must share one root key; a generated one would differ per replica.
-            raise ConfigError("MONGODB_URI needs the root key: set CRYPTO_ROOT_KEY_FILE (or CRYPTO_ROOT_KEY)")
+            raise ConfigError(
+                "MONGODB_URI needs the root key: set CRYPTO_ROOT_KEY_FILE (or CRYPTO_ROOT_KEY, "
+                "or CRYPTO_ROOT_KEY_PROVIDER=pkcs11)"
+            )
         mongodb_database = text("MONGODB_DATABASE", defaults.mongodb_database)
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,63}", mongodb_database):
             raise ConfigError("MONGODB_DATABASE must be 1-63 characters of letters, digits, '_' or '-'")
@@ -235,4 +263,63 @@ class Settings:
             ),
             health_interval_s=number("CRYPTO_HEALTH_INTERVAL", defaults.health_interval_s, 0.1, 60),
             invalidation_interval_s=number("CRYPTO_INVALIDATION_INTERVAL", defaults.invalidation_interval_s, 0.05, 60),
+            **hsm,
         )
+
+
+def _pkcs11_settings(
+    env: Mapping[str, str], *, root_key: str | None, root_key_file: str | None, other_file: str | None
+) -> dict[str, Any]:
+    """The CRYPTO_ROOT_KEY_PROVIDER and CRYPTO_PKCS11_* settings, checked against the file root key's."""
+
+    def value(name: str) -> str | None:
+        return env.get(name, "").strip() or None
+
+    provider = (value("CRYPTO_ROOT_KEY_PROVIDER") or "file").lower()
+    if provider not in {"file", "pkcs11"}:
+        raise ConfigError(f"CRYPTO_ROOT_KEY_PROVIDER must be file or pkcs11, got {provider!r}")
+    library, token_label, pin_file = (
+        value("CRYPTO_PKCS11_LIBRARY"),
+        value("CRYPTO_PKCS11_TOKEN_LABEL"),
+        value("CRYPTO_PKCS11_PIN_FILE"),
+    )
+    key_label, other_key_label = value("CRYPTO_PKCS11_KEY_LABEL"), value("CRYPTO_PKCS11_OTHER_KEY_LABEL")
+    token_needed = []
+    if provider == "pkcs11":
+        if root_key or root_key_file:
+            raise ConfigError(
+                "CRYPTO_ROOT_KEY_PROVIDER=pkcs11 takes the root key from the HSM: unset CRYPTO_ROOT_KEY and "
+                "CRYPTO_ROOT_KEY_FILE (to move from a file root key to the HSM, set the file as "
+                "CRYPTO_OTHER_ROOT_KEY_FILE and run crypto-rewrap-root)"
+            )
+        token_needed.append("CRYPTO_ROOT_KEY_PROVIDER=pkcs11")
+        if key_label is None:
+            raise ConfigError("CRYPTO_ROOT_KEY_PROVIDER=pkcs11 needs CRYPTO_PKCS11_KEY_LABEL (the root key's label)")
+    elif key_label is not None:
+        raise ConfigError("CRYPTO_PKCS11_KEY_LABEL is only read with CRYPTO_ROOT_KEY_PROVIDER=pkcs11")
+    if other_key_label is not None:
+        if other_file is not None:
+            raise ConfigError("set CRYPTO_OTHER_ROOT_KEY_FILE or CRYPTO_PKCS11_OTHER_KEY_LABEL, not both")
+        if provider == "pkcs11" and other_key_label == key_label:
+            raise ConfigError("CRYPTO_PKCS11_OTHER_KEY_LABEL names the root key itself (CRYPTO_PKCS11_KEY_LABEL)")
+        token_needed.append("CRYPTO_PKCS11_OTHER_KEY_LABEL")
+    if token_needed:
+        missing = [
+            name
+            for name, setting in (
+                ("CRYPTO_PKCS11_LIBRARY", library),
+                ("CRYPTO_PKCS11_TOKEN_LABEL", token_label),
+                ("CRYPTO_PKCS11_PIN_FILE", pin_file),
+            )
+            if setting is None
+        ]
+        if missing:
+            raise ConfigError(f"{token_needed[0]} needs {', '.join(missing)}")
+    return {
+        "root_key_provider": provider,
+        "pkcs11_library": Path(library) if library else None,
+        "pkcs11_token_label": token_label,
+        "pkcs11_pin_file": Path(pin_file) if pin_file else None,
+        "pkcs11_key_label": key_label,
+        "pkcs11_other_key_label": other_key_label,
+    }

@@ -10,6 +10,10 @@ The procedure (docs/operations.md), with no downtime:
    its own.
 4. Roll out every replica with CRYPTO_ROOT_KEY_FILE=<new> only, and retire the old key.
 
+Either key may be in an HSM instead (docs/operations.md, "The root key in an HSM"): the new one with
+CRYPTO_ROOT_KEY_PROVIDER=pkcs11 and CRYPTO_PKCS11_KEY_LABEL, the old one with CRYPTO_PKCS11_OTHER_KEY_LABEL, so
+the same steps move a store from a file key into an HSM and back.
+
 Before it writes anything it proves that the old key is the store's root key (the store's check value opens
 under it), that the two keys differ, and that every stored secret opens under one of them; then it shows
 both keys' fingerprints (the replicas log theirs at start-up as "root key loaded") and needs `--yes` or a
@@ -27,20 +31,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from crypto_server.app import open_key_store
 from crypto_server.config import ConfigError, Settings
-from crypto_server.domain.errors import ConcurrentModification, KeyIntegrityError, StoreUnavailable
+from crypto_server.domain.errors import ConcurrentModification, KeyIntegrityError, RootKeyUnavailable, StoreUnavailable
 from crypto_server.domain.key_integrity import METADATA_KEY_RECORD, unwrap_metadata_key, wrap_metadata_key
 from crypto_server.domain.key_wrap import (
     UnwrapFailed,
     make_root_key_check,
-    root_key_fingerprint,
     root_key_matches,
     wrap_key,
 )
-from crypto_server.root_key import load_other_root_key, load_root_key
+from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
 from crypto_server.service.keyring import unwrap_version
 from crypto_server.storage.port import KeyStore
 
@@ -53,6 +54,9 @@ _EPILOG = """\
 environment:
   CRYPTO_ROOT_KEY_FILE        the NEW root key (the one every replica now wraps with)
   CRYPTO_OTHER_ROOT_KEY_FILE  the OLD root key (the one the store's check value names)
+  CRYPTO_ROOT_KEY_PROVIDER=pkcs11 with CRYPTO_PKCS11_KEY_LABEL: the NEW root key is in an HSM
+  CRYPTO_PKCS11_OTHER_KEY_LABEL: the OLD root key is in an HSM
+  (with either: CRYPTO_PKCS11_LIBRARY, CRYPTO_PKCS11_TOKEN_LABEL, CRYPTO_PKCS11_PIN_FILE)
   MONGODB_URI, MONGODB_DATABASE, REDIS_URL, CRYPTO_DATA_DIR: the store, as the replicas have them
 
 exit codes:
@@ -71,8 +75,8 @@ class Refused(Exception):
 
 @dataclass(frozen=True)
 class RootKeys:
-    old: AESGCM
-    new: AESGCM
+    old: RootKey
+    new: RootKey
 
 
 @dataclass(frozen=True)
@@ -160,15 +164,17 @@ def rewrap_stored_secrets(store: KeyStore, keys: RootKeys, *, write: bool) -> di
     return counts
 
 
-def verify_root_keys(store: KeyStore, old: bytes, new: bytes) -> RootKeys | None:
+def verify_root_keys(store: KeyStore, old: RootKey, new: RootKey) -> RootKeys | None:
     """The two keys, once proven safe to re-wrap from `old` to `new`; None when the store holds no keys at all.
 
     Raises Refused when `old` is not the store's root key (its check value does not open under it), when the
     keys are the same, or when the store holds keys but no check value to prove which key wrapped them.
     """
-    if hmac.compare_digest(old, new):
+    # Equal fingerprints: the same key (64 bits of a MAC under each key; two different keys collide with a
+    # chance of 2^-64). A file key and an HSM key are fingerprinted differently, and are different keys anyway.
+    if hmac.compare_digest(old.fingerprint, new.fingerprint):
         raise Refused("CRYPTO_OTHER_ROOT_KEY_FILE (old) and CRYPTO_ROOT_KEY_FILE (new) hold the same key")
-    keys = RootKeys(old=AESGCM(old), new=AESGCM(new))
+    keys = RootKeys(old=old, new=new)
     check = store.get_root_key_check()
     if check is None:
         if not store.has_keys():
@@ -177,7 +183,7 @@ def verify_root_keys(store: KeyStore, old: bytes, new: bytes) -> RootKeys | None
             "the store holds keys but no root key check value, so nothing proves which root key wrapped them; "
             "start one server on the old root key alone (it records the check value), then run this again"
         )
-    old_name, new_name = root_key_fingerprint(old), root_key_fingerprint(new)
+    old_name, new_name = old.fingerprint, new.fingerprint
     if root_key_matches(keys.old, check):
         return keys
     if root_key_matches(keys.new, check):
@@ -218,18 +224,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _report(counts: dict[str, SecretCount], old: bytes, new: bytes, *, dry_run: bool) -> str:
+def _report(counts: dict[str, SecretCount], old: RootKey, new: RootKey, *, dry_run: bool) -> str:
     return json.dumps(
         {
             "dry_run": dry_run,
-            "old_root_key": root_key_fingerprint(old),
-            "new_root_key": root_key_fingerprint(new),
+            "old_root_key": old.fingerprint,
+            "new_root_key": new.fingerprint,
             **{name: asdict(count) for name, count in counts.items()},
         }
     )
 
 
-def _run(store: KeyStore, old: bytes, new: bytes, *, dry_run: bool, yes: bool) -> int:
+def _run(store: KeyStore, old: RootKey, new: RootKey, *, dry_run: bool, yes: bool) -> int:
     keys = verify_root_keys(store, old, new)
     if keys is None:
         print(f"{PROGRAM}: the store holds no keys; nothing to re-wrap", file=sys.stderr)
@@ -241,16 +247,16 @@ def _run(store: KeyStore, old: bytes, new: bytes, *, dry_run: bool, yes: bool) -
         # a root key that is not this new one.
         raise Refused(
             f"{error.message}: if a replica wrapped it, the replicas use a root key that is not the new key "
-            f'{root_key_fingerprint(new)} (CRYPTO_ROOT_KEY_FILE); compare it with their "root key loaded" log line'
+            f'{new.fingerprint} (CRYPTO_ROOT_KEY_FILE); compare it with their "root key loaded" log line'
         ) from None
     if dry_run:
         print(_report(counts, old, new, dry_run=True))
         return EXIT_DONE
     to_rewrap = ", ".join(f"{count.rewrapped} {name}" for name, count in counts.items())
     summary = (
-        f"{PROGRAM}: re-wrap {to_rewrap} from root key {root_key_fingerprint(old)} to root key "
-        f'{root_key_fingerprint(new)}; the replicas must log "root key loaded" with fingerprint '
-        f"{root_key_fingerprint(new)}"
+        f"{PROGRAM}: re-wrap {to_rewrap} from root key {old.fingerprint} to root key "
+        f'{new.fingerprint}; the replicas must log "root key loaded" with fingerprint '
+        f"{new.fingerprint}"
     )
     if not any(count.already_rewrapped for count in counts.values()):
         summary += " (nothing in the store is wrapped under the new key yet, so only that log line can show it)"
@@ -271,24 +277,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if not settings.has_other_root_key:
+            raise ConfigError(
+                "set CRYPTO_OTHER_ROOT_KEY_FILE (or CRYPTO_PKCS11_OTHER_KEY_LABEL) to the old root key, "
+                "CRYPTO_ROOT_KEY_FILE (or CRYPTO_ROOT_KEY_PROVIDER=pkcs11) to the new one"
+            )
         old = load_other_root_key(settings)
-        if old is None:
-            raise ConfigError("set CRYPTO_OTHER_ROOT_KEY_FILE to the old root key, CRYPTO_ROOT_KEY_FILE to the new one")
+        assert old is not None, "the settings name another root key"
         new = load_root_key(settings)
         store = open_key_store(settings)
     except (ConfigError, StoreUnavailable) as error:
         print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except RootKeyUnavailable as error:
+        print(f"{PROGRAM}: {error.detail}", file=sys.stderr)
         return EXIT_REFUSED
     try:
         return _run(store, old, new, dry_run=arguments.dry_run, yes=arguments.yes)
     except Refused as refusal:
         print(f"{PROGRAM}: refused: {refusal}", file=sys.stderr)
         return EXIT_REFUSED
+    except RootKeyUnavailable as error:
+        print(f"{PROGRAM}: {error.message} ({error.detail}); what was re-wrapped stays valid", file=sys.stderr)
+        return EXIT_STOPPED
     except (KeyIntegrityError, ConcurrentModification, StoreUnavailable) as error:
         print(f"{PROGRAM}: {error.message}", file=sys.stderr)
         return EXIT_STOPPED
     finally:
         store.close()
+        old.stop()
+        new.stop()
 
 
 if __name__ == "__main__":

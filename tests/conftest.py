@@ -22,7 +22,14 @@ from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, reso
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_server.app import CryptoServer, build_server
 from crypto_server.config import Settings
-from tests.servers import CryptoServerProcess, MongoServer, RedisServer
+from tests.servers import (
+    SOFTHSM_LIBRARIES,
+    CryptoServerProcess,
+    MongoServer,
+    RedisServer,
+    SoftHsm,
+    find_softhsm_library,
+)
 
 
 class FakeClock:
@@ -113,14 +120,36 @@ def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoServ
     server.stop()
 
 
-BACKENDS = ["embedded", "mongo", "mongo+redis"]
+# The stores (and cache), with the root key from a file (the fixture `root_key`).
+FILE_ROOT_BACKENDS = ["embedded", "mongo", "mongo+redis"]
+# The same with the root key in a SoftHSM2 token (CRYPTO_ROOT_KEY_PROVIDER=pkcs11), on two of the stores.
+HSM_BACKENDS = ["embedded+hsm", "mongo+redis+hsm"]
+BACKENDS = FILE_ROOT_BACKENDS + HSM_BACKENDS
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """Which store (and cache) the server under test uses; every behaviour test runs on each."""
+    """Which store (and cache) the server under test uses, and where its root key is; every behaviour test
+    runs on each."""
     name: str = request.param
     return name
+
+
+@pytest.fixture(scope="session")
+def softhsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    """A SoftHSM2 token holding root keys labelled "root" and "root-2", made by crypto-init-hsm.
+
+    SoftHSM reads SOFTHSM2_CONF when this process first loads it, so the variable is set for the whole session
+    (and the servers it starts); every in-process test shares this one configuration.
+    """
+    library = find_softhsm_library()
+    if library is None:
+        pytest.skip(f"SoftHSM2 is not installed ({' or '.join(SOFTHSM_LIBRARIES)}): apt-get install softhsm2")
+    hsm = SoftHsm.create(tmp_path_factory.mktemp("softhsm"), library)
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    for label in (SoftHsm.ROOT_LABEL, SoftHsm.SECOND_LABEL):
+        hsm.init_key(label)
+    return hsm
 
 
 _database_numbers = itertools.count()
@@ -130,12 +159,16 @@ _database_numbers = itertools.count()
 def backend_settings(backend: str, request: pytest.FixtureRequest) -> dict[str, Any]:
     """Settings for `backend`: a fresh MongoDB database per test keeps collections small."""
     settings: dict[str, Any] = {}
-    if backend.startswith("mongo"):
+    parts = backend.split("+")
+    if "mongo" in parts:
         mongo: MongoServer = request.getfixturevalue("mongo_server")
         settings.update(mongodb_uri=mongo.uri, mongodb_database=f"test{os.getpid()}_{next(_database_numbers)}")
-    if backend.endswith("+redis"):
+    if "redis" in parts:
         redis_server: RedisServer = request.getfixturevalue("redis_server")
         settings.update(redis_url=redis_server.url)
+    if "hsm" in parts:
+        hsm: SoftHsm = request.getfixturevalue("softhsm")
+        settings.update(root_key=None, **hsm.settings())
     return settings
 
 

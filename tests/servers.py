@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pymongo
 import redis
@@ -225,3 +226,109 @@ class CryptoServerProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+
+
+# Where Debian, Fedora-style installs and Homebrew put SoftHSM2's PKCS#11 module.
+SOFTHSM_LIBRARIES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    "/usr/lib64/pkcs11/libsofthsm2.so",
+    "/usr/local/lib/softhsm/libsofthsm2.so",
+    "/opt/homebrew/lib/softhsm/libsofthsm2.so",
+)
+
+
+def find_softhsm_library() -> Path | None:
+    for candidate in SOFTHSM_LIBRARIES:
+        if Path(candidate).is_file() and shutil.which("softhsm2-util"):
+            return Path(candidate)
+    return None
+
+
+@dataclass
+class SoftHsm:
+    """A SoftHSM2 token in its own directory (SOFTHSM2_CONF names it), with a user PIN kept in a private file."""
+
+    TOKEN_LABEL: ClassVar[str] = "caas-test"
+    ROOT_LABEL: ClassVar[str] = "root"
+    SECOND_LABEL: ClassVar[str] = "root-2"
+    PIN: ClassVar[str] = "4242-test-pin"
+    SO_PIN: ClassVar[str] = "so-4242"
+
+    directory: Path
+    library: Path
+    conf: Path
+    pin_file: Path
+    token_label: str = TOKEN_LABEL
+
+    @classmethod
+    def create(cls, directory: Path, library: Path, token_label: str = TOKEN_LABEL) -> SoftHsm:
+        tokens = directory / "tokens"
+        tokens.mkdir(parents=True)
+        conf = directory / "softhsm2.conf"
+        conf.write_text(
+            f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n"
+        )
+        pin_file = directory / "pin"
+        fd = os.open(pin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(cls.PIN + "\n")
+        subprocess.run(
+            [
+                "softhsm2-util",
+                "--init-token",
+                "--free",
+                "--label",
+                token_label,
+                "--pin",
+                cls.PIN,
+                "--so-pin",
+                cls.SO_PIN,
+            ],
+            env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        return cls(directory, library, conf, pin_file, token_label)
+
+    def env(self, key_label: str = ROOT_LABEL) -> dict[str, str]:
+        """The server's variables for the root key `key_label` in this token."""
+        return {
+            "SOFTHSM2_CONF": str(self.conf),
+            "CRYPTO_ROOT_KEY_PROVIDER": "pkcs11",
+            "CRYPTO_PKCS11_LIBRARY": str(self.library),
+            "CRYPTO_PKCS11_TOKEN_LABEL": self.token_label,
+            "CRYPTO_PKCS11_PIN_FILE": str(self.pin_file),
+            "CRYPTO_PKCS11_KEY_LABEL": key_label,
+        }
+
+    def settings(self, key_label: str = ROOT_LABEL) -> dict[str, object]:
+        """The same as Settings fields."""
+        return {
+            "root_key_provider": "pkcs11",
+            "pkcs11_library": self.library,
+            "pkcs11_token_label": self.token_label,
+            "pkcs11_pin_file": self.pin_file,
+            "pkcs11_key_label": key_label,
+        }
+
+    def init_key(self, label: str) -> dict[str, object]:
+        """`crypto-init-hsm --label label`, in its own process; its JSON report."""
+        env = {name: value for name, value in os.environ.items() if not name.startswith("CRYPTO_")}
+        process = subprocess.run(
+            [sys.executable, "-m", "crypto_server.init_hsm", "--label", label],
+            env={**env, **self.env(label)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert process.returncode == 0, process.stderr
+        report: dict[str, object] = json.loads(process.stdout)
+        return report
+
+    def token_directory(self) -> Path:
+        """The directory SoftHSM keeps this token in (one per token, under the token directory)."""
+        (directory,) = [entry for entry in (self.directory / "tokens").iterdir() if entry.is_dir()]
+        return directory

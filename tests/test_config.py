@@ -68,3 +68,49 @@ def test_limits_that_could_never_be_met_are_refused() -> None:
     with pytest.raises(ConfigError, match="CRYPTO_MAX_BATCH_BYTES"):
         Settings.from_env({"CRYPTO_MAX_BATCH_ITEMS": "100000"})  # the answer could not fit one message
     assert Settings.from_env({"CRYPTO_TENANT_RATE": "0", "CRYPTO_TENANT_BURST": "1"}).tenant_rate == 0
+
+
+_HSM = {
+    "CRYPTO_ROOT_KEY_PROVIDER": "pkcs11",
+    "CRYPTO_PKCS11_LIBRARY": "/usr/lib/softhsm/libsofthsm2.so",
+    "CRYPTO_PKCS11_TOKEN_LABEL": "caas",
+    "CRYPTO_PKCS11_PIN_FILE": "/run/secrets/hsm_pin",
+    "CRYPTO_PKCS11_KEY_LABEL": "root-1",
+}
+
+
+def test_the_hsm_settings_are_read_as_documented() -> None:
+    settings = Settings.from_env({**_HSM, "MONGODB_URI": "mongodb://db"})
+    assert settings.root_key_provider == "pkcs11" and settings.has_root_key
+    assert (settings.pkcs11_library, settings.pkcs11_pin_file) == (
+        Path("/usr/lib/softhsm/libsofthsm2.so"),
+        Path("/run/secrets/hsm_pin"),
+    )
+    assert (settings.pkcs11_token_label, settings.pkcs11_key_label) == ("caas", "root-1")
+    assert Settings.from_env({}).root_key_provider == "file"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CRYPTO_ROOT_KEY_PROVIDER": "vault"}, "CRYPTO_ROOT_KEY_PROVIDER must be file or pkcs11"),
+        ({**_HSM, "CRYPTO_ROOT_KEY_FILE": "/k"}, "unset CRYPTO_ROOT_KEY and CRYPTO_ROOT_KEY_FILE"),
+        ({**_HSM, "CRYPTO_PKCS11_KEY_LABEL": ""}, "needs CRYPTO_PKCS11_KEY_LABEL"),
+        (
+            {**_HSM, "CRYPTO_PKCS11_PIN_FILE": "", "CRYPTO_PKCS11_LIBRARY": ""},
+            "needs CRYPTO_PKCS11_LIBRARY, CRYPTO_PKCS11_PIN_FILE",
+        ),
+        ({"CRYPTO_PKCS11_KEY_LABEL": "root-1"}, "only read with CRYPTO_ROOT_KEY_PROVIDER=pkcs11"),
+        ({**_HSM, "CRYPTO_PKCS11_OTHER_KEY_LABEL": "root-1"}, "names the root key itself"),
+        ({**_HSM, "CRYPTO_PKCS11_OTHER_KEY_LABEL": "old", "CRYPTO_OTHER_ROOT_KEY_FILE": "/o"}, "not both"),
+        (
+            {name: value for name, value in _HSM.items() if "KEY" not in name}
+            | {"CRYPTO_PKCS11_OTHER_KEY_LABEL": "old"},
+            "CRYPTO_PKCS11_OTHER_KEY_LABEL needs the root key set too",
+        ),
+        ({"CRYPTO_ROOT_KEY_FILE": "/k", "CRYPTO_PKCS11_OTHER_KEY_LABEL": "old"}, "needs CRYPTO_PKCS11_LIBRARY"),
+    ],
+)
+def test_inconsistent_hsm_settings_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env(env)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.key_wrap import root_key_fingerprint
 from crypto_server.root_key import _open_to_others, load_other_root_key, load_root_key
 from tests.conftest import write_root_key_file
 
@@ -37,7 +38,8 @@ def test_an_open_root_key_file_is_accepted_with_a_warning_when_allowed(
 ) -> None:
     root = _key_file(tmp_path / "root.key", 0o644)
     with caplog.at_level(logging.WARNING):
-        assert len(load_root_key(Settings(root_key_file=root, allow_insecure=True))) == 32
+        loaded = load_root_key(Settings(root_key_file=root, allow_insecure=True))
+    assert loaded.fingerprint == root_key_fingerprint(base64.b64decode(root.read_text()))
     assert any("CRYPTO_ALLOW_INSECURE" in record.getMessage() for record in caplog.records)
 
 
@@ -67,7 +69,7 @@ def test_the_root_key_variable_is_warned_about_and_leaves_the_environment(
     settings = Settings.from_env()
     assert "CRYPTO_ROOT_KEY" not in os.environ, "a child process must not inherit the root key"
     with caplog.at_level(logging.WARNING):
-        assert load_root_key(settings) == base64.b64decode(key)
+        assert load_root_key(settings).fingerprint == root_key_fingerprint(base64.b64decode(key))
     assert [r.getMessage() for r in caplog.records if "CRYPTO_ROOT_KEY_FILE in production" in r.getMessage()]
     assert key not in caplog.text
 
@@ -76,6 +78,6 @@ def test_a_generated_development_key_left_open_is_tightened(tmp_path: Path) -> N
     settings = Settings(data_dir=tmp_path / "data")
     first = load_root_key(settings)
     (tmp_path / "data" / "root.key").chmod(0o644)
-    assert load_root_key(settings) == first
+    assert load_root_key(settings).fingerprint == first.fingerprint
     assert stat.S_IMODE((tmp_path / "data" / "root.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700

@@ -29,7 +29,8 @@ from crypto_server.domain.key_wrap import UnwrapFailed, root_key_fingerprint
 from crypto_server.rewrap_root import main
 from crypto_server.service.keyring import unwrap_version
 from crypto_server.storage.sqlite import SqliteKeyStore
-from tests.conftest import StartServer, write_root_key_file
+from tests.conftest import FILE_ROOT_BACKENDS, ServerHandle, StartServer, write_root_key_file
+from tests.servers import SoftHsm
 
 _STORE_VARIABLES = ("CRYPTO_", "MONGODB_", "REDIS_")
 
@@ -55,10 +56,14 @@ class _Terminal(io.StringIO):
         return True
 
 
-def _tool_env(settings: Settings, *, new: Path, old: Path) -> dict[str, str]:
-    """The tool's environment: the replicas' store settings, with the two root key files."""
-    env = {"CRYPTO_DATA_DIR": str(settings.data_dir), "CRYPTO_ROOT_KEY_FILE": str(new)}
-    env["CRYPTO_OTHER_ROOT_KEY_FILE"] = str(old)
+def _tool_env(settings: Settings, *, new: Path | None, old: Path | None) -> dict[str, str]:
+    """The tool's environment: the replicas' store settings, with the two root key files (None: set the HSM's
+    variables instead)."""
+    env = {"CRYPTO_DATA_DIR": str(settings.data_dir)}
+    if new is not None:
+        env["CRYPTO_ROOT_KEY_FILE"] = str(new)
+    if old is not None:
+        env["CRYPTO_OTHER_ROOT_KEY_FILE"] = str(old)
     if settings.mongodb_uri:
         env.update(MONGODB_URI=settings.mongodb_uri, MONGODB_DATABASE=settings.mongodb_database)
     if settings.redis_url:
@@ -130,6 +135,7 @@ def rotation(start_server: StartServer, root_key: str, tmp_path: Path) -> Rotati
     return Rotation(first.settings, old=old, new=new, start_server=start_server)
 
 
+@pytest.mark.parametrize("backend", FILE_ROOT_BACKENDS)
 def test_rotating_the_root_key_keeps_every_key_and_ciphertext(
     start_server: StartServer, root_key: str, tmp_path: Path, run_tool: RunTool
 ) -> None:
@@ -183,6 +189,76 @@ def test_rotating_the_root_key_keeps_every_key_and_ciphertext(
     only_new.stop()
     with pytest.raises(ConfigError, match="root key is not the one"):
         start_server()
+
+
+@pytest.mark.parametrize("backend", FILE_ROOT_BACKENDS)
+def test_moving_the_root_key_into_an_hsm_and_back_keeps_every_ciphertext(
+    start_server: StartServer, softhsm: SoftHsm, tmp_path: Path, run_tool: RunTool
+) -> None:
+    """File -> HSM -> file, each move the rotation procedure with one side in the token; no server restart
+    is needed beyond the rolling restarts of the procedure, and nothing is ever undecryptable."""
+    hsm = softhsm.settings()
+    hsm_env = {name: value for name, value in softhsm.env().items() if name != "SOFTHSM2_CONF"}
+    file_root = start_server()
+    sealed: list[tuple[str, bytes]] = []
+
+    def seal(server: ServerHandle, tenant: str) -> None:
+        key = server.create_key(tenant)
+        sealed.append((tenant, server.encrypt(tenant, key.key_id, b"secret of " + tenant.encode()).ciphertext))
+
+    def all_decrypt(server: ServerHandle) -> None:
+        for tenant, ciphertext in sealed:
+            assert server.decrypt(tenant, ciphertext).plaintext == b"secret of " + tenant.encode()
+
+    seal(file_root, "t1")
+    seal(file_root, "t2")
+    settings = file_root.settings
+    file_root.stop()
+    assert settings.root_key is not None
+    old_file = write_root_key_file(tmp_path / "old.key", settings.root_key)
+
+    # Into the HSM. Step 2: the HSM key wraps, the old file key still unwraps.
+    into = start_server(root_key=None, other_root_key_file=old_file, **hsm)
+    all_decrypt(into)
+    seal(into, "t3")
+    into.stop()
+    # Step 3: re-wrap everything under the HSM key.
+    done = run_tool({**_tool_env(settings, new=None, old=old_file), **hsm_env}, "--yes")
+    assert done.code == 0, done.stderr
+    assert done.report()["master_key_versions"] == {"rewrapped": 2, "already_rewrapped": 1}
+    assert done.report()["metadata_key"] == {"rewrapped": 1, "already_rewrapped": 0}
+    assert done.report()["old_root_key"] == root_key_fingerprint(base64.b64decode(settings.root_key))
+    # Step 4: the HSM alone; the old file key no longer opens anything.
+    in_hsm = start_server(root_key=None, **hsm)
+    all_decrypt(in_hsm)
+    seal(in_hsm, "t4")
+    hsm_fingerprint = in_hsm.running.keyring.root.fingerprint  # type: ignore[attr-defined]
+    in_hsm.stop()
+    assert done.report()["new_root_key"] == hsm_fingerprint
+    with pytest.raises(ConfigError, match="root key is not the one"):
+        start_server()
+
+    # And back out, to a file key (disaster recovery): the HSM key is now the other root key.
+    back_file = write_root_key_file(tmp_path / "back.key", _new_key())
+    out_of = start_server(
+        root_key=None,
+        root_key_file=back_file,
+        **{**hsm, "root_key_provider": "file", "pkcs11_key_label": None, "pkcs11_other_key_label": SoftHsm.ROOT_LABEL},
+    )
+    all_decrypt(out_of)
+    seal(out_of, "t5")
+    out_of.stop()
+    out_env = {name: value for name, value in hsm_env.items() if name != "CRYPTO_ROOT_KEY_PROVIDER"}
+    out_env["CRYPTO_PKCS11_OTHER_KEY_LABEL"] = out_env.pop("CRYPTO_PKCS11_KEY_LABEL")
+    back = run_tool({**_tool_env(settings, new=back_file, old=None), **out_env}, "--yes")
+    assert back.code == 0, back.stderr
+    assert back.report()["master_key_versions"] == {"rewrapped": 4, "already_rewrapped": 1}
+    assert back.report()["old_root_key"] == hsm_fingerprint
+    on_file = start_server(root_key=None, root_key_file=back_file)
+    all_decrypt(on_file)
+    on_file.stop()
+    with pytest.raises(ConfigError, match="root key is not the one"):
+        start_server(root_key=None, **hsm)
 
 
 SAFETY_BACKEND = pytest.mark.parametrize("backend", ["embedded"])

@@ -7,6 +7,7 @@ import base64
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from crypto_server.domain.key_wrap import WrappingKey
 from crypto_server.domain.keys import Key
 from crypto_server.service.keyring import unwrap_version
 from tests.conftest import ServerHandle
@@ -14,10 +15,14 @@ from tests.conftest import ServerHandle
 
 def unwrapped_material(server: ServerHandle, key: Key) -> list[bytes]:
     """Every version's raw bytes, unwrapped here from the root key down (not by the server's code path)."""
-    assert server.settings.root_key is not None
     store = server.running.store
+    parents: dict[int, WrappingKey]
     if key.parent_key_id is None:
-        parents = {0: AESGCM(base64.b64decode(server.settings.root_key))}
+        if server.settings.root_key is not None:
+            parents = {0: AESGCM(base64.b64decode(server.settings.root_key))}
+        else:
+            # A root key in an HSM unwraps only inside it: through the server's handle to it.
+            parents = {0: server.running.keyring.root}
     else:
         parent = store.get_key(key.tenant_id, key.parent_key_id)
         assert parent is not None

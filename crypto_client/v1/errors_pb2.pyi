@@ -73,6 +73,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The server is shutting down and takes no new calls; retry, and a client
     or balancer will reach another replica.
     """
+    ERROR_REASON_ROOT_KEY_UNAVAILABLE: _ErrorReason.ValueType  # 18
+    """The root key's HSM cannot be reached, so a key this server has not used
+    recently cannot be unwrapped; keys in use keep working. The call may be
+    retried.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -131,5 +136,10 @@ ERROR_REASON_RESPONSE_TOO_LARGE: ErrorReason.ValueType  # 17
 ERROR_REASON_SHUTTING_DOWN: ErrorReason.ValueType  # 19
 """The server is shutting down and takes no new calls; retry, and a client
 or balancer will reach another replica.
+"""
+ERROR_REASON_ROOT_KEY_UNAVAILABLE: ErrorReason.ValueType  # 18
+"""The root key's HSM cannot be reached, so a key this server has not used
+recently cannot be unwrapped; keys in use keep working. The call may be
+retried.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -84,6 +84,23 @@ class StoreWriteRefused(StoreUnavailable):
     """The key store answers but cannot write now (full disk, read-only files, a busy lock): reads still work."""
 
 
+class RootKeyUnavailable(CryptoServiceError):
+    """The root key is held by an HSM that cannot be used right now (token removed, module or network down).
+
+    Keys already unwrapped in this process keep working; a key that must be unwrapped first fails until the
+    HSM is back. Never a verdict on the data: the same call succeeds once it returns.
+    """
+
+    def __init__(self, detail: str) -> None:
+        # The caller learns what happened and that retrying is right; which module, token or PKCS#11 error it
+        # was (`detail`) is for the server's log.
+        super().__init__(
+            "the root key's HSM is unavailable, so a key not used recently on this server cannot be unwrapped; "
+            "retry later"
+        )
+        self.detail = detail
+
+
 class KeyIntegrityError(CryptoServiceError):
     """A stored key does not unwrap: the store was altered or damaged. Never the caller's fault."""
 

@@ -28,9 +28,8 @@ import os
 from datetime import UTC, datetime, timedelta
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from crypto_server.domain.key_wrap import KEY_BYTES, NONCE_BYTES
+from crypto_server.domain.key_wrap import KEY_BYTES, NONCE_BYTES, WrappingKey
 from crypto_server.domain.keys import Key
 
 _TAG_DOMAIN = b"caas.crypto.v1/key-metadata\x00"
@@ -102,13 +101,13 @@ def new_metadata_key() -> bytes:
     return os.urandom(KEY_BYTES)
 
 
-def wrap_metadata_key(root: AESGCM, metadata_key: bytes) -> bytes:
+def wrap_metadata_key(root: WrappingKey, metadata_key: bytes) -> bytes:
     """`nonce (12) || AES-256-GCM(root, metadata key, aad "caas.crypto.v1/metadata-key\\0")`."""
     nonce = os.urandom(NONCE_BYTES)
     return nonce + root.encrypt(nonce, metadata_key, _METADATA_KEY_AAD)
 
 
-def unwrap_metadata_key(roots: tuple[AESGCM, ...], wrapped: bytes) -> bytes | None:
+def unwrap_metadata_key(roots: tuple[WrappingKey, ...], wrapped: bytes) -> bytes | None:
     """The metadata key, under the first of `roots` that opens it; None when none does."""
     for root in roots:
         try:

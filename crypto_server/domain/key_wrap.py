@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -24,6 +24,21 @@ _WRAP_DOMAIN = b"caas.crypto.v1/key-wrap\x00"
 _ROOT_CHECK_AAD = b"caas.crypto.v1/root-key-check\x00"
 _FINGERPRINT_LABEL = b"caas.crypto.v1/root-key-fingerprint"
 _FINGERPRINT_BYTES = 8
+
+
+class WrappingKey(Protocol):
+    """An AES-256-GCM key that wraps other keys, with the caller's 96-bit nonce: cryptography's AESGCM (a master
+    key, a root key from a file), or a key object that never leaves an HSM (crypto_server/pkcs11_root_key.py).
+
+    `encrypt` returns `ciphertext || tag (16 bytes)`. `decrypt` takes the same and raises
+    cryptography.exceptions.InvalidTag when it does not authenticate under this key, nonce and associated data;
+    a key held elsewhere raises RootKeyUnavailable (domain/errors.py) when it cannot be used right now, which is
+    not a verdict on the data.
+    """
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None, /) -> bytes: ...
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None, /) -> bytes: ...
 
 
 class UnwrapFailed(Exception):
@@ -51,7 +66,7 @@ def _binding(tenant_id: str, key_id: str, key_type: str, version: int, parent_ve
 
 
 def wrap_key(
-    parent: AESGCM,
+    parent: WrappingKey,
     material: bytes,
     *,
     tenant_id: str,
@@ -68,7 +83,7 @@ def wrap_key(
 
 
 def unwrap_key(
-    parent: AESGCM,
+    parent: WrappingKey,
     wrapped: bytes,
     *,
     tenant_id: str,
@@ -88,7 +103,7 @@ def unwrap_key(
         raise UnwrapFailed("wrapped key does not open under its parent key") from None
 
 
-def make_root_key_check(root: AESGCM) -> bytes:
+def make_root_key_check(root: WrappingKey) -> bytes:
     """A value stored beside the keys that proves, at start-up, that the
     configured root key is the one that wrapped them. It reveals nothing about
     the root key (it is an AES-GCM encryption of nothing)."""
@@ -96,7 +111,7 @@ def make_root_key_check(root: AESGCM) -> bytes:
     return nonce + root.encrypt(nonce, b"", _ROOT_CHECK_AAD)
 
 
-def root_key_matches(root: AESGCM, check: bytes) -> bool:
+def root_key_matches(root: WrappingKey, check: bytes) -> bool:
     try:
         root.decrypt(check[:NONCE_BYTES], check[NONCE_BYTES:], _ROOT_CHECK_AAD)
     except (InvalidTag, ValueError):

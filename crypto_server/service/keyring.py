@@ -22,8 +22,14 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from crypto_server.domain.errors import KeyIntegrityError, KeyNotFound, MasterKeyUnavailable, StoreUnavailable
-from crypto_server.domain.key_wrap import UnwrapFailed, unwrap_key
+from crypto_server.domain.errors import (
+    KeyIntegrityError,
+    KeyNotFound,
+    MasterKeyUnavailable,
+    RootKeyUnavailable,
+    StoreUnavailable,
+)
+from crypto_server.domain.key_wrap import UnwrapFailed, WrappingKey, unwrap_key
 from crypto_server.domain.keys import Key, KeyVersion, parse_key_id, validate_tenant_id
 from crypto_server.storage.port import KeyStore
 
@@ -55,12 +61,12 @@ class Keyring:
     def __init__(
         self,
         store: KeyStore,
-        root: AESGCM,
+        root: WrappingKey,
         *,
         ttl_s: float,
         max_keys: int,
         max_stale_s: float = 0.0,
-        other_roots: Sequence[AESGCM] = (),
+        other_roots: Sequence[WrappingKey] = (),
     ):
         if ttl_s < 0 or max_keys < 1 or max_stale_s < 0:
             raise ValueError("keyring ttl and max_stale must be >= 0 and max_keys >= 1")
@@ -230,7 +236,7 @@ class Keyring:
         if record is None:
             raise KeyError(version)
         if key.parent_key_id is None:
-            parents: tuple[AESGCM, ...] = self._unwrapping_roots
+            parents: tuple[WrappingKey, ...] = self._unwrapping_roots
         else:
             try:
                 parent_key = self.get(key.tenant_id, key.parent_key_id)
@@ -239,15 +245,22 @@ class Keyring:
             if parent_key.key.disabled:
                 raise MasterKeyUnavailable("the tenant's master key is disabled, so none of its keys can be used")
             parents = (self.aead(parent_key, record.parent_version),)
+        unavailable: RootKeyUnavailable | None = None
         for parent in parents:
             try:
                 return unwrap_version(parent, key, record)
             except UnwrapFailed:
                 continue
+            except RootKeyUnavailable as error:
+                # Another root key (during a migration to or from an HSM) may still open it.
+                unavailable = error
+        if unavailable is not None:
+            # Not proof of damage: the key that would open it could not be asked.
+            raise unavailable
         raise KeyIntegrityError(f"key {key.key_id} version {version} does not unwrap")
 
 
-def unwrap_version(parent: AESGCM, key: Key, record: KeyVersion) -> bytes:
+def unwrap_version(parent: WrappingKey, key: Key, record: KeyVersion) -> bytes:
     """One version's material, unwrapped under `parent` with the binding of that key and version."""
     return unwrap_key(
         parent,

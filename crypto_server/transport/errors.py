@@ -28,6 +28,7 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.MasterKeyUnavailable: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_MASTER_KEY_UNAVAILABLE),
     errors.ConcurrentModification: (grpc.StatusCode.ABORTED, errors_pb2.ERROR_REASON_CONCURRENT_MODIFICATION),
     errors.StoreUnavailable: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_STORE_UNAVAILABLE),
+    errors.RootKeyUnavailable: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_ROOT_KEY_UNAVAILABLE),
     errors.KeyIntegrityError: (grpc.StatusCode.DATA_LOSS, errors_pb2.ERROR_REASON_KEY_INTEGRITY),
     errors.UnexpectedError: (grpc.StatusCode.INTERNAL, errors_pb2.ERROR_REASON_INTERNAL),
     errors.AlgorithmMismatch: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_ALGORITHM_MISMATCH),

@@ -11,6 +11,13 @@
 | caas_crypto_key_integrity_failures_total | counter | |
 | caas_crypto_keys | gauge | key_type, state |
 | caas_crypto_tenants | gauge | |
+| caas_crypto_root_key_available | gauge | role (root, other) |
+| caas_crypto_root_key_operation_seconds | summary (count, sum) | role |
+| caas_crypto_root_key_errors_total | counter | role |
+
+The root key series count wraps and unwraps under the root key (a master key's first use after a start or a
+keyring expiry, a new master key, the health probe): never the hot path. With an HSM their latency is the
+HSM's; an error is a call the HSM could not serve (not a ciphertext that failed to authenticate).
 """
 
 from __future__ import annotations
@@ -23,11 +30,12 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError, StoreUnavailable
+from crypto_server.root_key import RootKey
 from crypto_server.service.keyring import Keyring
 from crypto_server.storage.port import KeyCounts, KeyStore
 
@@ -92,6 +100,32 @@ class _StateCollector:
             yield GaugeMetricFamily("caas_crypto_tenants", "Tenants with at least one key", value=counts.tenants)
 
 
+class _RootKeyCollector:
+    """The root keys' own counters, read at scrape time."""
+
+    def __init__(self, keys: dict[str, RootKey]) -> None:
+        self._keys = keys
+
+    def collect(self) -> Iterator[Metric]:
+        available = GaugeMetricFamily(
+            "caas_crypto_root_key_available", "Whether the root key can be used (its HSM answers)", labels=["role"]
+        )
+        latency = SummaryMetricFamily(
+            "caas_crypto_root_key_operation_seconds", "Wraps and unwraps under the root key", labels=["role"]
+        )
+        errors = CounterMetricFamily(
+            "caas_crypto_root_key_errors", "Root key operations that failed (the HSM could not serve)", labels=["role"]
+        )
+        for role, key in self._keys.items():
+            stats = key.stats()
+            available.add_metric([role], 1 if stats.available else 0)
+            latency.add_metric([role], count_value=stats.operations, sum_value=stats.seconds)
+            errors.add_metric([role], stats.errors)
+        yield available
+        yield latency
+        yield errors
+
+
 class Metrics:
     def __init__(self, in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -134,6 +168,10 @@ class Metrics:
 
     def watch_state(self, keyring: Keyring, store: KeyStore, clock: Clock) -> None:
         self.registry.register(_StateCollector(keyring, store, clock))
+
+    def watch_root_keys(self, root: RootKey, other: RootKey | None) -> None:
+        keys = {"root": root} if other is None else {"root": root, "other": other}
+        self.registry.register(_RootKeyCollector(keys))
 
     def serve(self, host: str, port: int) -> int:
         """Expose /metrics over HTTP; the port it listens on."""

@@ -26,6 +26,7 @@ from bench.echo_server import ECHO_METHOD, ECHO_STREAM_METHOD
 from crypto_client import CryptoClient, KeyType
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.v1 import resources_pb2
 from tests.servers import CryptoServerProcess, MongoServer, RedisServer, free_port
 
 ENCRYPT = "/caas.crypto.v1.CryptoService/Encrypt"
@@ -194,7 +195,9 @@ def cold_path(address: str, phases: Phases) -> dict[str, Any]:
             request = crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=key_id, plaintext=b"first use")
 
             async def call(channel: grpc.aio.Channel) -> object:
-                stub = channel.unary_unary(ENCRYPT, request_serializer=None, response_deserializer=None)
+                stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                    ENCRYPT, request_serializer=None, response_deserializer=None
+                )
                 return await stub(request.SerializeToString(), timeout=30)
 
             return call
@@ -211,12 +214,14 @@ def key_management(address: str, phases: Phases) -> dict[str, Any]:
 
     def unary_call(method: str, message: bytes) -> Callable[[grpc.aio.Channel], Any]:
         async def call(channel: grpc.aio.Channel) -> object:
-            stub = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                method, request_serializer=None, response_deserializer=None
+            )
             return await stub(message, timeout=30)
 
         return call
 
-    create = key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=2).SerializeToString()
+    create = key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=resources_pb2.KEY_TYPE_DATA).SerializeToString()
 
     def creates() -> float:
         return pyload.run_calls([unary_call(create_method, create)] * phases.key_management_ops, address, in_flight=8)
@@ -266,7 +271,9 @@ def large_data(servers: list[CryptoServerProcess], phases: Phases) -> dict[str, 
 
 def _echo_stream_mb_s(address: str, chunk: bytes, size_mib: int) -> float:
     with grpc.insecure_channel(address) as channel:
-        echo = channel.stream_stream(ECHO_STREAM_METHOD, request_serializer=None, response_deserializer=None)
+        echo: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            ECHO_STREAM_METHOD, request_serializer=None, response_deserializer=None
+        )
         started = time.perf_counter()
         received = sum(len(c) for c in echo(chunk for _ in range(size_mib)))
         assert received == size_mib * MIB

@@ -11,21 +11,33 @@
 | caas_crypto_key_integrity_failures_total | counter | |
 | caas_crypto_keys | gauge | key_type, state |
 | caas_crypto_tenants | gauge | |
+| caas_crypto_build_info | gauge (always 1) | version, python |
+| process_* (cpu, memory, open fds, start time), python_info | prometheus-client's standard collectors | |
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from crypto_server import __version__
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError, StoreUnavailable
 from crypto_server.service.keyring import Keyring
@@ -95,6 +107,17 @@ class _StateCollector:
 class Metrics:
     def __init__(self, in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
+        # The standard series every Prometheus dashboard expects (the default registry has them; ours is
+        # separate so that tests and several servers in one process do not collide).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        build = Gauge(
+            "caas_crypto_build_info",
+            "The running build: always 1, the version in the labels",
+            ["version", "python"],
+            registry=self.registry,
+        )
+        build.labels(__version__, platform.python_version()).set(1)
         self._calls = Counter(
             "caas_crypto_rpc", "RPCs by method and status code", ["method", "code"], registry=self.registry
         )

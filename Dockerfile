@@ -1,18 +1,24 @@
-# The caas crypto service. Multi-stage: wheels are built in the first stage; the runtime image has no
-# compiler, no protoc and no build tools, runs as a non-root user, and reads the root key from a secret file.
+# The caas crypto service. Multi-stage: the service's wheel is built in the first stage; the runtime image
+# installs its dependencies from requirements.lock (exact versions, hashes checked, wheels only: `make lock`),
+# has no compiler, no protoc and no build tools, runs as a non-root user, and reads the root key from a
+# secret file.
 
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY crypto_server crypto_server
 COPY crypto_client crypto_client
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
 RUN groupadd --system --gid 10001 crypto \
     && useradd --system --uid 10001 --gid crypto --home-dir /var/lib/caas-crypto --create-home crypto
+COPY requirements.lock /tmp/requirements.lock
+RUN pip install --no-cache-dir --require-hashes --only-binary=:all: -r /tmp/requirements.lock \
+    && rm /tmp/requirements.lock
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels caas-crypto==0.1.0 \
+# The service itself, without resolving anything: every dependency came from the lock above.
+RUN pip install --no-cache-dir --no-deps --no-index /wheels/*.whl \
     && rm -rf /wheels
 USER 10001:10001
 WORKDIR /var/lib/caas-crypto

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint proto proto-check bench bench-quick docker-build up down logs
+.PHONY: help install run test lint proto proto-check bench bench-quick docker-build up down logs lock lock-check
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,19 +43,29 @@ bench: $(INSTALLED) ## Run the benchmarks (needs h2load: apt-get install nghttp2
 bench-quick: $(INSTALLED) ## The benchmarks with short phases (under a minute); writes bench/results/quick.json
 	$(BIN)/python -m bench --quick
 
+# Private to the user the container runs as (deploy/compose/root_key_secret.py says why and how).
 secrets/crypto_root_key:
-	mkdir -p secrets && chmod 700 secrets
-	$(PYTHON) -c "import base64, os; print(base64.b64encode(os.urandom(32)).decode())" > $@
-	chmod 600 $@
+	$(PYTHON) deploy/compose/root_key_secret.py create $@
 
 docker-build: ## Build the container image caas/crypto-service:dev (needs a Docker engine)
 	docker build -t caas/crypto-service:dev .
 
 up: secrets/crypto_root_key ## Start crypto-service, MongoDB and Redis with docker compose, waiting until healthy
-	docker compose up --build --detach --wait
+	user=$$($(PYTHON) deploy/compose/root_key_secret.py user secrets/crypto_root_key) && \
+		CRYPTO_USER=$$user docker compose up --build --detach --wait
 
 down: ## Stop the compose services (data volumes are kept)
 	docker compose down
 
 logs: ## Follow the compose services' logs
 	docker compose logs --follow
+
+# The image's runtime dependencies, pinned with hashes, resolved from [project] dependencies of pyproject.toml
+# (not the dev extra) for Python 3.11 on every platform. Needs PyPI; `make lock-check` does not.
+LOCK_SOURCE ?= pyproject.toml
+lock: $(INSTALLED) ## Regenerate requirements.lock (the container image's pinned, hashed dependencies)
+	$(BIN)/uv pip compile $(LOCK_SOURCE) --quiet --generate-hashes --universal --python-version 3.11 \
+		--custom-compile-command "make lock" --output-file requirements.lock
+
+lock-check: $(INSTALLED) ## Fail if requirements.lock does not satisfy pyproject.toml's dependencies (offline)
+	$(BIN)/pytest -q tests/test_lock.py

@@ -11,6 +11,7 @@ production server ever has it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -30,7 +31,7 @@ def _stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterato
 
 
 def add_echo_service(server: grpc.Server) -> None:
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Empty": grpc.unary_unary_rpc_method_handler(_empty),
         "Stream": grpc.stream_stream_rpc_method_handler(_stream),
     }

@@ -46,7 +46,9 @@ def run(address: str, method: str, message: bytes, *, requests: int, in_flight: 
 
     async def main() -> LoadResult:
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                method, request_serializer=None, response_deserializer=None
+            )
 
             async def call() -> object:
                 return await stub(message, timeout=30)

@@ -212,7 +212,9 @@ def cold_path(address: str, phases: Phases) -> dict[str, Any]:
             request = crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=key_id, plaintext=b"first use")
 
             async def call(channel: grpc.aio.Channel) -> object:
-                stub = channel.unary_unary(ENCRYPT, request_serializer=None, response_deserializer=None)
+                stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                    ENCRYPT, request_serializer=None, response_deserializer=None
+                )
                 return await stub(request.SerializeToString(), timeout=30)
 
             return call
@@ -227,7 +229,9 @@ def _first_encrypts(tenants: list[tuple[str, str]]) -> list[Callable[[grpc.aio.C
         request = crypto_pb.EncryptRequest(tenant_id=tenant, key_id=key_id, plaintext=b"first use").SerializeToString()
 
         async def call(channel: grpc.aio.Channel) -> object:
-            stub = channel.unary_unary(ENCRYPT, request_serializer=None, response_deserializer=None)
+            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                ENCRYPT, request_serializer=None, response_deserializer=None
+            )
             return await stub(request, timeout=30)
 
         return call
@@ -278,12 +282,14 @@ def key_management(address: str, phases: Phases) -> dict[str, Any]:
 
     def unary_call(method: str, message: bytes) -> Callable[[grpc.aio.Channel], Any]:
         async def call(channel: grpc.aio.Channel) -> object:
-            stub = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                method, request_serializer=None, response_deserializer=None
+            )
             return await stub(message, timeout=30)
 
         return call
 
-    create = key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=2).SerializeToString()
+    create = key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=resources_pb2.KEY_TYPE_DATA).SerializeToString()
 
     def creates() -> float:
         return pyload.run_calls([unary_call(create_method, create)] * phases.key_management_ops, address, in_flight=8)
@@ -333,7 +339,9 @@ def large_data(servers: list[CryptoServerProcess], phases: Phases) -> dict[str, 
 
 def _echo_stream_mb_s(address: str, chunk: bytes, size_mib: int) -> float:
     with grpc.insecure_channel(address) as channel:
-        echo = channel.stream_stream(ECHO_STREAM_METHOD, request_serializer=None, response_deserializer=None)
+        echo: grpc.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            ECHO_STREAM_METHOD, request_serializer=None, response_deserializer=None
+        )
         started = time.perf_counter()
         received = sum(len(c) for c in echo(chunk for _ in range(size_mib)))
         assert received == size_mib * MIB

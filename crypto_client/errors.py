@@ -9,7 +9,8 @@ Every error keeps `code` (grpc.StatusCode), `details` (the server's message),
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -194,7 +195,8 @@ def _rich_details(error: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | N
     """The service's ErrorInfo and the RetryInfo delay (seconds), each if present."""
     trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     info = retry_after_s = None
-    for key, value in trailing or ():
+    # grpc's stubs type metadata entries as _Metadatum; at run time they are (key, value) pairs.
+    for key, value in cast("Iterable[tuple[str, str | bytes]]", trailing or ()):
         if key != _STATUS_DETAILS_KEY or not isinstance(value, bytes):
             continue
         status = status_pb2.Status.FromString(value)

@@ -1,14 +1,21 @@
-"""`python -m crypto_server` / `crypto-server`: run the service until SIGTERM or SIGINT."""
+"""`python -m crypto_server` / `crypto-server`: run the service until SIGTERM or SIGINT.
+
+Exit codes (docs/operations.md, "Start-up"): 0 after a clean stop; 1 an unexpected error; 2 a configuration
+error (a setting, the root key, a store that is not this root key's); 3 the key store did not answer at
+start-up (MongoDB unreachable: fix the network or the database, not the configuration). Every start-up error
+is one JSON log line on stderr, like every other log line.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 import grpc
+from pymongo.errors import ConfigurationError as MongoConfigurationError
 
 from crypto_server.app import build_server
 from crypto_server.config import ConfigError, Settings
@@ -16,18 +23,64 @@ from crypto_server.domain.errors import RootKeyUnavailable, StoreUnavailable
 from crypto_server.log_format import configure_logging, stop_logging
 
 log = logging.getLogger("crypto_server")
+EXIT_OK, EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_STORE_UNREACHABLE = 0, 1, 2, 3
+
+
+def _hosts(uri: str) -> str:
+    """The host list of a MongoDB or Redis URI, without user name or password (never logged)."""
+    if uri.startswith("unix://"):
+        return urlsplit(uri).path
+    authority = uri.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0]
+    return authority.rpartition("@")[2]
+
+
+def store_description(settings: Settings) -> dict[str, object]:
+    """What the start-up line says about the store in use: where, never with credentials."""
+    if settings.mongodb_uri:
+        store: dict[str, object] = {
+            "store": "mongodb",
+            "mongodb_hosts": _hosts(settings.mongodb_uri),
+            "mongodb_database": settings.mongodb_database,
+        }
+    else:
+        store = {"store": "embedded", "store_path": str(settings.data_dir.resolve())}
+    if settings.redis_url:
+        database = urlsplit(settings.redis_url).path.strip("/") if settings.redis_url.startswith("redis") else ""
+        store["redis_host"] = _hosts(settings.redis_url) + (f"/{database}" if database else "")
+    return store
+
+
+def security_description(settings: Settings) -> dict[str, object]:
+    """The security mode: the transport, and where the root key comes from."""
+    if settings.root_key:
+        source = "CRYPTO_ROOT_KEY"
+    elif settings.root_key_file:
+        source = "CRYPTO_ROOT_KEY_FILE"
+    else:
+        source = "generated (development only)"
+    return {
+        "transport": "plaintext gRPC (no TLS: terminate TLS in front, docs/security.md)",
+        "root_key_source": source,
+        "allow_insecure_root_key_file": settings.allow_insecure,
+    }
+
+
+def _refuse_start(message: str, code: int, **fields: object) -> int:
+    log.error(message, extra={"exit_code": code, **fields})
+    stop_logging()
+    return code
 
 
 def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
-    """Run until SIGTERM/SIGINT; exit code 0 after a clean stop, 2 for a configuration or start-up error.
+    """Run until SIGTERM/SIGINT; the exit code (module docstring).
 
     `register` adds services to the server before it starts (the benchmark's echo baseline uses it).
     """
+    configure_logging("INFO")  # JSON from the first line on, even for a configuration error
     try:
         settings = Settings.from_env()
     except ConfigError as error:
-        print(f"crypto-server: configuration error: {error}", file=sys.stderr)
-        return 2
+        return _refuse_start(f"configuration error: {error}", EXIT_CONFIG)
     configure_logging(settings.log_level)
     stop_requested = threading.Event()
     received: list[str] = []
@@ -39,20 +92,30 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    store = store_description(settings)
     try:
         running = build_server(settings, register=register)
-    except (ConfigError, StoreUnavailable) as error:
-        log.error("cannot start: %s", error)
-        return 2
+    except (ConfigError, MongoConfigurationError) as error:
+        return _refuse_start(f"cannot start: configuration error: {error}", EXIT_CONFIG, **store)
     except RootKeyUnavailable as error:
-        log.error("cannot start: %s (%s)", error, error.detail)
-        return 2
+        # The HSM named in the settings cannot be used (wrong PIN, token or label): a configuration error.
+        return _refuse_start(f"cannot start: {error.message} ({error.detail})", EXIT_CONFIG, **store)
+    except StoreUnavailable as error:
+        where = store.get("mongodb_hosts") or store.get("store_path")
+        return _refuse_start(
+            f"cannot start: the key store at {where} did not answer: {error}", EXIT_STORE_UNREACHABLE, **store
+        )
+    except Exception as error:
+        log.exception("cannot start: unexpected error", extra={"exit_code": EXIT_UNEXPECTED, "error": repr(error)})
+        stop_logging()
+        return EXIT_UNEXPECTED
     log.info(
         "serving",
         extra={
             "host": settings.host,
             "port": running.port,
-            "data_dir": str(settings.data_dir),
+            **store,
+            **security_description(settings),
             "workers": settings.workers,
             "metrics_port": running.metrics_port,
         },
@@ -65,7 +128,7 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
     running.stop(settings.shutdown_grace_s, drain_s=settings.shutdown_drain_s)
     log.info("stopped")
     stop_logging()
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

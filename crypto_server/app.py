@@ -275,7 +275,7 @@ def build_server(
         middleware = RpcMiddleware(in_flight, observer=metrics, limits=limits)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            interceptors=interceptors,
+            interceptors=list(interceptors),
             options=[
                 ("grpc.max_receive_message_length", message_limit),
                 ("grpc.max_send_message_length", message_limit),

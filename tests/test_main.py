@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -18,6 +20,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
 from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_server.__main__ import security_description, store_description
+from crypto_server.config import Settings
 from crypto_server.domain.key_wrap import root_key_fingerprint
 from tests.conftest import Launch, write_root_key_file
 
@@ -93,6 +97,7 @@ def test_health_goes_not_serving_before_shutdown_and_in_flight_calls_finish(laun
         outcomes = []
         for call in calls:
             error = call.exception(timeout=20)
+            assert error is None or isinstance(error, grpc.Call)
             outcomes.append(grpc.StatusCode.OK if error is None else error.code())
     # Accepted calls finish; calls that arrive after the stop are refused as UNAVAILABLE, never cut off.
     assert set(outcomes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
@@ -193,23 +198,73 @@ def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(laun
 def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path, env: dict[str, str], message: str) -> None:
     code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "data"), **env})
     assert code == 2
-    assert message in stderr
+    errors = _json_lines_with_one_error(stderr)
+    assert message in str(errors[0]["msg"]) and errors[0]["exit_code"] == 2
+
+
+def _json_lines_with_one_error(stderr: str) -> list[dict[str, object]]:
+    """Every line is a JSON log line, and exactly one of them is the error.
+
+    Except the lines of grpc's C core (`E1129 07:20:46.788732 10713 add_port.cc:83] ...`), which it writes
+    itself; GRPC_VERBOSITY=NONE silences them.
+    """
+    lines = [
+        line
+        for line in stderr.splitlines()
+        if not re.match(r"[EWID]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \w+\.cc:\d+\]", line)
+    ]
+    entries = [json.loads(line) for line in lines]
+    errors = [entry for entry in entries if entry["level"] == "error"]
+    assert len(errors) == 1, stderr
+    return errors
+
+
+def test_the_serving_line_names_the_store_in_use_and_the_security_mode(launch: Launch, tmp_path: Path) -> None:
+    server = launch()
+    serving = server.wait_for_log("serving")
+    assert serving["store"] == "embedded"
+    assert serving["store_path"] == str((tmp_path / "data").resolve())
+    assert serving["root_key_source"] == "generated (development only)"
+    assert str(serving["transport"]).startswith("plaintext gRPC")
+    assert server.terminate() == 0
+
+
+def test_the_store_description_names_hosts_without_credentials() -> None:
+    settings = Settings.from_env(
+        {
+            "MONGODB_URI": "mongodb://app:s3cret@db1:27017,db2:27017/admin?replicaSet=rs0",
+            "MONGODB_DATABASE": "crypto",
+            "REDIS_URL": "redis://:hunter2@cache:6379/2",
+            "CRYPTO_ROOT_KEY_FILE": "/run/secrets/crypto_root_key",
+        }
+    )
+    described = store_description(settings)
+    assert described == {
+        "store": "mongodb",
+        "mongodb_hosts": "db1:27017,db2:27017",
+        "mongodb_database": "crypto",
+        "redis_host": "cache:6379/2",
+    }
+    assert security_description(settings)["root_key_source"] == "CRYPTO_ROOT_KEY_FILE"
 
 
 def test_an_unreachable_mongodb_at_startup_is_a_clear_error(tmp_path: Path) -> None:
     env = {
         "CRYPTO_DATA_DIR": str(tmp_path / "data"),
-        "MONGODB_URI": "mongodb://127.0.0.1:9/?directConnection=true",
+        "MONGODB_URI": "mongodb://operator:PASSWORD-MARKER@127.0.0.1:9/?directConnection=true",
         "CRYPTO_ROOT_KEY": base64.b64encode(os.urandom(32)).decode(),
         "CRYPTO_STORE_TIMEOUT": "0.5",
     }
     code, stderr = _run_to_exit(env)
-    assert code == 2
-    assert "cannot start" in stderr and "key store" in stderr
+    assert code == 3, "not 2: the configuration is fine, the database is not there"
+    error = _json_lines_with_one_error(stderr)[0]
+    assert "cannot start: the key store at 127.0.0.1:9 did not answer" in str(error["msg"])
+    assert error["mongodb_hosts"] == "127.0.0.1:9" and error["exit_code"] == 3
+    assert "PASSWORD-MARKER" not in stderr and "operator" not in stderr
 
 
 def test_a_port_in_use_is_a_clear_startup_error(launch: Launch, tmp_path: Path) -> None:
     first = launch()
     code, stderr = _run_to_exit({"CRYPTO_DATA_DIR": str(tmp_path / "other"), "CRYPTO_PORT": str(first.port)})
     assert code == 2
-    assert f"cannot listen on 127.0.0.1:{first.port}" in stderr
+    assert f"cannot listen on 127.0.0.1:{first.port}" in str(_json_lines_with_one_error(stderr)[0]["msg"])

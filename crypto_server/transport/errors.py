@@ -70,7 +70,7 @@ def describe(error: errors.CryptoServiceError) -> ErrorDescription:
     return ErrorDescription(code, reason, error.message, metadata, retry_delay_s)
 
 
-class _RpcStatus(collections.namedtuple("_RpcStatus", ("code", "details", "trailing_metadata")), grpc.Status):  # type: ignore[misc]
+class _RpcStatus(collections.namedtuple("_RpcStatus", ("code", "details", "trailing_metadata")), grpc.Status):
     """A grpc.Status whose trailers carry the rich status and the request id."""
 
 

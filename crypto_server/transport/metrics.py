@@ -14,6 +14,8 @@
 | caas_crypto_root_key_available | gauge | role (root, other) |
 | caas_crypto_root_key_operation_seconds | summary (count, sum) | role |
 | caas_crypto_root_key_errors_total | counter | role |
+| caas_crypto_build_info | gauge (always 1) | version, python |
+| process_* (cpu, memory, open fds, start time), python_info | prometheus-client's standard collectors | |
 
 The root key series count wraps and unwraps under the root key (a master key's first use after a start or a
 keyring expiry, a new master key, the health probe): never the hot path. With an HSM their latency is the
@@ -24,15 +26,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from crypto_server import __version__
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError, StoreUnavailable
 from crypto_server.root_key import RootKey
@@ -129,6 +141,17 @@ class _RootKeyCollector:
 class Metrics:
     def __init__(self, in_flight: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
+        # The standard series every Prometheus dashboard expects (the default registry has them; ours is
+        # separate so that tests and several servers in one process do not collide).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        build = Gauge(
+            "caas_crypto_build_info",
+            "The running build: always 1, the version in the labels",
+            ["version", "python"],
+            registry=self.registry,
+        )
+        build.labels(__version__, platform.python_version()).set(1)
         self._calls = Counter(
             "caas_crypto_rpc", "RPCs by method and status code", ["method", "code"], registry=self.registry
         )

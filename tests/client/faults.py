@@ -19,7 +19,7 @@ class Fault:
     lose_response: bool = False  # call the service, then answer UNAVAILABLE as if the response was lost
 
 
-class FaultInjector(grpc.ServerInterceptor):  # type: ignore[misc]
+class FaultInjector(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self.attempts: Counter[str] = Counter()
         self._planned: defaultdict[str, deque[Fault]] = defaultdict(deque)
@@ -37,8 +37,10 @@ class FaultInjector(grpc.ServerInterceptor):  # type: ignore[misc]
             return planned.popleft() if planned else None
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler], details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler:
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(details)
         if handler is None or handler.unary_unary is None or not details.method.startswith("/caas.crypto.v1."):
             return handler

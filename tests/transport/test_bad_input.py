@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import grpc
 import pytest
@@ -157,7 +158,7 @@ def test_garbage_page_token_is_rejected(server: ServerHandle, token: str) -> Non
 
 
 def test_a_request_body_that_does_not_parse_is_invalid_argument(server: ServerHandle) -> None:
-    raw = server.channel.unary_unary(
+    raw: grpc.UnaryUnaryMultiCallable[bytes, bytes] = server.channel.unary_unary(
         "/caas.crypto.v1.CryptoService/Encrypt", request_serializer=None, response_deserializer=None
     )
     for body in (b"\xff\xff\xff\xff", b"\x0a\x05ab", b"\x12\xff\xff\xff\xff\x0f", b"\x0a\x02\xff\xfe"):
@@ -198,5 +199,6 @@ def test_errors_never_echo_plaintext_or_aad(server: ServerHandle) -> None:
             call()
         assert "SECRET" not in (caught.value.details() or "")
         assert b"SECRET" not in b"".join(
-            value if isinstance(value, bytes) else value.encode() for _, value in caught.value.trailing_metadata()
+            value if isinstance(value, bytes) else value.encode()
+            for _, value in cast("list[tuple[str, str | bytes]]", caught.value.trailing_metadata())
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import urllib.request
 
 import grpc
@@ -9,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_server import __version__
 from tests.conftest import ServerHandle, StartServer
 
 
@@ -52,6 +54,10 @@ def test_rpc_counts_latency_in_flight_cache_and_key_gauges(server: ServerHandle)
     assert samples[("caas_crypto_keys", (("key_type", "MASTER"), ("state", "ENABLED")))] == 2
     assert samples[("caas_crypto_tenants", ())] == 2
     assert samples[("caas_crypto_store_errors_total", ())] == 0
+    assert samples[("caas_crypto_build_info", (("python", platform.python_version()), ("version", __version__)))] == 1
+    assert samples[("process_resident_memory_bytes", ())] > 0 and samples[("process_open_fds", ())] > 0
+    assert ("python_info", ()) not in samples  # labelled: implementation, major, minor, ...
+    assert any(name == "python_info" for name, _ in samples)
     assert not any("t1" in str(labels) or key.key_id in str(labels) for _, labels in samples), "no tenant labels"
 
 

@@ -4,15 +4,17 @@
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY client client
 COPY crypto_server crypto_server
 COPY crypto_client crypto_client
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Two distributions: the client (client/pyproject.toml) and the server, which depends on it.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ./client .
 
 FROM python:3.11-slim-bookworm
 RUN groupadd --system --gid 10001 crypto \
     && useradd --system --uid 10001 --gid crypto --home-dir /var/lib/caas-crypto --create-home crypto
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels caas-crypto==0.1.0 \
+RUN pip install --no-cache-dir --no-index --find-links=/wheels caas-crypto-server==0.1.0 \
     && rm -rf /wheels
 USER 10001:10001
 WORKDIR /var/lib/caas-crypto

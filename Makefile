@@ -5,18 +5,21 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint proto proto-check bench bench-quick docker-build up down logs
+.PHONY: help install run test lint proto proto-check unasync unasync-check bench bench-quick docker-build up down logs
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(INSTALLED): pyproject.toml
+# Two distributions, both editable: caas-crypto-client (client/pyproject.toml) and caas-crypto-server (here).
+# The first line removes the single distribution this repository used to build, from an older .venv.
+$(INSTALLED): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip uninstall --quiet --yes caas-crypto 2>/dev/null || true
+	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
 	touch $(INSTALLED)
 
-install: $(INSTALLED) ## Create .venv and install the service with its development tools
+install: $(INSTALLED) ## Create .venv and install the client and the service (editable) with the development tools
 
 run: $(INSTALLED) ## Run the server on the embedded store (./data), port 3009
 	$(BIN)/python -m crypto_server
@@ -36,6 +39,12 @@ proto: $(INSTALLED) ## Regenerate crypto_client/v1 from protos/
 
 proto-check: $(INSTALLED) ## Fail if crypto_client/v1 does not match protos/
 	$(BIN)/python protos/generate.py --check
+
+unasync: $(INSTALLED) ## Regenerate the blocking client and helpers (crypto_client/_sync) from crypto_client/_async
+	$(BIN)/python scripts/unasync.py
+
+unasync-check: $(INSTALLED) ## Fail if crypto_client/_sync does not match crypto_client/_async
+	$(BIN)/python scripts/unasync.py --check
 
 bench: $(INSTALLED) ## Run the benchmarks (needs h2load: apt-get install nghttp2-client); writes bench/results/latest.json
 	$(BIN)/python -m bench

@@ -6,9 +6,11 @@
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY client client
 COPY crypto_server crypto_server
 COPY crypto_client crypto_client
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# Two distributions: the client (client/pyproject.toml) and the server, which depends on it.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ./client .
 
 FROM python:3.11-slim-bookworm
 RUN groupadd --system --gid 10001 crypto \

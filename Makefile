@@ -5,18 +5,22 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint proto proto-check bench bench-quick docker-build up down logs lock lock-check
+.PHONY: help install run test lint proto proto-check unasync unasync-check bench bench-quick docker-build up down \
+	logs lock lock-check
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(INSTALLED): pyproject.toml
+# Two distributions, both editable: caas-crypto-client (client/pyproject.toml) and caas-crypto-server (here).
+# The first line removes the single distribution this repository used to build, from an older .venv.
+$(INSTALLED): pyproject.toml client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip uninstall --quiet --yes caas-crypto 2>/dev/null || true
+	$(BIN)/pip install --quiet -e ./client -e '.[dev]'
 	touch $(INSTALLED)
 
-install: $(INSTALLED) ## Create .venv and install the service with its development tools
+install: $(INSTALLED) ## Create .venv and install the client and the service (editable) with the development tools
 
 run: $(INSTALLED) ## Run the server on the embedded store (./data), port 3009
 	$(BIN)/python -m crypto_server
@@ -36,6 +40,12 @@ proto: $(INSTALLED) ## Regenerate crypto_client/v1 from protos/
 
 proto-check: $(INSTALLED) ## Fail if crypto_client/v1 does not match protos/
 	$(BIN)/python protos/generate.py --check
+
+unasync: $(INSTALLED) ## Regenerate the blocking client and helpers (crypto_client/_sync) from crypto_client/_async
+	$(BIN)/python scripts/unasync.py
+
+unasync-check: $(INSTALLED) ## Fail if crypto_client/_sync does not match crypto_client/_async
+	$(BIN)/python scripts/unasync.py --check
 
 bench: $(INSTALLED) ## Run the benchmarks (needs h2load: apt-get install nghttp2-client); writes bench/results/latest.json
 	$(BIN)/python -m bench
@@ -60,12 +70,12 @@ down: ## Stop the compose services (data volumes are kept)
 logs: ## Follow the compose services' logs
 	docker compose logs --follow
 
-# The image's runtime dependencies, pinned with hashes, resolved from [project] dependencies of pyproject.toml
-# (not the dev extra) for Python 3.11 on every platform. Needs PyPI; `make lock-check` does not.
-LOCK_SOURCE ?= pyproject.toml
+# The image's runtime dependencies, pinned with hashes, resolved from the [project] dependencies of both
+# distributions (pyproject.toml and client/pyproject.toml, not the dev extra) for Python 3.11 on every platform.
+# Needs PyPI; `make lock-check` does not.
 lock: $(INSTALLED) ## Regenerate requirements.lock (the container image's pinned, hashed dependencies)
-	$(BIN)/uv pip compile $(LOCK_SOURCE) --quiet --generate-hashes --universal --python-version 3.11 \
-		--custom-compile-command "make lock" --output-file requirements.lock
+	$(BIN)/python scripts/lock_inputs.py | $(BIN)/uv pip compile - --quiet --generate-hashes --universal \
+		--python-version 3.11 --custom-compile-command "make lock" --output-file requirements.lock
 
 lock-check: $(INSTALLED) ## Fail if requirements.lock does not satisfy pyproject.toml's dependencies (offline)
 	$(BIN)/pytest -q tests/test_lock.py

@@ -7,15 +7,17 @@
         sealed = crypto.encrypt(key.key_id, b"hello")
 
 `CryptoClient` (blocking) and `AsyncCryptoClient` (asyncio) add deadlines,
-retries, a circuit breaker and a key-metadata cache to the generated stubs,
-which live in `crypto_client.v1` (regenerate with `make proto`; never edit).
+retries, a circuit breaker and a key-metadata cache to the generated stubs;
+one client serves any number of tenants (`tenant_id=` on each call). Each
+helper has an asyncio twin (`AsyncFileCipher`, `AsyncTokenSigner`, ...). Stubs
+live in `crypto_client.v1` (regenerate with `make proto`; never edit).
 See docs/client.md.
 """
 
 from crypto_client.async_client import AsyncCryptoClient
 from crypto_client.breaker import BreakerState
 from crypto_client.config import BreakerPolicy, ClientConfig, RetryPolicy
-from crypto_client.envelope import DataKeyCache, EnvelopeCipher, NullDataKeyCache
+from crypto_client.envelope import AsyncEnvelopeCipher, DataKeyCache, EnvelopeCipher, NullDataKeyCache
 from crypto_client.errors import (
     AlgorithmMismatchError,
     CircuitOpenError,
@@ -42,7 +44,7 @@ from crypto_client.errors import (
     StreamLimitError,
     UnauthenticatedError,
 )
-from crypto_client.files import FileCipher
+from crypto_client.files import AsyncFileCipher, FileCipher
 from crypto_client.messaging import AsyncMessageCipher, MessageCipher
 from crypto_client.metrics import ClientStats
 from crypto_client.models import (
@@ -59,21 +61,27 @@ from crypto_client.models import (
     KeyVersion,
     KeyVersionState,
     MacResult,
+    Progress,
     PublicKey,
     ReEncryptResult,
     SessionKey,
     SignResult,
 )
-from crypto_client.search import BlindIndex
-from crypto_client.sessions import SessionKeys
+from crypto_client.search import AsyncBlindIndex, BlindIndex
+from crypto_client.sessions import AsyncSessionKeys, SessionKeys
 from crypto_client.sync_client import CryptoClient
-from crypto_client.tokens import InvalidTokenError, TokenSigner
+from crypto_client.tokens import AsyncTokenSigner, InvalidTokenError, TokenSigner
 
 __all__ = [
     "Algorithm",
     "AlgorithmMismatchError",
+    "AsyncBlindIndex",
     "AsyncCryptoClient",
+    "AsyncEnvelopeCipher",
+    "AsyncFileCipher",
     "AsyncMessageCipher",
+    "AsyncSessionKeys",
+    "AsyncTokenSigner",
     "BlindIndex",
     "BreakerPolicy",
     "BreakerState",
@@ -114,6 +122,7 @@ __all__ = [
     "MessageCipher",
     "NullDataKeyCache",
     "PermissionDeniedError",
+    "Progress",
     "PublicKey",
     "QuotaExceededError",
     "ReEncryptResult",

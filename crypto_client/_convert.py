@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from crypto_client.models import Algorithm, Key, KeyState, KeyType, KeyVersion, KeyVersionState
+from crypto_client.models import Algorithm, Key, KeyState, KeyType, KeyVersion, KeyVersionState, SessionKey
 from crypto_client.v1 import resources_pb2
 
 KEY_TYPE_TO_PROTO = {
@@ -68,3 +69,14 @@ def key_from_proto(message: resources_pb2.Key) -> Key:
         labels=dict(message.labels),
         algorithm=ALGORITHM_FROM_PROTO.get(message.algorithm, Algorithm.AES_256_GCM),
     )
+
+
+def new_request_id() -> str:
+    """A request id for a call that names none: the same on every attempt, so a retry after a lost response
+    creates nothing new."""
+    return uuid.uuid4().hex
+
+
+def session_key(message: resources_pb2.Key, material: bytes, *, version: int) -> SessionKey:
+    key = key_from_proto(message)
+    return SessionKey(key=key, key_material=material, key_version=version or key.primary_version)

@@ -1,6 +1,7 @@
-"""What the sync and asyncio clients share: requests and results, deadlines, retries, breaker, cache, counters.
+"""What the sync and asyncio clients share: tenants, deadlines, retries, the breaker, the key cache, counters.
 
-The two clients differ only in how they wait for the network.
+The RPC methods themselves are declared once, in `crypto_client/_async/client.py`; the blocking client is
+generated from them (`make unasync`). Everything here is free of I/O, so both flavours use it as is.
 """
 
 from __future__ import annotations
@@ -8,55 +9,23 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import timedelta
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2
 from tenacity import RetryCallState, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tenacity.stop import stop_base
 
 from crypto_client import _convert
-from crypto_client.breaker import CircuitBreaker
+from crypto_client.breaker import BreakerState, CircuitBreaker
 from crypto_client.config import ClientConfig, check_tenant_id
-from crypto_client.errors import (
-    CircuitOpenError,
-    CryptoClientError,
-    DeadlineExceededError,
-    from_item_error,
-    from_rpc_error,
-)
-from crypto_client.errors import is_transport_failure as _is_transport_failure
+from crypto_client.errors import CircuitOpenError, CryptoClientError, DeadlineExceededError, is_transport_failure
 from crypto_client.key_cache import KeyMetadataCache
 from crypto_client.metrics import ClientMetrics, ClientStats
-from crypto_client.models import (
-    Algorithm,
-    DataKey,
-    DecryptItem,
-    DecryptResult,
-    EncryptItem,
-    EncryptResult,
-    HealthStatus,
-    Key,
-    KeyState,
-    KeyType,
-    MacResult,
-    PublicKey,
-    ReEncryptResult,
-    SessionKey,
-    SignResult,
-)
-from crypto_client.v1 import crypto_service_pb2 as crypto_pb
-from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.models import Key
+from crypto_client.v1 import resources_pb2
 
 log = logging.getLogger("crypto_client")
 REQUEST_ID_HEADER = "x-request-id"
-_HEALTH_STATUS = {
-    health_pb2.HealthCheckResponse.SERVING: HealthStatus.SERVING,
-    health_pb2.HealthCheckResponse.NOT_SERVING: HealthStatus.NOT_SERVING,
-    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: HealthStatus.SERVICE_UNKNOWN,
-}
 
 
 class _PastDeadline(stop_base):
@@ -74,14 +43,42 @@ def _is_retryable(error: BaseException) -> bool:
 
 
 class ClientCore:
-    def __init__(self, tenant_id: str, config: ClientConfig) -> None:
-        self.tenant_id = check_tenant_id(tenant_id)
+    """One per client, that is per target: the default tenant, settings, counters, breaker and key cache.
+
+    The breaker and the channel belong to the target, not to a tenant: one client serves any number of
+    tenants (`tenant_id=` on each call) over one connection, and an outage opens one circuit for all of them.
+    """
+
+    def __init__(self, tenant_id: str | None, config: ClientConfig) -> None:
+        self.default_tenant = None if tenant_id is None else check_tenant_id(tenant_id)
         self.config = config
         self.metrics = ClientMetrics()
         self.breaker = CircuitBreaker(
             config.breaker, on_transition=lambda _old, _new: self.metrics.add("breaker_transitions")
         )
         self.key_cache = KeyMetadataCache(config.key_cache_ttl_s, config.key_cache_size)
+
+    def tenant(self, tenant_id: str | None) -> str:
+        """The tenant a call is for: its own `tenant_id`, else the client's default; checked before sending."""
+        if tenant_id is not None:
+            return check_tenant_id(tenant_id)
+        if self.default_tenant is None:
+            raise ValueError("this client has no default tenant: pass tenant_id= to the call")
+        return self.default_tenant
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        config = self.config
+        backoff_ms = int(config.max_reconnect_backoff_s * 1000)
+        # gRPC's reconnect back-off grows to 120 s by default: after a long outage the channel would wait that
+        # long before trying again, and every breaker probe in between would fail at once (issue 10, defect 7).
+        # Capped, the channel is back within about max_reconnect_backoff_s of the server.
+        # The caller's options come last, so they win over ours.
+        return [
+            ("grpc.max_receive_message_length", config.max_receive_message_bytes),
+            ("grpc.initial_reconnect_backoff_ms", min(backoff_ms, 1000)),
+            ("grpc.max_reconnect_backoff_ms", backoff_ms),
+            *config.channel_options,
+        ]
 
     # -- one call --------------------------------------------------------------
 
@@ -142,268 +139,53 @@ class ClientCore:
         return remaining if cap is None else min(remaining, cap)
 
     def admit(self) -> None:
+        """Once per call, before its first attempt: the breaker lets it through or it fails fast."""
+        self.metrics.add("calls")
         try:
             self.breaker.before_call()
         except CircuitOpenError:
             self.metrics.add("rejected_by_breaker")
+            self.metrics.add("failures")
             raise
-        self.metrics.add("attempts")
 
-    def failed(self, error: grpc.RpcError) -> CryptoClientError:
-        typed = from_rpc_error(error)
-        if _is_transport_failure(typed):
+    def breaker_closed(self) -> bool:
+        return self.breaker.state is BreakerState.CLOSED
+
+    def ended(self, error: BaseException | None, *, sent: bool) -> None:
+        """Once per admitted call, with how it ended: the breaker counts calls, not attempts.
+
+        A call that exhausted its retries on transport failures is one failure; any answer from the
+        service, even an error, is a success; a call cancelled or never sent says nothing about the service.
+        """
+        if error is None:
+            self.breaker.record_success()
+            return
+        self.metrics.add("failures")
+        if not sent or not isinstance(error, CryptoClientError):
+            self.breaker.release()
+        elif is_transport_failure(error):
             self.breaker.record_failure()
         else:
             self.breaker.record_success()
-        return typed
 
     def stats(self) -> ClientStats:
         return self.metrics.snapshot(self.breaker.state.value)
 
-    # -- requests and results -------------------------------------------------------
+    # -- the key-metadata cache (per tenant: a key id never answers for another tenant) ----------
 
-    def create_key_request(
-        self,
-        key_type: KeyType,
-        expire_after: timedelta | None,
-        rotation_period: timedelta | None,
-        labels: Mapping[str, str] | None,
-        request_id: str | None,
-        algorithm: Algorithm = Algorithm.AES_256_GCM,
-    ) -> key_pb.CreateKeyRequest:
-        request = key_pb.CreateKeyRequest(
-            tenant_id=self.tenant_id,
-            key_type=_convert.KEY_TYPE_TO_PROTO[key_type],
-            algorithm=_convert.ALGORITHM_TO_PROTO[algorithm],
-            labels=dict(labels or {}),
-            # One id for every attempt of this call: a retry after a lost response creates nothing new.
-            request_id=request_id or uuid.uuid4().hex,
-        )
-        if expire_after is not None:
-            request.expire_after.CopyFrom(_convert.duration(expire_after))
-        if rotation_period is not None:
-            request.rotation_period.CopyFrom(_convert.duration(rotation_period))
-        return request
-
-    def get_key_request(self, key_id: str) -> key_pb.GetKeyRequest:
-        return key_pb.GetKeyRequest(tenant_id=self.tenant_id, key_id=key_id)
-
-    def list_keys_request(
-        self, key_type: KeyType | None, state: KeyState | None, page_size: int, page_token: str
-    ) -> key_pb.ListKeysRequest:
-        request = key_pb.ListKeysRequest(tenant_id=self.tenant_id, page_size=page_size, page_token=page_token)
-        if key_type is not None:
-            request.key_type = _convert.KEY_TYPE_TO_PROTO[key_type]
-        if state is not None:
-            request.state = _convert.KEY_STATE_TO_PROTO[state]
-        return request
-
-    def rotate_key_request(self, key_id: str, request_id: str | None) -> key_pb.RotateKeyRequest:
-        return key_pb.RotateKeyRequest(
-            tenant_id=self.tenant_id, key_id=key_id, request_id=request_id or uuid.uuid4().hex
-        )
-
-    def disable_key_request(self, key_id: str) -> key_pb.DisableKeyRequest:
-        return key_pb.DisableKeyRequest(tenant_id=self.tenant_id, key_id=key_id)
-
-    def enable_key_request(self, key_id: str) -> key_pb.EnableKeyRequest:
-        return key_pb.EnableKeyRequest(tenant_id=self.tenant_id, key_id=key_id)
-
-    def encrypt_request(self, key_id: str, plaintext: bytes, aad: bytes) -> crypto_pb.EncryptRequest:
-        return crypto_pb.EncryptRequest(tenant_id=self.tenant_id, key_id=key_id, plaintext=plaintext, aad=aad)
-
-    def decrypt_request(self, ciphertext: bytes, aad: bytes, key_id: str | None) -> crypto_pb.DecryptRequest:
-        return crypto_pb.DecryptRequest(tenant_id=self.tenant_id, ciphertext=ciphertext, aad=aad, key_id=key_id or "")
-
-    def key_changed(self, response: Any) -> Key:
-        """The key from a create/rotate/disable/enable response; the cache must not serve its old state."""
-        key = _convert.key_from_proto(response.key)
-        self.key_cache.forget(key.key_id)
+    def key_changed(self, tenant_id: str, message: resources_pb2.Key) -> Key:
+        """A key from a create/rotate/disable/enable response; the cache must not serve its old state."""
+        key = _convert.key_from_proto(message)
+        self.key_cache.forget(tenant_id, key.key_id)
         return key
 
-    def key_fetched(self, response: key_pb.GetKeyResponse) -> Key:
-        key = _convert.key_from_proto(response.key)
-        self.key_cache.put(key)
+    def key_fetched(self, tenant_id: str, message: resources_pb2.Key) -> Key:
+        key = _convert.key_from_proto(message)
+        self.key_cache.put(tenant_id, key)
         return key
 
-    def cached_key(self, key_id: str) -> Key | None:
-        key = self.key_cache.get(key_id)
+    def cached_key(self, tenant_id: str, key_id: str) -> Key | None:
+        key = self.key_cache.get(tenant_id, key_id)
         if key is not None:
             self.metrics.add("cache_hits")
         return key
-
-    @staticmethod
-    def keys_of(response: key_pb.ListKeysResponse) -> list[Key]:
-        return [_convert.key_from_proto(key) for key in response.keys]
-
-    @staticmethod
-    def encrypted(response: crypto_pb.EncryptResponse) -> EncryptResult:
-        return EncryptResult(ciphertext=response.ciphertext, key_id=response.key_id, key_version=response.key_version)
-
-    @staticmethod
-    def decrypted(response: crypto_pb.DecryptResponse) -> DecryptResult:
-        return DecryptResult(plaintext=response.plaintext, key_id=response.key_id, key_version=response.key_version)
-
-    @staticmethod
-    def health_status(response: health_pb2.HealthCheckResponse) -> HealthStatus:
-        return _HEALTH_STATUS.get(response.status, HealthStatus.UNKNOWN)
-
-    # -- envelope, migration, batches, session keys ------------------------------------
-
-    def generate_data_key_request(
-        self, key_id: str, aad: bytes, without_plaintext: bool
-    ) -> crypto_pb.GenerateDataKeyRequest:
-        return crypto_pb.GenerateDataKeyRequest(
-            tenant_id=self.tenant_id, key_id=key_id, aad=aad, without_plaintext=without_plaintext
-        )
-
-    @staticmethod
-    def data_key(response: crypto_pb.GenerateDataKeyResponse, without_plaintext: bool) -> DataKey:
-        return DataKey(
-            plaintext=None if without_plaintext else response.plaintext,
-            ciphertext=response.ciphertext,
-            key_id=response.key_id,
-            key_version=response.key_version,
-        )
-
-    def re_encrypt_request(
-        self, ciphertext: bytes, aad: bytes, source_key_id: str | None, destination_key_id: str | None
-    ) -> crypto_pb.ReEncryptRequest:
-        return crypto_pb.ReEncryptRequest(
-            tenant_id=self.tenant_id,
-            ciphertext=ciphertext,
-            aad=aad,
-            source_key_id=source_key_id or "",
-            destination_key_id=destination_key_id or "",
-        )
-
-    @staticmethod
-    def re_encrypted(response: crypto_pb.ReEncryptResponse) -> ReEncryptResult:
-        return ReEncryptResult(
-            ciphertext=response.ciphertext,
-            key_id=response.key_id,
-            key_version=response.key_version,
-            source_key_id=response.source_key_id,
-            source_key_version=response.source_key_version,
-        )
-
-    def batch_encrypt_request(self, items: Sequence[EncryptItem]) -> crypto_pb.BatchEncryptRequest:
-        return crypto_pb.BatchEncryptRequest(
-            tenant_id=self.tenant_id,
-            items=[
-                crypto_pb.BatchEncryptRequest.Item(key_id=i.key_id, plaintext=i.plaintext, aad=i.aad) for i in items
-            ],
-        )
-
-    def batch_decrypt_request(self, items: Sequence[DecryptItem]) -> crypto_pb.BatchDecryptRequest:
-        return crypto_pb.BatchDecryptRequest(
-            tenant_id=self.tenant_id,
-            items=[
-                crypto_pb.BatchDecryptRequest.Item(ciphertext=i.ciphertext, aad=i.aad, key_id=i.key_id or "")
-                for i in items
-            ],
-        )
-
-    @staticmethod
-    def batch_encrypted(response: crypto_pb.BatchEncryptResponse) -> list[EncryptResult | CryptoClientError]:
-        return [
-            _item_error(r.error)
-            if r.HasField("error")
-            else EncryptResult(ciphertext=r.ciphertext, key_id=r.key_id, key_version=r.key_version)
-            for r in response.results
-        ]
-
-    @staticmethod
-    def batch_decrypted(response: crypto_pb.BatchDecryptResponse) -> list[DecryptResult | CryptoClientError]:
-        return [
-            _item_error(r.error)
-            if r.HasField("error")
-            else DecryptResult(plaintext=r.plaintext, key_id=r.key_id, key_version=r.key_version)
-            for r in response.results
-        ]
-
-    def generate_session_key_request(
-        self, expire_after: timedelta | None, labels: Mapping[str, str] | None, request_id: str | None
-    ) -> key_pb.GenerateSessionKeyRequest:
-        request = key_pb.GenerateSessionKeyRequest(
-            tenant_id=self.tenant_id, labels=dict(labels or {}), request_id=request_id or uuid.uuid4().hex
-        )
-        if expire_after is not None:
-            request.expire_after.CopyFrom(_convert.duration(expire_after))
-        return request
-
-    def get_session_key_request(self, key_id: str) -> key_pb.GetSessionKeyRequest:
-        return key_pb.GetSessionKeyRequest(tenant_id=self.tenant_id, key_id=key_id)
-
-    @staticmethod
-    def session_key(response: key_pb.GenerateSessionKeyResponse | key_pb.GetSessionKeyResponse) -> SessionKey:
-        key = _convert.key_from_proto(response.key)
-        version = getattr(response, "key_version", 0) or key.primary_version
-        return SessionKey(key=key, key_material=response.key_material, key_version=version)
-
-    # -- MACs and signatures -----------------------------------------------------------------
-
-    def compute_mac_request(self, key_id: str, data: bytes, key_version: int) -> crypto_pb.ComputeMacRequest:
-        return crypto_pb.ComputeMacRequest(tenant_id=self.tenant_id, key_id=key_id, data=data, key_version=key_version)
-
-    def verify_mac_request(self, key_id: str, data: bytes, mac: bytes, key_version: int) -> crypto_pb.VerifyMacRequest:
-        return crypto_pb.VerifyMacRequest(
-            tenant_id=self.tenant_id, key_id=key_id, data=data, mac=mac, key_version=key_version
-        )
-
-    def sign_request(self, key_id: str, message: bytes) -> crypto_pb.SignRequest:
-        return crypto_pb.SignRequest(tenant_id=self.tenant_id, key_id=key_id, message=message)
-
-    def verify_request(
-        self, key_id: str, message: bytes, signature: bytes, key_version: int
-    ) -> crypto_pb.VerifyRequest:
-        return crypto_pb.VerifyRequest(
-            tenant_id=self.tenant_id, key_id=key_id, message=message, signature=signature, key_version=key_version
-        )
-
-    def public_key_request(self, key_id: str, key_version: int) -> crypto_pb.GetPublicKeyRequest:
-        return crypto_pb.GetPublicKeyRequest(tenant_id=self.tenant_id, key_id=key_id, key_version=key_version)
-
-    @staticmethod
-    def mac_result(response: crypto_pb.ComputeMacResponse) -> MacResult:
-        return MacResult(mac=response.mac, key_id=response.key_id, key_version=response.key_version)
-
-    @staticmethod
-    def sign_result(response: crypto_pb.SignResponse) -> SignResult:
-        return SignResult(
-            signature=response.signature,
-            key_id=response.key_id,
-            key_version=response.key_version,
-            algorithm=_convert.ALGORITHM_FROM_PROTO[response.algorithm],
-        )
-
-    @staticmethod
-    def public_key(response: crypto_pb.GetPublicKeyResponse) -> PublicKey:
-        return PublicKey(
-            pem=response.pem,
-            algorithm=_convert.ALGORITHM_FROM_PROTO[response.algorithm],
-            key_id=response.key_id,
-            key_version=response.key_version,
-        )
-
-    # -- streams -----------------------------------------------------------------------------
-
-    def encrypt_stream_requests(
-        self, key_id: str, aad: bytes, chunks: Iterable[bytes]
-    ) -> Iterator[crypto_pb.EncryptStreamRequest]:
-        yield crypto_pb.EncryptStreamRequest(tenant_id=self.tenant_id, key_id=key_id, aad=aad)
-        for chunk in chunks:
-            if chunk:
-                yield crypto_pb.EncryptStreamRequest(chunk=chunk)
-
-    def decrypt_stream_requests(
-        self, aad: bytes, key_id: str | None, chunks: Iterable[bytes]
-    ) -> Iterator[crypto_pb.DecryptStreamRequest]:
-        yield crypto_pb.DecryptStreamRequest(tenant_id=self.tenant_id, aad=aad, key_id=key_id or "")
-        for chunk in chunks:
-            if chunk:
-                yield crypto_pb.DecryptStreamRequest(chunk=chunk)
-
-
-def _item_error(error: crypto_pb.ItemError) -> CryptoClientError:
-    return from_item_error(error.code, error.message, error.reason, dict(error.metadata))

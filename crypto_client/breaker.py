@@ -3,6 +3,7 @@
 closed --(failure_threshold consecutive transport failures)--> open
 open   --(reset_timeout_s elapsed; the next call is the probe)--> half-open
 half-open --(probe succeeds)--> closed;  --(probe fails)--> open again
+open   --(the channel reconnected after being down: reconnected())--> the next call is the probe, at once
 
 While open, and while a half-open probe is in flight, calls fail at once with
 CircuitOpenError, without touching the network. Only transport failures count
@@ -48,12 +49,18 @@ class CircuitBreaker:
         self._policy = policy
         self._name = name
         self._clock = clock
-        self._on_transition = on_transition
+        self._listeners: list[Callable[[BreakerState, BreakerState], None]] = []
+        if on_transition is not None:
+            self._listeners.append(on_transition)
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
         self._consecutive_failures = 0
         self._opened_at = 0.0
         self._probe_in_flight = False
+
+    def add_listener(self, listener: Callable[[BreakerState, BreakerState], None]) -> None:
+        """Call `listener(old, new)` on every transition (outside the breaker's lock)."""
+        self._listeners.append(listener)
 
     @property
     def state(self) -> BreakerState:
@@ -99,6 +106,19 @@ class CircuitBreaker:
                 transition = self._move(BreakerState.OPEN)
         self._announce(transition)
 
+    def reconnected(self) -> None:
+        """The channel is connected again after being down: let the next call probe now.
+
+        Without this, a server back after a long outage waited out the rest of the cool-down; a breaker
+        opened on a connected channel (a server that answers too slowly) never hears this and keeps its
+        cool-down.
+        """
+        with self._lock:
+            if self._state is not BreakerState.OPEN:
+                return
+            self._opened_at = self._clock() - self._policy.reset_timeout_s
+        log.info("circuit open: the channel reconnected, the next call is the probe", extra={"breaker": self._name})
+
     def release(self) -> None:
         """A call admitted by before_call ended without saying anything about the service (e.g. cancelled)."""
         with self._lock:
@@ -114,5 +134,5 @@ class CircuitBreaker:
         old, new = transition
         level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
         log.log(level, "circuit %s -> %s", old.value, new.value, extra={"breaker": self._name})
-        if self._on_transition is not None:
-            self._on_transition(old, new)
+        for listener in list(self._listeners):
+            listener(old, new)

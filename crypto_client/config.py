@@ -48,7 +48,8 @@ class RetryPolicy:
 
 @dataclass(frozen=True, slots=True)
 class BreakerPolicy:
-    """Open after `failure_threshold` consecutive transport failures; probe again after `reset_timeout_s`."""
+    """Open after `failure_threshold` consecutive calls failed by transport (a call counts once, whatever its
+    retries); probe again after `reset_timeout_s`, or as soon as the channel reconnects."""
 
     failure_threshold: int = 5
     reset_timeout_s: float = 10.0
@@ -67,6 +68,8 @@ class ClientConfig:
     `credentials`: TLS channel credentials (grpc.ssl_channel_credentials(...)); None for plaintext.
     `timeout_s`: each call's deadline, retries included, unless the call passes its own.
     `key_cache_ttl_s`: how long get_key answers from memory (0 turns the cache off).
+    `max_reconnect_backoff_s`: the longest the channel waits between attempts to reconnect to a server that
+    is down (gRPC's own default grows to 120 s); the client is back within about this long of the server.
     """
 
     credentials: grpc.ChannelCredentials | None = None
@@ -79,16 +82,19 @@ class ClientConfig:
     # Above the largest send limit a server can have (64 MiB plaintexts, plus aad and framing): grpc's
     # default of 4 MiB would refuse a large batch or Decrypt answer the server may legitimately send.
     max_receive_message_bytes: int = 72 * 1024 * 1024
+    max_reconnect_backoff_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:
             raise ValueError("ClientConfig.timeout_s must be positive")
         if self.key_cache_ttl_s < 0 or self.key_cache_size < 1:
             raise ValueError("ClientConfig needs key_cache_ttl_s >= 0 and key_cache_size >= 1")
+        if not 0.1 <= self.max_reconnect_backoff_s <= 120:
+            raise ValueError("ClientConfig.max_reconnect_backoff_s must be between 0.1 and 120 seconds")
 
 
 def check_tenant_id(tenant_id: str) -> str:
-    """Fail at construction, not on the first call, for a tenant id the service would refuse."""
-    if _TENANT_ID.fullmatch(tenant_id) is None:
+    """Fail before sending, with a ValueError, for a tenant id the service would refuse."""
+    if not isinstance(tenant_id, str) or _TENANT_ID.fullmatch(tenant_id) is None:
         raise ValueError("tenant_id must be 1-64 characters of letters, digits, '_', '.' or '-'")
     return tenant_id

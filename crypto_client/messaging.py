@@ -1,82 +1,9 @@
-"""MessageCipher: encrypt chat message content bound to where it belongs.
+"""MessageCipher / AsyncMessageCipher: encrypt chat message content bound to where it belongs.
 
-The associated data binds each ciphertext to (tenant, conversation id, message
-id): a message's ciphertext copied into another conversation, onto another
-message id or into another tenant fails to decrypt instead of showing the
-wrong content. Layout of the aad (length-prefixed, so fields cannot shift):
-
-    "caas.messaging.v1" 0x00 || u16 len || tenant_id || u16 len || conversation_id || u16 len || message_id
+See crypto_client/_async/messaging.py (the blocking MessageCipher is generated from it).
 """
 
-from __future__ import annotations
+from crypto_client._async.messaging import AsyncMessageCipher
+from crypto_client._sync.messaging import MessageCipher, message_aad
 
-from collections.abc import Sequence
-
-from crypto_client.async_client import AsyncCryptoClient
-from crypto_client.errors import CryptoClientError
-from crypto_client.models import DecryptItem, DecryptResult
-from crypto_client.sync_client import CryptoClient
-
-_DOMAIN = b"caas.messaging.v1\x00"
-
-
-def message_aad(tenant_id: str, conversation_id: str, message_id: str) -> bytes:
-    parts = [_DOMAIN]
-    for value in (tenant_id, conversation_id, message_id):
-        encoded = value.encode()
-        if not encoded or len(encoded) > 0xFFFF:
-            raise ValueError("tenant, conversation and message ids must be 1 to 65535 bytes")
-        parts += [len(encoded).to_bytes(2, "big"), encoded]
-    return b"".join(parts)
-
-
-def _plaintexts(results: Sequence[DecryptResult | CryptoClientError]) -> list[bytes | CryptoClientError]:
-    return [r if isinstance(r, CryptoClientError) else r.plaintext for r in results]
-
-
-class MessageCipher:
-    """Message content encryption for the messaging service (blocking)."""
-
-    def __init__(self, client: CryptoClient, key_id: str) -> None:
-        self._client = client
-        self._key_id = key_id
-
-    def encrypt(self, conversation_id: str, message_id: str, content: bytes) -> bytes:
-        aad = message_aad(self._client.tenant_id, conversation_id, message_id)
-        return self._client.encrypt(self._key_id, content, aad=aad).ciphertext
-
-    def decrypt(self, conversation_id: str, message_id: str, ciphertext: bytes) -> bytes:
-        aad = message_aad(self._client.tenant_id, conversation_id, message_id)
-        return self._client.decrypt(ciphertext, aad=aad).plaintext
-
-    def decrypt_history(
-        self, conversation_id: str, messages: Sequence[tuple[str, bytes]]
-    ) -> list[bytes | CryptoClientError]:
-        """(message id, ciphertext) pairs of one conversation -> contents, in one call; a damaged
-        message gives its own error instead of failing the page."""
-        tenant = self._client.tenant_id
-        items = [DecryptItem(ciphertext, message_aad(tenant, conversation_id, mid)) for mid, ciphertext in messages]
-        return _plaintexts(self._client.batch_decrypt(items))
-
-
-class AsyncMessageCipher:
-    """MessageCipher for asyncio services."""
-
-    def __init__(self, client: AsyncCryptoClient, key_id: str) -> None:
-        self._client = client
-        self._key_id = key_id
-
-    async def encrypt(self, conversation_id: str, message_id: str, content: bytes) -> bytes:
-        aad = message_aad(self._client.tenant_id, conversation_id, message_id)
-        return (await self._client.encrypt(self._key_id, content, aad=aad)).ciphertext
-
-    async def decrypt(self, conversation_id: str, message_id: str, ciphertext: bytes) -> bytes:
-        aad = message_aad(self._client.tenant_id, conversation_id, message_id)
-        return (await self._client.decrypt(ciphertext, aad=aad)).plaintext
-
-    async def decrypt_history(
-        self, conversation_id: str, messages: Sequence[tuple[str, bytes]]
-    ) -> list[bytes | CryptoClientError]:
-        tenant = self._client.tenant_id
-        items = [DecryptItem(ciphertext, message_aad(tenant, conversation_id, mid)) for mid, ciphertext in messages]
-        return _plaintexts(await self._client.batch_decrypt(items))
+__all__ = ["AsyncMessageCipher", "MessageCipher", "message_aad"]

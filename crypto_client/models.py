@@ -6,6 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 
 class KeyType(enum.Enum):
@@ -142,3 +143,15 @@ class PublicKey:
     algorithm: Algorithm
     key_id: str
     key_version: int
+
+
+class Progress(Protocol):
+    """A progress callback for long work (FileCipher, AsyncFileCipher).
+
+    Called with the number of plaintext bytes read from the source so far, after each chunk (at most
+    `chunk_bytes` apart) and last with the total; never with a smaller number than before. It runs on the
+    caller's thread (or event loop), between chunks, so it must return quickly; an exception it raises
+    stops the work and propagates. `list.append` and `lambda done: ...` both fit.
+    """
+
+    def __call__(self, done_bytes: int, /) -> None: ...

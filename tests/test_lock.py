@@ -8,12 +8,13 @@ hashes, and the Dockerfile installs from the lock with hashes required.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
+
+from scripts.lock_inputs import runtime_requirements
 
 ROOT = Path(__file__).resolve().parent.parent
 _ENTRY = re.compile(
@@ -31,9 +32,8 @@ def _locked() -> dict[str, tuple[Version, int]]:
 
 def test_every_runtime_dependency_is_locked_within_its_range() -> None:
     locked = _locked()
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     problems = []
-    for line in dependencies:
+    for line in runtime_requirements():
         requirement = Requirement(line)
         name = canonicalize_name(requirement.name)
         if requirement.marker is not None and not requirement.marker.evaluate({"python_version": "3.11"}):

@@ -274,3 +274,30 @@ def test_retries_are_logged(
     stats = crypto.stats()
     assert (stats.calls, stats.retries, stats.failures) == (2, 1, 0)
     assert stats.attempts == 3
+
+
+def test_the_breaker_counts_calls_not_attempts(
+    faulty_server: ServerHandle, faults: FaultInjector, make_client: MakeClient
+) -> None:
+    crypto = make_client(
+        faulty_server.address,
+        retry=RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.002),
+        breaker=BreakerPolicy(failure_threshold=5, reset_timeout_s=60),
+    )
+    key = crypto.create_key()
+    faults.plan("Encrypt", UNAVAILABLE, UNAVAILABLE, UNAVAILABLE)
+    crypto.encrypt(key.key_id, b"x")  # three failed attempts, then an answer: a successful call
+    faults.plan("Encrypt", *[UNAVAILABLE] * 20)
+    before = faults.attempts["Encrypt"]
+    for calls in range(1, 5):
+        with pytest.raises(ServiceUnavailableError) as caught:
+            crypto.encrypt(key.key_id, b"x")
+        assert not isinstance(caught.value, CircuitOpenError)
+        assert crypto.stats().breaker_state == "closed", f"open after {calls} failed calls ({calls * 4} attempts)"
+    with pytest.raises(ServiceUnavailableError):
+        crypto.encrypt(key.key_id, b"x")  # the fifth failed call
+    assert crypto.stats().breaker_state == "open"
+    assert faults.attempts["Encrypt"] - before == 5 * 4, "every failed call used all its attempts"
+    with pytest.raises(CircuitOpenError):
+        crypto.encrypt(key.key_id, b"x")
+    assert faults.attempts["Encrypt"] - before == 20

@@ -1,0 +1,530 @@
+"""AsyncCryptoClient: the asyncio client, over a grpc.aio.Channel.
+
+This file is the one declaration of every RPC method: `make unasync` generates the blocking CryptoClient
+(crypto_client/_sync/client.py) from it, and a test fails when that copy is stale. A new RPC is one method
+here: build the request, `await self._call(...)` (deadline, retries, breaker, counters), map the response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tenacity import AsyncRetrying
+
+from crypto_client import _convert
+from crypto_client._connectivity import AsyncChannelWatch
+from crypto_client._core import ClientCore
+from crypto_client.config import ClientConfig
+from crypto_client.errors import CryptoClientError, from_item_error, from_rpc_error
+from crypto_client.metrics import ClientStats
+from crypto_client.models import (
+    Algorithm,
+    DataKey,
+    DecryptItem,
+    DecryptResult,
+    EncryptItem,
+    EncryptResult,
+    HealthStatus,
+    Key,
+    KeyState,
+    KeyType,
+    MacResult,
+    PublicKey,
+    ReEncryptResult,
+    SessionKey,
+    SignResult,
+)
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc
+from crypto_client.v1 import key_service_pb2 as key_pb
+
+_Response = TypeVar("_Response")
+_HEALTH_STATUS = {
+    health_pb2.HealthCheckResponse.SERVING: HealthStatus.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING: HealthStatus.NOT_SERVING,
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: HealthStatus.SERVICE_UNKNOWN,
+}
+
+
+class AsyncCryptoClient:
+    """The crypto service for asyncio services: one client per process and target, for any number of tenants.
+
+        async with AsyncCryptoClient("crypto-service:3009", "acme") as crypto:
+            key = await crypto.create_key()
+            sealed = await crypto.encrypt(key.key_id, b"hello", aad=b"conversation-42")
+            (await crypto.decrypt(sealed.ciphertext, aad=b"conversation-42")).plaintext
+
+    `tenant_id` (constructor) is the default tenant; every tenant-scoped method also takes `tenant_id=`, so
+    a gateway serving thousands of tenants needs one client (one channel, one breaker) and may give no
+    default at all. Every method takes `timeout` (seconds, retries included; default `config.timeout_s`)
+    and raises a `crypto_client.errors.CryptoClientError` subclass on failure; a missing or malformed
+    tenant id raises ValueError before anything is sent. Create it inside the event loop that uses it.
+    """
+
+    def __init__(self, target: str, tenant_id: str | None = None, config: ClientConfig | None = None) -> None:
+        self._core = ClientCore(tenant_id, config or ClientConfig())
+        options = self._core.channel_options()
+        credentials = self._core.config.credentials
+        self._channel = (
+            grpc.aio.secure_channel(target, credentials, options=options)
+            if credentials is not None
+            else grpc.aio.insecure_channel(target, options=options)
+        )
+        self._watch = AsyncChannelWatch(self._channel, self._core.breaker)
+        self._keys = key_service_pb2_grpc.KeyServiceStub(self._channel)
+        self._crypto = crypto_service_pb2_grpc.CryptoServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    @property
+    def tenant_id(self) -> str | None:
+        """The default tenant (None: every call names its own)."""
+        return self._core.default_tenant
+
+    async def _call(
+        self, method: str, rpc: Callable[..., Awaitable[_Response]], request: Any, timeout: float | None
+    ) -> _Response:
+        """One unary call: admitted once by the breaker, attempts retried within the deadline, one outcome."""
+        core = self._core
+        deadline = core.deadline(timeout)
+        metadata = core.call_metadata()
+        self._watch.poll()
+        core.admit()
+        sent = False
+        outcome: BaseException | None = None
+        try:
+            async for attempt in AsyncRetrying(**core.retrying(method, deadline)):
+                with attempt:
+                    attempt_timeout = core.attempt_timeout(deadline)
+                    core.metrics.add("attempts")
+                    sent = True
+                    try:
+                        return await rpc(request, timeout=attempt_timeout, metadata=metadata)
+                    except grpc.RpcError as error:
+                        raise from_rpc_error(error) from None
+        except BaseException as error:
+            outcome = error
+            raise
+        finally:
+            core.ended(outcome, sent=sent)
+        raise AssertionError("tenacity neither returned nor raised")
+
+    # -- keys ------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        key_type: KeyType = KeyType.DATA,
+        *,
+        expire_after: timedelta | None = None,
+        rotation_period: timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        algorithm: Algorithm = Algorithm.AES_256_GCM,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Key:
+        """Create a key. Retries are safe: the request id (generated unless given) makes a repeat create nothing."""
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.CreateKeyRequest(
+            tenant_id=tenant,
+            key_type=_convert.KEY_TYPE_TO_PROTO[key_type],
+            algorithm=_convert.ALGORITHM_TO_PROTO[algorithm],
+            labels=dict(labels or {}),
+            request_id=request_id or _convert.new_request_id(),
+        )
+        if expire_after is not None:
+            request.expire_after.CopyFrom(_convert.duration(expire_after))
+        if rotation_period is not None:
+            request.rotation_period.CopyFrom(_convert.duration(rotation_period))
+        response = await self._call("CreateKey", self._keys.CreateKey, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    async def get_key(
+        self, key_id: str, *, use_cache: bool = True, tenant_id: str | None = None, timeout: float | None = None
+    ) -> Key:
+        """A key's metadata; served from a short-lived cache unless `use_cache` is False."""
+        tenant = self._core.tenant(tenant_id)
+        cached = self._core.cached_key(tenant, key_id) if use_cache else None
+        if cached is not None:
+            return cached
+        request = key_pb.GetKeyRequest(tenant_id=tenant, key_id=key_id)
+        response = await self._call("GetKey", self._keys.GetKey, request, timeout)
+        return self._core.key_fetched(tenant, response.key)
+
+    async def list_keys(
+        self,
+        *,
+        key_type: KeyType | None = None,
+        state: KeyState | None = None,
+        page_size: int = 100,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Key]:
+        """Every key of the tenant (oldest first), fetching pages as the iteration goes."""
+        request = key_pb.ListKeysRequest(tenant_id=self._core.tenant(tenant_id), page_size=page_size)
+        if key_type is not None:
+            request.key_type = _convert.KEY_TYPE_TO_PROTO[key_type]
+        if state is not None:
+            request.state = _convert.KEY_STATE_TO_PROTO[state]
+        while True:
+            page = await self._call("ListKeys", self._keys.ListKeys, request, timeout)
+            for key in page.keys:
+                yield _convert.key_from_proto(key)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def rotate_key(
+        self, key_id: str, *, request_id: str | None = None, tenant_id: str | None = None, timeout: float | None = None
+    ) -> Key:
+        """Add a version and make it primary. Retries are safe: a repeat of the request id adds nothing."""
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.RotateKeyRequest(
+            tenant_id=tenant, key_id=key_id, request_id=request_id or _convert.new_request_id()
+        )
+        response = await self._call("RotateKey", self._keys.RotateKey, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    async def disable_key(self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.DisableKeyRequest(tenant_id=tenant, key_id=key_id)
+        response = await self._call("DisableKey", self._keys.DisableKey, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    async def enable_key(self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.EnableKeyRequest(tenant_id=tenant, key_id=key_id)
+        response = await self._call("EnableKey", self._keys.EnableKey, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    # -- data --------------------------------------------------------------------
+
+    async def encrypt(
+        self,
+        key_id: str,
+        plaintext: bytes,
+        *,
+        aad: bytes = b"",
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> EncryptResult:
+        request = crypto_pb.EncryptRequest(
+            tenant_id=self._core.tenant(tenant_id), key_id=key_id, plaintext=plaintext, aad=aad
+        )
+        response = await self._call("Encrypt", self._crypto.Encrypt, request, timeout)
+        return EncryptResult(ciphertext=response.ciphertext, key_id=response.key_id, key_version=response.key_version)
+
+    async def decrypt(
+        self,
+        ciphertext: bytes,
+        *,
+        aad: bytes = b"",
+        key_id: str | None = None,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> DecryptResult:
+        request = crypto_pb.DecryptRequest(
+            tenant_id=self._core.tenant(tenant_id), ciphertext=ciphertext, aad=aad, key_id=key_id or ""
+        )
+        response = await self._call("Decrypt", self._crypto.Decrypt, request, timeout)
+        return DecryptResult(plaintext=response.plaintext, key_id=response.key_id, key_version=response.key_version)
+
+    # -- envelope encryption, migration, batches -----------------------------------------
+
+    async def generate_data_key(
+        self,
+        key_id: str,
+        *,
+        aad: bytes = b"",
+        without_plaintext: bool = False,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> DataKey:
+        """A fresh 256-bit data key and its copy wrapped under `key_id` (decrypt() unwraps it)."""
+        request = crypto_pb.GenerateDataKeyRequest(
+            tenant_id=self._core.tenant(tenant_id), key_id=key_id, aad=aad, without_plaintext=without_plaintext
+        )
+        response = await self._call("GenerateDataKey", self._crypto.GenerateDataKey, request, timeout)
+        return DataKey(
+            plaintext=None if without_plaintext else response.plaintext,
+            ciphertext=response.ciphertext,
+            key_id=response.key_id,
+            key_version=response.key_version,
+        )
+
+    async def re_encrypt(
+        self,
+        ciphertext: bytes,
+        *,
+        aad: bytes = b"",
+        source_key_id: str | None = None,
+        destination_key_id: str | None = None,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ReEncryptResult:
+        """The plaintext under the primary version (or another key), without it leaving the service."""
+        request = crypto_pb.ReEncryptRequest(
+            tenant_id=self._core.tenant(tenant_id),
+            ciphertext=ciphertext,
+            aad=aad,
+            source_key_id=source_key_id or "",
+            destination_key_id=destination_key_id or "",
+        )
+        response = await self._call("ReEncrypt", self._crypto.ReEncrypt, request, timeout)
+        return ReEncryptResult(
+            ciphertext=response.ciphertext,
+            key_id=response.key_id,
+            key_version=response.key_version,
+            source_key_id=response.source_key_id,
+            source_key_version=response.source_key_version,
+        )
+
+    async def batch_encrypt(
+        self, items: Sequence[EncryptItem], *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> list[EncryptResult | CryptoClientError]:
+        """One result per item, in order: the ciphertext, or the typed error of that item alone."""
+        request = crypto_pb.BatchEncryptRequest(
+            tenant_id=self._core.tenant(tenant_id),
+            items=[
+                crypto_pb.BatchEncryptRequest.Item(key_id=i.key_id, plaintext=i.plaintext, aad=i.aad) for i in items
+            ],
+        )
+        response = await self._call("BatchEncrypt", self._crypto.BatchEncrypt, request, timeout)
+        return [
+            _item_error(r.error)
+            if r.HasField("error")
+            else EncryptResult(ciphertext=r.ciphertext, key_id=r.key_id, key_version=r.key_version)
+            for r in response.results
+        ]
+
+    async def batch_decrypt(
+        self, items: Sequence[DecryptItem], *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> list[DecryptResult | CryptoClientError]:
+        request = crypto_pb.BatchDecryptRequest(
+            tenant_id=self._core.tenant(tenant_id),
+            items=[
+                crypto_pb.BatchDecryptRequest.Item(ciphertext=i.ciphertext, aad=i.aad, key_id=i.key_id or "")
+                for i in items
+            ],
+        )
+        response = await self._call("BatchDecrypt", self._crypto.BatchDecrypt, request, timeout)
+        return [
+            _item_error(r.error)
+            if r.HasField("error")
+            else DecryptResult(plaintext=r.plaintext, key_id=r.key_id, key_version=r.key_version)
+            for r in response.results
+        ]
+
+    # -- session keys ---------------------------------------------------------------------
+
+    async def generate_session_key(
+        self,
+        *,
+        expire_after: timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> SessionKey:
+        """A new short-lived key and its material (a repeated `request_id` returns the same key)."""
+        request = key_pb.GenerateSessionKeyRequest(
+            tenant_id=self._core.tenant(tenant_id),
+            labels=dict(labels or {}),
+            request_id=request_id or _convert.new_request_id(),
+        )
+        if expire_after is not None:
+            request.expire_after.CopyFrom(_convert.duration(expire_after))
+        response = await self._call("GenerateSessionKey", self._keys.GenerateSessionKey, request, timeout)
+        return _convert.session_key(response.key, response.key_material, version=0)
+
+    async def get_session_key(
+        self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> SessionKey:
+        """A session key's material while it is enabled and unexpired."""
+        request = key_pb.GetSessionKeyRequest(tenant_id=self._core.tenant(tenant_id), key_id=key_id)
+        response = await self._call("GetSessionKey", self._keys.GetSessionKey, request, timeout)
+        return _convert.session_key(response.key, response.key_material, version=response.key_version)
+
+    # -- MACs and signatures ---------------------------------------------------------------
+
+    async def compute_mac(
+        self,
+        key_id: str,
+        data: bytes,
+        *,
+        key_version: int = 0,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> MacResult:
+        """HMAC-SHA256 under an HMAC key (its primary version unless `key_version` is given)."""
+        request = crypto_pb.ComputeMacRequest(
+            tenant_id=self._core.tenant(tenant_id), key_id=key_id, data=data, key_version=key_version
+        )
+        response = await self._call("ComputeMac", self._crypto.ComputeMac, request, timeout)
+        return MacResult(mac=response.mac, key_id=response.key_id, key_version=response.key_version)
+
+    async def verify_mac(
+        self,
+        key_id: str,
+        data: bytes,
+        mac: bytes,
+        *,
+        key_version: int,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        request = crypto_pb.VerifyMacRequest(
+            tenant_id=self._core.tenant(tenant_id), key_id=key_id, data=data, mac=mac, key_version=key_version
+        )
+        return bool((await self._call("VerifyMac", self._crypto.VerifyMac, request, timeout)).valid)
+
+    async def sign(
+        self, key_id: str, message: bytes, *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> SignResult:
+        """Sign with an Ed25519 or ECDSA P-256 key; the private key never leaves the service."""
+        request = crypto_pb.SignRequest(tenant_id=self._core.tenant(tenant_id), key_id=key_id, message=message)
+        response = await self._call("Sign", self._crypto.Sign, request, timeout)
+        return SignResult(
+            signature=response.signature,
+            key_id=response.key_id,
+            key_version=response.key_version,
+            algorithm=_convert.ALGORITHM_FROM_PROTO[response.algorithm],
+        )
+
+    async def verify(
+        self,
+        key_id: str,
+        message: bytes,
+        signature: bytes,
+        *,
+        key_version: int,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> bool:
+        request = crypto_pb.VerifyRequest(
+            tenant_id=self._core.tenant(tenant_id),
+            key_id=key_id,
+            message=message,
+            signature=signature,
+            key_version=key_version,
+        )
+        return bool((await self._call("Verify", self._crypto.Verify, request, timeout)).valid)
+
+    async def get_public_key(
+        self, key_id: str, *, key_version: int = 0, tenant_id: str | None = None, timeout: float | None = None
+    ) -> PublicKey:
+        request = crypto_pb.GetPublicKeyRequest(
+            tenant_id=self._core.tenant(tenant_id), key_id=key_id, key_version=key_version
+        )
+        response = await self._call("GetPublicKey", self._crypto.GetPublicKey, request, timeout)
+        return PublicKey(
+            pem=response.pem,
+            algorithm=_convert.ALGORITHM_FROM_PROTO[response.algorithm],
+            key_id=response.key_id,
+            key_version=response.key_version,
+        )
+
+    # -- streams ---------------------------------------------------------------------
+
+    async def _stream(
+        self, rpc: Callable[..., Any], requests: AsyncIterator[Any], timeout: float | None
+    ) -> AsyncIterator[Any]:
+        """A streaming call: admitted by the breaker, never retried (its input cannot be replayed)."""
+        core = self._core
+        self._watch.poll()
+        core.admit()
+        core.metrics.add("attempts")
+        call = rpc(requests, timeout=timeout, metadata=core.call_metadata())
+        outcome: BaseException | None = None
+        try:
+            async for response in call:
+                yield response
+        except grpc.RpcError as error:
+            outcome = from_rpc_error(error)
+            raise outcome from None
+        except BaseException as error:
+            outcome = error
+            raise
+        finally:
+            call.cancel()  # when the caller stopped iterating early; nothing once the call has ended
+            core.ended(outcome, sent=True)
+
+    async def encrypt_stream(
+        self,
+        key_id: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        aad: bytes = b"",
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Encrypt a stream of any length (segmented AEAD); yields ciphertext as it comes. No deadline
+        unless `timeout` is given: a large file takes as long as it takes."""
+        first = crypto_pb.EncryptStreamRequest(tenant_id=self._core.tenant(tenant_id), key_id=key_id, aad=aad)
+
+        async def requests() -> AsyncIterator[crypto_pb.EncryptStreamRequest]:
+            yield first
+            async for chunk in chunks:
+                if chunk:
+                    yield crypto_pb.EncryptStreamRequest(chunk=chunk)
+
+        async for response in self._stream(self._crypto.EncryptStream, requests(), timeout):
+            yield response.chunk
+
+    async def decrypt_stream(
+        self,
+        chunks: AsyncIterable[bytes],
+        *,
+        aad: bytes = b"",
+        key_id: str | None = None,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Decrypt what encrypt_stream produced; yields plaintext as it comes. Treat it as untrusted until
+        the iteration ends without error: truncation is detected only at the end."""
+        first = crypto_pb.DecryptStreamRequest(tenant_id=self._core.tenant(tenant_id), aad=aad, key_id=key_id or "")
+
+        async def requests() -> AsyncIterator[crypto_pb.DecryptStreamRequest]:
+            yield first
+            async for chunk in chunks:
+                if chunk:
+                    yield crypto_pb.DecryptStreamRequest(chunk=chunk)
+
+        async for response in self._stream(self._crypto.DecryptStream, requests(), timeout):
+            yield response.chunk
+
+    # -- operations ----------------------------------------------------------------
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
+        """One health check, outside retries and the circuit breaker (it is how you look past them)."""
+        request = health_pb2.HealthCheckRequest(service=service)
+        try:
+            response = await self._health.Check(
+                request, timeout=self._core.attempt_timeout(self._core.deadline(timeout))
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return _HEALTH_STATUS.get(response.status, HealthStatus.UNKNOWN)
+
+    def stats(self) -> ClientStats:
+        return self._core.stats()
+
+    async def close(self) -> None:
+        self._watch.close()
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncCryptoClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+def _item_error(error: crypto_pb.ItemError) -> CryptoClientError:
+    return from_item_error(error.code, error.message, error.reason, dict(error.metadata))

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint proto proto-check unasync unasync-check bench bench-quick docker-build up down \
+.PHONY: help install run test lint proto proto-check unasync unasync-check bench bench-quick chaos docker-build up down \
 	logs lock lock-check
 
 help: ## List the targets
@@ -49,6 +49,9 @@ unasync-check: $(INSTALLED) ## Fail if crypto_client/_sync does not match crypto
 
 bench: $(INSTALLED) ## Run the benchmarks (needs h2load: apt-get install nghttp2-client); writes bench/results/latest.json
 	$(BIN)/python -m bench
+
+chaos: $(INSTALLED) ## Faults at random moments under load on two replicas (< 3 min); writes bench/results/chaos.json
+	$(BIN)/python -m tests.reliability.chaos --seed $${SEED:-7} --duration $${DURATION:-150}
 
 bench-quick: $(INSTALLED) ## The benchmarks with short phases (under a minute); writes bench/results/quick.json
 	$(BIN)/python -m bench --quick

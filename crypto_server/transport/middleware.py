@@ -166,18 +166,26 @@ class RpcMiddleware:
         self._observer: RpcObserver = observer or NullRpcObserver()
         self.limits = limits or RpcLimits()
 
-    def wrap(self, method: str, handler: grpc.RpcMethodHandler, *, per_item: bool = False) -> grpc.RpcMethodHandler:
+    def wrap(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any], *, per_item: bool = False
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         """`per_item`: the request is a batch (an `items` field), charged one quota token per item."""
+        behaviour, deserialize = handler.unary_unary, handler.request_deserializer
+        if behaviour is None or deserialize is None:
+            raise ValueError(f"{method}: a unary handler with a request deserializer is needed")
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary, per_item),
-            request_deserializer=_tolerant(handler.request_deserializer),
+            self._wrap(method, behaviour, per_item),
+            request_deserializer=_tolerant(deserialize),
             response_serializer=handler.response_serializer,
         )
 
-    def wrap_stream(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap_stream(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
+        behaviour, deserialize = handler.stream_stream, handler.request_deserializer
+        if behaviour is None or deserialize is None:
+            raise ValueError(f"{method}: a streaming handler with a request deserializer is needed")
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream),
-            request_deserializer=_tolerant(handler.request_deserializer),
+            self._wrap_stream(method, behaviour),
+            request_deserializer=_tolerant(deserialize),
             response_serializer=handler.response_serializer,
         )
 

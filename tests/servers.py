@@ -166,9 +166,10 @@ class CryptoServerProcess:
 
     @classmethod
     def launch(
-        cls, env: dict[str, str], *, module: str = "crypto_server", uid: int | None = None
+        cls, env: dict[str, str], *, module: str = "crypto_server", uid: int | None = None, keep_rpc_lines: bool = True
     ) -> CryptoServerProcess:
-        """Start it (as user `uid`, when given: file permissions do not bind root)."""
+        """Start it (as user `uid`, when given: file permissions do not bind root). Without `keep_rpc_lines`, the
+        one-per-call access lines are not collected (a long run under load would hold them all in memory)."""
         process = subprocess.Popen(
             [sys.executable, "-m", module],
             env={**os.environ, "CRYPTO_HOST": "127.0.0.1", "CRYPTO_PORT": "0", **env},
@@ -183,7 +184,8 @@ class CryptoServerProcess:
         def collect() -> None:
             assert process.stderr is not None
             for line in process.stderr:
-                lines.append(line.rstrip("\n"))
+                if keep_rpc_lines or '"msg": "rpc"' not in line:
+                    lines.append(line.rstrip("\n"))
 
         threading.Thread(target=collect, daemon=True).start()
         server = cls(process, lines)

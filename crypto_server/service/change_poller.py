@@ -88,10 +88,16 @@ class ChangePoller:
         if self._failing:
             self._failing = False
             log.info("reading key changes from the store again")
+        caches_answer = True
         for change in [*self._unfinished.values(), *changes]:
             if (change.key_id, change.revision) in self._handled:
                 continue
-            if self._apply(change):
+            # Once a cache has failed this poll, the rest wait for the next one: a frozen Redis costs its
+            # timeout once per poll, not once per change (which would delay every change behind it).
+            fixed = caches_answer and all(fix(change) for fix in self._cache_fixes)
+            caches_answer = caches_answer and fixed
+            self._forget(change)
+            if fixed:
                 self._handled[(change.key_id, change.revision)] = started
                 self._unfinished.pop(change.key_id, None)
             else:
@@ -110,15 +116,13 @@ class ChangePoller:
             del self._handled[handled]
         self.polls += 1
 
-    def _apply(self, change: KeyChange) -> bool:
-        """Drop every copy older than `change`; True once all are dropped (else it is tried again next poll)."""
-        fixed = all(fix(change) for fix in self._cache_fixes)
-        # After the caches: a load between the two would otherwise put the old state back in memory.
+    def _forget(self, change: KeyChange) -> None:
+        """Drop the copy held in memory if it is older than `change`. After the caches: a load between the two
+        would otherwise put the old state back in memory (a cache that could not be fixed is not read)."""
         if change.key_type is KeyType.MASTER:
             self._keyring.forget_tenant_unless_current(change.tenant_id, change.key_id, change.revision)
         else:
             self._keyring.forget_unless_current(change.tenant_id, change.key_id, change.revision)
-        return fixed
 
 
 def change_margin(store_timeout_s: float) -> timedelta:

@@ -72,6 +72,13 @@ class MongoKeyStore:
             connectTimeoutMS=timeout_ms,
             socketTimeoutMS=timeout_ms,
             retryWrites=True,
+            # An acknowledged key must survive a crash of the database and a fail-over: written to the journal
+            # of a majority of the replica set before it is acknowledged (without it, SIGKILL of the test
+            # server lost the last ~30 ms of acknowledged writes: confirmed keys, gone with their ciphertexts).
+            w="majority",
+            journal=True,
+            # And never read a write that a fail-over could roll back.
+            readConcernLevel="majority",
         )
         db = self._client[database]
         self.database = database

@@ -273,6 +273,8 @@ class RedisCachedKeyStore:
             self._delete_if_older(keys=[name], args=[change.revision])
         except RedisError as error:
             self._guard.failed("delete", error)
+            with self._suspect_lock:
+                self._suspect.add(name)  # not read from Redis until it is deleted
             return False
         self._guard.succeeded()
         return True

@@ -99,7 +99,6 @@ class Deployment:
             "MONGODB_DATABASE": "chaos",
             "CRYPTO_ROOT_KEY": base64.b64encode(os.urandom(32)).decode(),
             "CRYPTO_HEALTH_INTERVAL": "0.5",
-            "CRYPTO_LOG_LEVEL": "WARNING",
             "CRYPTO_SHUTDOWN_GRACE": "5",
         }
         self.replicas: list[CryptoServerProcess | None] = [None, None]
@@ -113,7 +112,9 @@ class Deployment:
             self.start_replica(index)
 
     def start_replica(self, index: int) -> None:
-        self.replicas[index] = CryptoServerProcess.launch({**self.env, "CRYPTO_PORT": str(self.ports[index])})
+        self.replicas[index] = CryptoServerProcess.launch(
+            {**self.env, "CRYPTO_PORT": str(self.ports[index])}, keep_rpc_lines=False
+        )
 
     def stop(self) -> None:
         for replica in self.replicas:
@@ -274,7 +275,7 @@ def _faults(deployment: Deployment, record: Record, stop: threading.Event, rng: 
             stop.wait(length)
         ended = time.monotonic()
         with record.lock:
-            record.faults.append({"fault": kind, "seconds": round(ended - started, 2)})
+            record.faults.append({"fault": kind, "from": round(started, 1), "to": round(ended, 1)})
             if "mongo" in kind:
                 record.store_down.append((started, ended + 2.0))
 

@@ -133,7 +133,7 @@ class CryptoOperations:
         if named is not None and key_id != named.key_uuid:
             raise DecryptionFailed()
         try:
-            loaded = named or self._keyring.lookup(tenant_id, str(key_id))
+            loaded = self._keyring.with_version(named or self._keyring.lookup(tenant_id, str(key_id)), version)
         except KeyNotFound:
             raise DecryptionFailed() from None
         key = loaded.key

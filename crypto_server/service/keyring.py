@@ -161,6 +161,17 @@ class Keyring:
                 self._loaded.popitem(last=False)
         return loaded
 
+    def with_version(self, loaded: LoadedKey, version: int) -> LoadedKey:
+        """`loaded`, or the key read again from the store when it names a version newer than the one held:
+        another server may have just rotated it and made the ciphertext or MAC in hand (the change reaches
+        this server within the invalidation bound, but the caller is here now). Only a version above the
+        latest held costs a store read."""
+        if version <= loaded.key.latest_version:
+            return loaded
+        key = loaded.key
+        self.forget_unless_current(key.tenant_id, key.key_id, key.revision + 1)
+        return self.get(key.tenant_id, key.key_id)
+
     def remember(self, key: Key) -> LoadedKey:
         """Hold `key`, just written by this server, in memory."""
         return self._keep(key, None)

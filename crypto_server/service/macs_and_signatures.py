@@ -44,8 +44,10 @@ class MacsAndSignatures:
 
     def _version(
         self, loaded: LoadedKey, version: int, operation: str, accepted: tuple[Algorithm, ...], *, making: bool
-    ) -> int:
-        """The version to use (0: the primary), checked usable for `operation`."""
+    ) -> tuple[LoadedKey, int]:
+        """The key and the version to use (0: the primary), checked usable for `operation`."""
+        if version:
+            loaded = self._keyring.with_version(loaded, version)
         key = loaded.key
         if key.algorithm not in accepted:
             needed = " or ".join(a.value for a in accepted)
@@ -58,7 +60,7 @@ class MacsAndSignatures:
             raise InvalidArgument("key_version", f"key {key.key_id} has no version {number}")
         if making and record.state_at(self._clock.now()) is KeyVersionState.EXPIRED:
             raise KeyExpired(key.key_id, number)
-        return number
+        return loaded, number
 
     def _check_size(self, field: str, data: bytes) -> None:
         if len(data) > self._max_data_bytes:
@@ -69,14 +71,14 @@ class MacsAndSignatures:
         loaded = self._keyring.lookup(tenant_id, key_id)
         # Computing makes a new MAC whichever version is named, so an expired version refuses, as it
         # does for encryption: a version past its cryptoperiod only verifies.
-        number = self._version(loaded, version, "ComputeMac", (Algorithm.HMAC_SHA256,), making=True)
+        loaded, number = self._version(loaded, version, "ComputeMac", (Algorithm.HMAC_SHA256,), making=True)
         material: bytes = self._keyring.primitive(loaded, number, bytes)
         return algorithms.compute_mac(material, data), number
 
     def verify_mac(self, tenant_id: str, key_id: str, data: bytes, mac: bytes, version: int = 0) -> bool:
         self._check_size("data", data)
         loaded = self._keyring.lookup(tenant_id, key_id)
-        number = self._version(loaded, version, "VerifyMac", (Algorithm.HMAC_SHA256,), making=False)
+        loaded, number = self._version(loaded, version, "VerifyMac", (Algorithm.HMAC_SHA256,), making=False)
         material: bytes = self._keyring.primitive(loaded, number, bytes)
         return algorithms.mac_matches(material, data, mac)
 
@@ -90,18 +92,18 @@ class MacsAndSignatures:
     def sign(self, tenant_id: str, key_id: str, message: bytes) -> Signature:
         self._check_size("message", message)
         loaded = self._keyring.lookup(tenant_id, key_id)
-        number = self._version(loaded, 0, "Sign", _SIGNING, making=True)
+        loaded, number = self._version(loaded, 0, "Sign", _SIGNING, making=True)
         signature = algorithms.sign(self._signing_key(loaded, number), message)
         return Signature(signature, loaded.key.key_id, number, loaded.key.algorithm)
 
     def verify(self, tenant_id: str, key_id: str, message: bytes, signature: bytes, version: int = 0) -> bool:
         self._check_size("message", message)
         loaded = self._keyring.lookup(tenant_id, key_id)
-        number = self._version(loaded, version, "Verify", _SIGNING, making=False)
+        loaded, number = self._version(loaded, version, "Verify", _SIGNING, making=False)
         return algorithms.verify(self._signing_key(loaded, number), message, signature)
 
     def public_key(self, tenant_id: str, key_id: str, version: int = 0) -> PublicKey:
         loaded = self._keyring.lookup(tenant_id, key_id)
-        number = self._version(loaded, version, "GetPublicKey", _SIGNING, making=False)
+        loaded, number = self._version(loaded, version, "GetPublicKey", _SIGNING, making=False)
         pem = algorithms.public_key_pem(self._signing_key(loaded, number))
         return PublicKey(pem, loaded.key.key_id, number, loaded.key.algorithm)

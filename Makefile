@@ -51,7 +51,7 @@ bench: $(INSTALLED) ## Run the benchmarks (needs h2load: apt-get install nghttp2
 	$(BIN)/python -m bench
 
 chaos: $(INSTALLED) ## Faults at random moments under load on two replicas (< 3 min); writes bench/results/chaos.json
-	$(BIN)/python -m tests.reliability.chaos --seed $${SEED:-7} --duration $${DURATION:-150}
+	$(BIN)/python -m tests.reliability.chaos --seed $${SEED:-7} --duration $${DURATION:-120}
 
 bench-quick: $(INSTALLED) ## The benchmarks with short phases (under a minute); writes bench/results/quick.json
 	$(BIN)/python -m bench --quick

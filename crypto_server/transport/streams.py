@@ -10,8 +10,10 @@ grpcio's server-side request iterator blocks without a timeout, and the
 public API offers no way to end a blocked call from another thread with a
 status of our choosing (`context.cancel()` only resets the stream; the caller
 sees a bare CANCELLED). So the handler does not read the iterator itself: a
-small reader thread does, one message at a time on demand, and hands each
-over; the handler waits for it with a timeout. On timeout the handler ends
+small reader thread does, at most one message ahead (so reading the next
+message overlaps processing this one, without the hand-off per message that
+made streams 25 % slower), and hands each over; the handler waits for it with
+a timeout. On timeout the handler ends
 the call with StreamIdle, and grpc, once the status is sent, wakes the reader
 (its pending receive completes empty) so it exits too. Public API only.
 """
@@ -58,17 +60,19 @@ _REQUEST, _END, _FAILED = "request", "end", "failed"
 class IdleLimitedRequests:
     """A stream's requests, each awaited at most `idle_timeout_s`; StreamIdle past that.
 
-    Reads ahead nothing: the reader thread asks grpc for the next message only
-    when the handler asks for it, so memory is what grpc's own iterator holds.
-    `close()` (always, when the call ends) lets the reader thread exit.
+    The reader thread reads at most `READ_AHEAD` message ahead of the handler, so memory stays bounded by one
+    more message than grpc's own iterator holds. `close()` (always, when the call ends) lets it exit.
     """
+
+    READ_AHEAD = 1
+    # How often a reader blocked on a full hand-over checks whether the call is over.
+    _CLOSE_CHECK_S = 0.5
 
     def __init__(self, requests: Iterator[Any], idle_timeout_s: float) -> None:
         self._requests = requests
         self._idle_timeout_s = idle_timeout_s
-        self._wanted = threading.Semaphore(0)
-        self._arrived: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._closed = False
+        self._arrived: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=self.READ_AHEAD)
+        self._closed = threading.Event()
         self._reader: threading.Thread | None = None
 
     def __iter__(self) -> IdleLimitedRequests:
@@ -78,7 +82,6 @@ class IdleLimitedRequests:
         if self._reader is None:
             self._reader = threading.Thread(target=self._read, name="stream-reader", daemon=True)
             self._reader.start()
-        self._wanted.release()
         try:
             kind, value = self._arrived.get(timeout=self._idle_timeout_s)
         except queue.Empty:
@@ -90,21 +93,27 @@ class IdleLimitedRequests:
         raise value
 
     def close(self) -> None:
-        """The call is over: a reader waiting to be asked for more leaves."""
-        self._closed = True
-        self._wanted.release()
+        """The call is over: a reader waiting to hand over a message leaves."""
+        self._closed.set()
+
+    def _hand_over(self, item: tuple[str, Any]) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._arrived.put(item, timeout=self._CLOSE_CHECK_S)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def _read(self) -> None:
-        while True:
-            self._wanted.acquire()
-            if self._closed:
-                return
+        while not self._closed.is_set():
             try:
                 request = next(self._requests)
             except StopIteration:
-                self._arrived.put((_END, None))
+                self._hand_over((_END, None))
                 return
             except BaseException as error:  # grpc.RpcError when the caller cancels: the handler re-raises it
-                self._arrived.put((_FAILED, error))
+                self._hand_over((_FAILED, error))
                 return
-            self._arrived.put((_REQUEST, request))
+            if not self._hand_over((_REQUEST, request)):
+                return

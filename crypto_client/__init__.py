@@ -16,7 +16,7 @@ See docs/client.md.
 
 from crypto_client.async_client import AsyncCryptoClient
 from crypto_client.breaker import BreakerState
-from crypto_client.config import BreakerPolicy, ClientConfig, RetryPolicy
+from crypto_client.config import BreakerPolicy, ClientConfig, RetryPolicy, tls_credentials
 from crypto_client.envelope import AsyncEnvelopeCipher, DataKeyCache, EnvelopeCipher, NullDataKeyCache
 from crypto_client.errors import (
     AlgorithmMismatchError,
@@ -137,4 +137,5 @@ __all__ = [
     "StreamLimitError",
     "TokenSigner",
     "UnauthenticatedError",
+    "tls_credentials",
 ]

@@ -90,6 +90,13 @@ class ClientCore:
         """One request id per call, the same on every attempt, for the server's log."""
         return ((REQUEST_ID_HEADER, uuid.uuid4().hex),)
 
+    def attempt_metadata(self, call_metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """The call's metadata plus, with a token provider, a token fetched now (it may have been refreshed)."""
+        provider = self.config.token_provider
+        if provider is None:
+            return call_metadata
+        return (*call_metadata, ("authorization", f"Bearer {provider()}"))
+
     def retrying(self, method: str, deadline: float) -> dict[str, Any]:
         """tenacity options: transient errors only, exponential backoff with jitter, never past the deadline."""
         policy = self.config.retry

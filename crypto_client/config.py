@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -65,7 +66,10 @@ class BreakerPolicy:
 class ClientConfig:
     """Everything about a client but its target and tenant.
 
-    `credentials`: TLS channel credentials (grpc.ssl_channel_credentials(...)); None for plaintext.
+    `credentials`: TLS channel credentials (`tls_credentials(...)` builds them from files, with a client
+    certificate for mTLS); None for plaintext.
+    `token_provider`: returns the bearer token (a JWT) to send as `authorization: Bearer <token>`; called
+    before every attempt, so a provider that refreshes its token is heard at once. None: no token.
     `timeout_s`: each call's deadline, retries included, unless the call passes its own.
     `key_cache_ttl_s`: how long get_key answers from memory (0 turns the cache off).
     `max_reconnect_backoff_s`: the longest the channel waits between attempts to reconnect to a server that
@@ -73,6 +77,7 @@ class ClientConfig:
     """
 
     credentials: grpc.ChannelCredentials | None = None
+    token_provider: Callable[[], str] | None = None
     timeout_s: float = 5.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
@@ -91,6 +96,20 @@ class ClientConfig:
             raise ValueError("ClientConfig needs key_cache_ttl_s >= 0 and key_cache_size >= 1")
         if not 0.1 <= self.max_reconnect_backoff_s <= 120:
             raise ValueError("ClientConfig.max_reconnect_backoff_s must be between 0.1 and 120 seconds")
+
+
+def tls_credentials(
+    ca_file: str | Path | None = None, cert_file: str | Path | None = None, key_file: str | Path | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: the CA that signed the server's certificate (None: the system's
+    roots), and for mTLS the client's certificate chain and private key (both or neither)."""
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("tls_credentials needs cert_file and key_file together (mTLS), or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca_file).read_bytes() if ca_file is not None else None,
+        private_key=Path(key_file).read_bytes() if key_file is not None else None,
+        certificate_chain=Path(cert_file).read_bytes() if cert_file is not None else None,
+    )
 
 
 def check_tenant_id(tenant_id: str) -> str:

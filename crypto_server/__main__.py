@@ -58,8 +58,17 @@ def security_description(settings: Settings) -> dict[str, object]:
         source = "CRYPTO_ROOT_KEY_FILE"
     else:
         source = "generated (development only)"
+    if settings.tls_client_ca_file is not None:
+        transport = "mTLS (client certificates required)"
+    elif settings.tls:
+        transport = "TLS"
+    else:
+        transport = "plaintext gRPC (no TLS; docs/security.md)"
     return {
-        "transport": "plaintext gRPC (no TLS: terminate TLS in front, docs/security.md)",
+        "transport": transport,
+        "access_policy": str(settings.policy_file) if settings.policy_file else "none (every caller may do anything)",
+        "bearer_tokens": settings.jwks_file is not None,
+        "reflection": settings.reflection_enabled,
         "root_key_source": source,
         "allow_insecure_root_key_file": settings.allow_insecure,
     }
@@ -118,8 +127,15 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
             **security_description(settings),
             "workers": settings.workers,
             "metrics_port": running.metrics_port,
+            "health_port": running.health_port,
         },
     )
+    if not settings.tls or settings.policy_file is None:
+        log.warning(
+            "INSECURE: %s; fine for development on this machine, never for production (docs/security.md)",
+            "no TLS" if not settings.tls else "no access policy",
+            extra={"host": settings.host, "allow_insecure": settings.allow_insecure},
+        )
     stop_requested.wait()
     log.info(
         "stopping",

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from crypto_client.v1 import crypto_service_pb2, key_service_pb2
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.clock import Clock, SystemClock
+from crypto_server.domain.errors import InvalidArgument, KeyNotFound
 from crypto_server.domain.key_integrity import (
     METADATA_KEY_RECORD,
     MetadataAuthenticator,
@@ -39,12 +40,16 @@ from crypto_server.storage.integrity import AuthenticatedKeyStore
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
+from crypto_server.transport.authorization import AccessControl, parse_policy
 from crypto_server.transport.crypto_servicer import CryptoServicer
 from crypto_server.transport.health import StoreHealthMonitor
+from crypto_server.transport.identity import TokenVerifier, parse_jwks
 from crypto_server.transport.key_servicer import KeyServicer
 from crypto_server.transport.metrics import Metrics
 from crypto_server.transport.middleware import InFlightCalls, RpcLimits, RpcMiddleware, add_service
 from crypto_server.transport.streams import StreamSlots
+from crypto_server.transport.tls import CertificateError, ServerCertificates
+from crypto_server.watched_file import WatchedFile, WatchedFileError
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,16 @@ class _Stoppable(Protocol):
     def stop(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class _StoppedServer:
+    """A grpc server as a background task (the health port): stopped at once, after the main server."""
+
+    server: grpc.Server
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+
+
 @dataclass
 class CryptoServer:
     """A started server and what it takes to stop it cleanly."""
@@ -88,6 +103,8 @@ class CryptoServer:
     health_monitor: StoreHealthMonitor
     metrics: Metrics | None = None
     metrics_port: int | None = None
+    # The plaintext port serving only grpc.health.v1.Health (CRYPTO_HEALTH_PORT); stopped with `background`.
+    health_port: int | None = None
     # Threads that serve the requests (cross-replica invalidation): stopped after the last call.
     background: list[_Stoppable] = field(default_factory=list)
 
@@ -164,6 +181,72 @@ def load_metadata_authenticator(store: KeyStore, roots: tuple[WrappingKey, ...])
     if metadata_key is None:
         raise ConfigError("the key store's metadata key does not open under the root key (the store was altered)")
     return MetadataAuthenticator(metadata_key)
+
+
+def build_access_control(settings: Settings, keyring: Keyring) -> AccessControl | None:
+    """Caller identification (mTLS, bearer tokens) and the access policy, as configured; None in development."""
+    if settings.tls_client_ca_file is None and settings.jwks_file is None and settings.policy_file is None:
+        return None
+    try:
+        tokens = None
+        if settings.jwks_file is not None and settings.jwt_issuer and settings.jwt_audience:
+            jwks = WatchedFile(
+                settings.jwks_file,
+                parse_jwks,
+                what="JWKS (CRYPTO_JWKS_FILE)",
+                check_interval_s=settings.reload_interval_s,
+            )
+            tokens = TokenVerifier(jwks, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+        policy = None
+        if settings.policy_file is not None:
+            policy = WatchedFile(
+                settings.policy_file,
+                parse_policy,
+                what="access policy (CRYPTO_POLICY_FILE)",
+                check_interval_s=settings.reload_interval_s,
+            )
+    except WatchedFileError as error:
+        raise ConfigError(str(error)) from None
+    if policy is None:
+        log.warning("no access policy (CRYPTO_POLICY_FILE): callers are identified but not restricted")
+
+    def key_labels(tenant_id: str, key_id: str) -> dict[str, str] | None:
+        try:
+            return dict(keyring.lookup(tenant_id, key_id).key.labels)
+        except (KeyNotFound, InvalidArgument):
+            return None
+
+    return AccessControl(tokens=tokens, policy=policy, key_labels=key_labels)
+
+
+def _listen(server: grpc.Server, settings: Settings) -> int:
+    """Bind the main port: TLS (certificates re-read on change) when configured, else plaintext."""
+    address = f"{settings.host}:{settings.port}"
+    try:
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            try:
+                certificates = ServerCertificates(
+                    settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+                )
+            except CertificateError as error:
+                raise ConfigError(f"CRYPTO_TLS_*: {error}") from None
+            return server.add_secure_port(address, certificates.credentials())
+        return server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise ConfigError(f"cannot listen on {address}: {error}") from None
+
+
+def _serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+    """A plaintext server with nothing but the health service (the same servicer, so the same answers)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{settings.host}:{settings.health_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise ConfigError(f"cannot listen on {address} (CRYPTO_HEALTH_PORT): {error}") from None
+    server.start()
+    return server, port
 
 
 def _open_store(settings: Settings) -> tuple[KeyStore, str]:
@@ -272,7 +355,9 @@ def build_server(
             quotas=quotas_for(settings.tenant_rate, settings.tenant_burst),
             max_response_bytes=message_limit,
         )
-        middleware = RpcMiddleware(in_flight, observer=metrics, limits=limits)
+        middleware = RpcMiddleware(
+            in_flight, observer=metrics, limits=limits, access=build_access_control(settings, keyring)
+        )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
             interceptors=list(interceptors),
@@ -297,14 +382,16 @@ def build_server(
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for add_extra_service in register:
             add_extra_service(server)
-        reflection.enable_server_reflection(
-            (KEY_SERVICE, CRYPTO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        try:
-            port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-        except RuntimeError as error:
-            raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {error}") from None
+        if settings.reflection_enabled:
+            reflection.enable_server_reflection(
+                (KEY_SERVICE, CRYPTO_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        port = _listen(server, settings)
         server.start()
+        health_port = None
+        if settings.health_port is not None:
+            health_server, health_port = _serve_health(settings, health_servicer)
+            background.append(_StoppedServer(health_server))
         metrics_port = None
         if metrics is not None and settings.metrics_port is not None:
             metrics.watch_state(keyring, store, clock)
@@ -332,5 +419,6 @@ def build_server(
         health_monitor=monitor,
         metrics=metrics,
         metrics_port=metrics_port,
+        health_port=health_port,
         background=background,
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,36 @@ class Settings:
     store_concurrency: int | None = None
     # After SIGTERM: seconds of serving on with health NOT_SERVING, so balancers stop sending first.
     shutdown_drain_s: float = 0.0
+    # Transport security and access control (docs/security.md, "Identity and access").
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Client certificates required and verified against this CA (mTLS).
+    tls_client_ca_file: Path | None = None
+    # A plaintext port serving only grpc.health.v1.Health (probes when the main port requires mTLS).
+    health_port: int | None = None
+    jwks_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    # With a policy, every call needs an identity and a grant; without one, callers are only identified.
+    policy_file: Path | None = None
+    # None: on in development (loopback, no TLS), off otherwise.
+    reflection: bool | None = None
+    # How often the policy and JWKS files are checked for a new version.
+    reload_interval_s: float = 1.0
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def loopback_only(self) -> bool:
+        return is_loopback(self.host)
+
+    @property
+    def reflection_enabled(self) -> bool:
+        if self.reflection is not None:
+            return self.reflection
+        return self.loopback_only and not self.tls
 
     @property
     def store_call_limit(self) -> int:
@@ -219,8 +250,23 @@ class Settings:
                 f"CRYPTO_TENANT_BURST ({tenant_burst}) must be at least CRYPTO_MAX_BATCH_ITEMS ({max_batch_items}): "
                 "a batch costs one token per item and could never pass"
             )
+        security = _security_settings(env, flag, number)
+        host = text("CRYPTO_HOST", defaults.host)
+        protected = security["tls_cert_file"] and security["policy_file"]
+        if not is_loopback(host) and not protected and not flag("CRYPTO_ALLOW_INSECURE"):
+            raise ConfigError(
+                f"CRYPTO_HOST={host} is reachable from other machines, but the server lacks TLS "
+                "(CRYPTO_TLS_CERT_FILE, CRYPTO_TLS_KEY_FILE) or an access policy (CRYPTO_POLICY_FILE): any "
+                "process that reaches the port could act as any tenant. Configure both, bind 127.0.0.1, or "
+                "set CRYPTO_ALLOW_INSECURE=1 if something in front (a mesh sidecar) does both"
+            )
+        health_port = None
+        if env.get("CRYPTO_HEALTH_PORT", "").strip():
+            health_port = integer("CRYPTO_HEALTH_PORT", 0, 0, 65535)
         return cls(
-            host=text("CRYPTO_HOST", defaults.host),
+            host=host,
+            health_port=health_port,
+            **security,
             port=integer("CRYPTO_PORT", defaults.port, 0, 65535),
             workers=workers,
             data_dir=Path(text("CRYPTO_DATA_DIR", str(defaults.data_dir))),
@@ -265,6 +311,57 @@ class Settings:
             invalidation_interval_s=number("CRYPTO_INVALIDATION_INTERVAL", defaults.invalidation_interval_s, 0.05, 60),
             **hsm,
         )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _security_settings(
+    env: Mapping[str, str], flag: Callable[[str], bool], number: Callable[[str, float, float, float], float]
+) -> dict[str, Any]:
+    """The CRYPTO_TLS_*, CRYPTO_JWT*/JWKS, CRYPTO_POLICY_FILE and CRYPTO_REFLECTION settings, checked together."""
+
+    def path(name: str) -> Path | None:
+        raw = env.get(name, "").strip()
+        return Path(raw) if raw else None
+
+    cert, key, client_ca = path("CRYPTO_TLS_CERT_FILE"), path("CRYPTO_TLS_KEY_FILE"), path("CRYPTO_TLS_CLIENT_CA_FILE")
+    if (cert is None) != (key is None):
+        raise ConfigError("CRYPTO_TLS_CERT_FILE and CRYPTO_TLS_KEY_FILE go together: set both or neither")
+    if client_ca is not None and cert is None:
+        raise ConfigError("CRYPTO_TLS_CLIENT_CA_FILE (mTLS) needs CRYPTO_TLS_CERT_FILE and CRYPTO_TLS_KEY_FILE")
+    jwks = path("CRYPTO_JWKS_FILE")
+    issuer = env.get("CRYPTO_JWT_ISSUER", "").strip() or None
+    audience = env.get("CRYPTO_JWT_AUDIENCE", "").strip() or None
+    if jwks is not None and (issuer is None or audience is None):
+        raise ConfigError("CRYPTO_JWKS_FILE needs CRYPTO_JWT_ISSUER and CRYPTO_JWT_AUDIENCE (every token is checked)")
+    if jwks is None and (issuer or audience):
+        raise ConfigError("CRYPTO_JWT_ISSUER and CRYPTO_JWT_AUDIENCE need CRYPTO_JWKS_FILE (the issuer's public keys)")
+    policy = path("CRYPTO_POLICY_FILE")
+    if policy is not None and client_ca is None and jwks is None:
+        raise ConfigError(
+            "CRYPTO_POLICY_FILE needs a way for callers to prove who they are: CRYPTO_TLS_CLIENT_CA_FILE (mTLS) "
+            "or CRYPTO_JWKS_FILE (bearer tokens)"
+        )
+    reflection = flag("CRYPTO_REFLECTION") if env.get("CRYPTO_REFLECTION", "").strip() else None
+    return {
+        "tls_cert_file": cert,
+        "tls_key_file": key,
+        "tls_client_ca_file": client_ca,
+        "jwks_file": jwks,
+        "jwt_issuer": issuer,
+        "jwt_audience": audience,
+        "policy_file": policy,
+        "reflection": reflection,
+        "reload_interval_s": number("CRYPTO_RELOAD_INTERVAL", 1.0, 0, 3600),
+    }
 
 
 def _pkcs11_settings(

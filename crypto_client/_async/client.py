@@ -103,7 +103,7 @@ class AsyncCryptoClient:
                     core.metrics.add("attempts")
                     sent = True
                     try:
-                        return await rpc(request, timeout=attempt_timeout, metadata=metadata)
+                        return await rpc(request, timeout=attempt_timeout, metadata=core.attempt_metadata(metadata))
                     except grpc.RpcError as error:
                         raise from_rpc_error(error) from None
         except BaseException as error:
@@ -438,7 +438,7 @@ class AsyncCryptoClient:
         self._watch.poll()
         core.admit()
         core.metrics.add("attempts")
-        call = rpc(requests, timeout=timeout, metadata=core.call_metadata())
+        call = rpc(requests, timeout=timeout, metadata=core.attempt_metadata(core.call_metadata()))
         outcome: BaseException | None = None
         try:
             async for response in call:

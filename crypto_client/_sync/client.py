@@ -102,7 +102,7 @@ class CryptoClient:
                     core.metrics.add("attempts")
                     sent = True
                     try:
-                        return rpc(request, timeout=attempt_timeout, metadata=metadata)
+                        return rpc(request, timeout=attempt_timeout, metadata=core.attempt_metadata(metadata))
                     except grpc.RpcError as error:
                         raise from_rpc_error(error) from None
         except BaseException as error:
@@ -433,7 +433,7 @@ class CryptoClient:
         self._watch.poll()
         core.admit()
         core.metrics.add("attempts")
-        call = rpc(requests, timeout=timeout, metadata=core.call_metadata())
+        call = rpc(requests, timeout=timeout, metadata=core.attempt_metadata(core.call_metadata()))
         outcome: BaseException | None = None
         try:
             for response in call:

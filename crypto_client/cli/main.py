@@ -9,7 +9,8 @@
     cryptoctl decrypt --in video.mp4.enc > video.mp4
 
 Global options (--target, --tenant, --json, --field, --timeout) go before or after the command.
-Target and tenant default to $CRYPTO_TARGET (localhost:3009) and $CRYPTO_TENANT.
+Target and tenant default to $CRYPTO_TARGET (localhost:3009) and $CRYPTO_TENANT. TLS: --ca ($CRYPTO_CA_FILE);
+mTLS: also --cert and --client-key ($CRYPTO_CERT_FILE, $CRYPTO_KEY_FILE); a bearer token: --token ($CRYPTO_TOKEN).
 
 Exit codes: 0 success; 1 any other error; 2 usage; 3 not found; 4 invalid argument or undecryptable input;
 5 the key's state forbids it (disabled, expired, wrong type or algorithm); 6 service unavailable, circuit
@@ -50,6 +51,7 @@ from crypto_client import (
     KeyState,
     KeyType,
     ServiceUnavailableError,
+    tls_credentials,
 )
 from crypto_client.files import write_atomically
 
@@ -360,6 +362,17 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument(
         "--timeout", type=float, default=default(10.0), metavar="SECONDS", help="deadline per call (not for files)"
     )
+    parser.add_argument("--ca", default=default(None), metavar="PEM", help="TLS: the server's CA ($CRYPTO_CA_FILE)")
+    parser.add_argument(
+        "--cert", default=default(None), metavar="PEM", help="mTLS: client certificate ($CRYPTO_CERT_FILE)"
+    )
+    # Not --key: encrypt and decrypt take --key for the key id.
+    parser.add_argument(
+        "--client-key", default=default(None), metavar="PEM", help="mTLS: the --cert's private key ($CRYPTO_KEY_FILE)"
+    )
+    parser.add_argument(
+        "--token", default=default(None), help="bearer token (JWT) sent with every call ($CRYPTO_TOKEN)"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -420,11 +433,26 @@ def parser() -> argparse.ArgumentParser:
 def _defaults(args: argparse.Namespace) -> argparse.Namespace:
     args.target = args.target or os.environ.get("CRYPTO_TARGET", "localhost:3009")
     args.tenant = args.tenant if args.tenant is not None else os.environ.get("CRYPTO_TENANT", "")
+    args.ca = args.ca or os.environ.get("CRYPTO_CA_FILE") or None
+    args.cert = args.cert or os.environ.get("CRYPTO_CERT_FILE") or None
+    args.client_key = args.client_key or os.environ.get("CRYPTO_KEY_FILE") or None
+    args.token = args.token or os.environ.get("CRYPTO_TOKEN") or None
     if args.command == "encrypt" and not args.key:
         raise UsageError("encrypt needs --key")
     if args.command != "health" and not args.tenant:
         raise UsageError("--tenant (or $CRYPTO_TENANT) is required")
     return args
+
+
+def _client_config(args: argparse.Namespace) -> ClientConfig:
+    """TLS when a CA or a client certificate is given (mTLS with --cert/--key), a bearer token with --token."""
+    credentials = None
+    if args.ca or args.cert or args.client_key:
+        credentials = tls_credentials(args.ca, args.cert, args.client_key)
+    token: str | None = args.token
+    return ClientConfig(
+        timeout_s=args.timeout, credentials=credentials, token_provider=(lambda: token) if token else None
+    )
 
 
 def _exit_code(error: CryptoClientError) -> int:
@@ -447,7 +475,7 @@ def _fail(message: str, code: int) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _defaults(parser().parse_args(argv))
-        config = ClientConfig(timeout_s=args.timeout)
+        config = _client_config(args)
         with CryptoClient(args.target, args.tenant or "health", config) as client:
             return _run(args, client, Output(args.json, args.field))
     except BrokenPipeError:

@@ -78,6 +78,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     recently cannot be unwrapped; keys in use keep working. The call may be
     retried.
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 20
+    """The call carries no identity the server accepts: no client certificate
+    (mTLS) and no valid `authorization: Bearer` token (expired, wrong
+    audience or issuer, bad signature). Fix the credentials, then retry.
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 21
+    """The access policy does not let the caller do this for this tenant (or
+    this key's labels); ErrorInfo.metadata["permission"] names the permission
+    needed. Says nothing about whether the tenant or key exists.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -141,5 +151,15 @@ ERROR_REASON_ROOT_KEY_UNAVAILABLE: ErrorReason.ValueType  # 18
 """The root key's HSM cannot be reached, so a key this server has not used
 recently cannot be unwrapped; keys in use keep working. The call may be
 retried.
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 20
+"""The call carries no identity the server accepts: no client certificate
+(mTLS) and no valid `authorization: Bearer` token (expired, wrong
+audience or issuer, bad signature). Fix the credentials, then retry.
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 21
+"""The access policy does not let the caller do this for this tenant (or
+this key's labels); ErrorInfo.metadata["permission"] names the permission
+needed. Says nothing about whether the tenant or key exists.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -167,3 +167,23 @@ class ServerShuttingDown(CryptoServiceError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down and takes no new calls; retry (another replica will answer)")
+
+
+class Unauthenticated(CryptoServiceError):
+    """The call carries no identity this server accepts (no client certificate, no valid bearer token)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(
+            f"{why}; present a client certificate (mTLS) or an 'authorization: Bearer <JWT>' header this server accepts"
+        )
+
+
+class PermissionDenied(CryptoServiceError):
+    """The caller may not make this call. Says nothing of whether the tenant or the key exists."""
+
+    def __init__(self, permission: str) -> None:
+        super().__init__(
+            f"the caller may not do this: the access policy grants it no {permission!r} permission for this "
+            "tenant and key"
+        )
+        self.permission = permission

@@ -37,6 +37,8 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.QuotaExceeded: (grpc.StatusCode.RESOURCE_EXHAUSTED, errors_pb2.ERROR_REASON_TENANT_QUOTA),
     errors.ResponseTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, errors_pb2.ERROR_REASON_RESPONSE_TOO_LARGE),
     errors.ServerShuttingDown: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_SHUTTING_DOWN),
+    errors.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, errors_pb2.ERROR_REASON_UNAUTHENTICATED),
+    errors.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, errors_pb2.ERROR_REASON_PERMISSION_DENIED),
 }
 
 
@@ -67,6 +69,8 @@ def describe(error: errors.CryptoServiceError) -> ErrorDescription:
         metadata["idle_timeout_s"] = f"{error.idle_timeout_s:g}"
     elif isinstance(error, errors.StreamLimitReached):
         metadata["limit"] = str(error.limit)
+    elif isinstance(error, errors.PermissionDenied):
+        metadata["permission"] = error.permission
     return ErrorDescription(code, reason, error.message, metadata, retry_delay_s)
 
 

@@ -1,6 +1,8 @@
 """Cross-cutting concerns for every caas.crypto.v1 RPC, in one middleware:
 
 - a request id (the caller's `x-request-id` metadata, or a new one), echoed back;
+- who is calling and whether it may (transport/authorization.py), before anything else runs; the caller
+  is `call_context.current_principal` for the whole call;
 - domain errors turned into rich statuses through the error table;
 - a last-resort INTERNAL that reveals nothing, for bugs;
 - a request body that does not parse becomes INVALID_ARGUMENT, not INTERNAL;
@@ -29,10 +31,12 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from crypto_server.call_context import ANONYMOUS, current_principal
 from crypto_server.call_deadline import enter_call, leave_call
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument, ResponseTooLarge, ServerShuttingDown
 from crypto_server.service.quotas import NoQuotas, Quotas
 from crypto_server.transport import access_log
+from crypto_server.transport.authorization import AccessControl
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
 from crypto_server.transport.metrics import NullRpcObserver, RpcObserver
 from crypto_server.transport.streams import (
@@ -161,8 +165,11 @@ class RpcMiddleware:
         in_flight: InFlightCalls | None = None,
         observer: RpcObserver | None = None,
         limits: RpcLimits | None = None,
+        access: AccessControl | None = None,
     ) -> None:
+        """`access`: identify and authorize callers (None: development, every caller is anonymous)."""
         self.in_flight = in_flight or InFlightCalls()
+        self.access = access
         self._observer: RpcObserver = observer or NullRpcObserver()
         self.limits = limits or RpcLimits()
 
@@ -196,8 +203,11 @@ class RpcMiddleware:
         in_flight = self.in_flight
         observer = self._observer
         limits = self.limits
+        access = self.access
+        rpc_name = method.rsplit("/", 1)[-1]
 
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+            current_principal.set(ANONYMOUS)
             entered = in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
@@ -212,12 +222,20 @@ class RpcMiddleware:
                         raise InvalidArgument("request", "a stream message is not a valid protobuf message")
                     if not first:
                         first.append(request)
+                        # -- authorization (on the opening message, which names the tenant and key) --
+                        if access is not None:
+                            access.authorize(rpc_name, current_principal.get() or ANONYMOUS, request)
+                        # -- end of authorization --
                         limits.quotas.charge(getattr(request, "tenant_id", ""))
                     yield request
 
             try:
                 if not entered:
                     raise ServerShuttingDown()
+                # -- authentication --
+                if access is not None:
+                    current_principal.set(access.identify(context))
+                # -- end of authentication --
                 limits.streams.take()
                 slot_taken = True
                 deadline = enter_call(context.time_remaining())
@@ -255,6 +273,8 @@ class RpcMiddleware:
                         (time.perf_counter() - started) * 1000,
                         request_id,
                     )
+                # Last: the lines above may read it. Not reset(): a generator may be closed in another context.
+                current_principal.set(None)
 
         return handle
 
@@ -266,8 +286,11 @@ class RpcMiddleware:
         log_calls = access_log.enabled
         charge = self.limits.quotas.charge
         max_response_bytes = self.limits.max_response_bytes
+        access = self.access
+        rpc_name = method.rsplit("/", 1)[-1]
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            principal_token = current_principal.set(ANONYMOUS)
             entered = in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
@@ -276,14 +299,24 @@ class RpcMiddleware:
             try:
                 if not entered:
                     raise ServerShuttingDown()
+                # -- authentication and authorization (transport/authorization.py) --
+                narrow_response = None
+                if access is not None:
+                    principal = access.identify(context)
+                    current_principal.set(principal)
                 if request is _MALFORMED:
                     raise InvalidArgument("request", "the request body is not a valid protobuf message")
+                if access is not None:
+                    narrow_response = access.authorize(rpc_name, principal, request)
+                # -- end of authentication and authorization --
                 charge(getattr(request, "tenant_id", ""), _cost(request) if per_item else 1)
                 deadline = enter_call(context.time_remaining())
                 try:
                     response = behaviour(request, context)
                 finally:
                     leave_call(deadline)
+                if narrow_response is not None:
+                    response = narrow_response(response)
                 # grpc would refuse to send it (RESOURCE_EXHAUSTED) after this returns, unseen by the log line.
                 size = response.ByteSize()
                 if size > max_response_bytes:
@@ -311,6 +344,7 @@ class RpcMiddleware:
                         (time.perf_counter() - started) * 1000,
                         request_id,
                     )
+                current_principal.reset(principal_token)  # last: the lines above may read it
 
         return handle
 

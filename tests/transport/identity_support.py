@@ -1,0 +1,273 @@
+"""Certificates, tokens, policies and the per-RPC call table for the access-control tests."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_server.transport.authorization import REQUIRED_PERMISSIONS
+
+TENANT = "acme"
+OTHER_TENANT = "globex"
+# Holds a permission no RPC needs (audit_read), for the right tenant: "right tenant, wrong permission".
+NO_RPC_PERMISSION = "spiffe://caas/test/audit-reader"
+OPERATOR = "spiffe://caas/test/operator"
+OTHER_TENANT_OPERATOR = "spiffe://caas/test/globex-operator"
+MESSAGING = "spiffe://caas/ns/messaging/sa/chat"
+ALL_PERMISSIONS = [
+    "encrypt", "decrypt", "generate_data_key", "mac", "sign", "session_keys", "manage_keys", "read_keys",
+]  # fmt: skip
+
+
+def principal_holding(permissions: tuple[str, ...]) -> str:
+    return "spiffe://caas/test/holds/" + "+".join(permissions)
+
+
+def matrix_policy() -> dict[str, Any]:
+    """One principal per permission set the RPCs need, an operator, another tenant's operator, and the
+    messaging service narrowed to keys labelled team=messaging."""
+    rules: list[dict[str, Any]] = [
+        {"principals": [principal_holding(needed)], "tenants": [TENANT], "permissions": list(needed)}
+        for needed in sorted({tuple(p.value for p in perms) for perms in REQUIRED_PERMISSIONS.values()})
+    ]
+    rules += [
+        {"principals": [OPERATOR], "tenants": "*", "permissions": ALL_PERMISSIONS},
+        {"principals": [OTHER_TENANT_OPERATOR], "tenants": [OTHER_TENANT], "permissions": ALL_PERMISSIONS},
+        {"principals": [NO_RPC_PERMISSION], "tenants": [TENANT], "permissions": ["audit_read"]},
+        {
+            "principals": ["spiffe://caas/ns/messaging/*"],
+            "tenants": [TENANT],
+            "permissions": ALL_PERMISSIONS,
+            "labels": {"team": "messaging"},
+        },
+    ]
+    return {"version": 1, "rules": rules}
+
+
+def issue_client_cert(
+    ca: trustme.CA, *, spiffe_id: str | None = None, common_name: str | None = None
+) -> tuple[bytes, bytes]:
+    """(private key PEM, certificate PEM) for a client, signed by `ca` (trustme issues no URI SANs)."""
+    ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else [])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    if spiffe_id:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=False
+        )
+    certificate = builder.sign(ca_key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, certificate.public_bytes(serialization.Encoding.PEM)
+
+
+def write_server_files(ca: trustme.CA, directory: Path, *, client_ca: trustme.CA | None = None) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    paths = {"cert": directory / "server.pem", "key": directory / "server.key", "ca": directory / "clients-ca.pem"}
+    leaf.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    leaf.private_key_pem.write_to_path(str(paths["key"]))
+    (client_ca or ca).cert_pem.write_to_path(str(paths["ca"]))
+    return paths
+
+
+def tls_channel(
+    address: str, server_ca: trustme.CA, client: tuple[bytes, bytes] | None = None, **options: Any
+) -> grpc.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=server_ca.cert_pem.bytes(),
+        private_key=client[0] if client else None,
+        certificate_chain=client[1] if client else None,
+    )
+    return grpc.secure_channel(address, credentials, options=list(options.items()))
+
+
+@dataclass
+class TokenIssuer:
+    """An EC P-256 JWT issuer and its JWKS."""
+
+    issuer: str = "https://issuer.test"
+    audience: str = "caas-crypto"
+    kid: str = field(default_factory=lambda: base64.urlsafe_b64encode(os.urandom(6)).decode())
+    key: ec.EllipticCurvePrivateKey = field(default_factory=lambda: ec.generate_private_key(ec.SECP256R1()))
+
+    def jwks(self) -> dict[str, Any]:
+        public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(self.key.public_key()))
+        return {"keys": [{**public, "kid": self.kid, "alg": "ES256", "use": "sig"}]}
+
+    def token(self, subject: str, *, lifetime_s: float = 300, **claims: Any) -> str:
+        now = int(time.time())
+        payload = {"sub": subject, "iss": self.issuer, "aud": self.audience, "iat": now, "exp": now + lifetime_s}
+        payload.update(claims)
+        return jwt.encode(payload, self.key, algorithm="ES256", headers={"kid": self.kid})
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass
+class Stubs:
+    keys: key_service_pb2_grpc.KeyServiceStub
+    crypto: crypto_service_pb2_grpc.CryptoServiceStub
+
+    @classmethod
+    def on(cls, channel: grpc.Channel) -> Stubs:
+        return cls(key_service_pb2_grpc.KeyServiceStub(channel), crypto_service_pb2_grpc.CryptoServiceStub(channel))
+
+
+@dataclass
+class TenantKeys:
+    """Keys of TENANT (and what they made), created by the operator for the matrix to use."""
+
+    data: str
+    toggled: str
+    hmac: str
+    signing: str
+    session: str
+    ciphertext: bytes
+    stream: bytes
+    mac: bytes
+    signature: bytes
+
+    @classmethod
+    def create(
+        cls, stubs: Stubs, metadata: tuple[tuple[str, str], ...] = (), labels: dict[str, str] | None = None
+    ) -> TenantKeys:
+        def key(algorithm: int = resources_pb2.ALGORITHM_AES_256_GCM) -> str:
+            request = key_pb.CreateKeyRequest(
+                tenant_id=TENANT, key_type=resources_pb2.KEY_TYPE_DATA, algorithm=algorithm, labels=labels or {}
+            )
+            return str(stubs.keys.CreateKey(request, metadata=metadata).key.key_id)
+
+        data, toggled = key(), key()
+        hmac, signing = key(resources_pb2.ALGORITHM_HMAC_SHA256), key(resources_pb2.ALGORITHM_ED25519)
+        session = stubs.keys.GenerateSessionKey(
+            key_pb.GenerateSessionKeyRequest(tenant_id=TENANT, labels=labels or {}), metadata=metadata
+        ).key.key_id
+        sealed = stubs.crypto.Encrypt(
+            crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=data, plaintext=b"secret"), metadata=metadata
+        ).ciphertext
+        stream = b"".join(
+            reply.chunk
+            for reply in stubs.crypto.EncryptStream(
+                iter([crypto_pb.EncryptStreamRequest(tenant_id=TENANT, key_id=data, chunk=b"streamed")]),
+                metadata=metadata,
+            )
+        )
+        mac = stubs.crypto.ComputeMac(
+            crypto_pb.ComputeMacRequest(tenant_id=TENANT, key_id=hmac, data=b"m"), metadata=metadata
+        ).mac
+        signature = stubs.crypto.Sign(
+            crypto_pb.SignRequest(tenant_id=TENANT, key_id=signing, message=b"m"), metadata=metadata
+        ).signature
+        return cls(data, toggled, hmac, signing, session, sealed, stream, mac, signature)
+
+
+Call = Callable[[Stubs, TenantKeys, tuple[tuple[str, str], ...]], object]
+
+
+def _stream(responses: Iterator[Any]) -> list[Any]:
+    return list(responses)
+
+
+# Every RPC, called for TENANT the way a legitimate caller would.
+RPC_CALLS: dict[str, Call] = {
+    "CreateKey": lambda s, k, m: s.keys.CreateKey(
+        key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=resources_pb2.KEY_TYPE_DATA), metadata=m
+    ),
+    "GetKey": lambda s, k, m: s.keys.GetKey(key_pb.GetKeyRequest(tenant_id=TENANT, key_id=k.data), metadata=m),
+    "ListKeys": lambda s, k, m: s.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT), metadata=m),
+    "RotateKey": lambda s, k, m: s.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=k.data), metadata=m),
+    "DisableKey": lambda s, k, m: s.keys.DisableKey(
+        key_pb.DisableKeyRequest(tenant_id=TENANT, key_id=k.toggled), metadata=m
+    ),
+    "EnableKey": lambda s, k, m: s.keys.EnableKey(
+        key_pb.EnableKeyRequest(tenant_id=TENANT, key_id=k.toggled), metadata=m
+    ),
+    "GenerateSessionKey": lambda s, k, m: s.keys.GenerateSessionKey(
+        key_pb.GenerateSessionKeyRequest(tenant_id=TENANT), metadata=m
+    ),
+    "GetSessionKey": lambda s, k, m: s.keys.GetSessionKey(
+        key_pb.GetSessionKeyRequest(tenant_id=TENANT, key_id=k.session), metadata=m
+    ),
+    "Encrypt": lambda s, k, m: s.crypto.Encrypt(
+        crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=k.data, plaintext=b"p"), metadata=m
+    ),
+    "Decrypt": lambda s, k, m: s.crypto.Decrypt(
+        crypto_pb.DecryptRequest(tenant_id=TENANT, ciphertext=k.ciphertext), metadata=m
+    ),
+    "GenerateDataKey": lambda s, k, m: s.crypto.GenerateDataKey(
+        crypto_pb.GenerateDataKeyRequest(tenant_id=TENANT, key_id=k.data), metadata=m
+    ),
+    "ReEncrypt": lambda s, k, m: s.crypto.ReEncrypt(
+        crypto_pb.ReEncryptRequest(tenant_id=TENANT, ciphertext=k.ciphertext, destination_key_id=k.data), metadata=m
+    ),
+    "BatchEncrypt": lambda s, k, m: s.crypto.BatchEncrypt(
+        crypto_pb.BatchEncryptRequest(
+            tenant_id=TENANT, items=[crypto_pb.BatchEncryptRequest.Item(key_id=k.data, plaintext=b"p")]
+        ),
+        metadata=m,
+    ),
+    "BatchDecrypt": lambda s, k, m: s.crypto.BatchDecrypt(
+        crypto_pb.BatchDecryptRequest(
+            tenant_id=TENANT, items=[crypto_pb.BatchDecryptRequest.Item(ciphertext=k.ciphertext)]
+        ),
+        metadata=m,
+    ),
+    "ComputeMac": lambda s, k, m: s.crypto.ComputeMac(
+        crypto_pb.ComputeMacRequest(tenant_id=TENANT, key_id=k.hmac, data=b"m"), metadata=m
+    ),
+    "VerifyMac": lambda s, k, m: s.crypto.VerifyMac(
+        crypto_pb.VerifyMacRequest(tenant_id=TENANT, key_id=k.hmac, data=b"m", mac=k.mac), metadata=m
+    ),
+    "Sign": lambda s, k, m: s.crypto.Sign(
+        crypto_pb.SignRequest(tenant_id=TENANT, key_id=k.signing, message=b"m"), metadata=m
+    ),
+    "Verify": lambda s, k, m: s.crypto.Verify(
+        crypto_pb.VerifyRequest(tenant_id=TENANT, key_id=k.signing, message=b"m", signature=k.signature), metadata=m
+    ),
+    "GetPublicKey": lambda s, k, m: s.crypto.GetPublicKey(
+        crypto_pb.GetPublicKeyRequest(tenant_id=TENANT, key_id=k.signing), metadata=m
+    ),
+    "EncryptStream": lambda s, k, m: _stream(
+        s.crypto.EncryptStream(
+            iter([crypto_pb.EncryptStreamRequest(tenant_id=TENANT, key_id=k.data, chunk=b"x")]), metadata=m
+        )
+    ),
+    "DecryptStream": lambda s, k, m: _stream(
+        s.crypto.DecryptStream(iter([crypto_pb.DecryptStreamRequest(tenant_id=TENANT, chunk=k.stream)]), metadata=m)
+    ),
+}

@@ -1,0 +1,279 @@
+"""mTLS and the access policy, over real TLS: every RPC against every kind of caller, label narrowing,
+policy reload, certificate reload, and what a caller without the right certificate gets."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from crypto_client import ClientConfig, CryptoClient, tls_credentials
+from crypto_client.cli.main import main as cryptoctl
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_server.app import CryptoServer, build_server
+from crypto_server.config import Settings
+from crypto_server.transport.authorization import REQUIRED_PERMISSIONS
+from tests.conftest import FakeClock, error_info
+from tests.transport.identity_support import (
+    MESSAGING,
+    NO_RPC_PERMISSION,
+    OPERATOR,
+    OTHER_TENANT_OPERATOR,
+    RPC_CALLS,
+    TENANT,
+    Stubs,
+    TenantKeys,
+    issue_client_cert,
+    matrix_policy,
+    principal_holding,
+    tls_channel,
+    write_server_files,
+)
+
+
+@dataclass
+class MtlsServer:
+    running: CryptoServer
+    ca: trustme.CA
+    files: dict[str, Path]
+    policy_file: Path
+    keys: TenantKeys
+    channels: dict[str, grpc.Channel]
+
+    @property
+    def address(self) -> str:
+        return f"localhost:{self.running.port}"
+
+    def stubs(self, principal: str) -> Stubs:
+        if principal not in self.channels:
+            self.channels[principal] = tls_channel(
+                self.address, self.ca, issue_client_cert(self.ca, spiffe_id=principal)
+            )
+        return Stubs.on(self.channels[principal])
+
+
+@pytest.fixture(scope="module")
+def mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MtlsServer]:
+    directory = tmp_path_factory.mktemp("mtls")
+    ca = trustme.CA()
+    files = write_server_files(ca, directory / "tls")
+    policy_file = directory / "policy.json"
+    policy_file.write_text(json.dumps(matrix_policy()))
+    settings = Settings(
+        host="127.0.0.1",
+        port=0,
+        workers=8,
+        data_dir=directory / "data",
+        root_key=base64.b64encode(os.urandom(32)).decode(),
+        tls_cert_file=files["cert"],
+        tls_key_file=files["key"],
+        tls_client_ca_file=files["ca"],
+        policy_file=policy_file,
+        health_port=0,
+        reload_interval_s=0,
+    )
+    running = build_server(settings, clock=FakeClock())
+    server = MtlsServer(running, ca, files, policy_file, keys=None, channels={})
+    server.keys = TenantKeys.create(server.stubs(OPERATOR))
+    yield server
+    for channel in server.channels.values():
+        channel.close()
+    running.stop(0)
+
+
+def _code(call: object) -> grpc.StatusCode:
+    try:
+        call()  # type: ignore[operator]
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_every_rpc_has_a_permission_and_a_call_in_the_matrix() -> None:
+    from crypto_server.app import _CRYPTO_SERVICE_DESCRIPTOR, _KEY_SERVICE_DESCRIPTOR
+
+    methods = {m.name for s in (_KEY_SERVICE_DESCRIPTOR, _CRYPTO_SERVICE_DESCRIPTOR) for m in s.methods}
+    assert methods == set(REQUIRED_PERMISSIONS) == set(RPC_CALLS)
+
+
+@pytest.mark.parametrize("rpc", sorted(RPC_CALLS))
+def test_rpc_is_allowed_only_with_its_permission_for_its_tenant(mtls: MtlsServer, rpc: str) -> None:
+    call = RPC_CALLS[rpc]
+    needed = tuple(permission.value for permission in REQUIRED_PERMISSIONS[rpc])
+
+    for principal in (OTHER_TENANT_OPERATOR, NO_RPC_PERMISSION):
+        with pytest.raises(grpc.RpcError) as caught:
+            call(mtls.stubs(principal), mtls.keys, ())
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, caught.value.details()
+        assert error_info(caught.value).reason == "ERROR_REASON_PERMISSION_DENIED"
+    if len(needed) > 1:  # half of what ReEncrypt needs is not enough
+        assert _code(lambda: call(mtls.stubs(principal_holding(needed[:1])), mtls.keys, ())) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+    call(mtls.stubs(principal_holding(needed)), mtls.keys, ())
+
+
+def test_denial_reveals_nothing_about_whether_the_tenant_or_key_exists(mtls: MtlsServer) -> None:
+    stubs = mtls.stubs(OTHER_TENANT_OPERATOR)
+    answers = []
+    for tenant, key_id in (
+        (TENANT, mtls.keys.data),
+        (TENANT, "00000000-0000-4000-8000-000000000000"),
+        ("nobody", mtls.keys.data),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            stubs.keys.GetKey(key_pb.GetKeyRequest(tenant_id=tenant, key_id=key_id))
+        info = error_info(caught.value)
+        answers.append((caught.value.code(), caught.value.details(), info.reason, dict(info.metadata)))
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_a_certificate_without_spiffe_id_is_named_by_its_common_name(mtls: MtlsServer) -> None:
+    channel = tls_channel(mtls.address, mtls.ca, issue_client_cert(mtls.ca, common_name=OPERATOR))
+    with channel:
+        Stubs.on(channel).keys.GetKey(key_pb.GetKeyRequest(tenant_id=TENANT, key_id=mtls.keys.data))
+
+
+def test_a_certificate_naming_no_one_is_unauthenticated(mtls: MtlsServer) -> None:
+    channel = tls_channel(mtls.address, mtls.ca, issue_client_cert(mtls.ca))
+    with channel, pytest.raises(grpc.RpcError) as caught:
+        Stubs.on(channel).keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(caught.value).reason == "ERROR_REASON_UNAUTHENTICATED"
+
+
+def test_plaintext_and_certificate_less_and_foreign_ca_clients_cannot_connect(mtls: MtlsServer) -> None:
+    foreign = trustme.CA()
+    attempts = {
+        "plaintext": grpc.insecure_channel(mtls.address),
+        "no client certificate": tls_channel(mtls.address, mtls.ca),
+        "another CA's certificate": tls_channel(mtls.address, mtls.ca, issue_client_cert(foreign, spiffe_id=OPERATOR)),
+    }
+    for what, channel in attempts.items():
+        with channel, pytest.raises(grpc.RpcError) as caught:
+            Stubs.on(channel).keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT), timeout=5)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, what
+
+
+def test_health_is_open_on_its_plaintext_port(mtls: MtlsServer) -> None:
+    assert mtls.running.health_port
+    with grpc.insecure_channel(f"127.0.0.1:{mtls.running.health_port}") as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        # Only health: the crypto services are not on the plaintext port.
+        with pytest.raises(grpc.RpcError) as caught:
+            Stubs.on(channel).keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT))
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_label_narrowed_principal_uses_only_keys_with_its_labels(mtls: MtlsServer) -> None:
+    messaging = mtls.stubs(MESSAGING)
+    own = TenantKeys.create(messaging, labels={"team": "messaging"})
+    media = mtls.keys  # unlabelled keys of the same tenant
+    for rpc, call in RPC_CALLS.items():
+        if rpc not in ("CreateKey", "GenerateSessionKey", "ListKeys"):
+            with pytest.raises(grpc.RpcError) as caught:
+                call(messaging, media, ())
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, rpc
+            call(messaging, own, ())
+    # Creating a key without its labels is refused; listing shows only its own keys.
+    assert _code(lambda: RPC_CALLS["CreateKey"](messaging, own, ())) == grpc.StatusCode.PERMISSION_DENIED
+    listed = messaging.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT, page_size=100)).keys
+    assert listed and all(key.labels["team"] == "messaging" for key in listed)
+    # A batch with one item outside its labels is refused as a whole.
+    mixed = crypto_pb.BatchEncryptRequest(
+        tenant_id=TENANT,
+        items=[
+            crypto_pb.BatchEncryptRequest.Item(key_id=own.data, plaintext=b"p"),
+            crypto_pb.BatchEncryptRequest.Item(key_id=media.data, plaintext=b"p"),
+        ],
+    )
+    assert _code(lambda: messaging.crypto.BatchEncrypt(mixed)) == grpc.StatusCode.PERMISSION_DENIED
+    # Decrypt without key_id: the key the ciphertext names decides.
+    with pytest.raises(grpc.RpcError) as caught:
+        messaging.crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id=TENANT, ciphertext=media.ciphertext))
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_policy_is_reloaded_and_an_invalid_version_is_refused(mtls: MtlsServer) -> None:
+    reader = "spiffe://caas/test/late-reader"
+    request = key_pb.ListKeysRequest(tenant_id=TENANT)
+    assert _code(lambda: mtls.stubs(reader).keys.ListKeys(request)) == grpc.StatusCode.PERMISSION_DENIED
+    original = mtls.policy_file.read_text()
+    policy = matrix_policy()
+    policy["rules"].append({"principals": [reader], "tenants": [TENANT], "permissions": ["read_keys"]})
+    try:
+        mtls.policy_file.write_text(json.dumps(policy))
+        mtls.stubs(reader).keys.ListKeys(request)
+        mtls.policy_file.write_text("rules: [{principals: x, permissions: [fly]}]")  # invalid: kept the last good
+        mtls.stubs(reader).keys.ListKeys(request)
+    finally:
+        mtls.policy_file.write_text(original)
+    assert _code(lambda: mtls.stubs(reader).keys.ListKeys(request)) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_replaced_certificate_files_are_served_to_the_next_connection(mtls: MtlsServer, tmp_path: Path) -> None:
+    new_ca = trustme.CA()
+    originals = {name: path.read_bytes() for name, path in mtls.files.items() if name != "ca"}
+    client = issue_client_cert(mtls.ca, spiffe_id=OPERATOR)
+    request = key_pb.ListKeysRequest(tenant_id=TENANT)
+    try:
+        replacement = write_server_files(new_ca, tmp_path / "new", client_ca=mtls.ca)
+        for name in ("cert", "key"):
+            shutil.copyfile(replacement[name], mtls.files[name])
+        with tls_channel(mtls.address, new_ca, client) as channel:
+            Stubs.on(channel).keys.ListKeys(request, timeout=5)
+        with tls_channel(mtls.address, mtls.ca, client) as channel:
+            assert _code(lambda: Stubs.on(channel).keys.ListKeys(request, timeout=5)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for name, content in originals.items():
+            mtls.files[name].write_bytes(content)
+    with tls_channel(mtls.address, mtls.ca, client) as channel:
+        Stubs.on(channel).keys.ListKeys(request, timeout=5)
+
+
+def test_a_half_written_certificate_is_refused_and_the_old_one_kept(mtls: MtlsServer) -> None:
+    original = mtls.files["cert"].read_bytes()
+    client = issue_client_cert(mtls.ca, spiffe_id=OPERATOR)
+    try:
+        mtls.files["cert"].write_bytes(original[: len(original) // 2])
+        with tls_channel(mtls.address, mtls.ca, client) as channel:
+            Stubs.on(channel).keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT), timeout=5)
+    finally:
+        mtls.files["cert"].write_bytes(original)
+
+
+def test_reflection_is_off_by_default_with_tls(mtls: MtlsServer) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with tls_channel(mtls.address, mtls.ca, issue_client_cert(mtls.ca, spiffe_id=OPERATOR)) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))  # type: ignore[operator]  # untyped stub
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_client_and_cryptoctl_speak_mtls(mtls: MtlsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key_pem, cert_pem = issue_client_cert(mtls.ca, spiffe_id=OPERATOR)
+    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "client.pem", "key": tmp_path / "client.key"}
+    mtls.ca.cert_pem.write_to_path(str(paths["ca"]))
+    paths["cert"].write_bytes(cert_pem)
+    paths["key"].write_bytes(key_pem)
+    config = ClientConfig(credentials=tls_credentials(paths["ca"], paths["cert"], paths["key"]))
+    with CryptoClient(mtls.address, TENANT, config) as client:
+        assert client.get_key(mtls.keys.data).key_id == mtls.keys.data
+    common = ["--target", mtls.address, "--tenant", TENANT, "--ca", str(paths["ca"]), "--json"]
+    mtls_options = ["--cert", str(paths["cert"]), "--client-key", str(paths["key"])]
+    assert cryptoctl(["keys", "get", mtls.keys.data, *common, *mtls_options]) == 0
+    assert mtls.keys.data in capsys.readouterr().out
+    assert cryptoctl(["keys", "get", mtls.keys.data, *common]) != 0  # no client certificate: refused

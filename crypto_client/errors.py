@@ -171,6 +171,7 @@ _BY_REASON: dict[str, type[CryptoClientError]] = {
     "ERROR_REASON_RESPONSE_TOO_LARGE": ResponseTooLargeError,
     "ERROR_REASON_SHUTTING_DOWN": ServiceUnavailableError,
     "ERROR_REASON_ROOT_KEY_UNAVAILABLE": ServiceUnavailableError,
+    "ERROR_REASON_AUDIT_UNAVAILABLE": ServiceUnavailableError,
 }
 _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

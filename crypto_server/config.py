@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crypto_server.service.audit import (
+    DEFAULT_BUFFER_RECORDS,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CHECKPOINT_INTERVAL_S,
+    CryptoRecording,
+)
 from crypto_server.service.crypto_operations import (
     BATCH_ITEM_RESPONSE_BYTES,
     DEFAULT_MAX_BATCH_BYTES,
@@ -74,6 +80,16 @@ class Settings:
     store_concurrency: int | None = None
     # After SIGTERM: seconds of serving on with health NOT_SERVING, so balancers stop sending first.
     shutdown_drain_s: float = 0.0
+    # The audit trail (docs/security.md, "Audit trail"). None: <data dir>/audit.jsonl (embedded store only).
+    audit_file: Path | None = None
+    audit_crypto: str = "denied_only"
+    audit_checkpoint_records: int = DEFAULT_CHECKPOINT_EVERY
+    audit_checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+    audit_buffer_records: int = DEFAULT_BUFFER_RECORDS
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_file or self.data_dir / "audit.jsonl"
 
     @property
     def store_call_limit(self) -> int:
@@ -219,6 +235,12 @@ class Settings:
                 f"CRYPTO_TENANT_BURST ({tenant_burst}) must be at least CRYPTO_MAX_BATCH_ITEMS ({max_batch_items}): "
                 "a batch costs one token per item and could never pass"
             )
+        audit_crypto = text("CRYPTO_AUDIT_CRYPTO", defaults.audit_crypto)
+        try:
+            audit_crypto = str(CryptoRecording.parse(audit_crypto))
+        except ValueError as error:
+            raise ConfigError(f"CRYPTO_AUDIT_CRYPTO {error}") from None
+        audit_file = env.get("CRYPTO_AUDIT_FILE", "").strip()
         return cls(
             host=text("CRYPTO_HOST", defaults.host),
             port=integer("CRYPTO_PORT", defaults.port, 0, 65535),
@@ -263,6 +285,15 @@ class Settings:
             ),
             health_interval_s=number("CRYPTO_HEALTH_INTERVAL", defaults.health_interval_s, 0.1, 60),
             invalidation_interval_s=number("CRYPTO_INVALIDATION_INTERVAL", defaults.invalidation_interval_s, 0.05, 60),
+            audit_file=Path(audit_file) if audit_file else None,
+            audit_crypto=audit_crypto,
+            audit_checkpoint_records=integer(
+                "CRYPTO_AUDIT_CHECKPOINT_RECORDS", defaults.audit_checkpoint_records, 1, 1_000_000
+            ),
+            audit_checkpoint_interval_s=number(
+                "CRYPTO_AUDIT_CHECKPOINT_INTERVAL", defaults.audit_checkpoint_interval_s, 0.1, 86400
+            ),
+            audit_buffer_records=integer("CRYPTO_AUDIT_BUFFER", defaults.audit_buffer_records, 1, 10_000_000),
             **hsm,
         )
 

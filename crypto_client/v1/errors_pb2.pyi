@@ -78,6 +78,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     recently cannot be unwrapped; keys in use keep working. The call may be
     retried.
     """
+    ERROR_REASON_AUDIT_UNAVAILABLE: _ErrorReason.ValueType  # 30
+    """The audit trail cannot be written (or read), so a call that must be
+    recorded was not carried out: no key was changed. The call may be retried.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -141,5 +145,9 @@ ERROR_REASON_ROOT_KEY_UNAVAILABLE: ErrorReason.ValueType  # 18
 """The root key's HSM cannot be reached, so a key this server has not used
 recently cannot be unwrapped; keys in use keep working. The call may be
 retried.
+"""
+ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason.ValueType  # 30
+"""The audit trail cannot be written (or read), so a call that must be
+recorded was not carried out: no key was changed. The call may be retried.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

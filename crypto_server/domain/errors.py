@@ -167,3 +167,12 @@ class ServerShuttingDown(CryptoServiceError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down and takes no new calls; retry (another replica will answer)")
+
+
+class AuditUnavailable(CryptoServiceError):
+    """The audit trail cannot record the call, and the call is one that must not happen unrecorded."""
+
+    def __init__(
+        self, message: str = "the audit trail cannot be written, so this call was not carried out; retry later"
+    ) -> None:
+        super().__init__(message)

@@ -37,6 +37,7 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.QuotaExceeded: (grpc.StatusCode.RESOURCE_EXHAUSTED, errors_pb2.ERROR_REASON_TENANT_QUOTA),
     errors.ResponseTooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, errors_pb2.ERROR_REASON_RESPONSE_TOO_LARGE),
     errors.ServerShuttingDown: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_SHUTTING_DOWN),
+    errors.AuditUnavailable: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_AUDIT_UNAVAILABLE),
 }
 
 

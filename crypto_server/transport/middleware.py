@@ -9,7 +9,9 @@
 - a response too large to send becomes RESOURCE_EXHAUSTED here, so the log line and the
   metrics say what the caller got rather than OK;
 - one structured log line per RPC, with the status the caller received;
-- a count of calls in flight, so shutdown can wait for the server to go quiet.
+- a count of calls in flight, so shutdown can wait for the server to go quiet;
+- the audit trail (transport/call_audit.py): an intent record before a key change runs, and the outcome
+  record of the calls it covers (every denial among them) when the call ends.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from crypto_server.call_context import Principal, current_principal
 from crypto_server.call_deadline import enter_call, leave_call
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument, ResponseTooLarge, ServerShuttingDown
 from crypto_server.service.quotas import NoQuotas, Quotas
 from crypto_server.transport import access_log
+from crypto_server.transport.call_audit import CallAudit
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
 from crypto_server.transport.metrics import NullRpcObserver, RpcObserver
 from crypto_server.transport.streams import (
@@ -44,6 +48,8 @@ from crypto_server.transport.streams import (
 
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LOGGED_TEXT_CHARS = 128
+# Until callers prove who they are, every call acts as this principal.
+_ANONYMOUS = Principal("anonymous", "none")
 rpc_log = logging.getLogger(access_log.LOGGER_NAME)
 
 
@@ -161,10 +167,12 @@ class RpcMiddleware:
         in_flight: InFlightCalls | None = None,
         observer: RpcObserver | None = None,
         limits: RpcLimits | None = None,
+        audit: CallAudit | None = None,
     ) -> None:
         self.in_flight = in_flight or InFlightCalls()
         self._observer: RpcObserver = observer or NullRpcObserver()
         self.limits = limits or RpcLimits()
+        self.audit = audit
 
     def wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any], *, per_item: bool = False
@@ -196,11 +204,13 @@ class RpcMiddleware:
         in_flight = self.in_flight
         observer = self._observer
         limits = self.limits
+        audit = self.audit
 
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             entered = in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
+            current_principal.set(_ANONYMOUS)  # identity: replaced by the caller's authenticated principal
             code = grpc.StatusCode.OK
             first: list[Any] = []
             slot_taken = False
@@ -245,6 +255,8 @@ class RpcMiddleware:
                 if entered:
                     in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)
+                if audit is not None:
+                    audit.finished(method, first[0] if first else None, None, context, request_id, code, False)
                 if access_log.enabled():
                     opening = first[0] if first else None
                     access_log.record(
@@ -266,19 +278,27 @@ class RpcMiddleware:
         log_calls = access_log.enabled
         charge = self.limits.quotas.charge
         max_response_bytes = self.limits.max_response_bytes
+        audit = self.audit
+        audit_first = audit is not None and audit.records_first(method)
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             entered = in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
+            current_principal.set(_ANONYMOUS)  # identity: replaced by the caller's authenticated principal
             code = grpc.StatusCode.OK
             response = None
+            intent_recorded = False
             try:
                 if not entered:
                     raise ServerShuttingDown()
                 if request is _MALFORMED:
                     raise InvalidArgument("request", "the request body is not a valid protobuf message")
                 charge(getattr(request, "tenant_id", ""), _cost(request) if per_item else 1)
+                if audit_first and audit is not None:
+                    # Before the change: when this record cannot be written, the change is not made.
+                    audit.before(method, request, context, request_id)
+                    intent_recorded = True
                 deadline = enter_call(context.time_remaining())
                 try:
                     response = behaviour(request, context)
@@ -301,6 +321,8 @@ class RpcMiddleware:
                 if entered:
                     in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)
+                if audit is not None and request is not _MALFORMED:
+                    audit.finished(method, request, response, context, request_id, code, intent_recorded)
                 if log_calls():
                     access_log.record(
                         method,

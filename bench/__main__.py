@@ -31,6 +31,8 @@ TARGETS = (
     ("streaming: encrypt >= 0.8 x echo stream MB/s", ("large_data", "largest_ratio_to_echo"), ">=", 0.8),
     ("large data: server RSS flat (+-50 MiB)", ("large_data", "rss_growth_mib"), "<=", 50.0),
     ("2 processes >= 1.5 x 1 process", ("scale_out", "ratio"), ">=", 1.5),
+    ("audit denied_only: encrypt rps >= 0.95 x none", ("audit", "denied_only_rps_ratio_to_none"), ">=", 0.95),
+    ("audit all: encrypt rps >= 0.60 x none", ("audit", "all_rps_ratio_to_none"), ">=", 0.60),
     ("HSM root: warm keys within 10% of file root", ("cold_tenants", "hsm_to_file_warm_ratio"), ">=", 0.90),
 )
 
@@ -101,6 +103,8 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
             results["large_data"]["largest_ratio_to_echo"] = results["large_data"][largest]["ratio_to_echo"]
             log("scale-out")
             results["scale_out"] = scenarios.scale_out(backends, phases)
+            log("audit trail cost")
+            results["audit"] = scenarios.audit_cost(backends, phases)
         finally:
             backends.stop()
     results["targets"] = _targets(results)
@@ -144,6 +148,8 @@ def table(results: dict[str, Any]) -> str:
             row(f"large {size} echo MB/s", figures["echo_mb_s"])
     for processes in ("1_process", "2_process"):
         row(f"scale-out {processes} encrypt rps", results["scale_out"][processes]["encrypt_rps"])
+    for mode in scenarios.AUDIT_MODES:
+        row(f"audit {mode}: encrypt @16 rps", results["audit"][mode]["rps"])
     lines.append("")
     lines.append(f"{'target':<48} {'value':>10}  {'bound':<8} met")
     for target in results["targets"]:

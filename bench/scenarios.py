@@ -8,6 +8,7 @@ server process, with the same load generator.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import statistics
 import tempfile
@@ -364,6 +365,33 @@ def scale_out(backends: Backends, phases: Phases) -> dict[str, Any]:
             ]
             results[f"{processes}_process"] = {"encrypt_rps": summary(rps)}
     results["ratio"] = results["2_process"]["encrypt_rps"]["median"] / results["1_process"]["encrypt_rps"]["median"]
+    return results
+
+
+AUDIT_MODES = ("none", "denied_only", "all")
+
+
+def audit_cost(backends: Backends, phases: Phases) -> dict[str, Any]:
+    """Scenario 6: Encrypt of 1 KiB at 16 in flight with CRYPTO_AUDIT_CRYPTO none, denied_only and all (a
+    record per call, queued, batched by the writer): rps and p99 as ratios to none. Embedded store (file sink)."""
+    runs: dict[str, list[h2load.LoadResult]] = {mode: [] for mode in AUDIT_MODES}
+    with contextlib.ExitStack() as stack:
+        requests = {}
+        for mode in AUDIT_MODES:
+            env = {**backends.env("embedded", f"audit-{mode}"), "CRYPTO_AUDIT_CRYPTO": mode}
+            address = stack.enter_context(bench_server(env))[0].address
+            requests[mode] = (address, _prepared_requests(address)[1])
+        for _ in range(phases.repetitions):
+            for mode, (address, encrypt) in requests.items():  # interleaved, so drift hits all alike
+                runs[mode].append(h2load.run(address, ENCRYPT, encrypt, requests=phases.unary_requests, in_flight=16))
+    results: dict[str, Any] = {}
+    for mode, measured in runs.items():
+        if any(r.failed for r in measured):
+            raise RuntimeError(f"encrypt with audit {mode} had failed requests")
+        results[mode] = {"rps": summary([r.rps for r in measured]), "p99_ms": summary([r.p99_ms for r in measured])}
+    for mode in ("denied_only", "all"):
+        results[f"{mode}_rps_ratio_to_none"] = results[mode]["rps"]["median"] / results["none"]["rps"]["median"]
+        results[f"{mode}_p99_ratio_to_none"] = results[mode]["p99_ms"]["median"] / results["none"]["p99_ms"]["median"]
     return results
 
 

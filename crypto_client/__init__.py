@@ -49,6 +49,7 @@ from crypto_client.messaging import AsyncMessageCipher, MessageCipher
 from crypto_client.metrics import ClientStats
 from crypto_client.models import (
     Algorithm,
+    AuditRecord,
     DataKey,
     DecryptItem,
     DecryptResult,
@@ -82,6 +83,7 @@ __all__ = [
     "AsyncMessageCipher",
     "AsyncSessionKeys",
     "AsyncTokenSigner",
+    "AuditRecord",
     "BlindIndex",
     "BreakerPolicy",
     "BreakerState",

@@ -8,7 +8,17 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from crypto_client.models import Algorithm, Key, KeyState, KeyType, KeyVersion, KeyVersionState, SessionKey
+from crypto_client.models import (
+    Algorithm,
+    AuditRecord,
+    Key,
+    KeyState,
+    KeyType,
+    KeyVersion,
+    KeyVersionState,
+    SessionKey,
+)
+from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 
 KEY_TYPE_TO_PROTO = {
@@ -80,3 +90,21 @@ def new_request_id() -> str:
 def session_key(message: resources_pb2.Key, material: bytes, *, version: int) -> SessionKey:
     key = key_from_proto(message)
     return SessionKey(key=key, key_material=material, key_version=version or key.primary_version)
+
+
+def audit_record_from_proto(message: key_pb.AuditRecord) -> AuditRecord:
+    return AuditRecord(
+        chain_id=message.chain_id,
+        sequence=message.sequence,
+        time=_moment(message.time) if message.HasField("time") else None,
+        principal=message.principal,
+        auth_method=message.auth_method,
+        tenant_id=message.tenant_id,
+        rpc=message.rpc,
+        key_id=message.key_id,
+        key_version=message.key_version,
+        outcome=message.outcome,
+        phase=message.phase,
+        request_id=message.request_id,
+        peer=message.peer,
+    )

@@ -173,6 +173,7 @@ _BY_REASON: dict[str, type[CryptoClientError]] = {
     "ERROR_REASON_ROOT_KEY_UNAVAILABLE": ServiceUnavailableError,
     "ERROR_REASON_UNAUTHENTICATED": UnauthenticatedError,
     "ERROR_REASON_PERMISSION_DENIED": PermissionDeniedError,
+    "ERROR_REASON_AUDIT_UNAVAILABLE": ServiceUnavailableError,
 }
 _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

@@ -138,6 +138,25 @@ class SignResult:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One record of the server's audit trail (never plaintext, associated data, key material or tokens)."""
+
+    chain_id: str
+    sequence: int
+    time: datetime | None
+    principal: str
+    auth_method: str
+    tenant_id: str
+    rpc: str
+    key_id: str
+    key_version: int
+    outcome: str  # the status code name the caller got, or "PENDING" before a key change
+    phase: str  # "intent" or "outcome"
+    request_id: str
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
 class PublicKey:
     pem: str
     algorithm: Algorithm

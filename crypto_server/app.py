@@ -28,6 +28,7 @@ from crypto_server.domain.key_integrity import (
 )
 from crypto_server.domain.key_wrap import WrappingKey, make_root_key_check, root_key_matches
 from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
+from crypto_server.service.audit import AuditTrail, CryptoRecording
 from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
@@ -35,12 +36,14 @@ from crypto_server.service.keyring import Keyring
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.service.quotas import quotas_for
 from crypto_server.storage import redis_cache
+from crypto_server.storage.audit_sinks import AuditSink, AuditSinkError, FileAuditSink, MongoAuditSink
 from crypto_server.storage.circuit import StoreCircuit
 from crypto_server.storage.integrity import AuthenticatedKeyStore
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.authorization import AccessControl, parse_policy
+from crypto_server.transport.call_audit import CallAudit
 from crypto_server.transport.crypto_servicer import CryptoServicer
 from crypto_server.transport.health import StoreHealthMonitor
 from crypto_server.transport.identity import TokenVerifier, parse_jwks
@@ -107,6 +110,7 @@ class CryptoServer:
     health_port: int | None = None
     # Threads that serve the requests (cross-replica invalidation): stopped after the last call.
     background: list[_Stoppable] = field(default_factory=list)
+    audit: AuditTrail | None = None
 
     def stop(self, grace_s: float, *, drain_s: float = 0.0) -> None:
         """Stop after `drain_s` seconds of serving on, finishing calls in flight within `grace_s` more.
@@ -270,6 +274,34 @@ def open_key_store(settings: Settings) -> KeyStore:
     return store
 
 
+def open_audit_sink(settings: Settings) -> AuditSink:
+    """The audit sink that goes with the configured store: its MongoDB database, or a file."""
+    if settings.mongodb_uri:
+        return MongoAuditSink(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
+    return FileAuditSink(settings.audit_path)
+
+
+def _start_audit_trail(
+    settings: Settings, authenticator: MetadataAuthenticator, clock: Clock, metrics: Metrics | None
+) -> AuditTrail:
+    """The audit trail, its chain opened: a server that cannot audit does not start."""
+    try:
+        trail = AuditTrail(
+            open_audit_sink(settings),
+            authenticator.audit_chain_key(),
+            clock,
+            crypto=CryptoRecording.parse(settings.audit_crypto),
+            checkpoint_every=settings.audit_checkpoint_records,
+            checkpoint_interval_s=settings.audit_checkpoint_interval_s,
+            buffer_records=settings.audit_buffer_records,
+            on_drop=metrics.audit_dropped.inc if metrics else None,
+        )
+        trail.start()
+    except AuditSinkError as error:
+        raise ConfigError(f"the audit trail cannot be written ({error}); refusing to start") from None
+    return trail
+
+
 def build_server(
     settings: Settings,
     *,
@@ -332,6 +364,8 @@ def build_server(
         )
         poller.start()
         background.append(poller)
+        audit = _start_audit_trail(settings, authenticator, clock, metrics)
+        background.append(audit)
         lifecycle = KeyLifecycle(
             store,
             keyring,
@@ -356,7 +390,11 @@ def build_server(
             max_response_bytes=message_limit,
         )
         middleware = RpcMiddleware(
-            in_flight, observer=metrics, limits=limits, access=build_access_control(settings, keyring)
+            in_flight,
+            observer=metrics,
+            limits=limits,
+            access=build_access_control(settings, keyring),
+            audit=CallAudit(audit),
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
@@ -375,7 +413,7 @@ def build_server(
             # Calls beyond this are refused by grpc at once (RESOURCE_EXHAUSTED), not queued for a worker.
             maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
         )
-        add_service(server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock), middleware)
+        add_service(server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock, audit), middleware)
         signatures = MacsAndSignatures(keyring, clock, max_data_bytes=settings.max_plaintext_bytes)
         add_service(server, _CRYPTO_SERVICE_DESCRIPTOR, CryptoServicer(operations, signatures), middleware)
         health_servicer = health.HealthServicer()
@@ -421,4 +459,5 @@ def build_server(
         metrics_port=metrics_port,
         health_port=health_port,
         background=background,
+        audit=audit,
     )

@@ -10,6 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crypto_server.service.audit import (
+    DEFAULT_BUFFER_RECORDS,
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CHECKPOINT_INTERVAL_S,
+    CryptoRecording,
+)
 from crypto_server.service.crypto_operations import (
     BATCH_ITEM_RESPONSE_BYTES,
     DEFAULT_MAX_BATCH_BYTES,
@@ -105,6 +111,17 @@ class Settings:
         if self.reflection is not None:
             return self.reflection
         return self.loopback_only and not self.tls
+
+    # The audit trail (docs/security.md, "Audit trail"). None: <data dir>/audit.jsonl (embedded store only).
+    audit_file: Path | None = None
+    audit_crypto: str = "denied_only"
+    audit_checkpoint_records: int = DEFAULT_CHECKPOINT_EVERY
+    audit_checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+    audit_buffer_records: int = DEFAULT_BUFFER_RECORDS
+
+    @property
+    def audit_path(self) -> Path:
+        return self.audit_file or self.data_dir / "audit.jsonl"
 
     @property
     def store_call_limit(self) -> int:
@@ -263,6 +280,12 @@ class Settings:
         health_port = None
         if env.get("CRYPTO_HEALTH_PORT", "").strip():
             health_port = integer("CRYPTO_HEALTH_PORT", 0, 0, 65535)
+        audit_crypto = text("CRYPTO_AUDIT_CRYPTO", defaults.audit_crypto)
+        try:
+            audit_crypto = str(CryptoRecording.parse(audit_crypto))
+        except ValueError as error:
+            raise ConfigError(f"CRYPTO_AUDIT_CRYPTO {error}") from None
+        audit_file = env.get("CRYPTO_AUDIT_FILE", "").strip()
         return cls(
             host=host,
             health_port=health_port,
@@ -309,6 +332,15 @@ class Settings:
             ),
             health_interval_s=number("CRYPTO_HEALTH_INTERVAL", defaults.health_interval_s, 0.1, 60),
             invalidation_interval_s=number("CRYPTO_INVALIDATION_INTERVAL", defaults.invalidation_interval_s, 0.05, 60),
+            audit_file=Path(audit_file) if audit_file else None,
+            audit_crypto=audit_crypto,
+            audit_checkpoint_records=integer(
+                "CRYPTO_AUDIT_CHECKPOINT_RECORDS", defaults.audit_checkpoint_records, 1, 1_000_000
+            ),
+            audit_checkpoint_interval_s=number(
+                "CRYPTO_AUDIT_CHECKPOINT_INTERVAL", defaults.audit_checkpoint_interval_s, 0.1, 86400
+            ),
+            audit_buffer_records=integer("CRYPTO_AUDIT_BUFFER", defaults.audit_buffer_records, 1, 10_000_000),
             **hsm,
         )
 

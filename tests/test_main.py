@@ -124,7 +124,15 @@ def test_the_data_directory_and_store_files_are_private_to_the_service_user(laun
             key_pb.CreateKeyRequest(tenant_id="t", key_type=resources_pb2.KEY_TYPE_DATA)
         )
     modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in data_dir.iterdir()}
-    assert modes == dict.fromkeys(["root.key", "keys.sqlite3", "keys.sqlite3-wal", "keys.sqlite3-shm"], 0o600)
+    files = [
+        "root.key",
+        "keys.sqlite3",
+        "keys.sqlite3-wal",
+        "keys.sqlite3-shm",
+        "audit.jsonl",
+        "audit.jsonl.checkpoints",
+    ]
+    assert modes == dict.fromkeys(files, 0o600)
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
     assert server.terminate() == 0
 

@@ -24,6 +24,7 @@ from crypto_client.errors import CryptoClientError, from_item_error, from_rpc_er
 from crypto_client.metrics import ClientStats
 from crypto_client.models import (
     Algorithm,
+    AuditRecord,
     DataKey,
     DecryptItem,
     DecryptResult,
@@ -174,6 +175,19 @@ class AsyncCryptoClient:
             page = await self._call("ListKeys", self._keys.ListKeys, request, timeout)
             for key in page.keys:
                 yield _convert.key_from_proto(key)
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    async def read_audit_log(
+        self, *, page_size: int = 100, tenant_id: str | None = None, timeout: float | None = None
+    ) -> AsyncIterator[AuditRecord]:
+        """The tenant's audit records (oldest first), fetching pages as the iteration goes; needs audit_read."""
+        request = key_pb.ReadAuditLogRequest(tenant_id=self._core.tenant(tenant_id), page_size=page_size)
+        while True:
+            page = await self._call("ReadAuditLog", self._keys.ReadAuditLog, request, timeout)
+            for record in page.records:
+                yield _convert.audit_record_from_proto(record)
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token

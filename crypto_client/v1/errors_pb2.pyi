@@ -88,6 +88,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     this key's labels); ErrorInfo.metadata["permission"] names the permission
     needed. Says nothing about whether the tenant or key exists.
     """
+    ERROR_REASON_AUDIT_UNAVAILABLE: _ErrorReason.ValueType  # 30
+    """The audit trail cannot be written (or read), so a call that must be
+    recorded was not carried out: no key was changed. The call may be retried.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -161,5 +165,9 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 21
 """The access policy does not let the caller do this for this tenant (or
 this key's labels); ErrorInfo.metadata["permission"] names the permission
 needed. Says nothing about whether the tenant or key exists.
+"""
+ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason.ValueType  # 30
+"""The audit trail cannot be written (or read), so a call that must be
+recorded was not carried out: no key was changed. The call may be retried.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

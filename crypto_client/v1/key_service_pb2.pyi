@@ -8,6 +8,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -473,3 +474,122 @@ class GetSessionKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSessionKeyResponse: _TypeAlias = GetSessionKeyResponse  # noqa: Y015
+
+@_typing.final
+class ReadAuditLogRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    page_size: _builtins.int
+    """1 to 1000; 0 means the default of 100."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page, for the same tenant."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadAuditLogRequest: _TypeAlias = ReadAuditLogRequest  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    """One audit record. It never holds plaintext, associated data, key material
+    or tokens.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    AUTH_METHOD_FIELD_NUMBER: _builtins.int
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    RPC_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_VERSION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    chain_id: _builtins.str
+    """The chain (one per server process) and the record's place in it."""
+    sequence: _builtins.int
+    principal: _builtins.str
+    """Who called, and how they proved it ("mtls", "jwt" or "none")."""
+    auth_method: _builtins.str
+    tenant_id: _builtins.str
+    rpc: _builtins.str
+    """The method's name, e.g. "RotateKey"."""
+    key_id: _builtins.str
+    key_version: _builtins.int
+    outcome: _builtins.str
+    """The gRPC status code name the caller received ("OK", "PERMISSION_DENIED"),
+    or "PENDING" in the record written before a key change is made.
+    """
+    phase: _builtins.str
+    """"intent" (before a key change) or "outcome"."""
+    request_id: _builtins.str
+    peer: _builtins.str
+    """The caller's address as gRPC saw it."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        chain_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        principal: _builtins.str = ...,
+        auth_method: _builtins.str = ...,
+        tenant_id: _builtins.str = ...,
+        rpc: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        key_version: _builtins.int = ...,
+        outcome: _builtins.str = ...,
+        phase: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        peer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_method", b"auth_method", "chain_id", b"chain_id", "key_id", b"key_id", "key_version", b"key_version", "outcome", b"outcome", "peer", b"peer", "phase", b"phase", "principal", b"principal", "request_id", b"request_id", "rpc", b"rpc", "sequence", b"sequence", "tenant_id", b"tenant_id", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
+
+@_typing.final
+class ReadAuditLogResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[Global___AuditRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReadAuditLogResponse: _TypeAlias = ReadAuditLogResponse  # noqa: Y015

@@ -77,6 +77,11 @@ class KeyServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyResponse.FromString,
                 _registered_method=True)
+        self.ReadAuditLog = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/ReadAuditLog',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -145,6 +150,16 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadAuditLog(self, request, context):
+        """Pages through a tenant's audit records, oldest first: key changes,
+        refused calls and (as configured) crypto operations. Needs the
+        audit_read permission. The records of this server's audit sink (the data
+        directory's file, or the MongoDB collection every replica writes to).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -187,6 +202,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.GetSessionKey,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyResponse.SerializeToString,
+            ),
+            'ReadAuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadAuditLog,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -408,6 +428,33 @@ class KeyService:
             '/caas.crypto.v1.KeyService/GetSessionKey',
             caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_key__service__pb2.GetSessionKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadAuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/ReadAuditLog',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,12 @@ class KeyServiceStub:
     """Returns a session key's material while it is enabled and unexpired (for
     the other participants of a call or room).
     """
+    ReadAuditLog: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.ReadAuditLogRequest, _key_service_pb2.ReadAuditLogResponse]
+    """Pages through a tenant's audit records, oldest first: key changes,
+    refused calls and (as configured) crypto operations. Needs the
+    audit_read permission. The records of this server's audit sink (the data
+    directory's file, or the MongoDB collection every replica writes to).
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -90,6 +96,12 @@ class KeyServiceAsyncStub(KeyServiceStub):
     GetSessionKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.GetSessionKeyRequest, _key_service_pb2.GetSessionKeyResponse]  # type: ignore[assignment]
     """Returns a session key's material while it is enabled and unexpired (for
     the other participants of a call or room).
+    """
+    ReadAuditLog: _aio.UnaryUnaryMultiCallable[_key_service_pb2.ReadAuditLogRequest, _key_service_pb2.ReadAuditLogResponse]  # type: ignore[assignment]
+    """Pages through a tenant's audit records, oldest first: key changes,
+    refused calls and (as configured) crypto operations. Needs the
+    audit_read permission. The records of this server's audit sink (the data
+    directory's file, or the MongoDB collection every replica writes to).
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -167,6 +179,18 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_key_service_pb2.GetSessionKeyResponse, _abc.Awaitable[_key_service_pb2.GetSessionKeyResponse]]:
         """Returns a session key's material while it is enabled and unexpired (for
         the other participants of a call or room).
+        """
+
+    @_abc_1.abstractmethod
+    def ReadAuditLog(
+        self,
+        request: _key_service_pb2.ReadAuditLogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.ReadAuditLogResponse, _abc.Awaitable[_key_service_pb2.ReadAuditLogResponse]]:
+        """Pages through a tenant's audit records, oldest first: key changes,
+        refused calls and (as configured) crypto operations. Needs the
+        audit_read permission. The records of this server's audit sink (the data
+        directory's file, or the MongoDB collection every replica writes to).
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -187,3 +187,12 @@ class PermissionDenied(CryptoServiceError):
             "tenant and key"
         )
         self.permission = permission
+
+
+class AuditUnavailable(CryptoServiceError):
+    """The audit trail cannot record the call, and the call is one that must not happen unrecorded."""
+
+    def __init__(
+        self, message: str = "the audit trail cannot be written, so this call was not carried out; retry later"
+    ) -> None:
+        super().__init__(message)

@@ -35,6 +35,7 @@ from crypto_server.domain.keys import Key
 _TAG_DOMAIN = b"caas.crypto.v1/key-metadata\x00"
 _METADATA_KEY_AAD = b"caas.crypto.v1/metadata-key\x00"
 _REQUEST_KEY_ID_LABEL = b"caas.crypto.v1/request-key-ids\x00"
+_AUDIT_CHAIN_LABEL = b"caas.crypto.v1/audit-chain\x00"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The name the wrapped metadata key is kept under in the store's metadata table.
 METADATA_KEY_RECORD = "metadata_key"
@@ -95,6 +96,11 @@ class MetadataAuthenticator:
         """A secret for deriving the key ids of idempotent creations, so that knowing a request id
         is not enough to compute the id of the key it created."""
         return hmac.new(self._key, _REQUEST_KEY_ID_LABEL, hashlib.sha256).digest()
+
+    def audit_chain_key(self) -> bytes:
+        """The key of the audit trail's hash chain (domain/audit_chain.py): derived under its own label, so
+        that neither it nor the metadata key can be computed from the other's uses."""
+        return hmac.new(self._key, _AUDIT_CHAIN_LABEL, hashlib.sha256).digest()
 
 
 def new_metadata_key() -> bytes:

@@ -39,6 +39,7 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.ServerShuttingDown: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_SHUTTING_DOWN),
     errors.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, errors_pb2.ERROR_REASON_UNAUTHENTICATED),
     errors.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, errors_pb2.ERROR_REASON_PERMISSION_DENIED),
+    errors.AuditUnavailable: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_AUDIT_UNAVAILABLE),
 }
 
 

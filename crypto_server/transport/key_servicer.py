@@ -7,10 +7,13 @@ import grpc
 from crypto_client.v1 import key_service_pb2 as pb
 from crypto_client.v1 import key_service_pb2_grpc, resources_pb2
 from crypto_server.domain.clock import Clock
+from crypto_server.domain.errors import AuditUnavailable
 from crypto_server.domain.keys import Key
+from crypto_server.service.audit import AuditTrail
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.transport.mapping import (
     algorithm_from_proto,
+    audit_record_to_proto,
     duration_from_proto,
     key_state_filter_from_proto,
     key_to_proto,
@@ -20,9 +23,10 @@ from crypto_server.transport.mapping import (
 
 
 class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
-    def __init__(self, lifecycle: KeyLifecycle, clock: Clock) -> None:
+    def __init__(self, lifecycle: KeyLifecycle, clock: Clock, audit: AuditTrail | None = None) -> None:
         self._lifecycle = lifecycle
         self._clock = clock
+        self._audit = audit
 
     def _key(self, key: Key) -> resources_pb2.Key:
         return key_to_proto(key, self._clock.now())
@@ -89,3 +93,11 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
     ) -> pb.GetSessionKeyResponse:
         key, material = self._lifecycle.get_session_key(request.tenant_id, request.key_id)
         return pb.GetSessionKeyResponse(key=self._key(key), key_material=material, key_version=key.primary_version)
+
+    def ReadAuditLog(self, request: pb.ReadAuditLogRequest, context: grpc.ServicerContext) -> pb.ReadAuditLogResponse:
+        if self._audit is None:
+            raise AuditUnavailable("this server keeps no audit trail")
+        records, next_token = self._audit.page(request.tenant_id, request.page_token, request.page_size)
+        return pb.ReadAuditLogResponse(
+            records=[audit_record_to_proto(record) for record in records], next_page_token=next_token
+        )

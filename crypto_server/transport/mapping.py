@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from crypto_client.v1 import resources_pb2
+from crypto_client.v1 import key_service_pb2, resources_pb2
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import InvalidArgument
 from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersionState
@@ -116,4 +119,34 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
         )
         if version.expires_at is not None:
             item.expires_at.CopyFrom(_timestamp(version.expires_at))
+    return message
+
+
+def audit_record_to_proto(record: Mapping[str, Any]) -> key_service_pb2.AuditRecord:
+    """A stored audit record (service/audit.py, AuditEvent) as the API shows it."""
+
+    def text(name: str) -> str:
+        value = record.get(name)
+        return value if isinstance(value, str) else ""
+
+    def number(name: str) -> int:
+        value = record.get(name)
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    message = key_service_pb2.AuditRecord(
+        chain_id=text("chain"),
+        sequence=number("seq"),
+        principal=text("principal"),
+        auth_method=text("auth"),
+        tenant_id=text("tenant"),
+        rpc=text("rpc"),
+        key_id=text("key_id"),
+        key_version=number("key_version"),
+        outcome=text("outcome"),
+        phase=text("phase"),
+        request_id=text("request_id"),
+        peer=text("peer"),
+    )
+    with contextlib.suppress(ValueError):
+        message.time.CopyFrom(_timestamp(datetime.fromisoformat(text("time"))))
     return message

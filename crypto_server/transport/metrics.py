@@ -179,6 +179,11 @@ class Metrics:
             "Keys refused because their stored metadata failed its integrity check",
             registry=self.registry,
         )
+        self.audit_dropped = Counter(
+            "caas_crypto_audit_records_dropped",
+            "Queued audit records (crypto operations, denials) dropped: the queue was full or the sink failed",
+            registry=self.registry,
+        )
         self._server: object | None = None
 
     def finished(self, method: str, code: str, seconds: float) -> None:

@@ -11,7 +11,9 @@
 - a response too large to send becomes RESOURCE_EXHAUSTED here, so the log line and the
   metrics say what the caller got rather than OK;
 - one structured log line per RPC, with the status the caller received;
-- a count of calls in flight, so shutdown can wait for the server to go quiet.
+- a count of calls in flight, so shutdown can wait for the server to go quiet;
+- the audit trail (transport/call_audit.py): an intent record before a key change runs, and the outcome
+  record of the calls it covers (every denial among them) when the call ends.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from crypto_server.domain.errors import CryptoServiceError, InvalidArgument, Res
 from crypto_server.service.quotas import NoQuotas, Quotas
 from crypto_server.transport import access_log
 from crypto_server.transport.authorization import AccessControl
+from crypto_server.transport.call_audit import CallAudit
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
 from crypto_server.transport.metrics import NullRpcObserver, RpcObserver
 from crypto_server.transport.streams import (
@@ -48,6 +51,7 @@ from crypto_server.transport.streams import (
 
 _REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _LOGGED_TEXT_CHARS = 128
+# Until callers prove who they are, every call acts as this principal.
 rpc_log = logging.getLogger(access_log.LOGGER_NAME)
 
 
@@ -166,12 +170,14 @@ class RpcMiddleware:
         observer: RpcObserver | None = None,
         limits: RpcLimits | None = None,
         access: AccessControl | None = None,
+        audit: CallAudit | None = None,
     ) -> None:
         """`access`: identify and authorize callers (None: development, every caller is anonymous)."""
         self.in_flight = in_flight or InFlightCalls()
         self.access = access
         self._observer: RpcObserver = observer or NullRpcObserver()
         self.limits = limits or RpcLimits()
+        self.audit = audit
 
     def wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any], *, per_item: bool = False
@@ -205,6 +211,7 @@ class RpcMiddleware:
         limits = self.limits
         access = self.access
         rpc_name = method.rsplit("/", 1)[-1]
+        audit = self.audit
 
         def handle(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
             current_principal.set(ANONYMOUS)
@@ -263,6 +270,8 @@ class RpcMiddleware:
                 if entered:
                     in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)
+                if audit is not None:
+                    audit.finished(method, first[0] if first else None, None, context, request_id, code, False)
                 if access_log.enabled():
                     opening = first[0] if first else None
                     access_log.record(
@@ -288,6 +297,8 @@ class RpcMiddleware:
         max_response_bytes = self.limits.max_response_bytes
         access = self.access
         rpc_name = method.rsplit("/", 1)[-1]
+        audit = self.audit
+        audit_first = audit is not None and audit.records_first(method)
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             principal_token = current_principal.set(ANONYMOUS)
@@ -296,6 +307,7 @@ class RpcMiddleware:
             request_id = _request_id(context)
             code = grpc.StatusCode.OK
             response = None
+            intent_recorded = False
             try:
                 if not entered:
                     raise ServerShuttingDown()
@@ -310,6 +322,10 @@ class RpcMiddleware:
                     narrow_response = access.authorize(rpc_name, principal, request)
                 # -- end of authentication and authorization --
                 charge(getattr(request, "tenant_id", ""), _cost(request) if per_item else 1)
+                if audit_first and audit is not None:
+                    # Before the change: when this record cannot be written, the change is not made.
+                    audit.before(method, request, context, request_id)
+                    intent_recorded = True
                 deadline = enter_call(context.time_remaining())
                 try:
                     response = behaviour(request, context)
@@ -334,6 +350,8 @@ class RpcMiddleware:
                 if entered:
                     in_flight.leave()
                 observer.finished(method, code.name, time.perf_counter() - started)
+                if audit is not None and request is not _MALFORMED:
+                    audit.finished(method, request, response, context, request_id, code, intent_recorded)
                 if log_calls():
                     access_log.record(
                         method,

@@ -1,0 +1,128 @@
+"""The audit trail without a server: denials, sampling, the bounded queue, and the settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_server.call_context import Principal, current_principal
+from crypto_server.config import ConfigError, Settings
+from crypto_server.service.audit import AuditEvent, AuditTrail, CryptoRecording, verify_trail
+from crypto_server.storage.audit_sinks import FileAuditSink
+from crypto_server.transport.call_audit import CallAudit
+from tests.conftest import FakeClock
+
+CHAIN_KEY = bytes(range(32))
+
+
+class _Context:
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:5000"
+
+
+def _trail(tmp_path: Path, **options: Any) -> AuditTrail:
+    trail = AuditTrail(FileAuditSink(tmp_path / "audit.jsonl"), CHAIN_KEY, FakeClock(), **options)
+    trail.start()
+    return trail
+
+
+def _calls(trail: AuditTrail) -> list[dict[str, Any]]:
+    trail.flush()
+    return [r for _, r in trail.sink.records() if r is not None and r["type"] == "call"]
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED])
+@pytest.mark.parametrize("method", ["GetKey", "Encrypt", "RotateKey"])
+def test_every_denial_is_recorded_with_its_principal_whatever_the_method(
+    tmp_path: Path, method: str, code: grpc.StatusCode
+) -> None:
+    trail = _trail(tmp_path, crypto=CryptoRecording("none"))
+    audit = CallAudit(trail)
+    token = current_principal.set(Principal("spiffe://caas/ns/media/sa/media", "mtls"))
+    try:
+        request = key_pb.GetKeyRequest(tenant_id="acme", key_id="k-1")
+        audit.finished(f"/caas.crypto.v1.KeyService/{method}", request, None, _Context(), "r-1", code, False)
+    finally:
+        current_principal.reset(token)
+    [record] = _calls(trail)
+    assert (record["rpc"], record["outcome"], record["tenant"], record["key_id"]) == (method, code.name, "acme", "k-1")
+    assert (record["principal"], record["auth"], record["peer"]) == (
+        "spiffe://caas/ns/media/sa/media",
+        "mtls",
+        "ipv4:127.0.0.1:5000",
+    )
+    trail.close()
+
+
+def test_sampled_records_one_success_in_n_and_every_failure(tmp_path: Path) -> None:
+    trail = _trail(tmp_path, crypto=CryptoRecording.parse("sampled:3"))
+    audit = CallAudit(trail)
+    request = crypto_pb.EncryptRequest(tenant_id="acme", key_id="k-1", plaintext=b"secret")
+    for _ in range(6):
+        audit.finished(
+            "/caas.crypto.v1.CryptoService/Encrypt", request, None, _Context(), "r", grpc.StatusCode.OK, False
+        )
+    audit.finished(
+        "/caas.crypto.v1.CryptoService/Encrypt", request, None, _Context(), "r", grpc.StatusCode.NOT_FOUND, False
+    )
+    assert [r["outcome"] for r in _calls(trail)] == ["OK", "OK", "NOT_FOUND"]
+    trail.close()
+
+
+def test_a_full_queue_drops_records_counts_them_and_keeps_the_chain_whole(tmp_path: Path) -> None:
+    drops: list[None] = []
+    trail = AuditTrail(
+        FileAuditSink(tmp_path / "audit.jsonl"),
+        CHAIN_KEY,
+        FakeClock(),
+        buffer_records=2,
+        on_drop=lambda: drops.append(None),
+    )
+    event = AuditEvent("Encrypt", "acme", "anonymous", "none", "OK", "r", "peer")
+    for _ in range(5):  # the writer is not started yet: the queue fills
+        trail.submit(event)
+    assert (trail.dropped, len(drops)) == (3, 3)
+    trail.start()
+    trail.close()
+    [report] = verify_trail(FileAuditSink(tmp_path / "audit.jsonl", read_only=True), CHAIN_KEY)
+    assert report.problem is None and report.records == 4 and report.uncovered == 0  # start, 2 calls, checkpoint
+
+
+def test_checkpoints_follow_every_n_records_and_the_uncovered_tail_is_reported(tmp_path: Path) -> None:
+    trail = _trail(tmp_path, checkpoint_every=3)
+    event = AuditEvent("RotateKey", "acme", "anonymous", "none", "OK", "r", "peer")
+    for _ in range(4):
+        trail.record(event)
+    trail.sink.close()
+    [report] = verify_trail(FileAuditSink(tmp_path / "audit.jsonl", read_only=True), CHAIN_KEY)
+    # start + 2 calls, checkpoint (seq 3); 2 more calls not yet covered.
+    assert (report.problem, report.last_checkpoint_seq, report.uncovered) == (None, 3, 2)
+
+
+def test_the_crypto_recording_setting_is_validated() -> None:
+    assert Settings.from_env({}).audit_crypto == "denied_only"
+    assert Settings.from_env({"CRYPTO_AUDIT_CRYPTO": "Sampled:10"}).audit_crypto == "sampled:10"
+    for bad in ("sometimes", "sampled:0", "sampled:x"):
+        with pytest.raises(ConfigError, match="CRYPTO_AUDIT_CRYPTO"):
+            Settings.from_env({"CRYPTO_AUDIT_CRYPTO": bad})
+    assert Settings.from_env({"CRYPTO_DATA_DIR": "/srv/d"}).audit_path == Path("/srv/d/audit.jsonl")
+    assert Settings.from_env({"CRYPTO_AUDIT_FILE": "/var/log/a.jsonl"}).audit_path == Path("/var/log/a.jsonl")
+
+
+def test_a_forged_record_slipped_between_two_is_reported_as_inserted(tmp_path: Path) -> None:
+    trail = _trail(tmp_path)
+    for _ in range(3):
+        trail.record(AuditEvent("RotateKey", "acme", "anonymous", "none", "OK", "r", "peer"))
+    trail.close()
+    path = tmp_path / "audit.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    forged = lines[2].replace('"outcome":"OK"', '"outcome":"PERMISSION_DENIED"')
+    path.write_text("".join([*lines[:3], forged, *lines[3:]]))
+    [report] = verify_trail(FileAuditSink(path, read_only=True), CHAIN_KEY)
+    assert report.problem is not None
+    assert (report.problem.kind, report.problem.position, report.problem.seq) == ("inserted", 4, 3)

@@ -19,13 +19,13 @@ class Principal:
     """The caller of one RPC.
 
     `name`: the client certificate's spiffe:// URI SAN (else its subject CN) for "mtls", the token's `sub`
-    for "jwt", and "" for "none" (no identity was presented: development mode, or a refused call).
+    for "jwt", and "anonymous" for "none" (no identity was presented: development mode, or a refused call).
     """
 
     name: str
     method: IdentityMethod
 
 
-ANONYMOUS = Principal(name="", method="none")
+ANONYMOUS = Principal(name="anonymous", method="none")
 
 current_principal: ContextVar[Principal | None] = ContextVar("current_principal", default=None)

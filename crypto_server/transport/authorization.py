@@ -42,6 +42,7 @@ REQUIRED_PERMISSIONS: Mapping[str, tuple[Permission, ...]] = {
     "EnableKey": (P.MANAGE_KEYS,),
     "GenerateSessionKey": (P.SESSION_KEYS,),
     "GetSessionKey": (P.SESSION_KEYS,),
+    "ReadAuditLog": (P.AUDIT_READ,),
     # CryptoService
     "Encrypt": (P.ENCRYPT,),
     "Decrypt": (P.DECRYPT,),

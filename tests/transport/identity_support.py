@@ -27,7 +27,7 @@ from crypto_server.transport.authorization import REQUIRED_PERMISSIONS
 
 TENANT = "acme"
 OTHER_TENANT = "globex"
-# Holds a permission no RPC needs (audit_read), for the right tenant: "right tenant, wrong permission".
+# Holds a permission no RPC needs (admin), for the right tenant: "right tenant, wrong permission".
 NO_RPC_PERMISSION = "spiffe://caas/test/audit-reader"
 OPERATOR = "spiffe://caas/test/operator"
 OTHER_TENANT_OPERATOR = "spiffe://caas/test/globex-operator"
@@ -51,7 +51,7 @@ def matrix_policy() -> dict[str, Any]:
     rules += [
         {"principals": [OPERATOR], "tenants": "*", "permissions": ALL_PERMISSIONS},
         {"principals": [OTHER_TENANT_OPERATOR], "tenants": [OTHER_TENANT], "permissions": ALL_PERMISSIONS},
-        {"principals": [NO_RPC_PERMISSION], "tenants": [TENANT], "permissions": ["audit_read"]},
+        {"principals": [NO_RPC_PERMISSION], "tenants": [TENANT], "permissions": ["admin"]},
         {
             "principals": ["spiffe://caas/ns/messaging/*"],
             "tenants": [TENANT],
@@ -223,6 +223,7 @@ RPC_CALLS: dict[str, Call] = {
     "GetSessionKey": lambda s, k, m: s.keys.GetSessionKey(
         key_pb.GetSessionKeyRequest(tenant_id=TENANT, key_id=k.session), metadata=m
     ),
+    "ReadAuditLog": lambda s, k, m: s.keys.ReadAuditLog(key_pb.ReadAuditLogRequest(tenant_id=TENANT), metadata=m),
     "Encrypt": lambda s, k, m: s.crypto.Encrypt(
         crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=k.data, plaintext=b"p"), metadata=m
     ),

@@ -9,7 +9,8 @@ grpc-health-probe's (github.com/grpc-ecosystem/grpc-health-probe):
     3  RPC failure: the Check call failed or took longer than --rpc-timeout (an unknown --service included)
     4  unhealthy: the answer was NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN
 
-Without --addr it checks 127.0.0.1:$CRYPTO_PORT (3009), the server in the same container.
+Without --addr it checks the server in the same container: 127.0.0.1:$CRYPTO_HEALTH_PORT when that plaintext
+health port is set (the service port then usually requires mTLS), else 127.0.0.1:$CRYPTO_PORT (3009).
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def parser() -> argparse.ArgumentParser:
     root = _Parser(prog="crypto-healthcheck", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root.add_argument(
         "--addr",
-        default=f"127.0.0.1:{os.environ.get('CRYPTO_PORT', '3009')}",
+        default=f"127.0.0.1:{os.environ.get('CRYPTO_HEALTH_PORT') or os.environ.get('CRYPTO_PORT') or '3009'}",
         metavar="HOST:PORT",
-        help="the server (default 127.0.0.1:$CRYPTO_PORT, else 127.0.0.1:3009)",
+        help="the server (default 127.0.0.1:$CRYPTO_HEALTH_PORT, else $CRYPTO_PORT, else 3009)",
     )
     root.add_argument("--service", default="", help="the service to check, e.g. caas.crypto.v1.KeyService (the server)")
     root.add_argument("--connect-timeout", type=float, default=2.0, metavar="SECONDS", help="to connect (2)")

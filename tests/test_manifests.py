@@ -18,6 +18,8 @@ import promql_parser
 import pytest
 import yaml
 
+from crypto_server.transport.authorization import parse_policy
+
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 RULES = ROOT / "deploy" / "prometheus"
@@ -63,14 +65,14 @@ def test_the_deployment_runs_locked_down_with_native_grpc_probes() -> None:
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[probe]["grpc"]["port"] == 3009, probe
+        assert container[probe]["grpc"]["port"] == 3010, probe  # the plaintext health port
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9109"
 
 
 def test_the_root_key_is_a_secret_volume_the_server_accepts() -> None:
     pod = _manifests()["Deployment"]["spec"]["template"]["spec"]
-    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    (volume,) = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == "caas-crypto-root-key"]
     # 0400 plus fsGroup becomes root:10001 0440 on the node: root-owned and group-readable is what
     # crypto_server/root_key.py accepts besides owner-only (tests/test_root_key.py proves that rule).
     assert volume["secret"]["defaultMode"] == 0o400
@@ -137,3 +139,19 @@ def test_alert_rules_are_well_formed_and_their_promql_parses(path: Path) -> None
 def test_the_promql_check_can_fail() -> None:
     with pytest.raises(ValueError, match="parenthesis"):
         promql_parser.parse("sum(rate(caas_crypto_rpc_total[5m])")
+
+
+def test_the_deployment_serves_mtls_with_a_policy_and_probes_the_plaintext_health_port() -> None:
+    """Reachable from other pods, the server refuses to start without TLS and a policy: the manifest gives both."""
+    documents = {
+        doc["kind"]: doc for path in sorted(KUBERNETES.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())
+    }
+    container = documents["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    for name in ("CRYPTO_TLS_CERT_FILE", "CRYPTO_TLS_KEY_FILE", "CRYPTO_TLS_CLIENT_CA_FILE", "CRYPTO_POLICY_FILE"):
+        assert env[name], name
+    assert "CRYPTO_ALLOW_INSECURE" not in env
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == int(env["CRYPTO_HEALTH_PORT"])
+    policy = documents["ConfigMap"]["data"]["policy.yaml"]
+    parse_policy(policy.encode())  # the server would accept it

@@ -33,6 +33,7 @@ TARGETS = (
     ("2 processes >= 1.5 x 1 process", ("scale_out", "ratio"), ">=", 1.5),
     ("audit denied_only: encrypt rps >= 0.95 x none", ("audit", "denied_only_rps_ratio_to_none"), ">=", 0.95),
     ("audit all: encrypt rps >= 0.60 x none", ("audit", "all_rps_ratio_to_none"), ">=", 0.60),
+    ("mTLS + policy + audit denied_only: encrypt rps >= 0.90 x plain", ("security", "rps_ratio"), ">=", 0.90),
     ("HSM root: warm keys within 10% of file root", ("cold_tenants", "hsm_to_file_warm_ratio"), ">=", 0.90),
 )
 
@@ -105,6 +106,10 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
             results["scale_out"] = scenarios.scale_out(backends, phases)
             log("audit trail cost")
             results["audit"] = scenarios.audit_cost(backends, phases)
+            log("mTLS + access policy + audit, against none of them")
+            security_scratch = Path(scratch) / "security"
+            security_scratch.mkdir()
+            results["security"] = scenarios.security_cost(backends, phases, security_scratch)
         finally:
             backends.stop()
     results["targets"] = _targets(results)
@@ -150,6 +155,8 @@ def table(results: dict[str, Any]) -> str:
         row(f"scale-out {processes} encrypt rps", results["scale_out"][processes]["encrypt_rps"])
     for mode in scenarios.AUDIT_MODES:
         row(f"audit {mode}: encrypt @16 rps", results["audit"][mode]["rps"])
+    for mode in ("plain", "mtls_policy_audit"):
+        row(f"security {mode}: encrypt @16 rps (python client)", results["security"][mode]["rps"])
     lines.append("")
     lines.append(f"{'target':<48} {'value':>10}  {'bound':<8} met")
     for target in results["targets"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import statistics
 import tempfile
@@ -20,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import trustme
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench import h2load, pyload
 from bench.echo_server import ECHO_METHOD, ECHO_STREAM_METHOD
-from crypto_client import CryptoClient, KeyType
+from crypto_client import ClientConfig, CryptoClient, KeyType
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import key_service_pb2_grpc, resources_pb2
@@ -392,6 +394,82 @@ def audit_cost(backends: Backends, phases: Phases) -> dict[str, Any]:
     for mode in ("denied_only", "all"):
         results[f"{mode}_rps_ratio_to_none"] = results[mode]["rps"]["median"] / results["none"]["rps"]["median"]
         results[f"{mode}_p99_ratio_to_none"] = results[mode]["p99_ms"]["median"] / results["none"]["p99_ms"]["median"]
+    return results
+
+
+def security_cost(backends: Backends, phases: Phases, scratch: Path) -> dict[str, Any]:
+    """Scenario 7: Encrypt of 1 KiB at 16 in flight, Python client on one long-lived channel, on a server with
+    mTLS + an access policy + audit `denied_only`, as a ratio to the same server without any of them (plaintext,
+    no policy, audit `none`). The TLS handshake is paid once per channel, as by a real service."""
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    client_cert = ca.issue_cert("client.bench", common_name="bench-client")
+    files = {}
+    for name, blob in (
+        ("ca.pem", ca.cert_pem),
+        ("server.pem", server_cert.cert_chain_pems[0]),
+        ("server.key", server_cert.private_key_pem),
+        ("client.pem", client_cert.cert_chain_pems[0]),
+        ("client.key", client_cert.private_key_pem),
+    ):
+        blob.write_to_path(str(scratch / name))
+        files[name] = scratch / name
+    policy = scratch / "policy.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "version": 1,
+                "rules": [
+                    {
+                        "principals": ["bench-client"],
+                        "tenants": [TENANT],
+                        "permissions": ["encrypt", "decrypt", "manage_keys", "read_keys"],
+                    }
+                ],
+            }
+        )
+    )
+    secured_env = {
+        "CRYPTO_TLS_CERT_FILE": str(files["server.pem"]),
+        "CRYPTO_TLS_KEY_FILE": str(files["server.key"]),
+        "CRYPTO_TLS_CLIENT_CA_FILE": str(files["ca.pem"]),
+        "CRYPTO_POLICY_FILE": str(policy),
+        "CRYPTO_AUDIT_CRYPTO": "denied_only",
+    }
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=files["ca.pem"].read_bytes(),
+        private_key=files["client.key"].read_bytes(),
+        certificate_chain=files["client.pem"].read_bytes(),
+    )
+    modes = {
+        "plain": ({**backends.env("embedded", "security-plain"), "CRYPTO_AUDIT_CRYPTO": "none"}, None),
+        "mtls_policy_audit": ({**backends.env("embedded", "security-on"), **secured_env}, credentials),
+    }
+    runs: dict[str, list[h2load.LoadResult]] = {mode: [] for mode in modes}
+    with contextlib.ExitStack() as stack:
+        prepared = {}
+        for mode, (env, creds) in modes.items():
+            address = stack.enter_context(bench_server(env))[0].address
+            config = ClientConfig(credentials=creds) if creds is not None else ClientConfig()
+            with CryptoClient(address, TENANT, config) as client:
+                key_id = client.create_key(KeyType.DATA).key_id
+                client.encrypt(key_id, b"warm")
+            request = crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=key_id, plaintext=os.urandom(KIB))
+            prepared[mode] = (address, request.SerializeToString(), creds)
+        for _ in range(phases.repetitions):
+            for mode, (address, encrypt, creds) in prepared.items():  # interleaved, so drift hits both alike
+                runs[mode].append(
+                    pyload.run(
+                        address, ENCRYPT, encrypt, requests=phases.unary_requests, in_flight=16, credentials=creds
+                    )
+                )
+    results: dict[str, Any] = {}
+    for mode, measured in runs.items():
+        if any(r.failed for r in measured):
+            raise RuntimeError(f"encrypt ({mode}) had failed requests")
+        results[mode] = {"rps": summary([r.rps for r in measured]), "p99_ms": summary([r.p99_ms for r in measured])}
+    results["rps_ratio"] = results["mtls_policy_audit"]["rps"]["median"] / results["plain"]["rps"]["median"]
+    results["p99_ratio"] = results["mtls_policy_audit"]["p99_ms"]["median"] / results["plain"]["p99_ms"]["median"]
     return results
 
 

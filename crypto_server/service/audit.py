@@ -19,6 +19,7 @@ import queue
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,6 +35,11 @@ log = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT_EVERY = 1000
 DEFAULT_CHECKPOINT_INTERVAL_S = 60.0
 DEFAULT_BUFFER_RECORDS = 10_000
+# A synchronous write that has taken this long is taken for a hung sink: callers are refused at once meanwhile.
+_HUNG_WRITE_S = 0.5
+# How often a caller waiting for the chain looks again.
+_POLL_S = 0.05
+
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
@@ -109,6 +115,10 @@ class AuditTrail:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._on_drop = on_drop or (lambda: None)
         self._lock = threading.Lock()  # the chain's head: one writer at a time
+        # The records of the last write that failed: it may have landed all the same (see _append_locked).
+        self._unconfirmed: list[dict[str, Any]] = []
+        # When the current synchronous write began (None: no write in progress), to tell a slow sink from a hung one.
+        self._writing_since: float | None = None
         self._seq = 0
         self._head = GENESIS
         self._since_checkpoint = 0
@@ -132,13 +142,36 @@ class AuditTrail:
         return seal(self._key, record)
 
     def _append_locked(self, records: list[dict[str, Any]]) -> None:
-        """Write sealed records; the head moves only once they are durable."""
-        self.sink.append(records)
+        """Write sealed records (built after `_resynchronise`); the head moves only once they are durable."""
+        try:
+            self.sink.append(records)
+        except AuditSinkError:
+            # A write that timed out may have landed all the same (a database that froze after writing): the
+            # next write first asks the sink, so the chain continues from what is stored instead of colliding
+            # with it. Not now: the caller has waited long enough.
+            self._unconfirmed = records
+            raise
+        self._advance(records)
+
+    def _advance(self, records: list[dict[str, Any]]) -> None:
         self._seq += len(records)
         self._head = records[-1]["mac"]
         self._since_checkpoint += len(records)
 
+    def _resynchronise(self) -> None:
+        """Adopt the prefix of the last failed write that the sink holds. Raises AuditSinkError (unreadable)."""
+        last = self.sink.last_of_chain(self.chain_id)
+        if last is not None:
+            for count, record in enumerate(self._unconfirmed, start=1):
+                if record["seq"] == last.get("seq") and record["mac"] == last.get("mac"):
+                    self._advance(self._unconfirmed[:count])
+                    log.warning("an audit write reported as failed had landed; the chain continues after it")
+                    break
+        self._unconfirmed = []
+
     def _write_locked(self, events: list[AuditEvent]) -> None:
+        if self._unconfirmed:
+            self._resynchronise()
         records: list[dict[str, Any]] = []
         for event in events:
             records.append(self._next("call", asdict(event), records[-1] if records else None))
@@ -150,6 +183,8 @@ class AuditTrail:
         """A checkpoint in the chain and in the checkpoint log. Its failure does not fail a call: the
         records themselves are written; only the truncation bound loosens (logged)."""
         try:
+            if self._unconfirmed:
+                self._resynchronise()
             record = self._next(CHECKPOINT, {"covers": self._seq})
             self._append_locked([record])
             self.sink.append_checkpoint(record)
@@ -170,13 +205,26 @@ class AuditTrail:
         self._writer.start()
 
     def record(self, event: AuditEvent) -> None:
-        """Write `event` now. Raises AuditUnavailable when it cannot be written."""
-        with self._lock:
-            try:
-                self._write_locked([event])
-            except AuditSinkError as error:
-                log.error("audit record not written", extra={"chain": self.chain_id, "error": str(error)})
-                raise AuditUnavailable() from None
+        """Write `event` now. Raises AuditUnavailable when it cannot be written.
+
+        Never lets a sink that hangs (a frozen database) hold more than one worker: callers queue for the
+        chain while its writer makes progress, but once a write has taken longer than `_HUNG_WRITE_S` (a
+        healthy one takes milliseconds) every caller is refused at once until it returns. Otherwise a storm
+        of key changes against a dead sink would take every worker, health checks included.
+        """
+        while not self._lock.acquire(timeout=_POLL_S):
+            started = self._writing_since
+            if started is not None and time.monotonic() - started > _HUNG_WRITE_S:
+                raise AuditUnavailable()
+        self._writing_since = time.monotonic()
+        try:
+            self._write_locked([event])
+        except AuditSinkError as error:
+            log.error("audit record not written", extra={"chain": self.chain_id, "error": str(error)})
+            raise AuditUnavailable() from None
+        finally:
+            self._writing_since = None
+            self._lock.release()
 
     def submit(self, event: AuditEvent) -> None:
         """Queue `event` for the writer; dropped (and counted) when the queue is full."""

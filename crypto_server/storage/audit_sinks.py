@@ -13,11 +13,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import pymongo
 from bson import ObjectId
 from bson.errors import InvalidId
 from pymongo import ASCENDING, MongoClient
 from pymongo.errors import PyMongoError
 
+from crypto_server.call_deadline import time_left
 from crypto_server.storage.private_files import ensure_private_file
 
 # A record is readable as (position in the sink, record or None when it does not parse).
@@ -35,6 +37,11 @@ class AuditSink(Protocol):
 
     def append_checkpoint(self, record: Mapping[str, Any]) -> None:
         """Write a checkpoint to the checkpoint log (it is in `append`'s log too). Raises AuditSinkError."""
+        ...
+
+    def last_of_chain(self, chain: str) -> Mapping[str, Any] | None:
+        """The stored record of `chain` with the highest seq, when the sink can tell (None: it cannot, or
+        none): after a write that failed, it tells whether the write landed all the same."""
         ...
 
     def records(self) -> Iterator[Positioned]:
@@ -101,6 +108,9 @@ class FileAuditSink:
     def append_checkpoint(self, record: Mapping[str, Any]) -> None:
         self._write(self._checkpoint_fd, _line(record))
 
+    def last_of_chain(self, chain: str) -> Mapping[str, Any] | None:
+        return None  # one write() per batch: a failed one wrote nothing to resynchronise with
+
     @staticmethod
     def _read(path: Path) -> Iterator[Positioned]:
         try:
@@ -142,6 +152,7 @@ class MongoAuditSink:
 
     def __init__(self, uri: str, database: str, *, timeout_s: float = 5.0) -> None:
         timeout_ms = int(timeout_s * 1000)
+        self._timeout_s = timeout_s
         self._client: MongoClient[dict[str, Any]] = MongoClient(
             uri,
             tz_aware=True,
@@ -165,16 +176,27 @@ class MongoAuditSink:
 
     def append(self, records: Sequence[Mapping[str, Any]]) -> None:
         try:
-            # Ordered: the documents' ids (the order verify reads them in) follow the chain.
-            self._log.insert_many([dict(r) for r in records], ordered=True)
+            # Bounded, retries included, by the call's deadline and the store timeout (as key writes are).
+            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+                # Ordered: the documents' ids (the order verify reads them in) follow the chain.
+                self._log.insert_many([dict(r) for r in records], ordered=True)
         except PyMongoError as error:
             raise AuditSinkError(f"cannot write the audit log: {error}") from None
 
     def append_checkpoint(self, record: Mapping[str, Any]) -> None:
         try:
-            self._checkpoints.insert_one(dict(record))
+            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+                self._checkpoints.insert_one(dict(record))
         except PyMongoError as error:
             raise AuditSinkError(f"cannot write the audit checkpoint log: {error}") from None
+
+    def last_of_chain(self, chain: str) -> Mapping[str, Any] | None:
+        try:
+            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+                document = self._log.find_one({"chain": chain}, sort=[("seq", -1)])
+        except PyMongoError as error:
+            raise AuditSinkError(f"cannot read the audit log: {error}") from None
+        return None if document is None else self._plain(document)
 
     @staticmethod
     def _plain(document: dict[str, Any]) -> dict[str, Any]:

@@ -356,7 +356,6 @@ def run(seed: int, duration_s: float, workdir: Path) -> dict[str, Any]:
     deployment = Deployment(workdir)
     record = Record()
     stop_load, stop_faults = threading.Event(), threading.Event()
-    deployment.start()
     roles = ["create", "encrypt", "encrypt", "decrypt", "decrypt", "rotate", "datakey", "stream"]
     threads = [
         threading.Thread(target=_load, args=(deployment, record, stop_load, seed * 100 + n, role), daemon=True)
@@ -369,6 +368,7 @@ def run(seed: int, duration_s: float, workdir: Path) -> dict[str, Any]:
     fault_thread = threading.Thread(target=_faults, args=(deployment, record, stop_faults, rng), daemon=True)
     started = time.monotonic()
     try:
+        deployment.start()
         for thread in threads:
             thread.start()
         fault_thread.start()

@@ -12,8 +12,9 @@ from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_server.call_context import Principal, current_principal
 from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.errors import AuditUnavailable
 from crypto_server.service.audit import AuditEvent, AuditTrail, CryptoRecording, verify_trail
-from crypto_server.storage.audit_sinks import FileAuditSink
+from crypto_server.storage.audit_sinks import AuditSinkError, FileAuditSink
 from crypto_server.transport.call_audit import CallAudit
 from tests.conftest import FakeClock
 
@@ -126,3 +127,45 @@ def test_a_forged_record_slipped_between_two_is_reported_as_inserted(tmp_path: P
     [report] = verify_trail(FileAuditSink(path, read_only=True), CHAIN_KEY)
     assert report.problem is not None
     assert (report.problem.kind, report.problem.position, report.problem.seq) == ("inserted", 4, 3)
+
+
+class _LandsThenFails(FileAuditSink):
+    """A sink whose next write lands and is then reported as failed (a database that froze after writing),
+    and which can tell what it holds, as the MongoDB sink can."""
+
+    fail_next = False
+
+    def append(self, records: Any) -> None:
+        super().append(records)
+        if self.fail_next:
+            self.fail_next = False
+            raise AuditSinkError("timed out (but written)")
+
+    def last_of_chain(self, chain: str) -> dict[str, Any] | None:
+        mine = [r for _, r in self.records() if r is not None and r.get("chain") == chain]
+        return max(mine, key=lambda r: r["seq"]) if mine else None
+
+
+def test_a_write_reported_failed_that_landed_does_not_break_the_chain(tmp_path: Path) -> None:
+    sink = _LandsThenFails(tmp_path / "audit.jsonl")
+    trail = AuditTrail(sink, CHAIN_KEY, FakeClock())
+    trail.start()
+    event = AuditEvent(
+        rpc="RotateKey",
+        tenant="t1",
+        principal="p",
+        auth="mtls",
+        outcome="PENDING",
+        request_id="r1",
+        peer="",
+        key_id="k",
+        key_version=0,
+        phase="intent",
+    )
+    sink.fail_next = True
+    with pytest.raises(AuditUnavailable):
+        trail.record(event)
+    trail.record(event)  # continues after the record that landed, instead of reusing its sequence number
+    trail.flush()
+    (report,) = verify_trail(sink, CHAIN_KEY)
+    assert report.problem is None, report

@@ -174,6 +174,43 @@ class Output:
         else:
             print(_table([_key_row(k) for k in keys]))
 
+    def records(self, rows: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
+        """A list of records of the given field names (a JSON list, a table, or one field per line)."""
+        if self.field:
+            self._check_field(names)
+            for row in rows:
+                print(_raw(row[str(self.field)]))
+        elif self.as_json:
+            print(json.dumps(list(rows), indent=2, default=str))
+        else:
+            print(_table([{name: _raw(row[name]) for name in names} for row in rows]))
+
+
+_AUDIT_FIELDS = ("time", "principal", "rpc", "key_id", "key_version", "outcome", "phase", "request_id")
+
+
+def _audit(args: argparse.Namespace, client: CryptoClient, out: Output) -> None:
+    """The tenant's latest audit records (ReadAuditLog; the caller needs audit_read)."""
+    records = [
+        {name: getattr(record, name) for name in _AUDIT_FIELDS}
+        for record in client.read_audit_log(tenant_id=args.tenant)
+    ]
+    out.records(records[-max(1, args.lines) :], _AUDIT_FIELDS)
+
+
+def _audit_verify() -> int:
+    """`cryptoctl audit verify`: the server's own verifier, which needs the root key (it derives the chain key);
+    so it runs where the server package and its settings are, like crypto-audit verify."""
+    try:
+        from crypto_server import audit_cli
+    except ImportError:
+        return _fail(
+            "audit verify needs the server package (caas-crypto-server) and the server's settings (the root key): "
+            "run it on a server host, or use crypto-audit verify there",
+            EXIT_USAGE,
+        )
+    return audit_cli.main(["verify"])
+
 
 def _labels(pairs: Sequence[str]) -> dict[str, str]:
     labels = {}
@@ -328,6 +365,8 @@ def _run(args: argparse.Namespace, client: CryptoClient, out: Output) -> int:
         return EXIT_OK if status is HealthStatus.SERVING else EXIT_NOT_SERVING
     if args.command == "keys":
         _keys(args, client, out)
+    elif args.command == "audit":
+        _audit(args, client, out)
     elif args.value is not None or getattr(args, "value_base64", None) is not None:
         if args.input is not None:
             raise UsageError("give --value or --in, not both")
@@ -425,6 +464,12 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--in", dest="input", metavar="FILE", help="input file, or - for stdin (the default)")
         sub.add_argument("--out", dest="output", metavar="FILE", help="output file, or - for stdout (the default)")
         sub.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal only)")
+    audit = command(
+        commands, "audit", "the audit trail: the tenant's latest records, or verify the chains"
+    ).add_subparsers(dest="action", required=True, metavar="ACTION")
+    tail = command(audit, "tail", "the tenant's latest audit records (ReadAuditLog; needs audit_read)")
+    tail.add_argument("-n", "--lines", type=int, default=20, help="how many records (20)")
+    command(audit, "verify", "verify every audit chain (runs crypto-audit verify: needs the server's settings)")
     health = command(commands, "health", "gRPC health check of the service")
     health.add_argument("--service", default="", help="a service name, e.g. caas.crypto.v1.KeyService (all)")
     return root
@@ -474,7 +519,10 @@ def _fail(message: str, code: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = _defaults(parser().parse_args(argv))
+        args = parser().parse_args(argv)
+        if args.command == "audit" and args.action == "verify":
+            return _audit_verify()
+        args = _defaults(args)
         config = _client_config(args)
         with CryptoClient(args.target, args.tenant or "health", config) as client:
             return _run(args, client, Output(args.json, args.field))

@@ -260,3 +260,21 @@ def test_a_64_mib_file_round_trips_with_identical_bytes(
     failed = cryptoctl(server, "decrypt", "--in", str(damaged), "--out", str(tmp_path / "partial.out"), tenant=tenant)
     assert failed.returncode == 4
     assert not (tmp_path / "partial.out").exists()
+
+
+def test_audit_tail_lists_the_tenants_records_and_verify_checks_the_chains(tmp_path: Path, tenant: str) -> None:
+    root_key = base64.b64encode(os.urandom(32)).decode()
+    env = {"CRYPTO_DATA_DIR": str(tmp_path / "data"), "CRYPTO_ROOT_KEY": root_key}
+    process = CryptoServerProcess.launch({"CRYPTO_HOST": "127.0.0.1", "CRYPTO_PORT": "0", **env})
+    try:
+        created = _json(cryptoctl(process, "--json", "keys", "create", tenant=tenant))
+        tail = _json(cryptoctl(process, "--json", "audit", "tail", "-n", "5", tenant=tenant))
+        assert [(r["rpc"], r["phase"]) for r in tail[:2]] == [("CreateKey", "intent"), ("CreateKey", "outcome")]
+        assert tail[1]["key_id"] == created["key_id"] and tail[1]["outcome"] == "OK"
+    finally:
+        assert process.terminate() == 0
+    verified = subprocess.run(
+        [str(BIN / "cryptoctl"), "audit", "verify"], env={**os.environ, **env}, capture_output=True, check=False
+    )
+    assert verified.returncode == 0, verified.stderr.decode()
+    assert b"Traceback" not in verified.stderr

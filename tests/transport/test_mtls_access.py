@@ -10,6 +10,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -62,9 +63,17 @@ class MtlsServer:
         return Stubs.on(self.channels[principal])
 
 
-@pytest.fixture(scope="module")
-def mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MtlsServer]:
+@pytest.fixture(scope="module", params=["embedded", "mongo+redis"])
+def mtls(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[MtlsServer]:
+    """One mTLS server per module and store: identity and policy must not depend on the store."""
     directory = tmp_path_factory.mktemp("mtls")
+    stores: dict[str, Any] = {}
+    if request.param == "mongo+redis":
+        stores = {
+            "mongodb_uri": request.getfixturevalue("mongo_server").uri,
+            "mongodb_database": f"mtls{os.getpid()}_{directory.name}",
+            "redis_url": request.getfixturevalue("redis_server").url,
+        }
     ca = trustme.CA()
     files = write_server_files(ca, directory / "tls")
     policy_file = directory / "policy.json"
@@ -81,6 +90,7 @@ def mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MtlsServer]:
         policy_file=policy_file,
         health_port=0,
         reload_interval_s=0,
+        **stores,
     )
     running = build_server(settings, clock=FakeClock())
     server = MtlsServer(running, ca, files, policy_file, keys=None, channels={})

@@ -78,6 +78,7 @@ def key_from_proto(message: resources_pb2.Key) -> Key:
         rotation_period=message.rotation_period.ToTimedelta() if message.HasField("rotation_period") else None,
         labels=dict(message.labels),
         algorithm=ALGORITHM_FROM_PROTO.get(message.algorithm, Algorithm.AES_256_GCM),
+        next_rotation_at=_moment(message.next_rotation_at) if message.HasField("next_rotation_at") else None,
     )
 
 

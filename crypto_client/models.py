@@ -64,6 +64,8 @@ class Key:
     rotation_period: timedelta | None
     labels: Mapping[str, str] = field(default_factory=dict)
     algorithm: Algorithm = Algorithm.AES_256_GCM
+    # When automatic rotation gives the key a new primary; None when it is not rotated automatically.
+    next_rotation_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

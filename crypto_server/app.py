@@ -32,6 +32,7 @@ from crypto_server.service.audit import AuditTrail, CryptoRecording
 from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
+from crypto_server.service.key_rotator import KeyRotator
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.service.quotas import quotas_for
@@ -111,6 +112,8 @@ class CryptoServer:
     # Threads that serve the requests (cross-replica invalidation): stopped after the last call.
     background: list[_Stoppable] = field(default_factory=list)
     audit: AuditTrail | None = None
+    # Automatic rotation (a pass every CRYPTO_ROTATION_INTERVAL by the lease holder); tests call run_once.
+    rotator: KeyRotator | None = None
 
     def stop(self, grace_s: float, *, drain_s: float = 0.0) -> None:
         """Stop after `drain_s` seconds of serving on, finishing calls in flight within `grace_s` more.
@@ -374,6 +377,14 @@ def build_server(
             request_key_id_secret=authenticator.request_key_id_secret(),
             max_session_lifetime=timedelta(seconds=settings.max_session_key_lifetime_s),
         )
+        rotator = KeyRotator(
+            store,
+            lifecycle,
+            clock,
+            interval_s=settings.rotation_interval_s,
+            lease_ttl_s=settings.rotation_lease_s,
+            audit=audit,
+        )
         operations = CryptoOperations(
             keyring,
             clock,
@@ -435,6 +446,9 @@ def build_server(
             metrics.watch_state(keyring, store, clock)
             metrics.watch_root_keys(root, other_root)
             metrics_port = metrics.serve(settings.host, settings.metrics_port)
+        # Stopped before the audit trail and the store (background stops last in, first): it gives its lease up.
+        rotator.start()
+        background.append(rotator)
     except BaseException:
         for task in background:
             task.stop()
@@ -460,4 +474,5 @@ def build_server(
         health_port=health_port,
         background=background,
         audit=audit,
+        rotator=rotator,
     )

@@ -62,6 +62,9 @@ class Settings:
     health_interval_s: float = 2.0
     # How often each server asks the store which keys changed (the bound on missing another server's change).
     invalidation_interval_s: float = 1.0
+    # Automatic rotation: a pass every interval (0: this replica never rotates), by the lease holder only.
+    rotation_interval_s: float = 60.0
+    rotation_lease_s: float = 180.0
     reuse_port: bool = False
     metrics_port: int | None = None
     max_batch_items: int = 1000
@@ -260,6 +263,7 @@ class Settings:
         max_concurrent_rpcs = None
         if env.get("CRYPTO_MAX_CONCURRENT_RPCS", "").strip():
             max_concurrent_rpcs = integer("CRYPTO_MAX_CONCURRENT_RPCS", 1, workers, 1_000_000)
+        rotation_interval_s, rotation_lease_s = _rotation_settings(number, defaults)
         tenant_rate = number("CRYPTO_TENANT_RATE", defaults.tenant_rate, 0, 1e9)
         tenant_burst = integer("CRYPTO_TENANT_BURST", defaults.tenant_burst, 1, 1_000_000_000)
         if tenant_rate and tenant_burst < max_batch_items:
@@ -332,6 +336,8 @@ class Settings:
             ),
             health_interval_s=number("CRYPTO_HEALTH_INTERVAL", defaults.health_interval_s, 0.1, 60),
             invalidation_interval_s=number("CRYPTO_INVALIDATION_INTERVAL", defaults.invalidation_interval_s, 0.05, 60),
+            rotation_interval_s=rotation_interval_s,
+            rotation_lease_s=rotation_lease_s,
             audit_file=Path(audit_file) if audit_file else None,
             audit_crypto=audit_crypto,
             audit_checkpoint_records=integer(
@@ -343,6 +349,18 @@ class Settings:
             audit_buffer_records=integer("CRYPTO_AUDIT_BUFFER", defaults.audit_buffer_records, 1, 10_000_000),
             **hsm,
         )
+
+
+def _rotation_settings(number: Callable[[str, float, float, float], float], defaults: Settings) -> tuple[float, float]:
+    """CRYPTO_ROTATION_INTERVAL and CRYPTO_ROTATION_LEASE: the lease must outlast the interval, or the holder would
+    lose it between two of its own passes."""
+    interval = number("CRYPTO_ROTATION_INTERVAL", defaults.rotation_interval_s, 0, 3600)
+    lease = number("CRYPTO_ROTATION_LEASE", defaults.rotation_lease_s, 1, 86400)
+    if interval > 0 and lease <= interval:
+        raise ConfigError(
+            f"CRYPTO_ROTATION_LEASE ({lease:g} s) must be longer than CRYPTO_ROTATION_INTERVAL ({interval:g} s)"
+        )
+    return interval, lease
 
 
 def is_loopback(host: str) -> bool:

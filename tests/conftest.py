@@ -180,8 +180,17 @@ def start_server(tmp_path: Path, root_key: str, backend_settings: dict[str, Any]
     def start(
         clock: FakeClock | None = None, interceptors: Sequence[grpc.ServerInterceptor] = (), **overrides: Any
     ) -> ServerHandle:
+        # No rotation thread: it would run passes at real-time intervals against the injected clock; tests that
+        # exercise automatic rotation call `running.rotator.run_once()` when they have moved the clock.
         settings = replace(
-            Settings(host="127.0.0.1", port=0, workers=8, data_dir=tmp_path / "data", root_key=root_key),
+            Settings(
+                host="127.0.0.1",
+                port=0,
+                workers=8,
+                data_dir=tmp_path / "data",
+                root_key=root_key,
+                rotation_interval_s=0,
+            ),
             **{**backend_settings, **overrides},
         )
         clock = clock or FakeClock()

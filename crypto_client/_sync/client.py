@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
-from types import TracebackType
+from types import EllipsisType, TracebackType
 from typing import Any, TypeVar
 
 import grpc
@@ -200,6 +200,35 @@ class CryptoClient:
             tenant_id=tenant, key_id=key_id, request_id=request_id or _convert.new_request_id()
         )
         response = self._call("RotateKey", self._keys.RotateKey, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    def update_key(
+        self,
+        key_id: str,
+        *,
+        rotation_period: timedelta | EllipsisType | None = ...,
+        expire_after: timedelta | EllipsisType | None = ...,
+        labels: Mapping[str, str] | EllipsisType | None = ...,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Key:
+        """Change the settings given (left out: unchanged; None: cleared — no automatic rotation, versions
+        that never expire, no labels). `expire_after` applies to versions created from now on. Safe to retry:
+        it sets values."""
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.UpdateKeyRequest(tenant_id=tenant, key_id=key_id)
+        if not isinstance(rotation_period, EllipsisType):
+            request.update_mask.paths.append("rotation_period")
+            if rotation_period is not None:
+                request.rotation_period.CopyFrom(_convert.duration(rotation_period))
+        if not isinstance(expire_after, EllipsisType):
+            request.update_mask.paths.append("expire_after")
+            if expire_after is not None:
+                request.expire_after.CopyFrom(_convert.duration(expire_after))
+        if not isinstance(labels, EllipsisType):
+            request.update_mask.paths.append("labels")
+            request.labels.update(labels or {})
+        response = self._call("UpdateKey", self._keys.UpdateKey, request, timeout)
         return self._core.key_changed(tenant, response.key)
 
     def disable_key(self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:

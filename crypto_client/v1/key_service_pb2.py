@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from crypto_client.v1 import resources_pb2 as caas_dot_crypto_dot_v1_dot_resources__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n caas/crypto/v1/key_service.proto\x12\x0e\x63\x61\x61s.crypto.v1\x1a\x1e\x63\x61\x61s/crypto/v1/resources.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x02\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12)\n\x08key_type\x18\x02 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12/\n\x0c\x65xpire_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frotation_period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x06labels\x18\x05 \x03(\x0b\x32,.caas.crypto.v1.CreateKeyRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12,\n\talgorithm\x18\x07 \x01(\x0e\x32\x19.caas.crypto.v1.Algorithm\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x11\x43reateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"2\n\rGetKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"2\n\x0eGetKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\x9f\x01\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.caas.crypto.v1.KeyState\"N\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.caas.crypto.v1.Key\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x10RotateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"5\n\x11RotateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"6\n\x11\x44isableKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"6\n\x12\x44isableKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"5\n\x10\x45nableKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"5\n\x11\x45nableKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\xe9\x01\n\x19GenerateSessionKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\x0c\x65xpire_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x45\n\x06labels\x18\x03 \x03(\x0b\x32\x35.caas.crypto.v1.GenerateSessionKeyRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x1aGenerateSessionKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\x12\x14\n\x0ckey_material\x18\x02 \x01(\x0c\"9\n\x14GetSessionKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"d\n\x15GetSessionKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\x12\x14\n\x0ckey_material\x18\x02 \x01(\x0c\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"O\n\x13ReadAuditLogRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x8a\x02\n\x0b\x41uditRecord\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12\x13\n\x0b\x61uth_method\x18\x05 \x01(\t\x12\x11\n\ttenant_id\x18\x06 \x01(\t\x12\x0b\n\x03rpc\x18\x07 \x01(\t\x12\x0e\n\x06key_id\x18\x08 \x01(\t\x12\x13\n\x0bkey_version\x18\t \x01(\r\x12\x0f\n\x07outcome\x18\n \x01(\t\x12\r\n\x05phase\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x0c\n\x04peer\x18\r \x01(\t\"]\n\x14ReadAuditLogResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.caas.crypto.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x95\x06\n\nKeyService\x12P\n\tCreateKey\x12 .caas.crypto.v1.CreateKeyRequest\x1a!.caas.crypto.v1.CreateKeyResponse\x12G\n\x06GetKey\x12\x1d.caas.crypto.v1.GetKeyRequest\x1a\x1e.caas.crypto.v1.GetKeyResponse\x12M\n\x08ListKeys\x12\x1f.caas.crypto.v1.ListKeysRequest\x1a .caas.crypto.v1.ListKeysResponse\x12P\n\tRotateKey\x12 .caas.crypto.v1.RotateKeyRequest\x1a!.caas.crypto.v1.RotateKeyResponse\x12S\n\nDisableKey\x12!.caas.crypto.v1.DisableKeyRequest\x1a\".caas.crypto.v1.DisableKeyResponse\x12P\n\tEnableKey\x12 .caas.crypto.v1.EnableKeyRequest\x1a!.caas.crypto.v1.EnableKeyResponse\x12k\n\x12GenerateSessionKey\x12).caas.crypto.v1.GenerateSessionKeyRequest\x1a*.caas.crypto.v1.GenerateSessionKeyResponse\x12\\\n\rGetSessionKey\x12$.caas.crypto.v1.GetSessionKeyRequest\x1a%.caas.crypto.v1.GetSessionKeyResponse\x12Y\n\x0cReadAuditLog\x12#.caas.crypto.v1.ReadAuditLogRequest\x1a$.caas.crypto.v1.ReadAuditLogResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n caas/crypto/v1/key_service.proto\x12\x0e\x63\x61\x61s.crypto.v1\x1a\x1e\x63\x61\x61s/crypto/v1/resources.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe4\x02\n\x10\x43reateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12)\n\x08key_type\x18\x02 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12/\n\x0c\x65xpire_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0frotation_period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x06labels\x18\x05 \x03(\x0b\x32,.caas.crypto.v1.CreateKeyRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12,\n\talgorithm\x18\x07 \x01(\x0e\x32\x19.caas.crypto.v1.Algorithm\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x11\x43reateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"2\n\rGetKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"2\n\x0eGetKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\x9f\x01\n\x0fListKeysRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12)\n\x08key_type\x18\x04 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.caas.crypto.v1.KeyState\"N\n\x10ListKeysResponse\x12!\n\x04keys\x18\x01 \x03(\x0b\x32\x13.caas.crypto.v1.Key\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"I\n\x10RotateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"5\n\x11RotateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\xb8\x02\n\x10UpdateKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x32\n\x0frotation_period\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x65xpire_after\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12<\n\x06labels\x18\x06 \x03(\x0b\x32,.caas.crypto.v1.UpdateKeyRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x11UpdateKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"6\n\x11\x44isableKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"6\n\x12\x44isableKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"5\n\x10\x45nableKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"5\n\x11\x45nableKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\"\xe9\x01\n\x19GenerateSessionKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12/\n\x0c\x65xpire_after\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x45\n\x06labels\x18\x03 \x03(\x0b\x32\x35.caas.crypto.v1.GenerateSessionKeyRequest.LabelsEntry\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x1aGenerateSessionKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\x12\x14\n\x0ckey_material\x18\x02 \x01(\x0c\"9\n\x14GetSessionKeyRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0e\n\x06key_id\x18\x02 \x01(\t\"d\n\x15GetSessionKeyResponse\x12 \n\x03key\x18\x01 \x01(\x0b\x32\x13.caas.crypto.v1.Key\x12\x14\n\x0ckey_material\x18\x02 \x01(\x0c\x12\x13\n\x0bkey_version\x18\x03 \x01(\r\"O\n\x13ReadAuditLogRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x8a\x02\n\x0b\x41uditRecord\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12\x13\n\x0b\x61uth_method\x18\x05 \x01(\t\x12\x11\n\ttenant_id\x18\x06 \x01(\t\x12\x0b\n\x03rpc\x18\x07 \x01(\t\x12\x0e\n\x06key_id\x18\x08 \x01(\t\x12\x13\n\x0bkey_version\x18\t \x01(\r\x12\x0f\n\x07outcome\x18\n \x01(\t\x12\r\n\x05phase\x18\x0b \x01(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12\x0c\n\x04peer\x18\r \x01(\t\"]\n\x14ReadAuditLogResponse\x12,\n\x07records\x18\x01 \x03(\x0b\x32\x1b.caas.crypto.v1.AuditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xe7\x06\n\nKeyService\x12P\n\tCreateKey\x12 .caas.crypto.v1.CreateKeyRequest\x1a!.caas.crypto.v1.CreateKeyResponse\x12G\n\x06GetKey\x12\x1d.caas.crypto.v1.GetKeyRequest\x1a\x1e.caas.crypto.v1.GetKeyResponse\x12M\n\x08ListKeys\x12\x1f.caas.crypto.v1.ListKeysRequest\x1a .caas.crypto.v1.ListKeysResponse\x12P\n\tRotateKey\x12 .caas.crypto.v1.RotateKeyRequest\x1a!.caas.crypto.v1.RotateKeyResponse\x12P\n\tUpdateKey\x12 .caas.crypto.v1.UpdateKeyRequest\x1a!.caas.crypto.v1.UpdateKeyResponse\x12S\n\nDisableKey\x12!.caas.crypto.v1.DisableKeyRequest\x1a\".caas.crypto.v1.DisableKeyResponse\x12P\n\tEnableKey\x12 .caas.crypto.v1.EnableKeyRequest\x1a!.caas.crypto.v1.EnableKeyResponse\x12k\n\x12GenerateSessionKey\x12).caas.crypto.v1.GenerateSessionKeyRequest\x1a*.caas.crypto.v1.GenerateSessionKeyResponse\x12\\\n\rGetSessionKey\x12$.caas.crypto.v1.GetSessionKeyRequest\x1a%.caas.crypto.v1.GetSessionKeyResponse\x12Y\n\x0cReadAuditLog\x12#.caas.crypto.v1.ReadAuditLogRequest\x1a$.caas.crypto.v1.ReadAuditLogResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,50 +37,58 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATEKEYREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_UPDATEKEYREQUEST_LABELSENTRY']._loaded_options = None
+  _globals['_UPDATEKEYREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CREATEKEYREQUEST']._serialized_start=150
-  _globals['_CREATEKEYREQUEST']._serialized_end=506
-  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_start=461
-  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_end=506
-  _globals['_CREATEKEYRESPONSE']._serialized_start=508
-  _globals['_CREATEKEYRESPONSE']._serialized_end=561
-  _globals['_GETKEYREQUEST']._serialized_start=563
-  _globals['_GETKEYREQUEST']._serialized_end=613
-  _globals['_GETKEYRESPONSE']._serialized_start=615
-  _globals['_GETKEYRESPONSE']._serialized_end=665
-  _globals['_LISTKEYSREQUEST']._serialized_start=668
-  _globals['_LISTKEYSREQUEST']._serialized_end=827
-  _globals['_LISTKEYSRESPONSE']._serialized_start=829
-  _globals['_LISTKEYSRESPONSE']._serialized_end=907
-  _globals['_ROTATEKEYREQUEST']._serialized_start=909
-  _globals['_ROTATEKEYREQUEST']._serialized_end=982
-  _globals['_ROTATEKEYRESPONSE']._serialized_start=984
-  _globals['_ROTATEKEYRESPONSE']._serialized_end=1037
-  _globals['_DISABLEKEYREQUEST']._serialized_start=1039
-  _globals['_DISABLEKEYREQUEST']._serialized_end=1093
-  _globals['_DISABLEKEYRESPONSE']._serialized_start=1095
-  _globals['_DISABLEKEYRESPONSE']._serialized_end=1149
-  _globals['_ENABLEKEYREQUEST']._serialized_start=1151
-  _globals['_ENABLEKEYREQUEST']._serialized_end=1204
-  _globals['_ENABLEKEYRESPONSE']._serialized_start=1206
-  _globals['_ENABLEKEYRESPONSE']._serialized_end=1259
-  _globals['_GENERATESESSIONKEYREQUEST']._serialized_start=1262
-  _globals['_GENERATESESSIONKEYREQUEST']._serialized_end=1495
-  _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_start=461
-  _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_end=506
-  _globals['_GENERATESESSIONKEYRESPONSE']._serialized_start=1497
-  _globals['_GENERATESESSIONKEYRESPONSE']._serialized_end=1581
-  _globals['_GETSESSIONKEYREQUEST']._serialized_start=1583
-  _globals['_GETSESSIONKEYREQUEST']._serialized_end=1640
-  _globals['_GETSESSIONKEYRESPONSE']._serialized_start=1642
-  _globals['_GETSESSIONKEYRESPONSE']._serialized_end=1742
-  _globals['_READAUDITLOGREQUEST']._serialized_start=1744
-  _globals['_READAUDITLOGREQUEST']._serialized_end=1823
-  _globals['_AUDITRECORD']._serialized_start=1826
-  _globals['_AUDITRECORD']._serialized_end=2092
-  _globals['_READAUDITLOGRESPONSE']._serialized_start=2094
-  _globals['_READAUDITLOGRESPONSE']._serialized_end=2187
-  _globals['_KEYSERVICE']._serialized_start=2190
-  _globals['_KEYSERVICE']._serialized_end=2979
+  _globals['_CREATEKEYREQUEST']._serialized_start=184
+  _globals['_CREATEKEYREQUEST']._serialized_end=540
+  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_start=495
+  _globals['_CREATEKEYREQUEST_LABELSENTRY']._serialized_end=540
+  _globals['_CREATEKEYRESPONSE']._serialized_start=542
+  _globals['_CREATEKEYRESPONSE']._serialized_end=595
+  _globals['_GETKEYREQUEST']._serialized_start=597
+  _globals['_GETKEYREQUEST']._serialized_end=647
+  _globals['_GETKEYRESPONSE']._serialized_start=649
+  _globals['_GETKEYRESPONSE']._serialized_end=699
+  _globals['_LISTKEYSREQUEST']._serialized_start=702
+  _globals['_LISTKEYSREQUEST']._serialized_end=861
+  _globals['_LISTKEYSRESPONSE']._serialized_start=863
+  _globals['_LISTKEYSRESPONSE']._serialized_end=941
+  _globals['_ROTATEKEYREQUEST']._serialized_start=943
+  _globals['_ROTATEKEYREQUEST']._serialized_end=1016
+  _globals['_ROTATEKEYRESPONSE']._serialized_start=1018
+  _globals['_ROTATEKEYRESPONSE']._serialized_end=1071
+  _globals['_UPDATEKEYREQUEST']._serialized_start=1074
+  _globals['_UPDATEKEYREQUEST']._serialized_end=1386
+  _globals['_UPDATEKEYREQUEST_LABELSENTRY']._serialized_start=495
+  _globals['_UPDATEKEYREQUEST_LABELSENTRY']._serialized_end=540
+  _globals['_UPDATEKEYRESPONSE']._serialized_start=1388
+  _globals['_UPDATEKEYRESPONSE']._serialized_end=1441
+  _globals['_DISABLEKEYREQUEST']._serialized_start=1443
+  _globals['_DISABLEKEYREQUEST']._serialized_end=1497
+  _globals['_DISABLEKEYRESPONSE']._serialized_start=1499
+  _globals['_DISABLEKEYRESPONSE']._serialized_end=1553
+  _globals['_ENABLEKEYREQUEST']._serialized_start=1555
+  _globals['_ENABLEKEYREQUEST']._serialized_end=1608
+  _globals['_ENABLEKEYRESPONSE']._serialized_start=1610
+  _globals['_ENABLEKEYRESPONSE']._serialized_end=1663
+  _globals['_GENERATESESSIONKEYREQUEST']._serialized_start=1666
+  _globals['_GENERATESESSIONKEYREQUEST']._serialized_end=1899
+  _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_start=495
+  _globals['_GENERATESESSIONKEYREQUEST_LABELSENTRY']._serialized_end=540
+  _globals['_GENERATESESSIONKEYRESPONSE']._serialized_start=1901
+  _globals['_GENERATESESSIONKEYRESPONSE']._serialized_end=1985
+  _globals['_GETSESSIONKEYREQUEST']._serialized_start=1987
+  _globals['_GETSESSIONKEYREQUEST']._serialized_end=2044
+  _globals['_GETSESSIONKEYRESPONSE']._serialized_start=2046
+  _globals['_GETSESSIONKEYRESPONSE']._serialized_end=2146
+  _globals['_READAUDITLOGREQUEST']._serialized_start=2148
+  _globals['_READAUDITLOGREQUEST']._serialized_end=2227
+  _globals['_AUDITRECORD']._serialized_start=2230
+  _globals['_AUDITRECORD']._serialized_end=2496
+  _globals['_READAUDITLOGRESPONSE']._serialized_start=2498
+  _globals['_READAUDITLOGRESPONSE']._serialized_end=2591
+  _globals['_KEYSERVICE']._serialized_start=2594
+  _globals['_KEYSERVICE']._serialized_end=3465
 # @@protoc_insertion_point(module_scope)

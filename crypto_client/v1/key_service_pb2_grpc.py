@@ -57,6 +57,11 @@ class KeyServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.RotateKeyRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.RotateKeyResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/UpdateKey',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
         self.DisableKey = channel.unary_unary(
                 '/caas.crypto.v1.KeyService/DisableKey',
                 request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.DisableKeyRequest.SerializeToString,
@@ -114,6 +119,14 @@ class KeyServiceServicer:
 
     def RotateKey(self, request, context):
         """Adds a new version and makes it primary. Older versions keep decrypting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateKey(self, request, context):
+        """Changes a key's rotation period, version lifetime (expire_after) or
+        labels after creation: the fields named in update_mask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -182,6 +195,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RotateKey,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.RotateKeyRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.RotateKeyResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.UpdateKeyResponse.SerializeToString,
             ),
             'DisableKey': grpc.unary_unary_rpc_method_handler(
                     servicer.DisableKey,
@@ -320,6 +338,33 @@ class KeyService:
             '/caas.crypto.v1.KeyService/RotateKey',
             caas_dot_crypto_dot_v1_dot_key__service__pb2.RotateKeyRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_key__service__pb2.RotateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/UpdateKey',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.UpdateKeyRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.UpdateKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,10 @@ class KeyServiceStub:
     """Lists a tenant's keys, oldest first, one page at a time."""
     RotateKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.RotateKeyRequest, _key_service_pb2.RotateKeyResponse]
     """Adds a new version and makes it primary. Older versions keep decrypting."""
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.UpdateKeyRequest, _key_service_pb2.UpdateKeyResponse]
+    """Changes a key's rotation period, version lifetime (expire_after) or
+    labels after creation: the fields named in update_mask.
+    """
     DisableKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.DisableKeyRequest, _key_service_pb2.DisableKeyResponse]
     """Stops a key from encrypting and decrypting until it is enabled again."""
     EnableKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.EnableKeyRequest, _key_service_pb2.EnableKeyResponse]
@@ -84,6 +88,10 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """Lists a tenant's keys, oldest first, one page at a time."""
     RotateKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.RotateKeyRequest, _key_service_pb2.RotateKeyResponse]  # type: ignore[assignment]
     """Adds a new version and makes it primary. Older versions keep decrypting."""
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.UpdateKeyRequest, _key_service_pb2.UpdateKeyResponse]  # type: ignore[assignment]
+    """Changes a key's rotation period, version lifetime (expire_after) or
+    labels after creation: the fields named in update_mask.
+    """
     DisableKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.DisableKeyRequest, _key_service_pb2.DisableKeyResponse]  # type: ignore[assignment]
     """Stops a key from encrypting and decrypting until it is enabled again."""
     EnableKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.EnableKeyRequest, _key_service_pb2.EnableKeyResponse]  # type: ignore[assignment]
@@ -143,6 +151,16 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_key_service_pb2.RotateKeyResponse, _abc.Awaitable[_key_service_pb2.RotateKeyResponse]]:
         """Adds a new version and makes it primary. Older versions keep decrypting."""
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _key_service_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.UpdateKeyResponse, _abc.Awaitable[_key_service_pb2.UpdateKeyResponse]]:
+        """Changes a key's rotation period, version lifetime (expire_after) or
+        labels after creation: the fields named in update_mask.
+        """
 
     @_abc_1.abstractmethod
     def DisableKey(

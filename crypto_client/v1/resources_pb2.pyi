@@ -209,6 +209,7 @@ class Key(_message.Message):
     ROTATION_PERIOD_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
+    NEXT_ROTATION_AT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Server-generated UUID (RFC 4122 text form)."""
     tenant_id: _builtins.str
@@ -233,6 +234,15 @@ class Key(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def next_rotation_at(self) -> _timestamp_pb2.Timestamp:
+        """When automatic rotation gives the key a new primary version: the primary
+        is rotation_period old then, or about to expire if that comes first (a
+        day before, or in the last tenth of its lifetime). Unset when the key is
+        not rotated automatically: no rotation period, a session key, or a
+        disabled key (rotation resumes when it is enabled).
+        """
+
     def __init__(
         self,
         *,
@@ -247,10 +257,11 @@ class Key(_message.Message):
         rotation_period: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         algorithm: Global___Algorithm.ValueType = ...,
+        next_rotation_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "rotation_period", b"rotation_period"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "next_rotation_at", b"next_rotation_at", "rotation_period", b"rotation_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "primary_version", b"primary_version", "rotation_period", b"rotation_period", "state", b"state", "tenant_id", b"tenant_id", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "next_rotation_at", b"next_rotation_at", "primary_version", b"primary_version", "rotation_period", b"rotation_period", "state", b"state", "tenant_id", b"tenant_id", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,11 @@ tenant's master key for its data and session keys.
 A version stops encrypting at its `expires_at` but keeps decrypting, so no
 data becomes unreadable by surprise. The key's effective state is derived from
 its disabled flag and its primary version's expiry.
+
+A key with a rotation period is rotated automatically (service/key_rotator.py)
+at `next_rotation_at`: when its primary is that old, or shortly before the
+primary expires if that comes first, so such a key keeps encrypting with a
+fresh primary. A key without one stops encrypting when its primary expires.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ MIN_LIFETIME = timedelta(minutes=1)
 MAX_LIFETIME = timedelta(days=100 * 365)
 MIN_ROTATION_PERIOD = timedelta(hours=1)
 MAX_ROTATION_PERIOD = timedelta(days=100 * 365)
+# A primary due to expire is replaced this long before it does (or in the last tenth of its lifetime, if
+# shorter): the rotator runs on an interval, and the key must not spend that interval unable to encrypt.
+EXPIRY_ROTATION_LEAD = timedelta(days=1)
 
 
 def to_key_precision(moment: datetime) -> datetime:
@@ -156,6 +164,26 @@ class KeyPolicy:
             rotation_period = DEFAULT_ROTATION_PERIOD
         return cls(expire_after=expire_after, rotation_period=rotation_period)
 
+    def updated(
+        self,
+        key_type: KeyType,
+        *,
+        expire_after: timedelta | None,
+        rotation_period: timedelta | None,
+        max_session_lifetime: timedelta = MAX_SESSION_KEY_LIFETIME,
+    ) -> KeyPolicy:
+        """This policy with new values (None: never expire / no automatic rotation), validated as at creation.
+
+        Session keys are never rotated and their material is handed out: their lifetime stays as created.
+        """
+        if key_type is KeyType.SESSION and (expire_after, rotation_period) != (self.expire_after, self.rotation_period):
+            raise InvalidArgument("update_mask", "a session key's expiry and rotation period are fixed at creation")
+        if expire_after is not None:
+            _check_duration("expire_after", expire_after, MIN_LIFETIME, MAX_LIFETIME)
+        if rotation_period is not None:
+            _check_duration("rotation_period", rotation_period, MIN_ROTATION_PERIOD, MAX_ROTATION_PERIOD)
+        return KeyPolicy(expire_after=expire_after, rotation_period=rotation_period)
+
     def expiry_for(self, created_at: datetime) -> datetime | None:
         """When a version created at `created_at` stops encrypting."""
         return None if self.expire_after is None else created_at + self.expire_after
@@ -236,6 +264,24 @@ class Key:
                 return candidate
         return next((v for v in self.versions if v.version == number), None)
 
+    @property
+    def next_rotation_at(self) -> datetime | None:
+        """When automatic rotation gives this key a new primary; None when it never does (no rotation period,
+        a session key, or a disabled key: rotation resumes, at once if overdue, when it is enabled)."""
+        period = self.policy.rotation_period
+        if period is None or self.disabled or self.key_type is KeyType.SESSION:
+            return None
+        primary = self.primary
+        due = primary.created_at + period
+        if primary.expires_at is not None:
+            lead = min(EXPIRY_ROTATION_LEAD, (primary.expires_at - primary.created_at) / 10)
+            due = min(due, primary.expires_at - lead)
+        return to_key_precision(due)
+
+    def rotation_due(self, now: datetime) -> bool:
+        due = self.next_rotation_at
+        return due is not None and due <= now
+
     def state_at(self, now: datetime) -> KeyState:
         if self.disabled:
             return KeyState.DISABLED
@@ -248,3 +294,6 @@ class Key:
 
     def with_disabled(self, disabled: bool) -> Key:
         return replace(self, disabled=disabled)
+
+    def with_settings(self, policy: KeyPolicy, labels: Mapping[str, str]) -> Key:
+        return replace(self, policy=policy, labels=labels)

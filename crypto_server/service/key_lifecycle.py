@@ -1,4 +1,4 @@
-"""Key lifecycle: create, get, list, rotate, disable, enable.
+"""Key lifecycle: create, get, list, rotate, update, disable, enable.
 
 The hierarchy: the root key wraps each tenant's master key; the master key
 wraps the tenant's data and session keys. A tenant's master key is created on
@@ -8,7 +8,7 @@ its first data or session key.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -53,6 +53,9 @@ MAX_ROTATION_ATTEMPTS = 100
 # A GenerateSessionKey repeated with its request id returns the same material only this long after
 # the first: long enough for a client's retries, too short for a request id to serve as a capability.
 SESSION_KEY_REPLAY_WINDOW = timedelta(minutes=10)
+# The request ids of automatic rotations (KeyRotator): "auto-rotation.<the version it creates>".
+AUTOMATIC_ROTATION_PREFIX = "auto-rotation."
+UPDATABLE_FIELDS = ("expire_after", "rotation_period", "labels")
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +427,68 @@ class KeyLifecycle:
             raise KeyIntegrityError(f"key {key.key_id} has a pending version that does not belong to it") from None
         if self._store.add_version(finished, key.revision):
             self._invalidation.key_changed(key.tenant_id, key.key_id)
+
+    def automatic_rotation_request(self, tenant_id: str, key_id: str) -> str | None:
+        """The request id an automatic rotation of this key uses now, or None when it is not due.
+
+        Named after the version it creates ("auto-rotation.N"): two rotators that both find the key due (a lease
+        handed over while the old holder was mid-tick) make one version between them, as a RotateKey retried
+        with its request id does. A key not due is rescheduled, so an outdated stored schedule is read once.
+        """
+        key = self._store.get_key(tenant_id, key_id)
+        if key is None:
+            return None
+        if not key.rotation_due(self._clock.now()):
+            self._store.reschedule_rotation(tenant_id, key_id, key.revision, key.next_rotation_at)
+            return None
+        return f"{AUTOMATIC_ROTATION_PREFIX}{key.latest_version + 1}"
+
+    def update_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        *,
+        update_mask: Sequence[str],
+        expire_after: timedelta | None = None,
+        rotation_period: timedelta | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Key:
+        """Change the fields named in `update_mask` ("expire_after", "rotation_period", "labels"); a named field
+        given as None clears it (versions never expire / no automatic rotation / no labels).
+
+        `expire_after` applies to versions created from now on: the current primary keeps its expiry (rotate to
+        give the key a primary with the new one). A new rotation period reschedules the next rotation at once.
+        """
+        validate_tenant_id(tenant_id)
+        parse_key_id(key_id)
+        fields = set(update_mask)
+        if not fields:
+            raise InvalidArgument("update_mask", "name at least one field to change: " + ", ".join(UPDATABLE_FIELDS))
+        unknown = fields - set(UPDATABLE_FIELDS)
+        if unknown:
+            raise InvalidArgument(
+                "update_mask",
+                f"cannot change {', '.join(sorted(unknown))}; the fields that can be changed are "
+                + ", ".join(UPDATABLE_FIELDS),
+            )
+        checked_labels = validate_labels(labels or {}) if "labels" in fields else None
+        for _ in range(MAX_ROTATION_ATTEMPTS):
+            key = self._store.get_key(tenant_id, key_id)
+            if key is None:
+                raise KeyNotFound(key_id)
+            policy = key.policy.updated(
+                key.key_type,
+                expire_after=expire_after if "expire_after" in fields else key.policy.expire_after,
+                rotation_period=rotation_period if "rotation_period" in fields else key.policy.rotation_period,
+                max_session_lifetime=self._max_session_lifetime,
+            )
+            changed = key.with_settings(policy, key.labels if checked_labels is None else checked_labels)
+            if self._store.update_key(changed, key.revision):
+                break
+        else:
+            raise ConcurrentModification(f"key {key_id} is being changed concurrently by many callers; retry")
+        self._invalidation.key_changed(tenant_id, key_id)
+        return changed
 
     def disable_key(self, tenant_id: str, key_id: str) -> Key:
         return self._set_disabled(tenant_id, key_id, True)

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
@@ -189,6 +189,20 @@ class StoreCircuit:
 
     def changed_keys(self, since: datetime) -> list[KeyChange]:
         return self._call(lambda: self._inner.changed_keys(since))
+
+    def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        return self._call(lambda: self._inner.keys_due_for_rotation(now, limit))
+
+    def reschedule_rotation(
+        self, tenant_id: str, key_id: str, expected_revision: int, next_rotation_at: datetime | None
+    ) -> None:
+        self._call(lambda: self._inner.reschedule_rotation(tenant_id, key_id, expected_revision, next_rotation_at))
+
+    def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        return self._call(lambda: self._inner.acquire_lease(name, holder, now, ttl))
+
+    def release_lease(self, name: str, holder: str) -> None:
+        self._call(lambda: self._inner.release_lease(name, holder))
 
     def has_keys(self) -> bool:
         return self._call(self._inner.has_keys)

@@ -85,6 +85,7 @@ class MongoKeyStore:
         self._keys = db["keys"]
         self._versions = db["key_versions"]
         self._meta = db["store_meta"]
+        self._leases = db["leases"]
         with self._bounded():
             self._keys.create_index(
                 [("tenant_id", ASCENDING)],
@@ -97,6 +98,7 @@ class MongoKeyStore:
                 name="keys_by_tenant_created",
             )
             self._keys.create_index([("changed_at", ASCENDING)], name="keys_by_change")
+            self._keys.create_index([("next_rotation_at", ASCENDING)], name="keys_by_next_rotation")
             self._versions.create_index(
                 [("key_id", ASCENDING), ("version", ASCENDING)], name="one_version_per_number", unique=True
             )
@@ -140,6 +142,8 @@ class MongoKeyStore:
             "algorithm": key.algorithm.value,
             "integrity_tag": Binary(key.integrity_tag),
             "changed_at": _now(),
+            # Key.next_rotation_at, outside the integrity tag: the rotator's index, re-checked per key.
+            "next_rotation_at": key.next_rotation_at,
             # The first version lives inside the key document, so that creating a key is one write.
             "versions": [MongoKeyStore._version_fields(v) for v in key.versions],
         }
@@ -285,6 +289,7 @@ class MongoKeyStore:
                         "primary_expires_at": version.expires_at,
                         "integrity_tag": Binary(updated.integrity_tag),
                         "changed_at": _now(),
+                        "next_rotation_at": updated.next_rotation_at,
                     },
                     "$inc": {"revision": 1},
                 },
@@ -298,13 +303,50 @@ class MongoKeyStore:
                 {
                     "$set": {
                         "disabled": updated.disabled,
+                        "expire_after_ms": _ms(updated.policy.expire_after),
+                        "rotation_period_ms": _ms(updated.policy.rotation_period),
+                        "labels": dict(updated.labels),
                         "integrity_tag": Binary(updated.integrity_tag),
                         "changed_at": _now(),
+                        "next_rotation_at": updated.next_rotation_at,
                     },
                     "$inc": {"revision": 1},
                 },
             )
         return changed.matched_count == 1
+
+    def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        # A document from before automatic rotation has no next_rotation_at: looked at (and rescheduled) once.
+        due = {"$or": [{"next_rotation_at": {"$ne": None, "$lte": now}}, {"next_rotation_at": {"$exists": False}}]}
+        with self._bounded():
+            documents = list(
+                self._keys.find(due, {"tenant_id": 1}).sort([("next_rotation_at", ASCENDING)]).limit(limit)
+            )
+        return [(document["tenant_id"], document["_id"]) for document in documents]
+
+    def reschedule_rotation(
+        self, tenant_id: str, key_id: str, expected_revision: int, next_rotation_at: datetime | None
+    ) -> None:
+        with self._bounded():
+            self._keys.update_one(
+                {"_id": key_id, "tenant_id": tenant_id, "revision": expected_revision},
+                {"$set": {"next_rotation_at": next_rotation_at}},
+            )
+
+    def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        # Matches only a lease this holder has or one that has run out; when neither matches, the upsert
+        # collides with the live lease's _id: exactly one of any number of concurrent callers wins.
+        free = {"_id": name, "$or": [{"holder": holder}, {"expires_at": {"$lte": now}}]}
+        with self._bounded():
+            try:
+                self._leases.update_one(free, {"$set": {"holder": holder, "expires_at": now + ttl}}, upsert=True)
+            except DuplicateKeyError:
+                return False
+        return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._bounded():
+            self._leases.delete_one({"_id": name, "holder": holder})
 
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
         with self._bounded():

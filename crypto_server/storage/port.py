@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersion
@@ -85,8 +85,30 @@ class KeyStore(Protocol):
         ...
 
     def update_key(self, updated: Key, expected_revision: int) -> bool:
-        """Store `updated`'s disabled flag and integrity tag, only if the key is still at
+        """Store `updated`'s disabled flag, policy, labels and integrity tag, only if the key is still at
         `expected_revision`. Returns False when another writer changed the key first."""
+        ...
+
+    def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        """(tenant_id, key_id) of up to `limit` keys whose stored next rotation time is at or before `now`,
+        earliest first. Every write stores `Key.next_rotation_at` beside the key (indexed, outside the
+        integrity tag: a schedule, not a permission); the rotator re-checks each key's authenticated metadata."""
+        ...
+
+    def reschedule_rotation(
+        self, tenant_id: str, key_id: str, expected_revision: int, next_rotation_at: datetime | None
+    ) -> None:
+        """Correct a key's stored next rotation time (a row written before there was one, or altered) without
+        a revision: nothing a reader relies on changes."""
+        ...
+
+    def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        """Take or renew the lease `name` for `holder` until `now + ttl`; False while another holder's lease
+        is unexpired. One holder at a time, however many servers ask (an atomic write in the store)."""
+        ...
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up at once (a clean shutdown), if `holder` still holds it."""
         ...
 
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:

@@ -43,7 +43,9 @@ CREATE TABLE IF NOT EXISTS keys (
     algorithm          TEXT NOT NULL DEFAULT 'AES_256_GCM',
     integrity_tag      BLOB NOT NULL DEFAULT x'',
     -- When the row was last written (the writer's wall clock): the change feed other processes poll.
-    changed_us         INTEGER NOT NULL DEFAULT 0
+    changed_us         INTEGER NOT NULL DEFAULT 0,
+    -- Key.next_rotation_at (NULL: never), outside the integrity tag: the rotator's index, re-checked per key.
+    next_rotation_us   INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_master_key_per_tenant ON keys (tenant_id) WHERE key_type = 'MASTER';
 CREATE INDEX IF NOT EXISTS keys_by_tenant_created ON keys (tenant_id, created_us, key_id);
@@ -58,6 +60,11 @@ CREATE TABLE IF NOT EXISTS key_versions (
     PRIMARY KEY (key_id, version),
     UNIQUE (key_id, request_id)
 );
+CREATE TABLE IF NOT EXISTS leases (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    expires_us INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS store_meta (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -68,7 +75,13 @@ _KEY_COLUMNS = (
     "labels, parent_key_id, revision, algorithm, integrity_tag"
 )
 # Columns added after the first release, with what an older file gets when it is opened.
-_ADDED_COLUMNS = {"integrity_tag": "BLOB NOT NULL DEFAULT x''", "changed_us": "INTEGER NOT NULL DEFAULT 0"}
+# A file from before automatic rotation gets 0 ("look at it now"): the rotator reads each such key and stores
+# its real next rotation time (reschedule_rotation).
+_ADDED_COLUMNS = {
+    "integrity_tag": "BLOB NOT NULL DEFAULT x''",
+    "changed_us": "INTEGER NOT NULL DEFAULT 0",
+    "next_rotation_us": "INTEGER DEFAULT 0",
+}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -136,6 +149,7 @@ class SqliteKeyStore:
                 # Both names are this module's constants.
                 db.execute(f"ALTER TABLE keys ADD COLUMN {name} {definition}")
         db.execute("CREATE INDEX IF NOT EXISTS keys_by_change ON keys (changed_us)")
+        db.execute("CREATE INDEX IF NOT EXISTS keys_by_next_rotation ON keys (next_rotation_us)")
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -336,7 +350,7 @@ class SqliteKeyStore:
                 db.execute(
                     "INSERT INTO keys (key_id, tenant_id, key_type, disabled, primary_version, primary_expires_us, "
                     "created_us, expire_after_us, rotation_period_us, labels, parent_key_id, algorithm, integrity_tag, "
-                    "changed_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "changed_us, next_rotation_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         key.key_id,
                         key.tenant_id,
@@ -352,6 +366,7 @@ class SqliteKeyStore:
                         key.algorithm.value,
                         key.integrity_tag,
                         _now_us(),
+                        _opt_to_us(key.next_rotation_at),
                     ),
                 )
                 for version in key.versions:
@@ -375,20 +390,32 @@ class SqliteKeyStore:
                 return False  # that number or request id exists: another writer was first
             db.execute(
                 "UPDATE keys SET primary_version = ?, primary_expires_us = ?, integrity_tag = ?, "
-                "revision = revision + 1, changed_us = ? WHERE key_id = ?",
-                (version.version, _opt_to_us(version.expires_at), updated.integrity_tag, _now_us(), updated.key_id),
+                "revision = revision + 1, changed_us = ?, next_rotation_us = ? WHERE key_id = ?",
+                (
+                    version.version,
+                    _opt_to_us(version.expires_at),
+                    updated.integrity_tag,
+                    _now_us(),
+                    _opt_to_us(updated.next_rotation_at),
+                    updated.key_id,
+                ),
             )
             return True
 
     def update_key(self, updated: Key, expected_revision: int) -> bool:
         with self._write() as db:
             changed = db.execute(
-                "UPDATE keys SET disabled = ?, integrity_tag = ?, revision = revision + 1, changed_us = ? "
+                "UPDATE keys SET disabled = ?, expire_after_us = ?, rotation_period_us = ?, labels = ?, "
+                "integrity_tag = ?, revision = revision + 1, changed_us = ?, next_rotation_us = ? "
                 "WHERE key_id = ? AND tenant_id = ? AND revision = ?",
                 (
                     int(updated.disabled),
+                    _opt_duration_us(updated.policy.expire_after),
+                    _opt_duration_us(updated.policy.rotation_period),
+                    json.dumps(dict(updated.labels), sort_keys=True),
                     updated.integrity_tag,
                     _now_us(),
+                    _opt_to_us(updated.next_rotation_at),
                     updated.key_id,
                     updated.tenant_id,
                     expected_revision,
@@ -398,6 +425,40 @@ class SqliteKeyStore:
 
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
         return None  # a rotation is one transaction here: it never stops half-way
+
+    def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT tenant_id, key_id FROM keys WHERE next_rotation_us IS NOT NULL AND next_rotation_us <= ? "
+                "ORDER BY next_rotation_us LIMIT ?",
+                (_to_us(now), limit),
+            ).fetchall()
+        return [(tenant_id, key_id) for tenant_id, key_id in rows]
+
+    def reschedule_rotation(
+        self, tenant_id: str, key_id: str, expected_revision: int, next_rotation_at: datetime | None
+    ) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE keys SET next_rotation_us = ? WHERE key_id = ? AND tenant_id = ? AND revision = ?",
+                (_opt_to_us(next_rotation_at), key_id, tenant_id, expected_revision),
+            )
+
+    def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
+        now_us = _to_us(now)
+        with self._write() as db:
+            row = db.execute("SELECT holder, expires_us FROM leases WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] != holder and row[1] > now_us:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO leases (name, holder, expires_us) VALUES (?, ?, ?)",
+                (name, holder, _to_us(now + ttl)),
+            )
+            return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
 
     def get_meta(self, name: str) -> bytes | None:
         with self._read() as db:

@@ -7,7 +7,8 @@ trail records.
 
 Label-narrowed rules (docs/security.md, "Identity and access") need the labels of every key a call names:
 the key id fields, the key a ciphertext names in its header, every item of a batch (one item outside the
-caller's labels refuses the whole batch), and the labels a new key is created with. ListKeys answers only
+caller's labels refuses the whole batch), and the labels a new key is created with (or an UpdateKey gives
+a key, besides those it has). ListKeys answers only
 the keys the caller may see.
 """
 
@@ -38,6 +39,7 @@ REQUIRED_PERMISSIONS: Mapping[str, tuple[Permission, ...]] = {
     "GetKey": (P.READ_KEYS,),
     "ListKeys": (P.READ_KEYS,),
     "RotateKey": (P.MANAGE_KEYS,),
+    "UpdateKey": (P.MANAGE_KEYS,),
     "DisableKey": (P.MANAGE_KEYS,),
     "EnableKey": (P.MANAGE_KEYS,),
     "GenerateSessionKey": (P.SESSION_KEYS,),
@@ -170,6 +172,11 @@ class AccessControl:
         if method == "ListKeys":
             return _listed_keys_filter(granted[P.READ_KEYS])
         self._check_labels(tenant_id, granted, _key_uses(method, request))
+        # New labels as for a new key: a label-narrowed caller must not move a key out of (or into another's)
+        # reach by relabelling it.
+        relabels = method == "UpdateKey" and "labels" in request.update_mask.paths
+        if relabels and not granted[P.MANAGE_KEYS].allows(request.labels):
+            raise PermissionDenied(P.MANAGE_KEYS.value)
         return None
 
     def _check_labels(self, tenant_id: str, granted: Mapping[Permission, KeyAccess], uses: Iterable[_KeyUse]) -> None:

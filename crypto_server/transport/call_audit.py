@@ -22,7 +22,7 @@ from crypto_server.call_context import current_principal
 from crypto_server.domain.errors import AuditUnavailable
 from crypto_server.service.audit import AuditEvent, AuditTrail
 
-KEY_CHANGES = frozenset({"CreateKey", "RotateKey", "DisableKey", "EnableKey", "GenerateSessionKey"})
+KEY_CHANGES = frozenset({"CreateKey", "RotateKey", "UpdateKey", "DisableKey", "EnableKey", "GenerateSessionKey"})
 # Calls that use `admin` or read the audit trail: recorded like key changes.
 ADMIN_CALLS = frozenset({"ReadAuditLog"})
 CRYPTO_OPERATIONS = frozenset(

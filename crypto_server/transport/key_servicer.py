@@ -69,6 +69,23 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
         rotated = self._lifecycle.rotate_key(request.tenant_id, request.key_id, request_id=request.request_id)
         return pb.RotateKeyResponse(key=self._key(rotated))
 
+    def UpdateKey(self, request: pb.UpdateKeyRequest, context: grpc.ServicerContext) -> pb.UpdateKeyResponse:
+        updated = self._lifecycle.update_key(
+            request.tenant_id,
+            request.key_id,
+            update_mask=list(request.update_mask.paths),
+            rotation_period=(
+                duration_from_proto(request.rotation_period, "rotation_period")
+                if request.HasField("rotation_period")
+                else None
+            ),
+            expire_after=(
+                duration_from_proto(request.expire_after, "expire_after") if request.HasField("expire_after") else None
+            ),
+            labels=dict(request.labels),
+        )
+        return pb.UpdateKeyResponse(key=self._key(updated))
+
     def DisableKey(self, request: pb.DisableKeyRequest, context: grpc.ServicerContext) -> pb.DisableKeyResponse:
         return pb.DisableKeyResponse(key=self._key(self._lifecycle.disable_key(request.tenant_id, request.key_id)))
 

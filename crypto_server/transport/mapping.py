@@ -111,6 +111,8 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
         message.expires_at.CopyFrom(_timestamp(key.expires_at))
     if key.policy.rotation_period is not None:
         message.rotation_period.FromTimedelta(key.policy.rotation_period)
+    if key.next_rotation_at is not None:
+        message.next_rotation_at.CopyFrom(_timestamp(key.next_rotation_at))
     for version in key.versions:
         item = message.versions.add(
             version=version.version,

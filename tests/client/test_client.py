@@ -48,6 +48,18 @@ def test_the_common_case_is_one_line_each(faulty_server: ServerHandle, make_clie
     assert crypto.health("caas.crypto.v1.KeyService") is HealthStatus.SERVING
 
 
+def test_update_key_changes_only_what_it_is_given(faulty_server: ServerHandle, make_client: MakeClient) -> None:
+    crypto = make_client(faulty_server.address)
+    key = crypto.create_key(labels={"team": "a"})
+    assert key.next_rotation_at == key.created_at + timedelta(days=90)
+    updated = crypto.update_key(key.key_id, rotation_period=timedelta(hours=1))
+    assert updated.rotation_period == timedelta(hours=1) and updated.labels == {"team": "a"}
+    assert updated.next_rotation_at == key.created_at + timedelta(hours=1)
+    cleared = crypto.update_key(key.key_id, rotation_period=None, labels={"team": "b"})
+    assert (cleared.rotation_period, cleared.next_rotation_at, cleared.labels) == (None, None, {"team": "b"})
+    assert crypto.get_key(key.key_id, use_cache=False).labels == {"team": "b"}
+
+
 def test_list_keys_iterates_over_every_page(faulty_server: ServerHandle, make_client: MakeClient) -> None:
     crypto = make_client(faulty_server.address)
     created = {crypto.create_key().key_id for _ in range(7)}

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
@@ -211,6 +212,15 @@ RPC_CALLS: dict[str, Call] = {
     "GetKey": lambda s, k, m: s.keys.GetKey(key_pb.GetKeyRequest(tenant_id=TENANT, key_id=k.data), metadata=m),
     "ListKeys": lambda s, k, m: s.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT), metadata=m),
     "RotateKey": lambda s, k, m: s.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=k.data), metadata=m),
+    "UpdateKey": lambda s, k, m: s.keys.UpdateKey(
+        key_pb.UpdateKeyRequest(
+            tenant_id=TENANT,
+            key_id=k.data,
+            update_mask=field_mask_pb2.FieldMask(paths=["rotation_period"]),
+            rotation_period=duration_pb2.Duration(seconds=30 * 86400),
+        ),
+        metadata=m,
+    ),
     "DisableKey": lambda s, k, m: s.keys.DisableKey(
         key_pb.DisableKeyRequest(tenant_id=TENANT, key_id=k.toggled), metadata=m
     ),

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import trustme
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crypto_client import ClientConfig, CryptoClient, tls_credentials
@@ -196,6 +197,18 @@ def test_label_narrowed_principal_uses_only_keys_with_its_labels(mtls: MtlsServe
                 call(messaging, media, ())
             assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED, rpc
             call(messaging, own, ())
+
+    # Relabelling its key out of its reach (or into another's) is refused; keeping its labels is not.
+    def relabel(labels: dict[str, str]) -> object:
+        return messaging.keys.UpdateKey(
+            key_pb.UpdateKeyRequest(
+                tenant_id=TENANT, key_id=own.data, update_mask=field_mask_pb2.FieldMask(paths=["labels"]), labels=labels
+            )
+        )
+
+    assert _code(lambda: relabel({"team": "media"})) == grpc.StatusCode.PERMISSION_DENIED
+    assert _code(lambda: relabel({})) == grpc.StatusCode.PERMISSION_DENIED
+    relabel({"team": "messaging", "purpose": "chat"})
     # Creating a key without its labels is refused; listing shows only its own keys.
     assert _code(lambda: RPC_CALLS["CreateKey"](messaging, own, ())) == grpc.StatusCode.PERMISSION_DENIED
     listed = messaging.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT, page_size=100)).keys

@@ -70,6 +70,7 @@ def key_from_proto(message: resources_pb2.Key) -> Key:
                 state=_VERSION_STATE_FROM_PROTO[v.state],
                 created_at=_moment(v.created_at),
                 expires_at=_moment(v.expires_at) if v.HasField("expires_at") else None,
+                encryptions=v.encryptions,
             )
             for v in message.versions
         ),

@@ -75,6 +75,11 @@ class KeyExpiredError(FailedPreconditionError):
     """The key's primary version has expired: rotate it to encrypt again (decryption still works)."""
 
 
+class KeyVersionExhaustedError(FailedPreconditionError):
+    """The key's primary version has used up its encryption budget: rotate it to encrypt again (decryption
+    still works)."""
+
+
 class KeyTypeMismatchError(FailedPreconditionError):
     pass
 
@@ -174,6 +179,7 @@ _BY_REASON: dict[str, type[CryptoClientError]] = {
     "ERROR_REASON_UNAUTHENTICATED": UnauthenticatedError,
     "ERROR_REASON_PERMISSION_DENIED": PermissionDeniedError,
     "ERROR_REASON_AUDIT_UNAVAILABLE": ServiceUnavailableError,
+    "ERROR_REASON_KEY_VERSION_EXHAUSTED": KeyVersionExhaustedError,
 }
 _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

@@ -47,6 +47,8 @@ class KeyVersion:
     state: KeyVersionState
     created_at: datetime
     expires_at: datetime | None
+    # Encryptions made with this version, as flushed by every server (can trail the true figure by seconds).
+    encryptions: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from crypto_server.service.key_rotator import KeyRotator
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.service.quotas import quotas_for
+from crypto_server.service.usage_budget import UsageBudget
 from crypto_server.storage import redis_cache
 from crypto_server.storage.audit_sinks import AuditSink, AuditSinkError, FileAuditSink, MongoAuditSink
 from crypto_server.storage.circuit import StoreCircuit
@@ -114,6 +115,8 @@ class CryptoServer:
     audit: AuditTrail | None = None
     # Automatic rotation (a pass every CRYPTO_ROTATION_INTERVAL by the lease holder); tests call run_once.
     rotator: KeyRotator | None = None
+    # Encryption counts per key version; tests call flush.
+    budget: UsageBudget | None = None
 
     def stop(self, grace_s: float, *, drain_s: float = 0.0) -> None:
         """Stop after `drain_s` seconds of serving on, finishing calls in flight within `grace_s` more.
@@ -384,6 +387,16 @@ def build_server(
             interval_s=settings.rotation_interval_s,
             lease_ttl_s=settings.rotation_lease_s,
             audit=audit,
+            usage_soft_limit=settings.usage_soft_limit,
+        )
+        budget = UsageBudget(
+            store,
+            clock,
+            soft_limit=settings.usage_soft_limit,
+            hard_limit=settings.usage_hard_limit,
+            flush_every=settings.usage_flush_every,
+            flush_interval_s=settings.usage_flush_interval_s,
+            on_fraction=metrics.key_version_budget_used.set if metrics else None,
         )
         operations = CryptoOperations(
             keyring,
@@ -391,6 +404,7 @@ def build_server(
             max_plaintext_bytes=settings.max_plaintext_bytes,
             max_batch_items=settings.max_batch_items,
             max_batch_bytes=settings.max_batch_bytes,
+            budget=budget,
         )
 
         message_limit = settings.message_limit_bytes
@@ -449,6 +463,9 @@ def build_server(
         # Stopped before the audit trail and the store (background stops last in, first): it gives its lease up.
         rotator.start()
         background.append(rotator)
+        # Stopped first (after the last call): its final flush needs the store.
+        budget.start()
+        background.append(budget)
     except BaseException:
         for task in background:
             task.stop()
@@ -475,4 +492,5 @@ def build_server(
         background=background,
         audit=audit,
         rotator=rotator,
+        budget=budget,
     )

@@ -23,6 +23,13 @@ from crypto_server.service.crypto_operations import (
     MAX_AAD_BYTES,
 )
 from crypto_server.service.quotas import DEFAULT_TENANT_BURST, DEFAULT_TENANT_RATE
+from crypto_server.service.usage_budget import (
+    DEFAULT_FLUSH_EVERY,
+    DEFAULT_FLUSH_INTERVAL_S,
+    DEFAULT_HARD_LIMIT,
+    DEFAULT_SOFT_LIMIT,
+    GCM_RANDOM_NONCE_LIMIT,
+)
 from crypto_server.transport.streams import DEFAULT_STREAM_IDLE_TIMEOUT_S, default_max_streams
 
 # Larger single messages belong in streaming or envelope encryption, not one unary call.
@@ -65,6 +72,11 @@ class Settings:
     # Automatic rotation: a pass every interval (0: this replica never rotates), by the lease holder only.
     rotation_interval_s: float = 60.0
     rotation_lease_s: float = 180.0
+    # The usage budget of a key version (service/usage_budget.py): rotate at the soft limit, refuse at the hard one.
+    usage_soft_limit: int = DEFAULT_SOFT_LIMIT
+    usage_hard_limit: int = DEFAULT_HARD_LIMIT
+    usage_flush_every: int = DEFAULT_FLUSH_EVERY
+    usage_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
     reuse_port: bool = False
     metrics_port: int | None = None
     max_batch_items: int = 1000
@@ -264,6 +276,13 @@ class Settings:
         if env.get("CRYPTO_MAX_CONCURRENT_RPCS", "").strip():
             max_concurrent_rpcs = integer("CRYPTO_MAX_CONCURRENT_RPCS", 1, workers, 1_000_000)
         rotation_interval_s, rotation_lease_s = _rotation_settings(number, defaults)
+        usage_hard_limit = integer("CRYPTO_KEY_USAGE_HARD_LIMIT", defaults.usage_hard_limit, 1, GCM_RANDOM_NONCE_LIMIT)
+        usage_soft_limit = integer("CRYPTO_KEY_USAGE_SOFT_LIMIT", defaults.usage_soft_limit, 1, GCM_RANDOM_NONCE_LIMIT)
+        if usage_soft_limit > usage_hard_limit:
+            raise ConfigError(
+                f"CRYPTO_KEY_USAGE_SOFT_LIMIT ({usage_soft_limit}) must be at most CRYPTO_KEY_USAGE_HARD_LIMIT "
+                f"({usage_hard_limit}): the key must rotate before its primary refuses to encrypt"
+            )
         tenant_rate = number("CRYPTO_TENANT_RATE", defaults.tenant_rate, 0, 1e9)
         tenant_burst = integer("CRYPTO_TENANT_BURST", defaults.tenant_burst, 1, 1_000_000_000)
         if tenant_rate and tenant_burst < max_batch_items:
@@ -338,6 +357,12 @@ class Settings:
             invalidation_interval_s=number("CRYPTO_INVALIDATION_INTERVAL", defaults.invalidation_interval_s, 0.05, 60),
             rotation_interval_s=rotation_interval_s,
             rotation_lease_s=rotation_lease_s,
+            usage_soft_limit=usage_soft_limit,
+            usage_hard_limit=usage_hard_limit,
+            usage_flush_every=integer("CRYPTO_KEY_USAGE_FLUSH_EVERY", defaults.usage_flush_every, 1, 1_000_000),
+            usage_flush_interval_s=number(
+                "CRYPTO_KEY_USAGE_FLUSH_INTERVAL", defaults.usage_flush_interval_s, 0.1, 3600
+            ),
             audit_file=Path(audit_file) if audit_file else None,
             audit_crypto=audit_crypto,
             audit_checkpoint_records=integer(

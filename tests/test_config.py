@@ -38,6 +38,8 @@ def test_defaults_match_the_documentation() -> None:
     assert settings.concurrent_rpc_limit == 128
     assert (settings.max_connection_age_s, settings.max_connection_age_grace_s) == (1800.0, 300.0)
     assert (settings.tenant_rate, settings.tenant_burst) == (10_000.0, 20_000)
+    assert (settings.usage_soft_limit, settings.usage_hard_limit) == (2**30, 2**32 - 256 * 4096)
+    assert (settings.usage_flush_every, settings.usage_flush_interval_s) == (4096, 5.0)
 
 
 def test_secrets_never_appear_in_the_settings_repr() -> None:
@@ -68,6 +70,10 @@ def test_limits_that_could_never_be_met_are_refused() -> None:
     with pytest.raises(ConfigError, match="CRYPTO_MAX_BATCH_BYTES"):
         Settings.from_env({"CRYPTO_MAX_BATCH_ITEMS": "100000"})  # the answer could not fit one message
     assert Settings.from_env({"CRYPTO_TENANT_RATE": "0", "CRYPTO_TENANT_BURST": "1"}).tenant_rate == 0
+    with pytest.raises(ConfigError, match="CRYPTO_KEY_USAGE_SOFT_LIMIT"):
+        Settings.from_env({"CRYPTO_KEY_USAGE_SOFT_LIMIT": "10", "CRYPTO_KEY_USAGE_HARD_LIMIT": "5"})
+    with pytest.raises(ConfigError, match="CRYPTO_KEY_USAGE_HARD_LIMIT"):
+        Settings.from_env({"CRYPTO_KEY_USAGE_HARD_LIMIT": str(2**32 + 1)})  # past the AES-GCM bound
 
 
 _HSM = {

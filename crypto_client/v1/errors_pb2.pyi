@@ -92,6 +92,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The audit trail cannot be written (or read), so a call that must be
     recorded was not carried out: no key was changed. The call may be retried.
     """
+    ERROR_REASON_KEY_VERSION_EXHAUSTED: _ErrorReason.ValueType  # 40
+    """The key's primary version has made as many encryptions as AES-GCM with
+    random nonces allows (its usage budget): rotate the key to encrypt again.
+    Ciphertexts it made still decrypt.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -169,5 +174,10 @@ needed. Says nothing about whether the tenant or key exists.
 ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason.ValueType  # 30
 """The audit trail cannot be written (or read), so a call that must be
 recorded was not carried out: no key was changed. The call may be retried.
+"""
+ERROR_REASON_KEY_VERSION_EXHAUSTED: ErrorReason.ValueType  # 40
+"""The key's primary version has made as many encryptions as AES-GCM with
+random nonces allows (its usage budget): rotate the key to encrypt again.
+Ciphertexts it made still decrypt.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

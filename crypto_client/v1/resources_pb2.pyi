@@ -147,9 +147,17 @@ class KeyVersion(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ENCRYPTIONS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """1 for the first version; each rotation adds the next integer."""
     state: Global___KeyVersionState.ValueType
+    encryptions: _builtins.int
+    """Encryptions made with this version, as flushed to the store by every
+    replica (each replica flushes its counts in batches, so this can trail
+    the true figure by a few seconds' worth). Counted against the version's
+    usage budget: the key rotates at the soft limit, and the version refuses
+    to encrypt at the hard limit (KEY_VERSION_EXHAUSTED).
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -163,10 +171,11 @@ class KeyVersion(_message.Message):
         state: Global___KeyVersionState.ValueType = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
+        encryptions: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "encryptions", b"encryptions", "expires_at", b"expires_at", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

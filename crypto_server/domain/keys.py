@@ -200,6 +200,9 @@ class KeyVersion:
     wrapped_material: bytes = field(repr=False)
     # The RotateKey request id that created this version, if the caller gave one.
     request_id: str | None = None
+    # Encryptions made with this version, as flushed to the store by every server (service/usage_budget.py).
+    # Outside the integrity tag: see that module for why, and what altering it can do.
+    encryptions: int = 0
 
     def state_at(self, now: datetime) -> KeyVersionState:
         if self.expires_at is not None and self.expires_at <= now:

@@ -31,6 +31,8 @@ from crypto_server.domain.errors import (
 )
 from crypto_server.domain.keys import KeyType, KeyVersionState, validate_tenant_id
 from crypto_server.service.keyring import Keyring, LoadedKey
+from crypto_server.service.usage_budget import UsageBudget
+from crypto_server.storage.port import VersionRef
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_PLAINTEXT_BYTES = 1024 * 1024
@@ -89,6 +91,7 @@ class CryptoOperations:
         max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES,
         max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        budget: UsageBudget | None = None,
     ) -> None:
         if max_plaintext_bytes < 1 or max_batch_items < 1 or max_batch_bytes < 1:
             raise ValueError("max_plaintext_bytes, max_batch_items and max_batch_bytes must be positive")
@@ -97,6 +100,7 @@ class CryptoOperations:
         self.max_plaintext_bytes = max_plaintext_bytes
         self.max_batch_items = max_batch_items
         self.max_batch_bytes = max_batch_bytes
+        self._budget = budget
 
     def encrypt(self, tenant_id: str, key_id: str, plaintext: bytes, aad: bytes = b"") -> Encrypted:
         if len(plaintext) > self.max_plaintext_bytes:
@@ -126,6 +130,9 @@ class CryptoOperations:
         primary = key.primary
         if primary.state_at(self._clock.now()) is KeyVersionState.EXPIRED:
             raise KeyExpired(key_id, primary.version)
+        if self._budget is not None:
+            # Every caller encrypts once with the version it gets (a stream: its header's one data key).
+            self._budget.record(VersionRef(tenant_id, key.key_id, primary.version), primary.encryptions)
         return loaded, primary.version
 
     def _decrypting_key(self, tenant_id: str, named: LoadedKey | None, key_id: uuid.UUID, version: int) -> LoadedKey:

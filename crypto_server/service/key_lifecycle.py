@@ -428,17 +428,21 @@ class KeyLifecycle:
         if self._store.add_version(finished, key.revision):
             self._invalidation.key_changed(key.tenant_id, key.key_id)
 
-    def automatic_rotation_request(self, tenant_id: str, key_id: str) -> str | None:
+    def automatic_rotation_request(
+        self, tenant_id: str, key_id: str, usage_soft_limit: int | None = None
+    ) -> str | None:
         """The request id an automatic rotation of this key uses now, or None when it is not due.
 
         Named after the version it creates ("auto-rotation.N"): two rotators that both find the key due (a lease
         handed over while the old holder was mid-tick) make one version between them, as a RotateKey retried
         with its request id does. A key not due is rescheduled, so an outdated stored schedule is read once.
+        A key whose primary has made `usage_soft_limit` encryptions is due whatever its schedule.
         """
         key = self._store.get_key(tenant_id, key_id)
         if key is None:
             return None
-        if not key.rotation_due(self._clock.now()):
+        over_budget = usage_soft_limit is not None and key.primary.encryptions >= usage_soft_limit
+        if not over_budget and not key.rotation_due(self._clock.now()):
             self._store.reschedule_rotation(tenant_id, key_id, key.revision, key.next_rotation_at)
             return None
         return f"{AUTOMATIC_ROTATION_PREFIX}{key.latest_version + 1}"

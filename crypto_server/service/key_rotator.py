@@ -12,6 +12,10 @@ every replica's copy, recorded in the audit trail before it is made (principal
 `system`, rpc `RotateKey`) and logged. Its request id names the version it
 creates, so two rotators that both find a key due (the lease changed hands while
 the old holder was mid-pass) make one version between them.
+
+A key whose primary version reaches its usage soft limit is due at once, whatever its rotation period: the
+flush that finds it there sets its stored next rotation time to now (service/usage_budget.py), and the
+rotator re-checks the count in the key it loads.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class KeyRotator:
         audit: AuditTrail | None = None,
         batch: int = DEFAULT_BATCH,
         holder: str | None = None,
+        usage_soft_limit: int | None = None,
     ) -> None:
         if interval_s > 0 and lease_ttl_s <= interval_s:
             raise ValueError("the rotation lease must last longer than the interval between passes")
@@ -59,6 +64,7 @@ class KeyRotator:
         self._lease_ttl = timedelta(seconds=lease_ttl_s)
         self._audit = audit
         self._batch = batch
+        self._usage_soft_limit = usage_soft_limit
         self.holder = holder or f"rotator-{uuid.uuid4()}"
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,7 +90,7 @@ class KeyRotator:
         return rotated
 
     def _rotate(self, tenant_id: str, key_id: str) -> int:
-        request_id = self._lifecycle.automatic_rotation_request(tenant_id, key_id)
+        request_id = self._lifecycle.automatic_rotation_request(tenant_id, key_id, self._usage_soft_limit)
         if request_id is None:
             return 0
         self._record(tenant_id, key_id, request_id, "PENDING", 0)

@@ -25,13 +25,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import TypeVar
 
 from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
 from crypto_server.domain.keys import Key, KeyVersion
-from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore
+from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore, VersionRef
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -197,6 +197,12 @@ class StoreCircuit:
         self, tenant_id: str, key_id: str, expected_revision: int, next_rotation_at: datetime | None
     ) -> None:
         self._call(lambda: self._inner.reschedule_rotation(tenant_id, key_id, expected_revision, next_rotation_at))
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        return self._call(lambda: self._inner.add_encryptions(counts))
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        self._call(lambda: self._inner.mark_rotation_due(version, now))
 
     def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
         return self._call(lambda: self._inner.acquire_lease(name, holder, now, ttl))

@@ -10,14 +10,14 @@ never served.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from datetime import datetime, timedelta
 
 from crypto_server.domain.errors import KeyIntegrityError
 from crypto_server.domain.key_integrity import MetadataAuthenticator
 from crypto_server.domain.keys import Key, KeyVersion
-from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore
+from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore, VersionRef
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,13 @@ class AuthenticatedKeyStore:
         self, tenant_id: str, key_id: str, expected_revision: int, next_rotation_at: datetime | None
     ) -> None:
         self._inner.reschedule_rotation(tenant_id, key_id, expected_revision, next_rotation_at)
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        # Outside the tag (service/usage_budget.py says why and what altering a count can do).
+        return self._inner.add_encryptions(counts)
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        self._inner.mark_rotation_due(version, now)
 
     def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
         return self._inner.acquire_lease(name, holder, now, ttl)

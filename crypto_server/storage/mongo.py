@@ -36,7 +36,7 @@ from crypto_server.call_deadline import time_left
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery, VersionRef
 
 _ROOT_KEY_CHECK_ID = "root_key_check"
 
@@ -172,6 +172,7 @@ class MongoKeyStore:
             parent_version=item["parent_version"],
             wrapped_material=bytes(item["wrapped_material"]),
             request_id=item.get("request_id"),
+            encryptions=item.get("encryptions", 0),
         )
 
     def _with_versions(self, documents: Sequence[Mapping[str, Any]]) -> list[Key]:
@@ -331,6 +332,45 @@ class MongoKeyStore:
             self._keys.update_one(
                 {"_id": key_id, "tenant_id": tenant_id, "revision": expected_revision},
                 {"$set": {"next_rotation_at": next_rotation_at}},
+            )
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        """$inc on the version: in `key_versions`, or embedded in the key document (a key's first versions).
+        Each increment is atomic; a flush is not (a failure part-way leaves the rest for the next flush)."""
+        totals: dict[VersionRef, int] = {}
+        with self._bounded():
+            for ref, count in counts.items():
+                document = self._versions.find_one_and_update(
+                    {"key_id": ref.key_id, "version": ref.version},
+                    {"$inc": {"encryptions": count}},
+                    projection={"encryptions": 1},
+                    return_document=pymongo.ReturnDocument.AFTER,
+                )
+                if document is not None:
+                    totals[ref] = document["encryptions"]
+                    continue
+                key = self._keys.find_one_and_update(
+                    {"_id": ref.key_id, "tenant_id": ref.tenant_id, "versions.version": ref.version},
+                    {"$inc": {"versions.$[counted].encryptions": count}},
+                    array_filters=[{"counted.version": ref.version}],
+                    projection={"versions.version": 1, "versions.encryptions": 1},
+                    return_document=pymongo.ReturnDocument.AFTER,
+                )
+                for embedded in key.get("versions", []) if key is not None else []:
+                    if embedded["version"] == ref.version:
+                        totals[ref] = embedded["encryptions"]
+        return totals
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        with self._bounded():
+            self._keys.update_one(
+                {
+                    "_id": version.key_id,
+                    "tenant_id": version.tenant_id,
+                    "primary_version": version.version,
+                    "next_rotation_at": {"$not": {"$lte": now}},
+                },
+                {"$set": {"next_rotation_at": now}},
             )
 
     def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:

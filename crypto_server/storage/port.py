@@ -7,10 +7,10 @@ StoreUnavailable when the store cannot be reached, never a driver exception.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersion
 
@@ -58,6 +58,14 @@ class KeyChange:
     changed_at: datetime
 
 
+class VersionRef(NamedTuple):
+    """One version of one key."""
+
+    tenant_id: str
+    key_id: str
+    version: int
+
+
 @dataclass(frozen=True, slots=True)
 class KeyCounts:
     by_type_and_state: dict[tuple[KeyType, KeyState], int]
@@ -100,6 +108,18 @@ class KeyStore(Protocol):
     ) -> None:
         """Correct a key's stored next rotation time (a row written before there was one, or altered) without
         a revision: nothing a reader relies on changes."""
+        ...
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        """Add each count to its version's stored `encryptions` as an atomic increment (several servers flush
+        at once: none may lose another's counts), all in one round trip where the store allows; return the new
+        totals. A version no longer stored is left out. Counts are outside the integrity tag and the revision:
+        nothing a reader caches changes (service/usage_budget.py)."""
+        ...
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        """Set the key's stored next rotation time to `now` if `version` is still its primary (a version at its
+        usage soft limit); the rotator re-checks the count in the key it loads."""
         ...
 
     def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:

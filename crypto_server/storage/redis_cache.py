@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -29,7 +29,7 @@ from redis.retry import Retry
 
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.keys import Key, KeyPolicy, KeyType, KeyVersion
-from crypto_server.storage.port import InvalidationListener, KeyChange, KeyCounts, KeyQuery, KeyStore
+from crypto_server.storage.port import InvalidationListener, KeyChange, KeyCounts, KeyQuery, KeyStore, VersionRef
 
 log = logging.getLogger(__name__)
 DEFAULT_DB_INDEX = 2
@@ -154,6 +154,7 @@ def _encode_key(key: Key) -> str:
                     "parent_version": v.parent_version,
                     "wrapped_material": base64.b64encode(v.wrapped_material).decode(),
                     "request_id": v.request_id,
+                    "encryptions": v.encryptions,
                 }
                 for v in key.versions
             ],
@@ -185,6 +186,7 @@ def _decode_key(text: bytes) -> Key:
                 parent_version=v["parent_version"],
                 wrapped_material=base64.b64decode(v["wrapped_material"]),
                 request_id=v.get("request_id"),
+                encryptions=v.get("encryptions", 0),
             )
             for v in data["versions"]
         ),
@@ -322,6 +324,13 @@ class RedisCachedKeyStore:
     ) -> None:
         # The schedule is not part of a cached key: nothing here to refresh.
         self._inner.reschedule_rotation(tenant_id, key_id, expected_revision, next_rotation_at)
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        # Counts are not invalidated here: a cached key's counts trail the store's (the budget keeps the totals).
+        return self._inner.add_encryptions(counts)
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        self._inner.mark_rotation_due(version, now)
 
     def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
         return self._inner.acquire_lease(name, holder, now, ttl)

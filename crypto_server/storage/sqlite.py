@@ -14,7 +14,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,7 +23,7 @@ from typing import Any
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
 from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery, VersionRef
 from crypto_server.storage.private_files import ensure_private_directory, ensure_private_file, restrict_to_owner
 
 _SCHEMA = """
@@ -57,6 +57,8 @@ CREATE TABLE IF NOT EXISTS key_versions (
     parent_version   INTEGER NOT NULL,
     wrapped_material BLOB NOT NULL,
     request_id       TEXT,
+    -- Encryptions made with the version (service/usage_budget.py), outside the integrity tag.
+    encryptions      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (key_id, version),
     UNIQUE (key_id, request_id)
 );
@@ -148,6 +150,8 @@ class SqliteKeyStore:
             if name not in present:
                 # Both names are this module's constants.
                 db.execute(f"ALTER TABLE keys ADD COLUMN {name} {definition}")
+        if "encryptions" not in {row[1] for row in db.execute("PRAGMA table_info(key_versions)")}:
+            db.execute("ALTER TABLE key_versions ADD COLUMN encryptions INTEGER NOT NULL DEFAULT 0")
         db.execute("CREATE INDEX IF NOT EXISTS keys_by_change ON keys (changed_us)")
         db.execute("CREATE INDEX IF NOT EXISTS keys_by_next_rotation ON keys (next_rotation_us)")
 
@@ -218,11 +222,12 @@ class SqliteKeyStore:
         marks = ",".join("?" * len(key_ids))
         # Only placeholders are interpolated; the values are bound.
         rows = db.execute(
-            "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id "  # noqa: S608
+            "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id, "  # noqa: S608
+            "encryptions "
             f"FROM key_versions WHERE key_id IN ({marks}) ORDER BY key_id, version",
             tuple(key_ids),
         )
-        for key_id, version, created_us, expires_us, parent_version, wrapped, request_id in rows:
+        for key_id, version, created_us, expires_us, parent_version, wrapped, request_id, encryptions in rows:
             found[key_id].append(
                 KeyVersion(
                     version=version,
@@ -231,6 +236,7 @@ class SqliteKeyStore:
                     parent_version=parent_version,
                     wrapped_material=bytes(wrapped),
                     request_id=request_id,
+                    encryptions=encryptions,
                 )
             )
         return found
@@ -442,6 +448,28 @@ class SqliteKeyStore:
             db.execute(
                 "UPDATE keys SET next_rotation_us = ? WHERE key_id = ? AND tenant_id = ? AND revision = ?",
                 (_opt_to_us(next_rotation_at), key_id, tenant_id, expected_revision),
+            )
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        totals: dict[VersionRef, int] = {}
+        with self._write() as db:  # one transaction: every count lands, or none
+            for ref, count in counts.items():
+                row = db.execute(
+                    "UPDATE key_versions SET encryptions = encryptions + ? WHERE key_id = ? AND version = ? "
+                    "AND EXISTS (SELECT 1 FROM keys WHERE keys.key_id = ? AND keys.tenant_id = ?) "
+                    "RETURNING encryptions",
+                    (count, ref.key_id, ref.version, ref.key_id, ref.tenant_id),
+                ).fetchone()
+                if row is not None:
+                    totals[ref] = row[0]
+        return totals
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE keys SET next_rotation_us = ? WHERE key_id = ? AND tenant_id = ? AND primary_version = ? "
+                "AND (next_rotation_us IS NULL OR next_rotation_us > ?)",
+                (_to_us(now), version.key_id, version.tenant_id, version.version, _to_us(now)),
             )
 
     def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:

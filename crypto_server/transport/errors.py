@@ -24,6 +24,10 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.MasterKeyExists: (grpc.StatusCode.ALREADY_EXISTS, errors_pb2.ERROR_REASON_MASTER_KEY_EXISTS),
     errors.KeyDisabled: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_DISABLED),
     errors.KeyExpired: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_EXPIRED),
+    errors.KeyVersionExhausted: (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        errors_pb2.ERROR_REASON_KEY_VERSION_EXHAUSTED,
+    ),
     errors.KeyTypeMismatch: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_TYPE_MISMATCH),
     errors.MasterKeyUnavailable: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_MASTER_KEY_UNAVAILABLE),
     errors.ConcurrentModification: (grpc.StatusCode.ABORTED, errors_pb2.ERROR_REASON_CONCURRENT_MODIFICATION),

@@ -118,6 +118,7 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
             version=version.version,
             state=_VERSION_STATE_TO_PROTO[version.state_at(now)],
             created_at=_timestamp(version.created_at),
+            encryptions=version.encryptions,
         )
         if version.expires_at is not None:
             item.expires_at.CopyFrom(_timestamp(version.expires_at))

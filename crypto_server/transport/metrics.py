@@ -163,6 +163,13 @@ class Metrics:
             registry=self.registry,
         )
         in_flight_gauge = Gauge("caas_crypto_rpc_in_flight", "RPCs being served", registry=self.registry)
+        # No tenant or key label: one series, the version closest to refusing (its key is in the store).
+        self.key_version_budget_used = Gauge(
+            "caas_crypto_key_version_budget_used_ratio",
+            "The highest fraction of its encryption budget (the hard limit) any key version this server has "
+            "used has spent, as of this server's last flush",
+            registry=self.registry,
+        )
         in_flight_gauge.set_function(in_flight)
         self._store_errors = Counter(
             "caas_crypto_store_errors",

@@ -1,0 +1,156 @@
+"""The usage budget per key version: counts flushed as atomic increments, rotation at the soft limit,
+refusal at the hard limit (service/usage_budget.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+import grpc
+import pytest
+from pymongo import MongoClient
+
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
+from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_server.storage.sqlite import SqliteKeyStore
+from tests.conftest import FakeClock, ServerHandle, StartServer, expect_error
+
+TENANT = "acme"
+# No flush thread: the tests flush when they mean to.
+MANUAL_FLUSH = {"usage_flush_interval_s": 0}
+
+
+def _stored_counts(server: ServerHandle, key_id: str) -> dict[int, int]:
+    """Encryptions per version as the store holds them, read past every cache."""
+    settings = server.settings
+    if settings.mongodb_uri is None:
+        with sqlite3.connect(settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+            rows = db.execute("SELECT version, encryptions FROM key_versions WHERE key_id = ?", (key_id,))
+            return dict(rows.fetchall())
+    client: MongoClient[dict[str, Any]] = MongoClient(settings.mongodb_uri)
+    try:
+        database = client[settings.mongodb_database]
+        stored = database["key_versions"].find({"key_id": key_id})
+        counts = {int(v["version"]): int(v.get("encryptions", 0)) for v in stored}
+        key = database["keys"].find_one({"_id": key_id}) or {}
+        embedded = key.get("versions", [])
+        assert isinstance(embedded, list)
+        counts.update((int(v["version"]), int(v.get("encryptions", 0))) for v in embedded)
+        return counts
+    finally:
+        client.close()
+
+
+def _flush(server: ServerHandle) -> None:
+    assert server.running.budget is not None
+    server.running.budget.flush()
+
+
+def _rotate_pass(server: ServerHandle) -> int:
+    assert server.running.rotator is not None
+    return server.running.rotator.run_once()
+
+
+@pytest.mark.parametrize("backend", ["mongo+redis"], indirect=True)
+def test_every_kind_of_encryption_counts_and_two_replicas_add_up(start_server: StartServer) -> None:
+    clock = FakeClock()
+    a, b = (start_server(clock=clock, **MANUAL_FLUSH) for _ in range(2))
+    key = a.create_key(TENANT)
+    other = a.create_key(TENANT)
+    for _ in range(3):
+        a.encrypt(TENANT, key.key_id, b"x")
+    items = [crypto_pb.BatchEncryptRequest.Item(key_id=key.key_id, plaintext=b"y") for _ in range(2)]
+    a.crypto.BatchEncrypt(crypto_pb.BatchEncryptRequest(tenant_id=TENANT, items=items))
+    a.crypto.GenerateDataKey(crypto_pb.GenerateDataKeyRequest(tenant_id=TENANT, key_id=key.key_id))
+    replies = list(
+        a.crypto.EncryptStream(iter([crypto_pb.EncryptStreamRequest(tenant_id=TENANT, key_id=key.key_id, chunk=b"z")]))
+    )
+    assert replies
+    sealed = [b.encrypt(TENANT, key.key_id, b"w").ciphertext for _ in range(4)]
+    # ReEncrypt counts its destination only (the source is decrypted).
+    b.crypto.ReEncrypt(
+        crypto_pb.ReEncryptRequest(tenant_id=TENANT, ciphertext=sealed[0], destination_key_id=other.key_id)
+    )
+    assert _stored_counts(a, key.key_id) == {1: 0}  # nothing flushed yet: the hot path does not write
+
+    _flush(a)
+    _flush(b)
+    assert _stored_counts(a, key.key_id) == {1: 3 + 2 + 1 + 1 + 4}
+    assert _stored_counts(a, other.key_id) == {1: 1}
+    _flush(a)  # nothing new: nothing added twice
+    assert _stored_counts(a, key.key_id) == {1: 11}
+    # Each replica learnt the total at its flush (the metric's source): 11 of the default hard limit.
+    assert b.running.budget is not None
+    assert b.running.budget.highest_fraction == 11 / b.running.budget.hard_limit
+
+
+@pytest.mark.parametrize("backend", ["embedded", "mongo"], indirect=True)
+def test_the_soft_limit_makes_the_rotator_rotate_whatever_the_rotation_period(start_server: StartServer) -> None:
+    server = start_server(usage_soft_limit=5, usage_hard_limit=100, usage_flush_every=3, **MANUAL_FLUSH)
+    key = server.create_key(TENANT)  # the default rotation period: 90 days away
+    for _ in range(4):
+        server.encrypt(TENANT, key.key_id, b"x")
+    _flush(server)
+    assert _rotate_pass(server) == 0
+
+    server.encrypt(TENANT, key.key_id, b"x")
+    _flush(server)
+    assert _rotate_pass(server) == 1
+    assert _rotate_pass(server) == 0  # rotated once: the new primary starts from zero
+    got = server.keys.GetKey(key_pb.GetKeyRequest(tenant_id=TENANT, key_id=key.key_id)).key
+    assert got.primary_version == 2
+    assert [v.encryptions for v in got.versions] == [5, 0]
+    assert server.encrypt(TENANT, key.key_id, b"x").key_version == 2
+
+
+@pytest.mark.parametrize("backend", ["embedded", "mongo+redis"], indirect=True)
+def test_the_hard_limit_refuses_to_encrypt_and_decryption_still_works(start_server: StartServer) -> None:
+    server = start_server(usage_soft_limit=3, usage_hard_limit=3, usage_flush_every=2, **MANUAL_FLUSH)
+    key = server.create_key(TENANT)
+    sealed = [server.encrypt(TENANT, key.key_id, f"m{i}".encode()).ciphertext for i in range(3)]
+
+    error = expect_error(
+        lambda: server.encrypt(TENANT, key.key_id, b"one too many"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_KEY_VERSION_EXHAUSTED",
+    )
+    assert "rotate" in (error.details() or "")
+    items = [crypto_pb.BatchEncryptRequest.Item(key_id=key.key_id, plaintext=b"y")]
+    batch = server.crypto.BatchEncrypt(crypto_pb.BatchEncryptRequest(tenant_id=TENANT, items=items))
+    assert batch.results[0].error.reason == "ERROR_REASON_KEY_VERSION_EXHAUSTED"
+    assert [server.decrypt(TENANT, c).plaintext for c in sealed] == [b"m0", b"m1", b"m2"]
+
+    server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=key.key_id))
+    assert server.encrypt(TENANT, key.key_id, b"fresh").key_version == 2
+    _flush(server)
+    assert _stored_counts(server, key.key_id) == {1: 3, 2: 1}
+
+
+@pytest.mark.parametrize("backend", ["mongo+redis"], indirect=True)
+def test_replicas_learn_each_others_counts_at_their_flushes(start_server: StartServer) -> None:
+    clock = FakeClock()
+    limits = {"usage_soft_limit": 6, "usage_hard_limit": 6, "usage_flush_every": 2, **MANUAL_FLUSH}
+    a, b = (start_server(clock=clock, **limits) for _ in range(2))
+    key = a.create_key(TENANT)
+    for _ in range(4):
+        b.encrypt(TENANT, key.key_id, b"x")  # b flushed 2 at its 3rd encryption; 2 pending
+    _flush(b)
+    for _ in range(2):
+        a.encrypt(TENANT, key.key_id, b"x")
+    # a's third encryption flushes first and learns the total (4 from b + 2 of its own): the budget is spent.
+    expect_error(
+        lambda: a.encrypt(TENANT, key.key_id, b"x"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_KEY_VERSION_EXHAUSTED",
+    )
+    assert _stored_counts(a, key.key_id) == {1: 6}
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_counts_are_flushed_at_shutdown(start_server: StartServer) -> None:
+    server = start_server(**MANUAL_FLUSH)
+    key = server.create_key(TENANT)
+    for _ in range(3):
+        server.encrypt(TENANT, key.key_id, b"x")
+    server.stop()
+    assert _stored_counts(server, key.key_id) == {1: 3}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import threading
 import uuid
 from datetime import timedelta
 
@@ -30,6 +29,7 @@ from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError, StoreUnavailable
 from crypto_server.service.audit import AuditEvent, AuditTrail
 from crypto_server.service.key_lifecycle import KeyLifecycle
+from crypto_server.service.periodic import Periodic
 from crypto_server.storage.port import KeyStore
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,12 @@ class KeyRotator:
         self._batch = batch
         self._usage_soft_limit = usage_soft_limit
         self.holder = holder or f"rotator-{uuid.uuid4()}"
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._passes = Periodic(
+            self.run_once,
+            self._interval_s,
+            name="key-rotator",
+            skipped="automatic rotation skipped a pass: the key store is unavailable",
+        )
 
     def run_once(self) -> int:
         """One pass: take (or renew) the lease, then rotate the keys that are due. The number rotated."""
@@ -136,26 +140,11 @@ class KeyRotator:
 
     def start(self) -> None:
         """Run a pass every `interval_s` on a thread of its own (not at all when the interval is 0)."""
-        if self._interval_s <= 0:
-            return
-        self._thread = threading.Thread(target=self._run, name="key-rotator", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self._interval_s):
-            try:
-                self.run_once()
-            except StoreUnavailable:
-                log.warning("automatic rotation skipped a pass: the key store is unavailable")
-            except Exception:
-                log.exception("automatic rotation pass failed")
+        self._passes.start()
 
     def stop(self) -> None:
         """Stop the thread and give the lease up, so another replica takes over at its next pass (once)."""
-        if self._stopping.is_set():
+        if not self._passes.stop():
             return
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
         with contextlib.suppress(StoreUnavailable):  # if it cannot be given up, it runs out by itself
             self._store.release_lease(LEASE_NAME, self.holder)

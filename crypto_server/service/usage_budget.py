@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import KeyVersionExhausted, StoreUnavailable
+from crypto_server.service.periodic import Periodic
 from crypto_server.storage.port import KeyStore, VersionRef
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,12 @@ class UsageBudget:
         self._counters: dict[VersionRef, _Counter] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._flushes = Periodic(
+            self.flush,
+            self._flush_interval_s,
+            name="usage-budget",
+            skipped="usage counts not flushed: the key store is unavailable; retried on the next flush",
+        )
         self.highest_fraction = 0.0
 
     def record(self, version: VersionRef, stored_count: int) -> None:
@@ -124,27 +129,12 @@ class UsageBudget:
     # -- the background thread ---------------------------------------------------
 
     def start(self) -> None:
-        if self._flush_interval_s <= 0:
-            return
-        self._thread = threading.Thread(target=self._run, name="usage-budget", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stopping.wait(self._flush_interval_s):
-            try:
-                self.flush()
-            except StoreUnavailable:
-                log.warning("usage counts not flushed: the key store is unavailable; retried on the next flush")
-            except Exception:
-                log.exception("usage count flush failed")
+        self._flushes.start()
 
     def stop(self) -> None:
         """Stop the thread and flush what is left (after the last call, before the store closes)."""
-        if self._stopping.is_set():
+        if not self._flushes.stop():
             return
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
         try:
             self.flush()
         except StoreUnavailable:

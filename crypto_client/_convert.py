@@ -39,11 +39,17 @@ ALGORITHM_TO_PROTO = {
 }
 ALGORITHM_FROM_PROTO = {number: algorithm for algorithm, number in ALGORITHM_TO_PROTO.items()}
 _KEY_TYPE_FROM_PROTO = {number: kind for kind, number in KEY_TYPE_TO_PROTO.items()}
-_KEY_STATE_FROM_PROTO = {number: state for state, number in KEY_STATE_TO_PROTO.items()}
+_KEY_STATE_FROM_PROTO = {
+    **{number: state for state, number in KEY_STATE_TO_PROTO.items()},
+    resources_pb2.KEY_STATE_DESTROY_SCHEDULED: KeyState.DESTROY_SCHEDULED,
+    resources_pb2.KEY_STATE_DESTROYED: KeyState.DESTROYED,
+}
 _VERSION_STATE_FROM_PROTO = {
     resources_pb2.KEY_VERSION_STATE_ENABLED: KeyVersionState.ENABLED,
     resources_pb2.KEY_VERSION_STATE_DISABLED: KeyVersionState.DISABLED,
     resources_pb2.KEY_VERSION_STATE_EXPIRED: KeyVersionState.EXPIRED,
+    resources_pb2.KEY_VERSION_STATE_DESTROY_SCHEDULED: KeyVersionState.DESTROY_SCHEDULED,
+    resources_pb2.KEY_VERSION_STATE_DESTROYED: KeyVersionState.DESTROYED,
 }
 
 
@@ -71,6 +77,8 @@ def key_from_proto(message: resources_pb2.Key) -> Key:
                 created_at=_moment(v.created_at),
                 expires_at=_moment(v.expires_at) if v.HasField("expires_at") else None,
                 encryptions=v.encryptions,
+                destroy_at=_moment(v.destroy_at) if v.HasField("destroy_at") else None,
+                destroyed_at=_moment(v.destroyed_at) if v.HasField("destroyed_at") else None,
             )
             for v in message.versions
         ),
@@ -80,6 +88,7 @@ def key_from_proto(message: resources_pb2.Key) -> Key:
         labels=dict(message.labels),
         algorithm=ALGORITHM_FROM_PROTO.get(message.algorithm, Algorithm.AES_256_GCM),
         next_rotation_at=_moment(message.next_rotation_at) if message.HasField("next_rotation_at") else None,
+        min_decryption_version=message.min_decryption_version,
     )
 
 

@@ -84,6 +84,26 @@ class KeyTypeMismatchError(FailedPreconditionError):
     pass
 
 
+class KeyVersionDestroyedError(FailedPreconditionError):
+    """The key version (of the ciphertext, or named) is destroyed: what it encrypted is gone for good."""
+
+
+class KeyVersionDisabledError(FailedPreconditionError):
+    """The key version is disabled, below min_decryption_version, or scheduled for destruction: undoable."""
+
+
+class KeyVersionStateError(FailedPreconditionError):
+    """The version's state does not allow this change (e.g. disabling or destroying the primary)."""
+
+
+class TenantDestroyedError(FailedPreconditionError):
+    """The tenant was crypto-shredded: none of its keys can be used or created again."""
+
+
+class TenantDestructionScheduledError(FailedPreconditionError):
+    """The tenant is scheduled for destruction: its keys refuse every use until it is cancelled."""
+
+
 class MasterKeyUnavailableError(FailedPreconditionError):
     pass
 
@@ -180,6 +200,11 @@ _BY_REASON: dict[str, type[CryptoClientError]] = {
     "ERROR_REASON_PERMISSION_DENIED": PermissionDeniedError,
     "ERROR_REASON_AUDIT_UNAVAILABLE": ServiceUnavailableError,
     "ERROR_REASON_KEY_VERSION_EXHAUSTED": KeyVersionExhaustedError,
+    "ERROR_REASON_KEY_VERSION_DESTROYED": KeyVersionDestroyedError,
+    "ERROR_REASON_KEY_VERSION_DISABLED": KeyVersionDisabledError,
+    "ERROR_REASON_KEY_VERSION_STATE": KeyVersionStateError,
+    "ERROR_REASON_TENANT_DESTROYED": TenantDestroyedError,
+    "ERROR_REASON_TENANT_DESTRUCTION_SCHEDULED": TenantDestructionScheduledError,
 }
 _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

@@ -26,12 +26,17 @@ class KeyState(enum.Enum):
     ENABLED = "ENABLED"
     DISABLED = "DISABLED"
     EXPIRED = "EXPIRED"
+    # Every version scheduled for destruction (refuses every use), or destroyed. Not list filters.
+    DESTROY_SCHEDULED = "DESTROY_SCHEDULED"
+    DESTROYED = "DESTROYED"
 
 
 class KeyVersionState(enum.Enum):
     ENABLED = "ENABLED"
     DISABLED = "DISABLED"
     EXPIRED = "EXPIRED"
+    DESTROY_SCHEDULED = "DESTROY_SCHEDULED"
+    DESTROYED = "DESTROYED"
 
 
 class HealthStatus(enum.Enum):
@@ -49,6 +54,9 @@ class KeyVersion:
     expires_at: datetime | None
     # Encryptions made with this version, as flushed by every server (can trail the true figure by seconds).
     encryptions: int = 0
+    # When a scheduled destruction runs (DESTROY_SCHEDULED), and when the version was destroyed (DESTROYED).
+    destroy_at: datetime | None = None
+    destroyed_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,8 @@ class Key:
     algorithm: Algorithm = Algorithm.AES_256_GCM
     # When automatic rotation gives the key a new primary; None when it is not rotated automatically.
     next_rotation_at: datetime | None = None
+    # Versions below it refuse to decrypt; 0: none do.
+    min_decryption_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)

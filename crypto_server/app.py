@@ -31,6 +31,8 @@ from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
 from crypto_server.service.audit import AuditTrail, CryptoRecording
 from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
+from crypto_server.service.key_destroyer import KeyDestroyer
+from crypto_server.service.key_destruction import KeyDestruction
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.key_rotator import KeyRotator
 from crypto_server.service.keyring import Keyring
@@ -117,6 +119,8 @@ class CryptoServer:
     rotator: KeyRotator | None = None
     # Encryption counts per key version; tests call flush.
     budget: UsageBudget | None = None
+    # Scheduled destruction (a pass every CRYPTO_ROTATION_INTERVAL by its lease holder); tests call run_once.
+    destroyer: KeyDestroyer | None = None
 
     def stop(self, grace_s: float, *, drain_s: float = 0.0) -> None:
         """Stop after `drain_s` seconds of serving on, finishing calls in flight within `grace_s` more.
@@ -389,6 +393,16 @@ def build_server(
             audit=audit,
             usage_soft_limit=settings.usage_soft_limit,
         )
+        destruction = KeyDestruction(store, clock, invalidation)
+        # On the rotator's interval and lease length, under a lease of its own.
+        destroyer = KeyDestroyer(
+            store,
+            destruction,
+            clock,
+            interval_s=settings.rotation_interval_s,
+            lease_ttl_s=settings.rotation_lease_s,
+            audit=audit,
+        )
         budget = UsageBudget(
             store,
             clock,
@@ -438,7 +452,9 @@ def build_server(
             # Calls beyond this are refused by grpc at once (RESOURCE_EXHAUSTED), not queued for a worker.
             maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
         )
-        add_service(server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock, audit), middleware)
+        add_service(
+            server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock, audit, destruction=destruction), middleware
+        )
         signatures = MacsAndSignatures(keyring, clock, max_data_bytes=settings.max_plaintext_bytes)
         add_service(server, _CRYPTO_SERVICE_DESCRIPTOR, CryptoServicer(operations, signatures), middleware)
         health_servicer = health.HealthServicer()
@@ -463,6 +479,8 @@ def build_server(
         # Stopped before the audit trail and the store (background stops last in, first): it gives its lease up.
         rotator.start()
         background.append(rotator)
+        destroyer.start()
+        background.append(destroyer)
         # Stopped first (after the last call): its final flush needs the store.
         budget.start()
         background.append(budget)
@@ -493,4 +511,5 @@ def build_server(
         audit=audit,
         rotator=rotator,
         budget=budget,
+        destroyer=destroyer,
     )

@@ -102,6 +102,8 @@ def rewrap_master_key_versions(store: KeyStore, keys: RootKeys, *, write: bool) 
     rewrapped = already = 0
     for key in store.master_keys():
         for record in key.versions:
+            if record.destroyed:
+                continue  # nothing left to re-wrap (a destroyed tenant)
             try:
                 unwrap_version(keys.new, key, record)
                 already += 1

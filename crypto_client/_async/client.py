@@ -210,12 +210,13 @@ class AsyncCryptoClient:
         rotation_period: timedelta | EllipsisType | None = ...,
         expire_after: timedelta | EllipsisType | None = ...,
         labels: Mapping[str, str] | EllipsisType | None = ...,
+        min_decryption_version: int | EllipsisType = ...,
         tenant_id: str | None = None,
         timeout: float | None = None,
     ) -> Key:
         """Change the settings given (left out: unchanged; None: cleared — no automatic rotation, versions
-        that never expire, no labels). `expire_after` applies to versions created from now on. Safe to retry:
-        it sets values."""
+        that never expire, no labels). `expire_after` applies to versions created from now on;
+        `min_decryption_version` (0: none) makes older versions refuse to decrypt. Safe to retry: it sets values."""
         tenant = self._core.tenant(tenant_id)
         request = key_pb.UpdateKeyRequest(tenant_id=tenant, key_id=key_id)
         if not isinstance(rotation_period, EllipsisType):
@@ -229,6 +230,9 @@ class AsyncCryptoClient:
         if not isinstance(labels, EllipsisType):
             request.update_mask.paths.append("labels")
             request.labels.update(labels or {})
+        if not isinstance(min_decryption_version, EllipsisType):
+            request.update_mask.paths.append("min_decryption_version")
+            request.min_decryption_version = min_decryption_version
         response = await self._call("UpdateKey", self._keys.UpdateKey, request, timeout)
         return self._core.key_changed(tenant, response.key)
 
@@ -243,6 +247,81 @@ class AsyncCryptoClient:
         request = key_pb.EnableKeyRequest(tenant_id=tenant, key_id=key_id)
         response = await self._call("EnableKey", self._keys.EnableKey, request, timeout)
         return self._core.key_changed(tenant, response.key)
+
+    # -- versions and destruction ------------------------------------------------------
+
+    async def disable_key_version(
+        self, key_id: str, version: int, *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> Key:
+        """Stop one version (not the primary) from encrypting and decrypting until enabled again."""
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.DisableKeyVersionRequest(tenant_id=tenant, key_id=key_id, version=version)
+        response = await self._call("DisableKeyVersion", self._keys.DisableKeyVersion, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    async def enable_key_version(
+        self, key_id: str, version: int, *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> Key:
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.EnableKeyVersionRequest(tenant_id=tenant, key_id=key_id, version=version)
+        response = await self._call("EnableKeyVersion", self._keys.EnableKeyVersion, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    async def schedule_key_destruction(
+        self,
+        key_id: str,
+        *,
+        version: int = 0,
+        waiting_period: timedelta | None = None,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Key:
+        """Schedule the destruction of one version (not the primary), or with `version` 0 of the whole key, after
+        `waiting_period` (1-30 days; None: 7). Until then it refuses every use and can be cancelled. Safe to
+        retry: a version already scheduled keeps its time."""
+        tenant = self._core.tenant(tenant_id)
+        response: key_pb.ScheduleKeyVersionDestructionResponse | key_pb.ScheduleKeyDestructionResponse
+        if version:
+            one = key_pb.ScheduleKeyVersionDestructionRequest(tenant_id=tenant, key_id=key_id, version=version)
+            if waiting_period is not None:
+                one.waiting_period.CopyFrom(_convert.duration(waiting_period))
+            response = await self._call(
+                "ScheduleKeyVersionDestruction", self._keys.ScheduleKeyVersionDestruction, one, timeout
+            )
+        else:
+            whole = key_pb.ScheduleKeyDestructionRequest(tenant_id=tenant, key_id=key_id)
+            if waiting_period is not None:
+                whole.waiting_period.CopyFrom(_convert.duration(waiting_period))
+            response = await self._call("ScheduleKeyDestruction", self._keys.ScheduleKeyDestruction, whole, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    async def cancel_key_destruction(
+        self, key_id: str, *, version: int = 0, tenant_id: str | None = None, timeout: float | None = None
+    ) -> Key:
+        """Cancel the scheduled destruction of `version` (0: every scheduled version) before it runs."""
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.CancelKeyDestructionRequest(tenant_id=tenant, key_id=key_id, version=version)
+        response = await self._call("CancelKeyDestruction", self._keys.CancelKeyDestruction, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
+    async def schedule_tenant_destruction(
+        self, *, waiting_period: timedelta | None = None, tenant_id: str | None = None, timeout: float | None = None
+    ) -> Key:
+        """Crypto-shred the tenant after `waiting_period` (1-30 days; None: 7): its master key and every key under
+        it are destroyed, and nothing it encrypted can be decrypted again. Needs the admin permission. Returns
+        the master key, every version scheduled."""
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.ScheduleTenantDestructionRequest(tenant_id=tenant)
+        if waiting_period is not None:
+            request.waiting_period.CopyFrom(_convert.duration(waiting_period))
+        response = await self._call("ScheduleTenantDestruction", self._keys.ScheduleTenantDestruction, request, timeout)
+        return self._core.key_changed(tenant, response.master_key)
+
+    async def cancel_tenant_destruction(self, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.CancelTenantDestructionRequest(tenant_id=tenant)
+        response = await self._call("CancelTenantDestruction", self._keys.CancelTenantDestruction, request, timeout)
+        return self._core.key_changed(tenant, response.master_key)
 
     # -- data --------------------------------------------------------------------
 

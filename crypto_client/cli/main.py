@@ -286,6 +286,14 @@ def _keys(args: argparse.Namespace, client: CryptoClient, out: Output) -> None:
         key_type = KeyType[args.type.upper()] if args.type else None
         state = KeyState[args.state.upper()] if args.state else None
         out.keys(list(client.list_keys(key_type=key_type, state=state)))
+    elif args.action == "schedule-destruction":
+        waiting = timedelta(days=args.waiting_days) if args.waiting_days is not None else None
+        out.key(client.schedule_key_destruction(args.key_id, version=args.version, waiting_period=waiting))
+    elif args.action == "cancel-destruction":
+        out.key(client.cancel_key_destruction(args.key_id, version=args.version))
+    elif args.action in ("disable-version", "enable-version"):
+        toggle = client.disable_key_version if args.action == "disable-version" else client.enable_key_version
+        out.key(toggle(args.key_id, args.version))
     else:
         action: Callable[[str], Key] = {
             "get": lambda k: client.get_key(k, use_cache=False),
@@ -443,6 +451,22 @@ def parser() -> argparse.ArgumentParser:
         ("enable", "allow a disabled key again"),
     ):
         command(keys, action, help_text).add_argument("key_id", help="the key's id")
+    schedule = command(
+        keys, "schedule-destruction", "destroy a key (or one --version) after a waiting period; cancellable until then"
+    )
+    schedule.add_argument("key_id", help="the key's id")
+    schedule.add_argument("--version", type=int, default=0, help="only this version (not the primary); 0: the key")
+    schedule.add_argument("--waiting-days", type=float, metavar="DAYS", help="1 to 30 days (7)")
+    cancel = command(keys, "cancel-destruction", "cancel a scheduled destruction before it runs")
+    cancel.add_argument("key_id", help="the key's id")
+    cancel.add_argument("--version", type=int, default=0, help="only this version; 0: every scheduled version")
+    for action, help_text in (
+        ("disable-version", "refuse all use of one version (not the primary)"),
+        ("enable-version", "allow a disabled version again"),
+    ):
+        toggled = command(keys, action, help_text)
+        toggled.add_argument("key_id", help="the key's id")
+        toggled.add_argument("version", type=int, help="the version")
 
     for name, help_text in (
         ("encrypt", "encrypt a value (--value) or a file (--in/--out, stdin/stdout by default)"),

@@ -88,6 +88,32 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     this key's labels); ErrorInfo.metadata["permission"] names the permission
     needed. Says nothing about whether the tenant or key exists.
     """
+    ERROR_REASON_KEY_VERSION_DESTROYED: _ErrorReason.ValueType  # 22
+    """The key version that made the ciphertext (or the key, or its version
+    named in the call) has been destroyed: its material is erased and no
+    call can use it again. ErrorInfo.metadata["key_id"] names the key.
+    """
+    ERROR_REASON_KEY_VERSION_DISABLED: _ErrorReason.ValueType  # 23
+    """The key version is disabled (DisableKeyVersion), below the key's
+    min_decryption_version, or scheduled for destruction: it refuses to
+    encrypt and decrypt until enabled, min_decryption_version is lowered, or
+    the destruction is cancelled. Nothing is lost.
+    """
+    ERROR_REASON_TENANT_DESTROYED: _ErrorReason.ValueType  # 24
+    """The tenant was crypto-shredded (ScheduleTenantDestruction ran): its
+    master key and every key under it are destroyed, and the tenant id
+    takes no new keys.
+    """
+    ERROR_REASON_KEY_VERSION_STATE: _ErrorReason.ValueType  # 25
+    """The key's or version's state does not allow this change: disabling or
+    destroying the primary version (rotate first), cancelling a destruction
+    that is not scheduled, changing a destroyed version.
+    """
+    ERROR_REASON_TENANT_DESTRUCTION_SCHEDULED: _ErrorReason.ValueType  # 26
+    """The tenant is scheduled for destruction (ScheduleTenantDestruction): its
+    keys refuse every use until CancelTenantDestruction, or the destruction
+    runs.
+    """
     ERROR_REASON_AUDIT_UNAVAILABLE: _ErrorReason.ValueType  # 30
     """The audit trail cannot be written (or read), so a call that must be
     recorded was not carried out: no key was changed. The call may be retried.
@@ -170,6 +196,32 @@ ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 21
 """The access policy does not let the caller do this for this tenant (or
 this key's labels); ErrorInfo.metadata["permission"] names the permission
 needed. Says nothing about whether the tenant or key exists.
+"""
+ERROR_REASON_KEY_VERSION_DESTROYED: ErrorReason.ValueType  # 22
+"""The key version that made the ciphertext (or the key, or its version
+named in the call) has been destroyed: its material is erased and no
+call can use it again. ErrorInfo.metadata["key_id"] names the key.
+"""
+ERROR_REASON_KEY_VERSION_DISABLED: ErrorReason.ValueType  # 23
+"""The key version is disabled (DisableKeyVersion), below the key's
+min_decryption_version, or scheduled for destruction: it refuses to
+encrypt and decrypt until enabled, min_decryption_version is lowered, or
+the destruction is cancelled. Nothing is lost.
+"""
+ERROR_REASON_TENANT_DESTROYED: ErrorReason.ValueType  # 24
+"""The tenant was crypto-shredded (ScheduleTenantDestruction ran): its
+master key and every key under it are destroyed, and the tenant id
+takes no new keys.
+"""
+ERROR_REASON_KEY_VERSION_STATE: ErrorReason.ValueType  # 25
+"""The key's or version's state does not allow this change: disabling or
+destroying the primary version (rotate first), cancelling a destruction
+that is not scheduled, changing a destroyed version.
+"""
+ERROR_REASON_TENANT_DESTRUCTION_SCHEDULED: ErrorReason.ValueType  # 26
+"""The tenant is scheduled for destruction (ScheduleTenantDestruction): its
+keys refuse every use until CancelTenantDestruction, or the destruction
+runs.
 """
 ERROR_REASON_AUDIT_UNAVAILABLE: ErrorReason.ValueType  # 30
 """The audit trail cannot be written (or read), so a call that must be

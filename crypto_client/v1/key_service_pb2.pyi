@@ -296,8 +296,13 @@ class UpdateKeyRequest(_message.Message):
     ROTATION_PERIOD_FIELD_NUMBER: _builtins.int
     EXPIRE_AFTER_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    MIN_DECRYPTION_VERSION_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     key_id: _builtins.str
+    min_decryption_version: _builtins.int
+    """"min_decryption_version": versions below it refuse to decrypt (they are
+    disabled, not destroyed); at most the primary version; 0 clears it.
+    """
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Which of the fields below to change: "rotation_period", "expire_after",
@@ -331,10 +336,11 @@ class UpdateKeyRequest(_message.Message):
         rotation_period: _duration_pb2.Duration | None = ...,
         expire_after: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        min_decryption_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "rotation_period", b"rotation_period", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "key_id", b"key_id", "labels", b"labels", "rotation_period", b"rotation_period", "tenant_id", b"tenant_id", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after", "key_id", b"key_id", "labels", b"labels", "min_decryption_version", b"min_decryption_version", "rotation_period", b"rotation_period", "tenant_id", b"tenant_id", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -688,3 +694,328 @@ class ReadAuditLogResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadAuditLogResponse: _TypeAlias = ReadAuditLogResponse  # noqa: Y015
+
+@_typing.final
+class DisableKeyVersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    key_id: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableKeyVersionRequest: _TypeAlias = DisableKeyVersionRequest  # noqa: Y015
+
+@_typing.final
+class DisableKeyVersionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> _resources_pb2.Key: ...
+    def __init__(
+        self,
+        *,
+        key: _resources_pb2.Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableKeyVersionResponse: _TypeAlias = DisableKeyVersionResponse  # noqa: Y015
+
+@_typing.final
+class EnableKeyVersionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    key_id: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableKeyVersionRequest: _TypeAlias = EnableKeyVersionRequest  # noqa: Y015
+
+@_typing.final
+class EnableKeyVersionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> _resources_pb2.Key: ...
+    def __init__(
+        self,
+        *,
+        key: _resources_pb2.Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableKeyVersionResponse: _TypeAlias = EnableKeyVersionResponse  # noqa: Y015
+
+@_typing.final
+class ScheduleKeyVersionDestructionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    WAITING_PERIOD_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    key_id: _builtins.str
+    version: _builtins.int
+    @_builtins.property
+    def waiting_period(self) -> _duration_pb2.Duration:
+        """How long until the destruction runs: 1 to 30 days; default 7 days."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+        waiting_period: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waiting_period", b"waiting_period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id", "version", b"version", "waiting_period", b"waiting_period"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleKeyVersionDestructionRequest: _TypeAlias = ScheduleKeyVersionDestructionRequest  # noqa: Y015
+
+@_typing.final
+class ScheduleKeyVersionDestructionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> _resources_pb2.Key: ...
+    def __init__(
+        self,
+        *,
+        key: _resources_pb2.Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleKeyVersionDestructionResponse: _TypeAlias = ScheduleKeyVersionDestructionResponse  # noqa: Y015
+
+@_typing.final
+class ScheduleKeyDestructionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    WAITING_PERIOD_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    key_id: _builtins.str
+    @_builtins.property
+    def waiting_period(self) -> _duration_pb2.Duration:
+        """How long until the destruction runs: 1 to 30 days; default 7 days."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        waiting_period: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waiting_period", b"waiting_period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id", "waiting_period", b"waiting_period"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleKeyDestructionRequest: _TypeAlias = ScheduleKeyDestructionRequest  # noqa: Y015
+
+@_typing.final
+class ScheduleKeyDestructionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> _resources_pb2.Key: ...
+    def __init__(
+        self,
+        *,
+        key: _resources_pb2.Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleKeyDestructionResponse: _TypeAlias = ScheduleKeyDestructionResponse  # noqa: Y015
+
+@_typing.final
+class CancelKeyDestructionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    key_id: _builtins.str
+    version: _builtins.int
+    """The version whose destruction to cancel; 0: every scheduled version."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelKeyDestructionRequest: _TypeAlias = CancelKeyDestructionRequest  # noqa: Y015
+
+@_typing.final
+class CancelKeyDestructionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> _resources_pb2.Key: ...
+    def __init__(
+        self,
+        *,
+        key: _resources_pb2.Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelKeyDestructionResponse: _TypeAlias = CancelKeyDestructionResponse  # noqa: Y015
+
+@_typing.final
+class ScheduleTenantDestructionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    WAITING_PERIOD_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    @_builtins.property
+    def waiting_period(self) -> _duration_pb2.Duration:
+        """How long until the destruction runs: 1 to 30 days; default 7 days."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        waiting_period: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waiting_period", b"waiting_period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id", "waiting_period", b"waiting_period"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleTenantDestructionRequest: _TypeAlias = ScheduleTenantDestructionRequest  # noqa: Y015
+
+@_typing.final
+class ScheduleTenantDestructionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASTER_KEY_FIELD_NUMBER: _builtins.int
+    DESTROY_AT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def master_key(self) -> _resources_pb2.Key:
+        """The tenant's master key, every version scheduled."""
+
+    @_builtins.property
+    def destroy_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        master_key: _resources_pb2.Key | None = ...,
+        destroy_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destroy_at", b"destroy_at", "master_key", b"master_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destroy_at", b"destroy_at", "master_key", b"master_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScheduleTenantDestructionResponse: _TypeAlias = ScheduleTenantDestructionResponse  # noqa: Y015
+
+@_typing.final
+class CancelTenantDestructionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTenantDestructionRequest: _TypeAlias = CancelTenantDestructionRequest  # noqa: Y015
+
+@_typing.final
+class CancelTenantDestructionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MASTER_KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def master_key(self) -> _resources_pb2.Key: ...
+    def __init__(
+        self,
+        *,
+        master_key: _resources_pb2.Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["master_key", b"master_key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["master_key", b"master_key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelTenantDestructionResponse: _TypeAlias = CancelTenantDestructionResponse  # noqa: Y015

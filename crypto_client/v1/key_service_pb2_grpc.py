@@ -87,6 +87,41 @@ class KeyServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogResponse.FromString,
                 _registered_method=True)
+        self.DisableKeyVersion = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/DisableKeyVersion',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.DisableKeyVersionRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.DisableKeyVersionResponse.FromString,
+                _registered_method=True)
+        self.EnableKeyVersion = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/EnableKeyVersion',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyVersionRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyVersionResponse.FromString,
+                _registered_method=True)
+        self.ScheduleKeyVersionDestruction = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/ScheduleKeyVersionDestruction',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyVersionDestructionRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyVersionDestructionResponse.FromString,
+                _registered_method=True)
+        self.ScheduleKeyDestruction = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/ScheduleKeyDestruction',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyDestructionRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyDestructionResponse.FromString,
+                _registered_method=True)
+        self.CancelKeyDestruction = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/CancelKeyDestruction',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelKeyDestructionRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelKeyDestructionResponse.FromString,
+                _registered_method=True)
+        self.ScheduleTenantDestruction = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/ScheduleTenantDestruction',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleTenantDestructionRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleTenantDestructionResponse.FromString,
+                _registered_method=True)
+        self.CancelTenantDestruction = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/CancelTenantDestruction',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -173,6 +208,62 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DisableKeyVersion(self, request, context):
+        """Stops one version from encrypting and decrypting (not the primary).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableKeyVersion(self, request, context):
+        """Undoes DisableKeyVersion.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScheduleKeyVersionDestruction(self, request, context):
+        """Schedules the destruction of one version (not the primary: rotate
+        first) after a waiting period; until then it refuses every use and
+        CancelKeyDestruction restores it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScheduleKeyDestruction(self, request, context):
+        """Schedules the destruction of every version of a data or session key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelKeyDestruction(self, request, context):
+        """Cancels a scheduled destruction (of one version, or of every scheduled
+        version of the key) before it runs; the versions return to their
+        previous state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ScheduleTenantDestruction(self, request, context):
+        """Crypto-shredding: schedules the destruction of the tenant's master key
+        and of every key under it. Until it runs, the tenant's keys refuse every
+        use; once it has run, nothing the tenant encrypted can be decrypted
+        again and the tenant id takes no new keys. Needs the admin permission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTenantDestruction(self, request, context):
+        """Cancels ScheduleTenantDestruction before it runs. Needs admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -225,6 +316,41 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.ReadAuditLog,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogResponse.SerializeToString,
+            ),
+            'DisableKeyVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableKeyVersion,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.DisableKeyVersionRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.DisableKeyVersionResponse.SerializeToString,
+            ),
+            'EnableKeyVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableKeyVersion,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyVersionRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyVersionResponse.SerializeToString,
+            ),
+            'ScheduleKeyVersionDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScheduleKeyVersionDestruction,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyVersionDestructionRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyVersionDestructionResponse.SerializeToString,
+            ),
+            'ScheduleKeyDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScheduleKeyDestruction,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyDestructionRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyDestructionResponse.SerializeToString,
+            ),
+            'CancelKeyDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelKeyDestruction,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelKeyDestructionRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelKeyDestructionResponse.SerializeToString,
+            ),
+            'ScheduleTenantDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScheduleTenantDestruction,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleTenantDestructionRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleTenantDestructionResponse.SerializeToString,
+            ),
+            'CancelTenantDestruction': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTenantDestruction,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -500,6 +626,195 @@ class KeyService:
             '/caas.crypto.v1.KeyService/ReadAuditLog',
             caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_key__service__pb2.ReadAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableKeyVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/DisableKeyVersion',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.DisableKeyVersionRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.DisableKeyVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableKeyVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/EnableKeyVersion',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyVersionRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.EnableKeyVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScheduleKeyVersionDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/ScheduleKeyVersionDestruction',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyVersionDestructionRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyVersionDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScheduleKeyDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/ScheduleKeyDestruction',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyDestructionRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleKeyDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelKeyDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/CancelKeyDestruction',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelKeyDestructionRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelKeyDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScheduleTenantDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/ScheduleTenantDestruction',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleTenantDestructionRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ScheduleTenantDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTenantDestruction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/CancelTenantDestruction',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,30 @@ class KeyServiceStub:
     audit_read permission. The records of this server's audit sink (the data
     directory's file, or the MongoDB collection every replica writes to).
     """
+    DisableKeyVersion: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.DisableKeyVersionRequest, _key_service_pb2.DisableKeyVersionResponse]
+    """Stops one version from encrypting and decrypting (not the primary)."""
+    EnableKeyVersion: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.EnableKeyVersionRequest, _key_service_pb2.EnableKeyVersionResponse]
+    """Undoes DisableKeyVersion."""
+    ScheduleKeyVersionDestruction: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.ScheduleKeyVersionDestructionRequest, _key_service_pb2.ScheduleKeyVersionDestructionResponse]
+    """Schedules the destruction of one version (not the primary: rotate
+    first) after a waiting period; until then it refuses every use and
+    CancelKeyDestruction restores it.
+    """
+    ScheduleKeyDestruction: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.ScheduleKeyDestructionRequest, _key_service_pb2.ScheduleKeyDestructionResponse]
+    """Schedules the destruction of every version of a data or session key."""
+    CancelKeyDestruction: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.CancelKeyDestructionRequest, _key_service_pb2.CancelKeyDestructionResponse]
+    """Cancels a scheduled destruction (of one version, or of every scheduled
+    version of the key) before it runs; the versions return to their
+    previous state.
+    """
+    ScheduleTenantDestruction: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.ScheduleTenantDestructionRequest, _key_service_pb2.ScheduleTenantDestructionResponse]
+    """Crypto-shredding: schedules the destruction of the tenant's master key
+    and of every key under it. Until it runs, the tenant's keys refuse every
+    use; once it has run, nothing the tenant encrypted can be decrypted
+    again and the tenant id takes no new keys. Needs the admin permission.
+    """
+    CancelTenantDestruction: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.CancelTenantDestructionRequest, _key_service_pb2.CancelTenantDestructionResponse]
+    """Cancels ScheduleTenantDestruction before it runs. Needs admin."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -111,6 +135,30 @@ class KeyServiceAsyncStub(KeyServiceStub):
     audit_read permission. The records of this server's audit sink (the data
     directory's file, or the MongoDB collection every replica writes to).
     """
+    DisableKeyVersion: _aio.UnaryUnaryMultiCallable[_key_service_pb2.DisableKeyVersionRequest, _key_service_pb2.DisableKeyVersionResponse]  # type: ignore[assignment]
+    """Stops one version from encrypting and decrypting (not the primary)."""
+    EnableKeyVersion: _aio.UnaryUnaryMultiCallable[_key_service_pb2.EnableKeyVersionRequest, _key_service_pb2.EnableKeyVersionResponse]  # type: ignore[assignment]
+    """Undoes DisableKeyVersion."""
+    ScheduleKeyVersionDestruction: _aio.UnaryUnaryMultiCallable[_key_service_pb2.ScheduleKeyVersionDestructionRequest, _key_service_pb2.ScheduleKeyVersionDestructionResponse]  # type: ignore[assignment]
+    """Schedules the destruction of one version (not the primary: rotate
+    first) after a waiting period; until then it refuses every use and
+    CancelKeyDestruction restores it.
+    """
+    ScheduleKeyDestruction: _aio.UnaryUnaryMultiCallable[_key_service_pb2.ScheduleKeyDestructionRequest, _key_service_pb2.ScheduleKeyDestructionResponse]  # type: ignore[assignment]
+    """Schedules the destruction of every version of a data or session key."""
+    CancelKeyDestruction: _aio.UnaryUnaryMultiCallable[_key_service_pb2.CancelKeyDestructionRequest, _key_service_pb2.CancelKeyDestructionResponse]  # type: ignore[assignment]
+    """Cancels a scheduled destruction (of one version, or of every scheduled
+    version of the key) before it runs; the versions return to their
+    previous state.
+    """
+    ScheduleTenantDestruction: _aio.UnaryUnaryMultiCallable[_key_service_pb2.ScheduleTenantDestructionRequest, _key_service_pb2.ScheduleTenantDestructionResponse]  # type: ignore[assignment]
+    """Crypto-shredding: schedules the destruction of the tenant's master key
+    and of every key under it. Until it runs, the tenant's keys refuse every
+    use; once it has run, nothing the tenant encrypted can be decrypted
+    again and the tenant id takes no new keys. Needs the admin permission.
+    """
+    CancelTenantDestruction: _aio.UnaryUnaryMultiCallable[_key_service_pb2.CancelTenantDestructionRequest, _key_service_pb2.CancelTenantDestructionResponse]  # type: ignore[assignment]
+    """Cancels ScheduleTenantDestruction before it runs. Needs admin."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService manages the lifecycle of a tenant's keys: creation, lookup,
@@ -210,5 +258,71 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         audit_read permission. The records of this server's audit sink (the data
         directory's file, or the MongoDB collection every replica writes to).
         """
+
+    @_abc_1.abstractmethod
+    def DisableKeyVersion(
+        self,
+        request: _key_service_pb2.DisableKeyVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.DisableKeyVersionResponse, _abc.Awaitable[_key_service_pb2.DisableKeyVersionResponse]]:
+        """Stops one version from encrypting and decrypting (not the primary)."""
+
+    @_abc_1.abstractmethod
+    def EnableKeyVersion(
+        self,
+        request: _key_service_pb2.EnableKeyVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.EnableKeyVersionResponse, _abc.Awaitable[_key_service_pb2.EnableKeyVersionResponse]]:
+        """Undoes DisableKeyVersion."""
+
+    @_abc_1.abstractmethod
+    def ScheduleKeyVersionDestruction(
+        self,
+        request: _key_service_pb2.ScheduleKeyVersionDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.ScheduleKeyVersionDestructionResponse, _abc.Awaitable[_key_service_pb2.ScheduleKeyVersionDestructionResponse]]:
+        """Schedules the destruction of one version (not the primary: rotate
+        first) after a waiting period; until then it refuses every use and
+        CancelKeyDestruction restores it.
+        """
+
+    @_abc_1.abstractmethod
+    def ScheduleKeyDestruction(
+        self,
+        request: _key_service_pb2.ScheduleKeyDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.ScheduleKeyDestructionResponse, _abc.Awaitable[_key_service_pb2.ScheduleKeyDestructionResponse]]:
+        """Schedules the destruction of every version of a data or session key."""
+
+    @_abc_1.abstractmethod
+    def CancelKeyDestruction(
+        self,
+        request: _key_service_pb2.CancelKeyDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.CancelKeyDestructionResponse, _abc.Awaitable[_key_service_pb2.CancelKeyDestructionResponse]]:
+        """Cancels a scheduled destruction (of one version, or of every scheduled
+        version of the key) before it runs; the versions return to their
+        previous state.
+        """
+
+    @_abc_1.abstractmethod
+    def ScheduleTenantDestruction(
+        self,
+        request: _key_service_pb2.ScheduleTenantDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.ScheduleTenantDestructionResponse, _abc.Awaitable[_key_service_pb2.ScheduleTenantDestructionResponse]]:
+        """Crypto-shredding: schedules the destruction of the tenant's master key
+        and of every key under it. Until it runs, the tenant's keys refuse every
+        use; once it has run, nothing the tenant encrypted can be decrypted
+        again and the tenant id takes no new keys. Needs the admin permission.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelTenantDestruction(
+        self,
+        request: _key_service_pb2.CancelTenantDestructionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.CancelTenantDestructionResponse, _abc.Awaitable[_key_service_pb2.CancelTenantDestructionResponse]]:
+        """Cancels ScheduleTenantDestruction before it runs. Needs admin."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -98,6 +98,14 @@ class _KeyStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyState.Val
     """Its primary version has passed its expiry: refuses new encryptions but
     still decrypts. Rotating the key creates a fresh primary version.
     """
+    KEY_STATE_DESTROY_SCHEDULED: _KeyState.ValueType  # 4
+    """Its primary version (with every other version) is scheduled for
+    destruction: refuses every use until CancelKeyDestruction.
+    """
+    KEY_STATE_DESTROYED: _KeyState.ValueType  # 5
+    """Its versions are destroyed: their material is erased; only the metadata
+    remains.
+    """
 
 class KeyState(_KeyState, metaclass=_KeyStateEnumTypeWrapper):
     """KeyState is the effective state of a key at the time of the response."""
@@ -111,6 +119,14 @@ KEY_STATE_EXPIRED: KeyState.ValueType  # 3
 """Its primary version has passed its expiry: refuses new encryptions but
 still decrypts. Rotating the key creates a fresh primary version.
 """
+KEY_STATE_DESTROY_SCHEDULED: KeyState.ValueType  # 4
+"""Its primary version (with every other version) is scheduled for
+destruction: refuses every use until CancelKeyDestruction.
+"""
+KEY_STATE_DESTROYED: KeyState.ValueType  # 5
+"""Its versions are destroyed: their material is erased; only the metadata
+remains.
+"""
 Global___KeyState: _TypeAlias = KeyState  # noqa: Y015
 
 class _KeyVersionState:
@@ -122,8 +138,19 @@ class _KeyVersionStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyVe
     KEY_VERSION_STATE_UNSPECIFIED: _KeyVersionState.ValueType  # 0
     KEY_VERSION_STATE_ENABLED: _KeyVersionState.ValueType  # 1
     KEY_VERSION_STATE_DISABLED: _KeyVersionState.ValueType  # 2
+    """DisableKeyVersion, or below the key's min_decryption_version: refuses to
+    decrypt (and the primary is never disabled). Nothing is lost.
+    """
     KEY_VERSION_STATE_EXPIRED: _KeyVersionState.ValueType  # 3
     """Past expires_at: the version no longer encrypts but still decrypts."""
+    KEY_VERSION_STATE_DESTROY_SCHEDULED: _KeyVersionState.ValueType  # 4
+    """Destroyed at destroy_at unless CancelKeyDestruction comes first;
+    meanwhile it refuses every use, like a disabled version.
+    """
+    KEY_VERSION_STATE_DESTROYED: _KeyVersionState.ValueType  # 5
+    """Its wrapped material is erased from the store, the cache and every
+    server's memory; ciphertexts it made can never be decrypted again.
+    """
 
 class KeyVersionState(_KeyVersionState, metaclass=_KeyVersionStateEnumTypeWrapper):
     """KeyVersionState is the effective state of one version of a key."""
@@ -131,8 +158,19 @@ class KeyVersionState(_KeyVersionState, metaclass=_KeyVersionStateEnumTypeWrappe
 KEY_VERSION_STATE_UNSPECIFIED: KeyVersionState.ValueType  # 0
 KEY_VERSION_STATE_ENABLED: KeyVersionState.ValueType  # 1
 KEY_VERSION_STATE_DISABLED: KeyVersionState.ValueType  # 2
+"""DisableKeyVersion, or below the key's min_decryption_version: refuses to
+decrypt (and the primary is never disabled). Nothing is lost.
+"""
 KEY_VERSION_STATE_EXPIRED: KeyVersionState.ValueType  # 3
 """Past expires_at: the version no longer encrypts but still decrypts."""
+KEY_VERSION_STATE_DESTROY_SCHEDULED: KeyVersionState.ValueType  # 4
+"""Destroyed at destroy_at unless CancelKeyDestruction comes first;
+meanwhile it refuses every use, like a disabled version.
+"""
+KEY_VERSION_STATE_DESTROYED: KeyVersionState.ValueType  # 5
+"""Its wrapped material is erased from the store, the cache and every
+server's memory; ciphertexts it made can never be decrypted again.
+"""
 Global___KeyVersionState: _TypeAlias = KeyVersionState  # noqa: Y015
 
 @_typing.final
@@ -148,6 +186,8 @@ class KeyVersion(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ENCRYPTIONS_FIELD_NUMBER: _builtins.int
+    DESTROY_AT_FIELD_NUMBER: _builtins.int
+    DESTROYED_AT_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """1 for the first version; each rotation adds the next integer."""
     state: Global___KeyVersionState.ValueType
@@ -164,6 +204,14 @@ class KeyVersion(_message.Message):
     def expires_at(self) -> _timestamp_pb2.Timestamp:
         """Unset when the version never expires."""
 
+    @_builtins.property
+    def destroy_at(self) -> _timestamp_pb2.Timestamp:
+        """When a scheduled destruction runs (state DESTROY_SCHEDULED)."""
+
+    @_builtins.property
+    def destroyed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the version was destroyed (state DESTROYED)."""
+
     def __init__(
         self,
         *,
@@ -172,10 +220,12 @@ class KeyVersion(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         expires_at: _timestamp_pb2.Timestamp | None = ...,
         encryptions: _builtins.int = ...,
+        destroy_at: _timestamp_pb2.Timestamp | None = ...,
+        destroyed_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "destroy_at", b"destroy_at", "destroyed_at", b"destroyed_at", "expires_at", b"expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "encryptions", b"encryptions", "expires_at", b"expires_at", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "destroy_at", b"destroy_at", "destroyed_at", b"destroyed_at", "encryptions", b"encryptions", "expires_at", b"expires_at", "state", b"state", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -219,6 +269,7 @@ class Key(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     ALGORITHM_FIELD_NUMBER: _builtins.int
     NEXT_ROTATION_AT_FIELD_NUMBER: _builtins.int
+    MIN_DECRYPTION_VERSION_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Server-generated UUID (RFC 4122 text form)."""
     tenant_id: _builtins.str
@@ -227,6 +278,10 @@ class Key(_message.Message):
     primary_version: _builtins.int
     """The version that new encryptions use."""
     algorithm: Global___Algorithm.ValueType
+    min_decryption_version: _builtins.int
+    """Versions below this refuse to decrypt (state DISABLED); 0 or 1: none do.
+    Set with UpdateKey; at most the primary version.
+    """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyVersion]:
         """Every version, oldest first."""
@@ -267,10 +322,11 @@ class Key(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         algorithm: Global___Algorithm.ValueType = ...,
         next_rotation_at: _timestamp_pb2.Timestamp | None = ...,
+        min_decryption_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "next_rotation_at", b"next_rotation_at", "rotation_period", b"rotation_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "next_rotation_at", b"next_rotation_at", "primary_version", b"primary_version", "rotation_period", b"rotation_period", "state", b"state", "tenant_id", b"tenant_id", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "min_decryption_version", b"min_decryption_version", "next_rotation_at", b"next_rotation_at", "primary_version", b"primary_version", "rotation_period", b"rotation_period", "state", b"state", "tenant_id", b"tenant_id", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -206,3 +206,59 @@ class AuditUnavailable(CryptoServiceError):
         self, message: str = "the audit trail cannot be written, so this call was not carried out; retry later"
     ) -> None:
         super().__init__(message)
+
+
+class KeyVersionDestroyed(CryptoServiceError):
+    """The version (its material erased) can never be used again. Says nothing about the ciphertext beyond
+    what its header already named: which key and version made it."""
+
+    def __init__(self, key_id: str, version: int) -> None:
+        super().__init__(
+            f"key {key_id} version {version} has been destroyed: its material is erased, so what it encrypted "
+            "can never be decrypted again"
+        )
+        self.key_id = key_id
+
+
+class KeyVersionDisabled(CryptoServiceError):
+    """The version refuses every use for now (`why` says what to undo); nothing is lost."""
+
+    def __init__(self, key_id: str, version: int, why: str) -> None:
+        super().__init__(f"key {key_id} version {version} {why}")
+        self.key_id = key_id
+
+
+class KeyVersionStateConflict(CryptoServiceError):
+    """A change the key's or version's state does not allow (the message says what would)."""
+
+    def __init__(self, key_id: str, message: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
+class TenantDestroyed(CryptoServiceError):
+    """The tenant was crypto-shredded: its master key and every key under it are destroyed."""
+
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(
+            f"tenant {tenant_id!r} has been destroyed (crypto-shredded): none of its keys can be used or created, "
+            "and nothing it encrypted can be decrypted"
+        )
+
+
+class TenantDestructionScheduled(CryptoServiceError):
+    """The tenant is scheduled for destruction: its keys refuse every use until it is cancelled or runs."""
+
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(
+            f"tenant {tenant_id!r} is scheduled for destruction: its keys refuse every use until "
+            "CancelTenantDestruction (or the destruction runs)"
+        )
+
+
+class TenantNotFound(KeyNotFound):
+    """The tenant has no keys (so no master key to act on)."""
+
+    def __init__(self, tenant_id: str) -> None:
+        # Not KeyNotFound's: no key id to name.
+        CryptoServiceError.__init__(self, f"tenant {tenant_id!r} has no keys")

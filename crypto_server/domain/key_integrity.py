@@ -2,9 +2,11 @@
 
 Wrapped material is authenticated by its own AES-GCM binding (key_wrap.py), but
 the metadata around it — disabled or not, which version is primary, which
-versions exist and when they expire, the policy, labels, tenant and parent — is
-plain data in the store. Without a MAC, anyone able to write to the database
-could re-enable a disabled key or roll a rotation back by editing one field.
+versions exist and when they expire, each version's state (disabled, scheduled
+for destruction and when, destroyed), min_decryption_version, the policy,
+labels, tenant and parent — is plain data in the store. Without a MAC, anyone
+able to write to the database could re-enable a disabled key, cancel a
+destruction or roll a rotation back by editing one field.
 
 Every key therefore carries an `integrity_tag`: HMAC-SHA256, under the store's
 metadata key, of a canonical encoding of that metadata. The metadata key is 32
@@ -26,6 +28,7 @@ import hmac
 import json
 import os
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
@@ -51,7 +54,7 @@ def _duration_ms(duration: timedelta | None) -> int | None:
 
 def canonical_metadata(key: Key) -> bytes:
     """The bytes the tag is computed over: sorted-key JSON, times in milliseconds since the epoch."""
-    document = {
+    document: dict[str, Any] = {
         "tenant_id": key.tenant_id,
         "key_id": key.key_id,
         "key_type": key.key_type.value,
@@ -74,7 +77,22 @@ def canonical_metadata(key: Key) -> bytes:
             for v in key.versions
         ],
     }
+    _add_destruction_fields(document, key)
     return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _add_destruction_fields(document: dict[str, Any], key: Key) -> None:
+    """Version states (domain/key_destruction.py), each only when it differs from the default: a key written
+    before they existed keeps its tag, and any non-default value (or its removal) changes the bytes."""
+    if key.min_decryption_version:
+        document["min_decryption_version"] = key.min_decryption_version
+    for entry, version in zip(document["versions"], key.versions, strict=True):
+        if version.disabled:
+            entry["disabled"] = True
+        if version.destroy_at is not None:
+            entry["destroy_at"] = _ms(version.destroy_at)
+        if version.destroyed_at is not None:
+            entry["destroyed_at"] = _ms(version.destroyed_at)
 
 
 class MetadataAuthenticator:

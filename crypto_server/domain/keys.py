@@ -64,11 +64,17 @@ class KeyState(enum.Enum):
     ENABLED = "ENABLED"
     DISABLED = "DISABLED"
     EXPIRED = "EXPIRED"
+    # The primary version is scheduled for destruction, or destroyed (domain/key_destruction.py).
+    DESTROY_SCHEDULED = "DESTROY_SCHEDULED"
+    DESTROYED = "DESTROYED"
 
 
 class KeyVersionState(enum.Enum):
     ENABLED = "ENABLED"
     EXPIRED = "EXPIRED"
+    DISABLED = "DISABLED"
+    DESTROY_SCHEDULED = "DESTROY_SCHEDULED"
+    DESTROYED = "DESTROYED"
 
 
 def validate_tenant_id(tenant_id: str) -> str:
@@ -203,8 +209,24 @@ class KeyVersion:
     # Encryptions made with this version, as flushed to the store by every server (service/usage_budget.py).
     # Outside the integrity tag: see that module for why, and what altering it can do.
     encryptions: int = 0
+    # DisableKeyVersion: refuses every use until enabled (domain/key_destruction.py has the rules).
+    disabled: bool = False
+    # When a scheduled destruction runs; cleared by a cancellation, which restores the state before it.
+    destroy_at: datetime | None = None
+    # When the version was destroyed: its wrapped material is then empty, everywhere it was stored.
+    destroyed_at: datetime | None = None
+
+    @property
+    def destroyed(self) -> bool:
+        return self.destroyed_at is not None
 
     def state_at(self, now: datetime) -> KeyVersionState:
+        if self.destroyed_at is not None:
+            return KeyVersionState.DESTROYED
+        if self.destroy_at is not None:
+            return KeyVersionState.DESTROY_SCHEDULED
+        if self.disabled:
+            return KeyVersionState.DISABLED
         if self.expires_at is not None and self.expires_at <= now:
             return KeyVersionState.EXPIRED
         return KeyVersionState.ENABLED
@@ -230,6 +252,8 @@ class Key:
     algorithm: Algorithm = Algorithm.AES_256_GCM
     # HMAC of the metadata under the store's metadata key (key_integrity.py); checked on every load.
     integrity_tag: bytes = field(default=b"", repr=False, compare=False)
+    # Versions below it refuse to decrypt (disabled, not destroyed); 0 (or 1): none do. At most the primary.
+    min_decryption_version: int = 0
 
     @property
     def primary(self) -> KeyVersion:
@@ -275,6 +299,8 @@ class Key:
         if period is None or self.disabled or self.key_type is KeyType.SESSION:
             return None
         primary = self.primary
+        if primary.destroy_at is not None or primary.destroyed:
+            return None  # a key being destroyed gets no fresh primary
         due = primary.created_at + period
         if primary.expires_at is not None:
             lead = min(EXPIRY_ROTATION_LEAD, (primary.expires_at - primary.created_at) / 10)
@@ -286,11 +312,32 @@ class Key:
         return due is not None and due <= now
 
     def state_at(self, now: datetime) -> KeyState:
+        primary = self.primary
+        if primary.destroyed:
+            return KeyState.DESTROYED
+        if primary.destroy_at is not None:
+            return KeyState.DESTROY_SCHEDULED
         if self.disabled:
             return KeyState.DISABLED
-        if self.primary.state_at(now) is KeyVersionState.EXPIRED:
+        if primary.state_at(now) is KeyVersionState.EXPIRED:
             return KeyState.EXPIRED
         return KeyState.ENABLED
+
+    def version_state_at(self, version: KeyVersion, now: datetime) -> KeyVersionState:
+        """A version's effective state: its own, or DISABLED below the key's min_decryption_version."""
+        state = version.state_at(now)
+        if version.version < self.min_decryption_version and state in (
+            KeyVersionState.ENABLED,
+            KeyVersionState.EXPIRED,
+        ):
+            return KeyVersionState.DISABLED
+        return state
+
+    @property
+    def next_destruction_at(self) -> datetime | None:
+        """When the earliest scheduled destruction of a version runs; None when none is scheduled."""
+        due = [v.destroy_at for v in self.versions if v.destroy_at is not None and not v.destroyed]
+        return min(due) if due else None
 
     def with_new_primary(self, version: KeyVersion) -> Key:
         return replace(self, primary_version=version.version, versions=(*self.versions, version))

@@ -27,8 +27,11 @@ from crypto_server.domain.errors import (
     KeyExpired,
     KeyNotFound,
     KeyTypeMismatch,
+    KeyVersionDestroyed,
+    KeyVersionDisabled,
     UnexpectedError,
 )
+from crypto_server.domain.key_destruction import check_can_decrypt, check_can_encrypt
 from crypto_server.domain.keys import KeyType, KeyVersionState, validate_tenant_id
 from crypto_server.service.keyring import Keyring, LoadedKey
 from crypto_server.service.usage_budget import UsageBudget
@@ -128,6 +131,8 @@ class CryptoOperations:
         if key.disabled:
             raise KeyDisabled(key_id)
         primary = key.primary
+        if primary.destroy_at is not None or primary.destroyed:
+            self._refuse(loaded, lambda: check_can_encrypt(key))
         if primary.state_at(self._clock.now()) is KeyVersionState.EXPIRED:
             raise KeyExpired(key_id, primary.version)
         if self._budget is not None:
@@ -144,11 +149,22 @@ class CryptoOperations:
         except KeyNotFound:
             raise DecryptionFailed() from None
         key = loaded.key
-        if key.key_type is KeyType.MASTER or key.algorithm is not Algorithm.AES_256_GCM or key.version(version) is None:
+        record = key.version(version)
+        if key.key_type is KeyType.MASTER or key.algorithm is not Algorithm.AES_256_GCM or record is None:
             raise DecryptionFailed()
         if key.disabled:
             raise KeyDisabled(key.key_id)
+        self._refuse(loaded, lambda: check_can_decrypt(key, record))
         return loaded
+
+    def _refuse(self, loaded: LoadedKey, check: Callable[[], None]) -> None:
+        """Run a version check; a refusal of a tenant's key says so when the whole tenant is destroyed or
+        scheduled for destruction (TENANT_DESTROYED is clearer than the version's own state)."""
+        try:
+            check()
+        except (KeyVersionDestroyed, KeyVersionDisabled):
+            self._keyring.check_tenant(loaded.key)
+            raise
 
     def decrypt(self, tenant_id: str, ciphertext: bytes, aad: bytes = b"", key_id: str = "") -> Decrypted:
         """Open a ciphertext made by `encrypt`.

@@ -26,6 +26,12 @@ from crypto_server.domain.errors import (
     MasterKeyExists,
     MasterKeyUnavailable,
 )
+from crypto_server.domain.key_destruction import (
+    check_can_encrypt,
+    check_can_rotate,
+    check_master_usable,
+    with_min_decryption_version,
+)
 from crypto_server.domain.key_wrap import wrap_key
 from crypto_server.domain.keys import (
     MAX_SESSION_KEY_LIFETIME,
@@ -55,7 +61,7 @@ MAX_ROTATION_ATTEMPTS = 100
 SESSION_KEY_REPLAY_WINDOW = timedelta(minutes=10)
 # The request ids of automatic rotations (KeyRotator): "auto-rotation.<the version it creates>".
 AUTOMATIC_ROTATION_PREFIX = "auto-rotation."
-UPDATABLE_FIELDS = ("expire_after", "rotation_period", "labels")
+UPDATABLE_FIELDS = ("expire_after", "rotation_period", "labels", "min_decryption_version")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +227,8 @@ class KeyLifecycle:
                 # Another request created it first; use theirs.
                 master = self._store.get_master_key(tenant_id)
                 assert master is not None, "a master key that conflicted on insert exists"
+        # A destroyed tenant's master key stays, so that none is created implicitly: the tenant takes no keys.
+        check_master_usable(master)
         state = master.state_at(self._clock.now())
         if state is KeyState.DISABLED:
             raise MasterKeyUnavailable("the tenant's master key is disabled; enable it to create or rotate keys")
@@ -305,6 +313,7 @@ class KeyLifecycle:
 
     @staticmethod
     def _check_session_key_usable(key: Key, now: datetime) -> None:
+        check_can_encrypt(key)
         state = key.state_at(now)
         if state is KeyState.DISABLED:
             raise KeyDisabled(key.key_id)
@@ -323,6 +332,8 @@ class KeyLifecycle:
                 f"key {key_id} is a {key.key_type.value.lower()} key, not a session key; "
                 "only session keys hand out their material",
             )
+        if key.primary.destroyed or key.primary.destroy_at is not None:
+            self._keyring.check_tenant(key)  # a tenant destroyed (or about to be) says so
         self._check_session_key_usable(key, self._clock.now())
         return key, self._keyring.material(loaded, key.primary_version)
 
@@ -387,6 +398,7 @@ class KeyLifecycle:
                 return key
             if key.disabled:
                 raise KeyDisabled(key_id)
+            check_can_rotate(key)
             pending = self._store.pending_version(tenant_id, key_id, key.latest_version + 1)
             if pending is not None:
                 # A rotation stopped between its two writes (or is between them now): finish it first,
@@ -456,9 +468,11 @@ class KeyLifecycle:
         expire_after: timedelta | None = None,
         rotation_period: timedelta | None = None,
         labels: Mapping[str, str] | None = None,
+        min_decryption_version: int = 0,
     ) -> Key:
-        """Change the fields named in `update_mask` ("expire_after", "rotation_period", "labels"); a named field
-        given as None clears it (versions never expire / no automatic rotation / no labels).
+        """Change the fields named in `update_mask` ("expire_after", "rotation_period", "labels",
+        "min_decryption_version"); a named field given as None clears it (versions never expire / no automatic
+        rotation / no labels; 0: every version decrypts).
 
         `expire_after` applies to versions created from now on: the current primary keeps its expiry (rotate to
         give the key a primary with the new one). A new rotation period reschedules the next rotation at once.
@@ -487,6 +501,8 @@ class KeyLifecycle:
                 max_session_lifetime=self._max_session_lifetime,
             )
             changed = key.with_settings(policy, key.labels if checked_labels is None else checked_labels)
+            if "min_decryption_version" in fields:
+                changed = with_min_decryption_version(changed, min_decryption_version)
             if self._store.update_key(changed, key.revision):
                 break
         else:

@@ -25,10 +25,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from crypto_server.domain.errors import (
     KeyIntegrityError,
     KeyNotFound,
+    KeyVersionDestroyed,
     MasterKeyUnavailable,
     RootKeyUnavailable,
     StoreUnavailable,
 )
+from crypto_server.domain.key_destruction import check_master_usable
 from crypto_server.domain.key_wrap import UnwrapFailed, WrappingKey, unwrap_key
 from crypto_server.domain.keys import Key, KeyVersion, parse_key_id, validate_tenant_id
 from crypto_server.storage.port import KeyStore
@@ -247,14 +249,13 @@ class Keyring:
         if record is None:
             raise KeyError(version)
         if key.parent_key_id is None:
+            if record.destroyed:
+                raise KeyVersionDestroyed(key.key_id, version)
             parents: tuple[WrappingKey, ...] = self._unwrapping_roots
         else:
-            try:
-                parent_key = self.get(key.tenant_id, key.parent_key_id)
-            except KeyNotFound:
-                raise KeyIntegrityError(f"key {key.key_id} names a parent key that does not exist") from None
-            if parent_key.key.disabled:
-                raise MasterKeyUnavailable("the tenant's master key is disabled, so none of its keys can be used")
+            parent_key = self._parent(key)
+            if record.destroyed:
+                raise KeyVersionDestroyed(key.key_id, version)
             parents = (self.aead(parent_key, record.parent_version),)
         unavailable: RootKeyUnavailable | None = None
         for parent in parents:
@@ -269,6 +270,29 @@ class Keyring:
             # Not proof of damage: the key that would open it could not be asked.
             raise unavailable
         raise KeyIntegrityError(f"key {key.key_id} version {version} does not unwrap")
+
+    def _parent(self, key: Key) -> LoadedKey:
+        """The master key that wraps `key`, checked usable: not disabled, its tenant neither destroyed nor
+        scheduled for destruction (every unwrapping of a tenant's key passes here, whatever asked for it)."""
+        assert key.parent_key_id is not None
+        try:
+            parent_key = self.get(key.tenant_id, key.parent_key_id)
+        except KeyNotFound:
+            raise KeyIntegrityError(f"key {key.key_id} names a parent key that does not exist") from None
+        check_master_usable(parent_key.key)
+        if parent_key.key.disabled:
+            raise MasterKeyUnavailable("the tenant's master key is disabled, so none of its keys can be used")
+        return parent_key
+
+    def check_tenant(self, key: Key) -> None:
+        """Raise TenantDestroyed / TenantDestructionScheduled when `key`'s tenant is (a clearer answer than
+        the key's own destroyed or scheduled versions; only asked on the way to refusing)."""
+        if key.parent_key_id is not None:
+            try:
+                master = self.get(key.tenant_id, key.parent_key_id)
+            except KeyNotFound:
+                return
+            check_master_usable(master.key)
 
 
 def unwrap_version(parent: WrappingKey, key: Key, record: KeyVersion) -> bytes:

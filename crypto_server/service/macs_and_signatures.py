@@ -13,6 +13,7 @@ from crypto_server.domain import algorithms
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import AlgorithmMismatch, InvalidArgument, KeyDisabled, KeyExpired
+from crypto_server.domain.key_destruction import check_can_decrypt
 from crypto_server.domain.keys import KeyVersionState
 from crypto_server.service.crypto_operations import DEFAULT_MAX_PLAINTEXT_BYTES
 from crypto_server.service.keyring import Keyring, LoadedKey
@@ -58,6 +59,7 @@ class MacsAndSignatures:
         record = key.version(number)
         if record is None:
             raise InvalidArgument("key_version", f"key {key.key_id} has no version {number}")
+        check_can_decrypt(key, record)
         if making and record.state_at(self._clock.now()) is KeyVersionState.EXPIRED:
             raise KeyExpired(key.key_id, number)
         return loaded, number

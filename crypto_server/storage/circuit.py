@@ -163,6 +163,12 @@ class StoreCircuit:
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
         return self._call(lambda: self._inner.pending_version(tenant_id, key_id, number))
 
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        return self._call(lambda: self._inner.update_version_states(updated, expected_revision))
+
+    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        return self._call(lambda: self._inner.keys_due_for_destruction(now, limit))
+
     def master_keys(self) -> Iterator[Key]:
         return self._call(lambda: iter(list(self._inner.master_keys())))
 

@@ -85,6 +85,12 @@ class AuthenticatedKeyStore:
     def update_key(self, updated: Key, expected_revision: int) -> bool:
         return self._inner.update_key(self._tagged(updated), expected_revision)
 
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        return self._inner.update_version_states(self._tagged(updated), expected_revision)
+
+    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        return self._inner.keys_due_for_destruction(now, limit)
+
     # -- the rest, unchanged -----------------------------------------------------
 
     def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:

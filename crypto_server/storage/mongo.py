@@ -54,6 +54,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# The stored next destruction time of a key whose erasure is under way: due at once, until it is finished.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.astimezone(UTC)
 
@@ -99,6 +103,11 @@ class MongoKeyStore:
             )
             self._keys.create_index([("changed_at", ASCENDING)], name="keys_by_change")
             self._keys.create_index([("next_rotation_at", ASCENDING)], name="keys_by_next_rotation")
+            self._keys.create_index(
+                [("next_destruction_at", ASCENDING)],
+                name="keys_by_next_destruction",
+                partialFilterExpression={"next_destruction_at": {"$type": "date"}},
+            )
             self._versions.create_index(
                 [("key_id", ASCENDING), ("version", ASCENDING)], name="one_version_per_number", unique=True
             )
@@ -146,6 +155,23 @@ class MongoKeyStore:
             "next_rotation_at": key.next_rotation_at,
             # The first version lives inside the key document, so that creating a key is one write.
             "versions": [MongoKeyStore._version_fields(v) for v in key.versions],
+            **MongoKeyStore._state_fields(key),
+        }
+
+    @staticmethod
+    def _state_fields(key: Key) -> dict[str, Any]:
+        """Version states live in the key document whichever collection holds the version's material, so that
+        a change of state is one compare-and-set with the integrity tag that covers it."""
+        states = {
+            str(v.version): {"disabled": v.disabled, "destroy_at": v.destroy_at, "destroyed_at": v.destroyed_at}
+            for v in key.versions
+            if v.disabled or v.destroy_at is not None or v.destroyed_at is not None
+        }
+        return {
+            "min_decryption_version": key.min_decryption_version,
+            "version_states": states,
+            # Key.next_destruction_at, outside the integrity tag: the destruction pass's index.
+            "next_destruction_at": key.next_destruction_at,
         }
 
     @staticmethod
@@ -164,7 +190,8 @@ class MongoKeyStore:
         return {"key_id": key_id, **MongoKeyStore._version_fields(version)}
 
     @staticmethod
-    def _version(item: Mapping[str, Any]) -> KeyVersion:
+    def _version(item: Mapping[str, Any], state: Mapping[str, Any] | None = None) -> KeyVersion:
+        state = state or {}
         return KeyVersion(
             version=item["version"],
             created_at=_utc(item["created_at"]),  # type: ignore[arg-type]
@@ -173,20 +200,29 @@ class MongoKeyStore:
             wrapped_material=bytes(item["wrapped_material"]),
             request_id=item.get("request_id"),
             encryptions=item.get("encryptions", 0),
+            disabled=state.get("disabled", False),
+            destroy_at=_utc(state.get("destroy_at")),
+            destroyed_at=_utc(state.get("destroyed_at")),
         )
 
     def _with_versions(self, documents: Sequence[Mapping[str, Any]]) -> list[Key]:
         if not documents:
             return []
         versions: dict[str, dict[int, KeyVersion]] = {doc["_id"]: {} for doc in documents}
+        states = {doc["_id"]: doc.get("version_states") or {} for doc in documents}
         cursor = self._versions.find({"key_id": {"$in": list(versions)}})
         for item in cursor:
-            versions[item["key_id"]][item["version"]] = self._version(item)
+            key_id = item["key_id"]
+            versions[key_id][item["version"]] = self._version(item, states[key_id].get(str(item["version"])))
         keys = []
         for doc in documents:
             found = versions[doc["_id"]]
+            state_of = states[doc["_id"]]
             # Keys created before versions moved into the key document have them all in key_versions.
-            found.update((item["version"], self._version(item)) for item in doc.get("versions", ()))
+            found.update(
+                (item["version"], self._version(item, state_of.get(str(item["version"]))))
+                for item in doc.get("versions", ())
+            )
             primary = doc["primary_version"]
             keys.append(
                 Key(
@@ -204,6 +240,7 @@ class MongoKeyStore:
                     revision=doc["revision"],
                     algorithm=Algorithm(doc.get("algorithm", Algorithm.AES_256_GCM.value)),
                     integrity_tag=bytes(doc.get("integrity_tag", b"")),
+                    min_decryption_version=doc.get("min_decryption_version", 0),
                 )
             )
         return keys
@@ -310,11 +347,69 @@ class MongoKeyStore:
                         "integrity_tag": Binary(updated.integrity_tag),
                         "changed_at": _now(),
                         "next_rotation_at": updated.next_rotation_at,
+                        "min_decryption_version": updated.min_decryption_version,
                     },
                     "$inc": {"revision": 1},
                 },
             )
         return changed.matched_count == 1
+
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        """One compare-and-set of the key document (states, tag, the embedded versions' material erased), then
+        the erasure in `key_versions`. Until that second step is done the key stays due for destruction
+        (next_destruction_at: the epoch), so a pass that stops between the two is finished by the next."""
+        current = {"_id": updated.key_id, "tenant_id": updated.tenant_id, "revision": expected_revision}
+        destroyed = {v.version for v in updated.versions if v.destroyed}
+        with self._bounded():
+            document = self._keys.find_one(current, {"versions": 1})
+            if document is None:
+                return False
+            embedded = [
+                {**item, "wrapped_material": Binary(b"")} if item["version"] in destroyed else item
+                for item in document.get("versions", [])
+            ]
+            outside = destroyed - {item["version"] for item in embedded}
+            fields = self._state_fields(updated)
+            if outside or (destroyed and updated.primary.destroyed):
+                fields["next_destruction_at"] = _EPOCH
+            moved = self._keys.update_one(
+                current,
+                {
+                    "$set": {
+                        **fields,
+                        "versions": embedded,
+                        "integrity_tag": Binary(updated.integrity_tag),
+                        "changed_at": _now(),
+                        "next_rotation_at": updated.next_rotation_at,
+                    },
+                    "$inc": {"revision": 1},
+                },
+            )
+            if moved.matched_count != 1:
+                return False
+            if fields["next_destruction_at"] is _EPOCH:
+                if outside:
+                    self._versions.update_many(
+                        {"key_id": updated.key_id, "version": {"$in": sorted(outside)}},
+                        {"$set": {"wrapped_material": Binary(b"")}},
+                    )
+                if updated.primary.destroyed:
+                    # A pending version (a rotation that stopped half-way) of a destroyed key goes too.
+                    self._versions.delete_many({"key_id": updated.key_id, "version": {"$gt": updated.primary_version}})
+                self._keys.update_one(
+                    {"_id": updated.key_id, "revision": expected_revision + 1},
+                    {"$set": {"next_destruction_at": updated.next_destruction_at}},
+                )
+        return True
+
+    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        with self._bounded():
+            documents = list(
+                self._keys.find({"next_destruction_at": {"$ne": None, "$lte": now}}, {"tenant_id": 1})
+                .sort([("next_destruction_at", ASCENDING)])
+                .limit(limit)
+            )
+        return [(document["tenant_id"], document["_id"]) for document in documents]
 
     def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:
         # A document from before automatic rotation has no next_rotation_at: looked at (and rescheduled) once.

@@ -72,7 +72,27 @@ class KeyCounts:
     tenants: int
 
 
-class KeyStore(Protocol):
+class KeyDestructionStore(Protocol):
+    """What disabling versions and destroying them needs from a store (domain/key_destruction.py)."""
+
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        """Store each version's state (`disabled`, `destroy_at`, `destroyed_at`), the key's
+        min_decryption_version, integrity tag, next rotation time and next destruction time
+        (`Key.next_destruction_at`, indexed, outside the tag like the rotation schedule), only if the key is still
+        at `expected_revision`. Returns False when another writer changed the key first.
+
+        Every version with `destroyed_at` has its wrapped material erased wherever the store keeps it (and
+        any pending version above a destroyed primary is deleted), on every call: a call repeated after a
+        failure part-way finishes the erasure."""
+        ...
+
+    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        """(tenant_id, key_id) of up to `limit` keys whose stored next destruction time is at or before `now`,
+        earliest first; the caller re-checks each key's authenticated metadata."""
+        ...
+
+
+class KeyStore(KeyDestructionStore, Protocol):
     def insert_key(self, key: Key) -> None:
         """Store a new key with its versions. Raises DuplicateKeyId, else DuplicateMasterKey."""
         ...
@@ -93,8 +113,8 @@ class KeyStore(Protocol):
         ...
 
     def update_key(self, updated: Key, expected_revision: int) -> bool:
-        """Store `updated`'s disabled flag, policy, labels and integrity tag, only if the key is still at
-        `expected_revision`. Returns False when another writer changed the key first."""
+        """Store `updated`'s disabled flag, policy, labels, min_decryption_version and integrity tag, only if the
+        key is still at `expected_revision`. Returns False when another writer changed the key first."""
         ...
 
     def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:

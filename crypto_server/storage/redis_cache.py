@@ -155,9 +155,13 @@ def _encode_key(key: Key) -> str:
                     "wrapped_material": base64.b64encode(v.wrapped_material).decode(),
                     "request_id": v.request_id,
                     "encryptions": v.encryptions,
+                    "disabled": v.disabled,
+                    "destroy_at": moment(v.destroy_at),
+                    "destroyed_at": moment(v.destroyed_at),
                 }
                 for v in key.versions
             ],
+            "min_decryption_version": key.min_decryption_version,
         },
         separators=(",", ":"),
     )
@@ -187,6 +191,9 @@ def _decode_key(text: bytes) -> Key:
                 wrapped_material=base64.b64decode(v["wrapped_material"]),
                 request_id=v.get("request_id"),
                 encryptions=v.get("encryptions", 0),
+                disabled=v.get("disabled", False),
+                destroy_at=moment(v.get("destroy_at")),
+                destroyed_at=moment(v.get("destroyed_at")),
             )
             for v in data["versions"]
         ),
@@ -197,6 +204,7 @@ def _decode_key(text: bytes) -> Key:
         revision=data["revision"],
         algorithm=Algorithm(data.get("algorithm", Algorithm.AES_256_GCM.value)),
         integrity_tag=base64.b64decode(data.get("integrity_tag", "")),
+        min_decryption_version=data.get("min_decryption_version", 0),
     )
 
 
@@ -303,6 +311,17 @@ class RedisCachedKeyStore:
 
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
         return self._inner.pending_version(tenant_id, key_id, number)
+
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        name = self._name(updated.tenant_id, updated.key_id)
+        written = self._inner.update_version_states(updated, expected_revision)
+        # Deleted either way: an entry holding material erased from the store must not outlive the erasure (a
+        # reader that loaded the older state puts it back at most until the change poller drops it).
+        self._distrust(name)
+        return written
+
+    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        return self._inner.keys_due_for_destruction(now, limit)
 
     def get_meta(self, name: str) -> bytes | None:
         return self._inner.get_meta(name)

@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS store_meta (
 """
 _KEY_COLUMNS = (
     "key_id, tenant_id, key_type, disabled, primary_version, created_us, expire_after_us, rotation_period_us, "
-    "labels, parent_key_id, revision, algorithm, integrity_tag"
+    "labels, parent_key_id, revision, algorithm, integrity_tag, min_decryption_version"
 )
 # Columns added after the first release, with what an older file gets when it is opened.
 # A file from before automatic rotation gets 0 ("look at it now"): the rotator reads each such key and stores
@@ -83,6 +83,16 @@ _ADDED_COLUMNS = {
     "integrity_tag": "BLOB NOT NULL DEFAULT x''",
     "changed_us": "INTEGER NOT NULL DEFAULT 0",
     "next_rotation_us": "INTEGER DEFAULT 0",
+    # Version states (domain/key_destruction.py); next_destruction_us is Key.next_destruction_at, the
+    # destruction pass's index, outside the integrity tag.
+    "min_decryption_version": "INTEGER NOT NULL DEFAULT 0",
+    "next_destruction_us": "INTEGER",
+}
+_ADDED_VERSION_COLUMNS = {
+    "encryptions": "INTEGER NOT NULL DEFAULT 0",
+    "disabled": "INTEGER NOT NULL DEFAULT 0",
+    "destroy_us": "INTEGER",
+    "destroyed_us": "INTEGER",
 }
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -150,9 +160,12 @@ class SqliteKeyStore:
             if name not in present:
                 # Both names are this module's constants.
                 db.execute(f"ALTER TABLE keys ADD COLUMN {name} {definition}")
-        if "encryptions" not in {row[1] for row in db.execute("PRAGMA table_info(key_versions)")}:
-            db.execute("ALTER TABLE key_versions ADD COLUMN encryptions INTEGER NOT NULL DEFAULT 0")
+        present = {row[1] for row in db.execute("PRAGMA table_info(key_versions)")}
+        for name, definition in _ADDED_VERSION_COLUMNS.items():
+            if name not in present:
+                db.execute(f"ALTER TABLE key_versions ADD COLUMN {name} {definition}")
         db.execute("CREATE INDEX IF NOT EXISTS keys_by_change ON keys (changed_us)")
+        db.execute("CREATE INDEX IF NOT EXISTS keys_by_next_destruction ON keys (next_destruction_us)")
         db.execute("CREATE INDEX IF NOT EXISTS keys_by_next_rotation ON keys (next_rotation_us)")
 
     def _connection(self) -> sqlite3.Connection:
@@ -166,6 +179,8 @@ class SqliteKeyStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
+            # Freed space is overwritten with zeros: erased (destroyed) material leaves no copy in the file.
+            db.execute("PRAGMA secure_delete=ON")
             self._local.db = db
             self._local.generation = self._generation
             with self._connections_lock:
@@ -223,11 +238,23 @@ class SqliteKeyStore:
         # Only placeholders are interpolated; the values are bound.
         rows = db.execute(
             "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id, "  # noqa: S608
-            "encryptions "
+            "encryptions, disabled, destroy_us, destroyed_us "
             f"FROM key_versions WHERE key_id IN ({marks}) ORDER BY key_id, version",
             tuple(key_ids),
         )
-        for key_id, version, created_us, expires_us, parent_version, wrapped, request_id, encryptions in rows:
+        for (
+            key_id,
+            version,
+            created_us,
+            expires_us,
+            parent_version,
+            wrapped,
+            request_id,
+            encryptions,
+            disabled,
+            destroy_us,
+            destroyed_us,
+        ) in rows:
             found[key_id].append(
                 KeyVersion(
                     version=version,
@@ -237,6 +264,9 @@ class SqliteKeyStore:
                     wrapped_material=bytes(wrapped),
                     request_id=request_id,
                     encryptions=encryptions,
+                    disabled=bool(disabled),
+                    destroy_at=None if destroy_us is None else _from_us(destroy_us),
+                    destroyed_at=None if destroyed_us is None else _from_us(destroyed_us),
                 )
             )
         return found
@@ -259,6 +289,7 @@ class SqliteKeyStore:
                 revision=revision,
                 algorithm=Algorithm(algorithm),
                 integrity_tag=bytes(integrity_tag),
+                min_decryption_version=min_decryption_version,
             )
             for (
                 key_id,
@@ -274,6 +305,7 @@ class SqliteKeyStore:
                 revision,
                 algorithm,
                 integrity_tag,
+                min_decryption_version,
             ) in rows
         ]
 
@@ -335,8 +367,8 @@ class SqliteKeyStore:
     def _insert_version(db: sqlite3.Connection, key_id: str, version: KeyVersion) -> None:
         db.execute(
             "INSERT INTO key_versions "
-            "(key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "(key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id, "
+            "disabled, destroy_us, destroyed_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key_id,
                 version.version,
@@ -345,6 +377,9 @@ class SqliteKeyStore:
                 version.parent_version,
                 version.wrapped_material,
                 version.request_id,
+                int(version.disabled),
+                _opt_to_us(version.destroy_at),
+                _opt_to_us(version.destroyed_at),
             ),
         )
 
@@ -356,7 +391,8 @@ class SqliteKeyStore:
                 db.execute(
                     "INSERT INTO keys (key_id, tenant_id, key_type, disabled, primary_version, primary_expires_us, "
                     "created_us, expire_after_us, rotation_period_us, labels, parent_key_id, algorithm, integrity_tag, "
-                    "changed_us, next_rotation_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "changed_us, next_rotation_us, min_decryption_version, next_destruction_us) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         key.key_id,
                         key.tenant_id,
@@ -373,6 +409,8 @@ class SqliteKeyStore:
                         key.integrity_tag,
                         _now_us(),
                         _opt_to_us(key.next_rotation_at),
+                        key.min_decryption_version,
+                        _opt_to_us(key.next_destruction_at),
                     ),
                 )
                 for version in key.versions:
@@ -412,8 +450,8 @@ class SqliteKeyStore:
         with self._write() as db:
             changed = db.execute(
                 "UPDATE keys SET disabled = ?, expire_after_us = ?, rotation_period_us = ?, labels = ?, "
-                "integrity_tag = ?, revision = revision + 1, changed_us = ?, next_rotation_us = ? "
-                "WHERE key_id = ? AND tenant_id = ? AND revision = ?",
+                "integrity_tag = ?, revision = revision + 1, changed_us = ?, next_rotation_us = ?, "
+                "min_decryption_version = ? WHERE key_id = ? AND tenant_id = ? AND revision = ?",
                 (
                     int(updated.disabled),
                     _opt_duration_us(updated.policy.expire_after),
@@ -422,12 +460,70 @@ class SqliteKeyStore:
                     updated.integrity_tag,
                     _now_us(),
                     _opt_to_us(updated.next_rotation_at),
+                    updated.min_decryption_version,
                     updated.key_id,
                     updated.tenant_id,
                     expected_revision,
                 ),
             ).rowcount
         return changed == 1
+
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        erased = 0
+        with self._write() as db:  # one transaction: the states, the tag and the erasure land together
+            changed = db.execute(
+                "UPDATE keys SET min_decryption_version = ?, integrity_tag = ?, revision = revision + 1, "
+                "changed_us = ?, next_rotation_us = ?, next_destruction_us = ? "
+                "WHERE key_id = ? AND tenant_id = ? AND revision = ?",
+                (
+                    updated.min_decryption_version,
+                    updated.integrity_tag,
+                    _now_us(),
+                    _opt_to_us(updated.next_rotation_at),
+                    _opt_to_us(updated.next_destruction_at),
+                    updated.key_id,
+                    updated.tenant_id,
+                    expected_revision,
+                ),
+            ).rowcount
+            if changed != 1:
+                return False
+            for version in updated.versions:
+                db.execute(
+                    "UPDATE key_versions SET disabled = ?, destroy_us = ?, destroyed_us = ? "
+                    "WHERE key_id = ? AND version = ?",
+                    (
+                        int(version.disabled),
+                        _opt_to_us(version.destroy_at),
+                        _opt_to_us(version.destroyed_at),
+                        updated.key_id,
+                        version.version,
+                    ),
+                )
+                if version.destroyed:
+                    erased += db.execute(
+                        "UPDATE key_versions SET wrapped_material = x'' WHERE key_id = ? AND version = ? "
+                        "AND length(wrapped_material) > 0",
+                        (updated.key_id, version.version),
+                    ).rowcount
+        if erased:
+            self._flush_erased_pages()
+        return True
+
+    def _flush_erased_pages(self) -> None:
+        """Move the erasure into the database file and empty the write-ahead log, whose older frames still
+        hold the pages as they were (secure_delete has already zeroed the freed space in the new ones)."""
+        with self._read() as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT tenant_id, key_id FROM keys WHERE next_destruction_us IS NOT NULL "
+                "AND next_destruction_us <= ? ORDER BY next_destruction_us LIMIT ?",
+                (_to_us(now), limit),
+            ).fetchall()
+        return [(tenant_id, key_id) for tenant_id, key_id in rows]
 
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
         return None  # a rotation is one transaction here: it never stops half-way

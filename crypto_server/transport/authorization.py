@@ -59,7 +59,19 @@ REQUIRED_PERMISSIONS: Mapping[str, tuple[Permission, ...]] = {
     "GetPublicKey": (P.READ_KEYS,),
     "EncryptStream": (P.ENCRYPT,),
     "DecryptStream": (P.DECRYPT,),
+    # Versions and destruction (KeyService)
+    "DisableKeyVersion": (P.MANAGE_KEYS,),
+    "EnableKeyVersion": (P.MANAGE_KEYS,),
+    "ScheduleKeyVersionDestruction": (P.MANAGE_KEYS,),
+    "ScheduleKeyDestruction": (P.MANAGE_KEYS,),
+    "CancelKeyDestruction": (P.MANAGE_KEYS,),
+    "ScheduleTenantDestruction": (P.ADMIN,),
+    "CancelTenantDestruction": (P.ADMIN,),
 }
+
+
+# Calls on the whole tenant: a label-narrowed grant does not allow them.
+TENANT_WIDE = frozenset({"ScheduleTenantDestruction", "CancelTenantDestruction"})
 
 
 class KeyLabels(Protocol):
@@ -96,7 +108,7 @@ def _key_uses(method: str, request: Any) -> list[_KeyUse]:
         return [_named(P.ENCRYPT, item.key_id) for item in request.items]
     if method == "BatchDecrypt":
         return [_named(P.DECRYPT, item.key_id, item.ciphertext) for item in request.items]
-    if method in ("CreateKey", "GenerateSessionKey", "ListKeys"):
+    if method in ("CreateKey", "GenerateSessionKey", "ListKeys") or method in TENANT_WIDE:
         return []  # labels of the key to create, or a filter on the answer (see authorize)
     (permission,) = REQUIRED_PERMISSIONS[method]
     return [_KeyUse(permission, request.key_id)]
@@ -171,6 +183,9 @@ class AccessControl:
             return None
         if method == "ListKeys":
             return _listed_keys_filter(granted[P.READ_KEYS])
+        if method in TENANT_WIDE:
+            # Destroying a tenant destroys every key, whatever its labels: only a grant without labels may.
+            raise PermissionDenied(P.ADMIN.value)
         self._check_labels(tenant_id, granted, _key_uses(method, request))
         # New labels as for a new key: a label-narrowed caller must not move a key out of (or into another's)
         # reach by relabelling it.

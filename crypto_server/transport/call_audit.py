@@ -22,9 +22,23 @@ from crypto_server.call_context import current_principal
 from crypto_server.domain.errors import AuditUnavailable
 from crypto_server.service.audit import AuditEvent, AuditTrail
 
-KEY_CHANGES = frozenset({"CreateKey", "RotateKey", "UpdateKey", "DisableKey", "EnableKey", "GenerateSessionKey"})
+KEY_CHANGES = frozenset(
+    {
+        "CreateKey",
+        "RotateKey",
+        "UpdateKey",
+        "DisableKey",
+        "EnableKey",
+        "GenerateSessionKey",
+        "DisableKeyVersion",
+        "EnableKeyVersion",
+        "ScheduleKeyVersionDestruction",
+        "ScheduleKeyDestruction",
+        "CancelKeyDestruction",
+    }
+)
 # Calls that use `admin` or read the audit trail: recorded like key changes.
-ADMIN_CALLS = frozenset({"ReadAuditLog"})
+ADMIN_CALLS = frozenset({"ReadAuditLog", "ScheduleTenantDestruction", "CancelTenantDestruction"})
 CRYPTO_OPERATIONS = frozenset(
     {
         "Encrypt",

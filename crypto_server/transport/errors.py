@@ -44,6 +44,14 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, errors_pb2.ERROR_REASON_UNAUTHENTICATED),
     errors.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, errors_pb2.ERROR_REASON_PERMISSION_DENIED),
     errors.AuditUnavailable: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_AUDIT_UNAVAILABLE),
+    errors.KeyVersionDestroyed: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_VERSION_DESTROYED),
+    errors.KeyVersionDisabled: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_VERSION_DISABLED),
+    errors.KeyVersionStateConflict: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_KEY_VERSION_STATE),
+    errors.TenantDestroyed: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_TENANT_DESTROYED),
+    errors.TenantDestructionScheduled: (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        errors_pb2.ERROR_REASON_TENANT_DESTRUCTION_SCHEDULED,
+    ),
 }
 
 

@@ -10,6 +10,7 @@ from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import AuditUnavailable
 from crypto_server.domain.keys import Key
 from crypto_server.service.audit import AuditTrail
+from crypto_server.service.key_destruction import KeyDestruction
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.transport.mapping import (
     algorithm_from_proto,
@@ -19,14 +20,24 @@ from crypto_server.transport.mapping import (
     key_to_proto,
     key_type_filter_from_proto,
     key_type_from_proto,
+    optional_duration_from_proto,
+    timestamp,
 )
 
 
 class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
-    def __init__(self, lifecycle: KeyLifecycle, clock: Clock, audit: AuditTrail | None = None) -> None:
+    def __init__(
+        self,
+        lifecycle: KeyLifecycle,
+        clock: Clock,
+        audit: AuditTrail | None = None,
+        *,
+        destruction: KeyDestruction,
+    ) -> None:
         self._lifecycle = lifecycle
         self._clock = clock
         self._audit = audit
+        self._destruction = destruction
 
     def _key(self, key: Key) -> resources_pb2.Key:
         return key_to_proto(key, self._clock.now())
@@ -83,6 +94,7 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
                 duration_from_proto(request.expire_after, "expire_after") if request.HasField("expire_after") else None
             ),
             labels=dict(request.labels),
+            min_decryption_version=request.min_decryption_version,
         )
         return pb.UpdateKeyResponse(key=self._key(updated))
 
@@ -118,3 +130,60 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
         return pb.ReadAuditLogResponse(
             records=[audit_record_to_proto(record) for record in records], next_page_token=next_token
         )
+
+    # -- versions and destruction ---------------------------------------------------
+
+    def DisableKeyVersion(
+        self, request: pb.DisableKeyVersionRequest, context: grpc.ServicerContext
+    ) -> pb.DisableKeyVersionResponse:
+        key = self._destruction.disable_version(request.tenant_id, request.key_id, request.version)
+        return pb.DisableKeyVersionResponse(key=self._key(key))
+
+    def EnableKeyVersion(
+        self, request: pb.EnableKeyVersionRequest, context: grpc.ServicerContext
+    ) -> pb.EnableKeyVersionResponse:
+        key = self._destruction.enable_version(request.tenant_id, request.key_id, request.version)
+        return pb.EnableKeyVersionResponse(key=self._key(key))
+
+    def ScheduleKeyVersionDestruction(
+        self, request: pb.ScheduleKeyVersionDestructionRequest, context: grpc.ServicerContext
+    ) -> pb.ScheduleKeyVersionDestructionResponse:
+        key = self._destruction.schedule_version_destruction(
+            request.tenant_id,
+            request.key_id,
+            request.version,
+            optional_duration_from_proto(request, "waiting_period"),
+        )
+        return pb.ScheduleKeyVersionDestructionResponse(key=self._key(key))
+
+    def ScheduleKeyDestruction(
+        self, request: pb.ScheduleKeyDestructionRequest, context: grpc.ServicerContext
+    ) -> pb.ScheduleKeyDestructionResponse:
+        key = self._destruction.schedule_key_destruction(
+            request.tenant_id, request.key_id, optional_duration_from_proto(request, "waiting_period")
+        )
+        return pb.ScheduleKeyDestructionResponse(key=self._key(key))
+
+    def CancelKeyDestruction(
+        self, request: pb.CancelKeyDestructionRequest, context: grpc.ServicerContext
+    ) -> pb.CancelKeyDestructionResponse:
+        key = self._destruction.cancel_key_destruction(request.tenant_id, request.key_id, request.version)
+        return pb.CancelKeyDestructionResponse(key=self._key(key))
+
+    def ScheduleTenantDestruction(
+        self, request: pb.ScheduleTenantDestructionRequest, context: grpc.ServicerContext
+    ) -> pb.ScheduleTenantDestructionResponse:
+        master = self._destruction.schedule_tenant_destruction(
+            request.tenant_id, optional_duration_from_proto(request, "waiting_period")
+        )
+        response = pb.ScheduleTenantDestructionResponse(master_key=self._key(master))
+        destroy_at = master.primary.destroy_at
+        if destroy_at is not None:
+            response.destroy_at.CopyFrom(timestamp(destroy_at))
+        return response
+
+    def CancelTenantDestruction(
+        self, request: pb.CancelTenantDestructionRequest, context: grpc.ServicerContext
+    ) -> pb.CancelTenantDestructionResponse:
+        master = self._destruction.cancel_tenant_destruction(request.tenant_id)
+        return pb.CancelTenantDestructionResponse(master_key=self._key(master))

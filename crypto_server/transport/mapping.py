@@ -26,10 +26,20 @@ _KEY_STATE_TO_PROTO = {
     KeyState.DISABLED: resources_pb2.KEY_STATE_DISABLED,
     KeyState.EXPIRED: resources_pb2.KEY_STATE_EXPIRED,
 }
+# ListKeys filters on these three only (the stores index the disabled flag and the primary's expiry).
 _KEY_STATE_FROM_PROTO: dict[int, KeyState] = {number: state for state, number in _KEY_STATE_TO_PROTO.items()}
+_KEY_STATE_TO_PROTO.update(
+    {
+        KeyState.DESTROY_SCHEDULED: resources_pb2.KEY_STATE_DESTROY_SCHEDULED,
+        KeyState.DESTROYED: resources_pb2.KEY_STATE_DESTROYED,
+    }
+)
 _VERSION_STATE_TO_PROTO = {
     KeyVersionState.ENABLED: resources_pb2.KEY_VERSION_STATE_ENABLED,
     KeyVersionState.EXPIRED: resources_pb2.KEY_VERSION_STATE_EXPIRED,
+    KeyVersionState.DISABLED: resources_pb2.KEY_VERSION_STATE_DISABLED,
+    KeyVersionState.DESTROY_SCHEDULED: resources_pb2.KEY_VERSION_STATE_DESTROY_SCHEDULED,
+    KeyVersionState.DESTROYED: resources_pb2.KEY_VERSION_STATE_DESTROYED,
 }
 
 
@@ -95,6 +105,10 @@ def _timestamp(moment: datetime) -> Timestamp:
     return stamp
 
 
+def timestamp(moment: datetime) -> Timestamp:
+    return _timestamp(moment)
+
+
 def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
     """A key's metadata as seen at `now`. Never key material."""
     message = resources_pb2.Key(
@@ -106,6 +120,7 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
         created_at=_timestamp(key.created_at),
         labels=dict(key.labels),
         algorithm=_ALGORITHM_TO_PROTO[key.algorithm],
+        min_decryption_version=key.min_decryption_version,
     )
     if key.expires_at is not None:
         message.expires_at.CopyFrom(_timestamp(key.expires_at))
@@ -116,13 +131,22 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
     for version in key.versions:
         item = message.versions.add(
             version=version.version,
-            state=_VERSION_STATE_TO_PROTO[version.state_at(now)],
+            state=_VERSION_STATE_TO_PROTO[key.version_state_at(version, now)],
             created_at=_timestamp(version.created_at),
             encryptions=version.encryptions,
         )
         if version.expires_at is not None:
             item.expires_at.CopyFrom(_timestamp(version.expires_at))
+        if version.destroy_at is not None:
+            item.destroy_at.CopyFrom(_timestamp(version.destroy_at))
+        if version.destroyed_at is not None:
+            item.destroyed_at.CopyFrom(_timestamp(version.destroyed_at))
     return message
+
+
+def optional_duration_from_proto(message: Any, field: str) -> timedelta | None:
+    """A Duration field of `message` if it is set, else None (the default)."""
+    return duration_from_proto(getattr(message, field), field) if message.HasField(field) else None
 
 
 def audit_record_to_proto(record: Mapping[str, Any]) -> key_service_pb2.AuditRecord:

@@ -160,6 +160,27 @@ def test_every_option_of_every_command_has_help_text() -> None:
     assert walk(parser(), "cryptoctl") == []
 
 
+def test_keys_schedule_and_cancel_destruction_and_toggle_versions(server: CryptoServerProcess, tenant: str) -> None:
+    key_id = cryptoctl(server, "keys", "create", "-f", "key_id", tenant=tenant).stdout.decode().strip()
+    refused = cryptoctl(server, "keys", "schedule-destruction", key_id, "--version", "1", tenant=tenant)
+    assert refused.returncode != 0 and b"primary" in refused.stderr  # the primary, until another is
+    cryptoctl(server, "keys", "rotate", key_id, tenant=tenant)
+
+    def states(*args: str) -> list[str]:
+        key = _json(cryptoctl(server, "--json", "keys", *args, tenant=tenant))
+        return [version["state"] for version in key["versions"]]
+
+    scheduled = ("schedule-destruction", key_id, "--version", "1", "--waiting-days", "2")
+    assert states(*scheduled) == ["DESTROY_SCHEDULED", "ENABLED"]
+    assert states("cancel-destruction", key_id, "--version", "1") == ["ENABLED", "ENABLED"]
+    assert states("disable-version", key_id, "1") == ["DISABLED", "ENABLED"]
+    assert states("enable-version", key_id, "1") == ["ENABLED", "ENABLED"]
+    assert states("schedule-destruction", key_id) == ["DESTROY_SCHEDULED"] * 2
+    assert states("cancel-destruction", key_id) == ["ENABLED"] * 2
+    too_long = cryptoctl(server, "keys", "schedule-destruction", key_id, "--waiting-days", "31", tenant=tenant)
+    assert too_long.returncode != 0 and b"waiting_period" in too_long.stderr
+
+
 def test_global_options_work_before_and_after_the_command(server: CryptoServerProcess, tenant: str) -> None:
     created = _json(cryptoctl(server, "keys", "create", "--json", tenant=tenant))
     assert isinstance(created, dict) and created["state"] == "ENABLED"

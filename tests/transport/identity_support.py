@@ -28,7 +28,7 @@ from crypto_server.transport.authorization import REQUIRED_PERMISSIONS
 
 TENANT = "acme"
 OTHER_TENANT = "globex"
-# Holds a permission no RPC needs (admin), for the right tenant: "right tenant, wrong permission".
+# Holds a grant no RPC accepts (admin narrowed to labels), for the right tenant: "right tenant, wrong permission".
 NO_RPC_PERMISSION = "spiffe://caas/test/audit-reader"
 OPERATOR = "spiffe://caas/test/operator"
 OTHER_TENANT_OPERATOR = "spiffe://caas/test/globex-operator"
@@ -52,7 +52,8 @@ def matrix_policy() -> dict[str, Any]:
     rules += [
         {"principals": [OPERATOR], "tenants": "*", "permissions": ALL_PERMISSIONS},
         {"principals": [OTHER_TENANT_OPERATOR], "tenants": [OTHER_TENANT], "permissions": ALL_PERMISSIONS},
-        {"principals": [NO_RPC_PERMISSION], "tenants": [TENANT], "permissions": ["admin"]},
+        # admin narrowed to labels: the tenant-wide calls admin opens need a grant without labels.
+        {"principals": [NO_RPC_PERMISSION], "tenants": [TENANT], "permissions": ["admin"], "labels": {"team": "none"}},
         {
             "principals": ["spiffe://caas/ns/messaging/*"],
             "tenants": [TENANT],
@@ -204,6 +205,33 @@ def _stream(responses: Iterator[Any]) -> list[Any]:
     return list(responses)
 
 
+def _disable_and_enable(s: Stubs, k: TenantKeys, m: tuple[tuple[str, str], ...]) -> object:
+    s.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=k.data), metadata=m)
+    s.keys.DisableKeyVersion(key_pb.DisableKeyVersionRequest(tenant_id=TENANT, key_id=k.data, version=1), metadata=m)
+    return s.keys.EnableKeyVersion(
+        key_pb.EnableKeyVersionRequest(tenant_id=TENANT, key_id=k.data, version=1), metadata=m
+    )
+
+
+def _schedule_and_cancel(s: Stubs, k: TenantKeys, m: tuple[tuple[str, str], ...], *, version: int) -> object:
+    if version:
+        s.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=k.data), metadata=m)
+        s.keys.ScheduleKeyVersionDestruction(
+            key_pb.ScheduleKeyVersionDestructionRequest(tenant_id=TENANT, key_id=k.data, version=version),
+            metadata=m,
+        )
+    else:
+        s.keys.ScheduleKeyDestruction(key_pb.ScheduleKeyDestructionRequest(tenant_id=TENANT, key_id=k.data), metadata=m)
+    return s.keys.CancelKeyDestruction(
+        key_pb.CancelKeyDestructionRequest(tenant_id=TENANT, key_id=k.data, version=version), metadata=m
+    )
+
+
+def _schedule_and_cancel_tenant(s: Stubs, m: tuple[tuple[str, str], ...]) -> object:
+    s.keys.ScheduleTenantDestruction(key_pb.ScheduleTenantDestructionRequest(tenant_id=TENANT), metadata=m)
+    return s.keys.CancelTenantDestruction(key_pb.CancelTenantDestructionRequest(tenant_id=TENANT), metadata=m)
+
+
 # Every RPC, called for TENANT the way a legitimate caller would.
 RPC_CALLS: dict[str, Call] = {
     "CreateKey": lambda s, k, m: s.keys.CreateKey(
@@ -281,4 +309,14 @@ RPC_CALLS: dict[str, Call] = {
     "DecryptStream": lambda s, k, m: _stream(
         s.crypto.DecryptStream(iter([crypto_pb.DecryptStreamRequest(tenant_id=TENANT, chunk=k.stream)]), metadata=m)
     ),
+    # Each leaves the key (or tenant) as it found it, so the matrix's other calls are unaffected.
+    "DisableKeyVersion": lambda s, k, m: _disable_and_enable(s, k, m),
+    "EnableKeyVersion": lambda s, k, m: s.keys.EnableKeyVersion(
+        key_pb.EnableKeyVersionRequest(tenant_id=TENANT, key_id=k.data, version=1), metadata=m
+    ),
+    "ScheduleKeyVersionDestruction": lambda s, k, m: _schedule_and_cancel(s, k, m, version=1),
+    "ScheduleKeyDestruction": lambda s, k, m: _schedule_and_cancel(s, k, m, version=0),
+    "CancelKeyDestruction": lambda s, k, m: _schedule_and_cancel(s, k, m, version=0),
+    "ScheduleTenantDestruction": lambda s, k, m: _schedule_and_cancel_tenant(s, m),
+    "CancelTenantDestruction": lambda s, k, m: _schedule_and_cancel_tenant(s, m),
 }

@@ -24,7 +24,7 @@ from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_server.app import CryptoServer, build_server
 from crypto_server.config import Settings
-from crypto_server.transport.authorization import REQUIRED_PERMISSIONS
+from crypto_server.transport.authorization import REQUIRED_PERMISSIONS, TENANT_WIDE
 from tests.conftest import FakeClock, error_info
 from tests.transport.identity_support import (
     MESSAGING,
@@ -192,6 +192,9 @@ def test_label_narrowed_principal_uses_only_keys_with_its_labels(mtls: MtlsServe
     own = TenantKeys.create(messaging, labels={"team": "messaging"})
     media = mtls.keys  # unlabelled keys of the same tenant
     for rpc, call in RPC_CALLS.items():
+        if rpc in TENANT_WIDE:  # the whole tenant, whatever the labels: never for a label-narrowed caller
+            assert _code(lambda call=call: call(messaging, own, ())) == grpc.StatusCode.PERMISSION_DENIED, rpc
+            continue
         if rpc not in ("CreateKey", "GenerateSessionKey", "ListKeys", "ReadAuditLog"):  # these name no key
             with pytest.raises(grpc.RpcError) as caught:
                 call(messaging, media, ())

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Protocol
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,12 +38,14 @@ from crypto_server.service.keyring import Keyring
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.service.quotas import quotas_for
 from crypto_server.service.usage_budget import UsageBudget
-from crypto_server.storage import redis_cache
 from crypto_server.storage.audit_sinks import AuditSink, AuditSinkError, FileAuditSink, MongoAuditSink
 from crypto_server.storage.circuit import StoreCircuit
 from crypto_server.storage.integrity import AuthenticatedKeyStore
 from crypto_server.storage.mongo import MongoKeyStore
-from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
+from crypto_server.storage.port import Invalidation, KeyServing, KeyStore, LocalInvalidation, RootKeyChecks, StoreMeta
+from crypto_server.storage.redis.cache import CachedRoles, RedisCachedKeyStore
+from crypto_server.storage.redis.guard import RedisGuard, connect
+from crypto_server.storage.redis.invalidation import RedisInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.authorization import AccessControl, parse_policy
 from crypto_server.transport.call_audit import CallAudit
@@ -86,6 +89,16 @@ class _Stoppable(Protocol):
 
 
 @dataclass(frozen=True)
+class _ClosedRedis:
+    """The Redis client as a background task: closed at shutdown, after everything that uses it."""
+
+    client: redis.Redis
+
+    def stop(self) -> None:
+        self.client.close()
+
+
+@dataclass(frozen=True)
 class _StoppedServer:
     """A grpc server as a background task (the health port): stopped at once, after the main server."""
 
@@ -102,7 +115,10 @@ class CryptoServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    # The database behind the circuit breaker: every role of the store.
     store: KeyStore
+    # Key reads and writes as the service makes them: through the Redis cache (if any) and the integrity check.
+    serving: KeyServing
     in_flight: InFlightCalls
     keyring: Keyring
     health_monitor: StoreHealthMonitor
@@ -151,7 +167,7 @@ class CryptoServer:
         self.store.close()
 
 
-def _check_root_key(store: KeyStore, root: RootKey, other: RootKey | None) -> None:
+def _check_root_key(store: RootKeyChecks, root: RootKey, other: RootKey | None) -> None:
     check = store.get_root_key_check()
     if check is None:
         if store.has_keys():
@@ -176,7 +192,7 @@ def _check_root_key(store: KeyStore, root: RootKey, other: RootKey | None) -> No
     )
 
 
-def load_metadata_authenticator(store: KeyStore, roots: tuple[WrappingKey, ...]) -> MetadataAuthenticator:
+def load_metadata_authenticator(store: StoreMeta, roots: tuple[WrappingKey, ...]) -> MetadataAuthenticator:
     """The authenticator of key metadata, its key created (wrapped under the root key) on a new store."""
     wrapped = store.get_meta(METADATA_KEY_RECORD)
     if wrapped is None:
@@ -269,15 +285,31 @@ def _open_store(settings: Settings) -> tuple[KeyStore, str]:
     return SqliteKeyStore(settings.data_dir), f"embedded:{location}"
 
 
-def open_key_store(settings: Settings) -> KeyStore:
-    """The configured store, behind the Redis cache when REDIS_URL is set (for tools that write keys)."""
+@dataclass
+class OpenedStore:
+    """The configured store as a tool that writes keys opens it (crypto-rewrap-root)."""
+
+    # Every role, straight to the database.
+    database: KeyStore
+    # The roles that write key records, through the Redis cache when REDIS_URL is set, so that no replica
+    # reads an outdated key from it.
+    key_records: CachedRoles
+    _redis: redis.Redis | None = None
+
+    def close(self) -> None:
+        self.database.close()
+        if self._redis is not None:
+            self._redis.close()
+
+
+def open_key_store(settings: Settings) -> OpenedStore:
+    """The configured store, its key records behind the Redis cache when REDIS_URL is set (for tools)."""
     store, namespace = _open_store(settings)
     if settings.redis_url:
-        client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-        return redis_cache.RedisCachedKeyStore(
-            store, client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_cache.RedisGuard()
-        )
-    return store
+        client = connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
+        cache = RedisCachedKeyStore(store, client, namespace, ttl_s=settings.cache_ttl_s, guard=RedisGuard())
+        return OpenedStore(store, cache, client)
+    return OpenedStore(store, store)
 
 
 def open_audit_sink(settings: Settings) -> AuditSink:
@@ -336,18 +368,22 @@ def build_server(
     try:
         _check_root_key(store, root, other_root)
         authenticator = load_metadata_authenticator(store, (root, other_root) if other_root else (root,))
+        # Key reads and writes go through the Redis cache (if any) and the integrity check; every other role
+        # of the store (schedule, counters, leases, change feed, health, statistics) straight to the circuit.
+        serving: KeyServing = store
         redis_client = redis_guard = cached_store = None
         if settings.redis_url:
-            redis_client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-            redis_guard = redis_cache.RedisGuard(on_failure=metrics.redis_errors.inc if metrics else None)
-            store = cached_store = redis_cache.RedisCachedKeyStore(
+            redis_client = connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
+            background.append(_ClosedRedis(redis_client))  # after the invalidation thread that shares it
+            redis_guard = RedisGuard(on_failure=metrics.redis_errors.inc if metrics else None)
+            serving = cached_store = RedisCachedKeyStore(
                 store, redis_client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_guard
             )
-        store = AuthenticatedKeyStore(
-            store, authenticator, on_failure=metrics.integrity_failures.inc if metrics else None
+        serving = AuthenticatedKeyStore(
+            serving, authenticator, on_failure=metrics.integrity_failures.inc if metrics else None
         )
         keyring = Keyring(
-            store,
+            serving,
             root,
             ttl_s=settings.keyring_ttl_s,
             max_keys=settings.keyring_size,
@@ -356,7 +392,7 @@ def build_server(
         )
         invalidation: Invalidation
         if redis_client is not None and redis_guard is not None:
-            invalidation = redis_cache.RedisInvalidation(redis_client, namespace, keyring, guard=redis_guard)
+            invalidation = RedisInvalidation(redis_client, namespace, keyring, guard=redis_guard)
             background.append(invalidation)
         else:
             invalidation = LocalInvalidation(keyring)
@@ -373,10 +409,11 @@ def build_server(
         audit = _start_audit_trail(settings, authenticator, clock, metrics)
         background.append(audit)
         lifecycle = KeyLifecycle(
-            store,
+            serving,
             keyring,
             clock,
             invalidation,
+            schedule=store,
             request_key_id_secret=authenticator.request_key_id_secret(),
             max_session_lifetime=timedelta(seconds=settings.max_session_key_lifetime_s),
         )
@@ -483,6 +520,7 @@ def build_server(
         port=port,
         health=health_servicer,
         store=store,
+        serving=serving,
         in_flight=middleware.in_flight,
         keyring=keyring,
         health_monitor=monitor,

@@ -65,7 +65,7 @@ def test_redis_going_away_during_encryption_fails_no_call_and_caching_resumes(
     redis_entry = f"caas:crypto:mongo:degrade:key:t1:{key.key_id}"
     server.encrypt("t1", key.key_id, b"warm")
     assert own_redis.client().exists(redis_entry)
-    caplog.set_level(logging.WARNING, logger="crypto_server.storage.redis_cache")
+    caplog.set_level(logging.WARNING, logger="crypto_server.storage.redis")
     failures = 0
     calls = 0
     for round_number in range(300):

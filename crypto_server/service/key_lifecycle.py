@@ -43,7 +43,15 @@ from crypto_server.domain.keys import (
 )
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.page_token import decode_page_token, encode_page_token
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, Invalidation, KeyQuery, KeyStore, ListCursor
+from crypto_server.storage.port import (
+    DuplicateKeyId,
+    DuplicateMasterKey,
+    Invalidation,
+    KeyQuery,
+    KeyServing,
+    ListCursor,
+    RotationSchedule,
+)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -67,11 +75,12 @@ class KeyPage:
 class KeyLifecycle:
     def __init__(
         self,
-        store: KeyStore,
+        store: KeyServing,
         keyring: Keyring,
         clock: Clock,
         invalidation: Invalidation,
         *,
+        schedule: RotationSchedule,
         request_key_id_secret: bytes,
         max_session_lifetime: timedelta = MAX_SESSION_KEY_LIFETIME,
         session_key_replay_window: timedelta = SESSION_KEY_REPLAY_WINDOW,
@@ -79,6 +88,8 @@ class KeyLifecycle:
         self._request_key_id_secret = request_key_id_secret
         self._session_key_replay_window = session_key_replay_window
         self._store = store
+        # Outside the key records (and so outside the cache and the integrity check): the store itself.
+        self._schedule = schedule
         self._keyring = keyring
         self._clock = clock
         self._invalidation = invalidation
@@ -443,7 +454,7 @@ class KeyLifecycle:
             return None
         over_budget = usage_soft_limit is not None and key.primary.encryptions >= usage_soft_limit
         if not over_budget and not key.rotation_due(self._clock.now()):
-            self._store.reschedule_rotation(tenant_id, key_id, key.revision, key.next_rotation_at)
+            self._schedule.reschedule_rotation(tenant_id, key_id, key.revision, key.next_rotation_at)
             return None
         return f"{AUTOMATIC_ROTATION_PREFIX}{key.latest_version + 1}"
 

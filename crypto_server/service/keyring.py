@@ -31,7 +31,7 @@ from crypto_server.domain.errors import (
 )
 from crypto_server.domain.key_wrap import UnwrapFailed, WrappingKey, unwrap_key
 from crypto_server.domain.keys import Key, KeyVersion, parse_key_id, validate_tenant_id
-from crypto_server.storage.port import KeyStore
+from crypto_server.storage.port import KeyReader
 
 _P = TypeVar("_P")
 
@@ -60,7 +60,7 @@ class LoadedKey:
 class Keyring:
     def __init__(
         self,
-        store: KeyStore,
+        store: KeyReader,
         root: WrappingKey,
         *,
         ttl_s: float,

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import KeyVersionExhausted, StoreUnavailable
 from crypto_server.service.periodic import Periodic
-from crypto_server.storage.port import KeyStore, VersionRef
+from crypto_server.storage.port import UsageCounters, VersionRef
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class _Counter:
 class UsageBudget:
     def __init__(
         self,
-        store: KeyStore,
+        store: UsageCounters,
         clock: Clock,
         *,
         soft_limit: int = DEFAULT_SOFT_LIMIT,

@@ -35,7 +35,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from crypto_server.call_deadline import time_left
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
-from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
+from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
 from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery, VersionRef
 
 _ROOT_KEY_CHECK_ID = "root_key_check"
@@ -56,6 +56,20 @@ def _now() -> datetime:
 
 def _utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.astimezone(UTC)
+
+
+def _state_filter(state: KeyState, now: datetime) -> dict[str, Any]:
+    """domain/keys.py KEY_STATE_RULE's condition for `state` as a filter on key documents: the only place this
+    store spells out a key's effective state."""
+    condition = state_condition(state)
+    found: dict[str, Any] = {}
+    if condition.disabled is not None:
+        found["disabled"] = condition.disabled
+    if condition.primary_expired is True:
+        found["primary_expires_at"] = {"$ne": None, "$lte": now}
+    elif condition.primary_expired is False:
+        found["$or"] = [{"primary_expires_at": None}, {"primary_expires_at": {"$gt": now}}]
+    return found
 
 
 class MongoKeyStore:
@@ -226,13 +240,8 @@ class MongoKeyStore:
         conditions: list[dict[str, Any]] = [{"tenant_id": query.tenant_id}]
         if query.key_type is not None:
             conditions.append({"key_type": query.key_type.value})
-        if query.state is KeyState.DISABLED:
-            conditions.append({"disabled": True})
-        elif query.state is KeyState.ENABLED:
-            conditions.append({"disabled": False})
-            conditions.append({"$or": [{"primary_expires_at": None}, {"primary_expires_at": {"$gt": query.now}}]})
-        elif query.state is KeyState.EXPIRED:
-            conditions.append({"disabled": False, "primary_expires_at": {"$ne": None, "$lte": query.now}})
+        if query.state is not None:
+            conditions.append(_state_filter(query.state, query.now))
         if query.after is not None:
             after = query.after
             conditions.append(
@@ -497,18 +506,12 @@ class MongoKeyStore:
         counts: dict[tuple[KeyType, KeyState], int] = {}
         with self._bounded():
             for key_type in KeyType:
-                by_state: dict[KeyState, dict[str, Any]] = {
-                    KeyState.DISABLED: {"disabled": True},
-                    KeyState.EXPIRED: {"disabled": False, "primary_expires_at": {"$ne": None, "$lte": now}},
-                    KeyState.ENABLED: {
-                        "disabled": False,
-                        "$or": [{"primary_expires_at": None}, {"primary_expires_at": {"$gt": now}}],
-                    },
-                }
-                for state, condition in by_state.items():
-                    counted = self._keys.count_documents({"key_type": key_type.value, **condition})
+                for condition in KEY_STATE_RULE:
+                    counted = self._keys.count_documents(
+                        {"key_type": key_type.value, **_state_filter(condition.state, now)}
+                    )
                     if counted:
-                        counts[(key_type, state)] = counted
+                        counts[(key_type, condition.state)] = counted
             tenants = next(
                 iter(self._keys.aggregate([{"$group": {"_id": "$tenant_id"}}, {"$count": "tenants"}])), {"tenants": 0}
             )["tenants"]

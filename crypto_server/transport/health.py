@@ -16,7 +16,7 @@ from typing import Protocol
 from grpc_health.v1 import health, health_pb2
 
 from crypto_server.domain.errors import RootKeyUnavailable, StoreUnavailable
-from crypto_server.storage.port import KeyStore
+from crypto_server.storage.port import Health
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -32,7 +32,7 @@ class RootKeyProbe(Protocol):
 class StoreHealthMonitor:
     def __init__(
         self,
-        store: KeyStore,
+        store: Health,
         servicer: health.HealthServicer,
         key_service: str,
         *,

@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from crypto_client.v1 import crypto_service_pb2, key_service_pb2
+from crypto_server.backup_key import load_backup_private_key
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.clock import Clock, SystemClock
 from crypto_server.domain.errors import InvalidArgument, KeyNotFound
@@ -32,6 +33,7 @@ from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
 from crypto_server.service.audit import AuditTrail, CryptoRecording
 from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
+from crypto_server.service.key_backup import KeyBackups
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.key_rotator import KeyRotator
 from crypto_server.service.keyring import Keyring
@@ -354,6 +356,7 @@ def build_server(
     `register` adds further services before the server starts.
     """
     clock = clock or SystemClock()
+    backup_private_key = load_backup_private_key(settings)
     root = load_root_key(settings)
     other_root = load_other_root_key(settings)
     raw_store, namespace = _open_store(settings)
@@ -475,7 +478,16 @@ def build_server(
             # Calls beyond this are refused by grpc at once (RESOURCE_EXHAUSTED), not queued for a worker.
             maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
         )
-        add_service(server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock, audit), middleware)
+        backups = KeyBackups(
+            store,
+            keyring,
+            lifecycle,
+            clock,
+            root_fingerprint=bytes.fromhex(root.fingerprint),
+            other_roots=((bytes.fromhex(other_root.fingerprint), other_root),) if other_root else (),
+            backup_private_key=backup_private_key,
+        )
+        add_service(server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock, audit, backups), middleware)
         signatures = MacsAndSignatures(keyring, clock, max_data_bytes=settings.max_plaintext_bytes)
         add_service(server, _CRYPTO_SERVICE_DESCRIPTOR, CryptoServicer(operations, signatures), middleware)
         health_servicer = health.HealthServicer()

@@ -55,6 +55,8 @@ class Settings:
     other_root_key_file: Path | None = None
     # Accept a root key file that other users can read (CRYPTO_ALLOW_INSECURE): an escape hatch, never a default.
     allow_insecure: bool = False
+    # The private key (PEM, RSA 3072 or X25519) that opens key backups exported for its public key (ImportKey).
+    backup_private_key_file: Path | None = None
     max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES
     keyring_ttl_s: float = 300.0
     keyring_size: int = 10_000
@@ -320,6 +322,7 @@ class Settings:
             root_key_file=Path(root_key_file) if root_key_file else None,
             other_root_key_file=Path(other_root_key_file) if other_root_key_file else None,
             allow_insecure=flag("CRYPTO_ALLOW_INSECURE"),
+            backup_private_key_file=_optional_path(env, "CRYPTO_BACKUP_PRIVATE_KEY_FILE"),
             max_plaintext_bytes=integer(
                 "CRYPTO_MAX_PLAINTEXT_BYTES", defaults.max_plaintext_bytes, 1, MAX_PLAINTEXT_LIMIT_BYTES
             ),
@@ -495,3 +498,8 @@ def _pkcs11_settings(
         "pkcs11_key_label": key_label,
         "pkcs11_other_key_label": other_key_label,
     }
+
+
+def _optional_path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    return Path(raw) if raw else None

@@ -220,6 +220,10 @@ class KeyLifecycle:
             algorithm=algorithm,
         )
 
+    def master_for_wrapping(self, tenant_id: str) -> Key:
+        """The tenant's master key, created on first use (as CreateKey does), checked able to wrap."""
+        return self._master_for_wrapping(tenant_id)
+
     def _master_for_wrapping(self, tenant_id: str) -> Key:
         """The tenant's master key, created on first use, checked able to wrap."""
         master = self._store.get_master_key(tenant_id)

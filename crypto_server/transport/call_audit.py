@@ -24,7 +24,7 @@ from crypto_server.service.audit import AuditEvent, AuditTrail
 
 KEY_CHANGES = frozenset({"CreateKey", "RotateKey", "UpdateKey", "DisableKey", "EnableKey", "GenerateSessionKey"})
 # Calls that use `admin` or read the audit trail: recorded like key changes.
-ADMIN_CALLS = frozenset({"ReadAuditLog"})
+ADMIN_CALLS = frozenset({"ReadAuditLog", "ExportKey", "ImportKey"})
 CRYPTO_OPERATIONS = frozenset(
     {
         "Encrypt",

@@ -44,6 +44,11 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
     errors.Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, errors_pb2.ERROR_REASON_UNAUTHENTICATED),
     errors.PermissionDenied: (grpc.StatusCode.PERMISSION_DENIED, errors_pb2.ERROR_REASON_PERMISSION_DENIED),
     errors.AuditUnavailable: (grpc.StatusCode.UNAVAILABLE, errors_pb2.ERROR_REASON_AUDIT_UNAVAILABLE),
+    errors.BackupMalformed: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_BACKUP_MALFORMED),
+    errors.BackupTampered: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_BACKUP_TAMPERED),
+    errors.BackupKeyMismatch: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_BACKUP_KEY_MISMATCH),
+    errors.BackupKeyUnsupported: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_BACKUP_KEY_UNSUPPORTED),
+    errors.KeyAlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, errors_pb2.ERROR_REASON_KEY_EXISTS),
 }
 
 

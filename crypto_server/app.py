@@ -479,6 +479,7 @@ def build_server(
             maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
         )
         backups = KeyBackups(
+            serving,
             store,
             keyring,
             lifecycle,

@@ -50,7 +50,7 @@ from crypto_server.domain.keys import (
 )
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.keyring import Keyring
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyStore, VersionRef
+from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyServing, UsageCounters, VersionRef
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class KeyBackups:
 
     def __init__(
         self,
-        store: KeyStore,
+        keys: KeyServing,
+        counters: UsageCounters,
         keyring: Keyring,
         lifecycle: KeyLifecycle,
         clock: Clock,
@@ -69,7 +70,9 @@ class KeyBackups:
         other_roots: Sequence[tuple[bytes, WrappingKey]] = (),
         backup_private_key: BackupPrivateKey | None = None,
     ) -> None:
-        self._store = store
+        # Key records through the integrity check (and the Redis cache); counts straight from the store.
+        self._keys = keys
+        self._counters = counters
         self._keyring = keyring
         self._lifecycle = lifecycle
         self._clock = clock
@@ -83,7 +86,7 @@ class KeyBackups:
         validate_tenant_id(tenant_id)
         parse_key_id(key_id)
         public_key = parse_backup_public_key(backup_public_key.encode()) if backup_public_key else None
-        key = self._store.get_key(tenant_id, key_id)
+        key = self._keys.get_key(tenant_id, key_id)
         if key is None:
             raise KeyNotFound(key_id)
         # Read from the store for its current versions; used once, never kept in the keyring.
@@ -100,7 +103,7 @@ class KeyBackups:
         """Each version's encryption count as the database holds it now. A key read through the Redis cache
         carries the counts of when it was cached (counts change no revision), and a backup must carry them
         all: an increment by zero is the store's one atomic read of the totals."""
-        totals = self._store.add_encryptions(
+        totals = self._counters.add_encryptions(
             {VersionRef(key.tenant_id, key.key_id, version.version): 0 for version in key.versions}
         )
         return {
@@ -128,11 +131,11 @@ class KeyBackups:
                 "was exported from (its ciphertexts are bound to that tenant)",
             )
         _check_restorable(metadata)
-        if self._store.get_key(tenant_id, metadata.key_id) is not None:
+        if self._keys.get_key(tenant_id, metadata.key_id) is not None:
             raise _exists(metadata.key_id)
         key = self._rewrapped(backup)
         try:
-            self._store.insert_key(key)
+            self._keys.insert_key(key)
         except DuplicateKeyId:
             raise _exists(metadata.key_id) from None
         except DuplicateMasterKey:
@@ -142,14 +145,14 @@ class KeyBackups:
             "key restored from a backup",
             extra={"tenant_id": tenant_id, "key_id": key.key_id, "versions": len(key.versions)},
         )
-        return self._store.get_key(tenant_id, key.key_id) or key
+        return self._keys.get_key(tenant_id, key.key_id) or key
 
     def _rewrapped(self, backup: KeyBackup) -> Key:
         """The backup's key, each version's material wrapped under this deployment's parent key."""
         metadata = backup.metadata
         parent: Key | None
         if metadata.key_type is KeyType.MASTER:
-            existing = self._store.get_master_key(metadata.tenant_id)
+            existing = self._keys.get_master_key(metadata.tenant_id)
             if existing is not None:
                 raise _master_exists(metadata.tenant_id, existing.key_id)
             parent, wrapping, parent_version = None, self._keyring.root, 0
@@ -202,7 +205,7 @@ class KeyBackups:
         if not counts:
             return
         try:
-            self._store.add_encryptions(counts)
+            self._counters.add_encryptions(counts)
         except StoreUnavailable:
             # The key is restored; its counts restart lower than they were. Logged for the operator.
             log.error(

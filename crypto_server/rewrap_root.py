@@ -37,6 +37,7 @@ from crypto_server.domain.errors import ConcurrentModification, KeyIntegrityErro
 from crypto_server.domain.key_integrity import METADATA_KEY_RECORD, unwrap_metadata_key, wrap_metadata_key
 from crypto_server.domain.key_wrap import (
     UnwrapFailed,
+    WrappingContext,
     make_root_key_check,
     root_key_matches,
     wrap_key,
@@ -115,16 +116,7 @@ def rewrap_master_key_versions(store: OpenedStore, keys: RootKeys, *, write: boo
                     f"master key {key.key_id} version {record.version} opens under neither root key"
                 ) from None
             if write:
-                wrapped = wrap_key(
-                    keys.new,
-                    material,
-                    tenant_id=key.tenant_id,
-                    key_id=key.key_id,
-                    key_type=key.key_type.value,
-                    version=record.version,
-                    parent_version=record.parent_version,
-                    algorithm=key.algorithm.value,
-                )
+                wrapped = wrap_key(keys.new, material, WrappingContext.of(key, record))
                 if not store.key_records.replace_wrapped_material(
                     key.tenant_id, key.key_id, record.version, record.wrapped_material, wrapped
                 ):

@@ -71,6 +71,7 @@ from crypto_server.domain.errors import (
     BackupMalformed,
     BackupTampered,
 )
+from crypto_server.domain.key_managers import ALGORITHMS
 from crypto_server.domain.key_wrap import KEY_BYTES, NONCE_BYTES, TAG_BYTES, WrappingKey
 from crypto_server.domain.keys import KeyPolicy, KeyType
 
@@ -369,13 +370,23 @@ def _enum(kind: type[_E], value: str, what: str) -> _E:
         raise BackupMalformed(f"its {what} {value!r} is unknown to this server") from None
 
 
+def _algorithm(name: str) -> Algorithm:
+    try:
+        algorithm = Algorithm(name)
+    except ValueError:
+        algorithm = None
+    if algorithm is None or ALGORITHMS.find(algorithm) is None:
+        raise BackupMalformed(f"its algorithm {name!r} is unknown to this server")
+    return algorithm
+
+
 def decode_metadata(data: bytes) -> BackupMetadata:
     reader = _Reader(data)
     tenant_id = reader.text("tenant id")
     key_id = reader.key_id("key id")
     parent_key_id = reader.key_id("parent key id") if reader.flag("parent key id") else None
     key_type = _enum(KeyType, reader.text("key type"), "key type")
-    algorithm = _enum(Algorithm, reader.text("algorithm"), "algorithm")
+    algorithm = _algorithm(reader.text("algorithm"))
     disabled = reader.flag("disabled")
     created_at = reader.time("creation time")
     policy = KeyPolicy(

@@ -38,7 +38,7 @@ from crypto_server.domain.key_backup import (
     seal_for_public_key,
     seal_for_root_key,
 )
-from crypto_server.domain.key_wrap import WrappingKey, wrap_key
+from crypto_server.domain.key_wrap import WrappingContext, WrappingKey, wrap_key
 from crypto_server.domain.keys import (
     Key,
     KeyType,
@@ -169,12 +169,14 @@ class KeyBackups:
                 wrapped_material=wrap_key(
                     wrapping,
                     material,
-                    tenant_id=metadata.tenant_id,
-                    key_id=metadata.key_id,
-                    key_type=metadata.key_type.value,
-                    version=version.version,
-                    parent_version=parent_version,
-                    algorithm=metadata.algorithm.value,
+                    WrappingContext(
+                        tenant_id=metadata.tenant_id,
+                        key_id=metadata.key_id,
+                        key_type=metadata.key_type.value,
+                        version=version.version,
+                        parent_version=parent_version,
+                        algorithm=metadata.algorithm.value,
+                    ),
                 ),
                 request_id=version.request_id,
             )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
-from crypto_server.domain.algorithms import Algorithm, new_material
+from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import (
     ConcurrentModification,
@@ -26,7 +26,7 @@ from crypto_server.domain.errors import (
     MasterKeyExists,
     MasterKeyUnavailable,
 )
-from crypto_server.domain.key_wrap import wrap_key
+from crypto_server.domain.key_wrap import WrappingContext, wrap_key
 from crypto_server.domain.keys import (
     MAX_SESSION_KEY_LIFETIME,
     Key,
@@ -134,10 +134,7 @@ class KeyLifecycle:
         """The new key and True, or the key an earlier request with `request_id` made and False."""
         validate_tenant_id(tenant_id)
         validate_request_id(request_id)
-        if key_type is not KeyType.DATA and algorithm is not Algorithm.AES_256_GCM:
-            raise InvalidArgument(
-                "algorithm", f"{key_type.value.lower()} keys are AES_256_GCM; only data keys may use {algorithm.value}"
-            )
+        self._check_algorithm_of_new_key(key_type, algorithm)
         policy = KeyPolicy.for_new_key(
             key_type, expire_after, rotation_period, max_session_lifetime=self._max_session_lifetime
         )
@@ -173,6 +170,19 @@ class KeyLifecycle:
             master = self._store.get_master_key(tenant_id)
             raise MasterKeyExists(master.key_id if master else "unknown") from None
         return key, True
+
+    def _check_algorithm_of_new_key(self, key_type: KeyType, algorithm: Algorithm) -> None:
+        """`algorithm` must have a key manager here, open to `key_type` keys."""
+        algorithms = self._keyring.algorithms
+        manager = algorithms.find(algorithm)
+        if manager is None:
+            names = ", ".join(a.value for a in algorithms.algorithms())
+            raise InvalidArgument("algorithm", f"{algorithm.value} is not supported by this server; use one of {names}")
+        if key_type not in manager.key_types:
+            able = ", ".join(a.value for a in algorithms.open_to(key_type))
+            raise InvalidArgument(
+                "algorithm", f"{key_type.value.lower()} keys cannot use {algorithm.value}; they may use {able}"
+            )
 
     def _earlier_creation(
         self,
@@ -264,16 +274,10 @@ class KeyLifecycle:
             parent_version = parent.primary_version
             # Read from the store for its state, not through the keyring: used once, never kept there.
             wrapping = self._keyring.aead(self._keyring.transient(parent), parent_version)
-        wrapped = wrap_key(
-            wrapping,
-            new_material(algorithm),
-            tenant_id=tenant_id,
-            key_id=key_id,
-            key_type=key_type.value,
-            version=version,
-            parent_version=parent_version,
-            algorithm=algorithm.value,
-        )
+        # A key of an algorithm this server has no manager for (made by a newer server) cannot be rotated here.
+        manager = self._keyring.algorithms.require(key_id, algorithm, None, "RotateKey")
+        context = WrappingContext(tenant_id, key_id, key_type.value, version, parent_version, algorithm.value)
+        wrapped = wrap_key(wrapping, manager.new_material(), context)
         return KeyVersion(
             version=version,
             created_at=created_at,

@@ -331,6 +331,10 @@ class RedisCachedKeyStore:
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
         self._inner.mark_rotation_due(version, now)
+        # The rotator decides by the primary's count in the key it loads, and a cached copy's counts trail the
+        # store's: left in Redis, it would show the key under its soft limit and the rotator would reschedule
+        # it instead of rotating it (until the entry expired, long after the hard limit had stopped encryption).
+        self._distrust(self._name(version.tenant_id, version.key_id))
 
     def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
         return self._inner.acquire_lease(name, holder, now, ttl)

@@ -19,6 +19,7 @@ from pymongo.errors import ConfigurationError as MongoConfigurationError
 
 from crypto_server.app import build_server
 from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import RootKeyUnavailable, StoreUnavailable
 from crypto_server.log_format import configure_logging, stop_logging
 
@@ -80,10 +81,12 @@ def _refuse_start(message: str, code: int, **fields: object) -> int:
     return code
 
 
-def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
+def main(register: Sequence[Callable[[grpc.Server], None]] = (), *, clock: Clock | None = None) -> int:
     """Run until SIGTERM/SIGINT; the exit code (module docstring).
 
-    `register` adds services to the server before it starts (the benchmark's echo baseline uses it).
+    `register` adds services to the server before it starts (the benchmark's echo baseline uses it). `clock`
+    replaces the system clock; only code can pass one (no setting does), so only a test's own entry point
+    (tests/reliability/clocked_server.py) runs the service on another clock.
     """
     configure_logging("INFO")  # JSON from the first line on, even for a configuration error
     try:
@@ -103,7 +106,7 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
     signal.signal(signal.SIGINT, request_stop)
     store = store_description(settings)
     try:
-        running = build_server(settings, register=register)
+        running = build_server(settings, clock=clock, register=register)
     except (ConfigError, MongoConfigurationError) as error:
         return _refuse_start(f"cannot start: configuration error: {error}", EXIT_CONFIG, **store)
     except RootKeyUnavailable as error:

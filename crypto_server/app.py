@@ -430,7 +430,7 @@ def build_server(
             usage_soft_limit=settings.usage_soft_limit,
         )
         budget = UsageBudget(
-            store,
+            cached_store if cached_store is not None else store,  # a soft-limit mark drops the cached copy
             clock,
             soft_limit=settings.usage_soft_limit,
             hard_limit=settings.usage_hard_limit,

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from datetime import datetime
 from typing import Protocol
 
 import redis
 from redis.exceptions import RedisError
 
 from crypto_server.domain.keys import Key, KeyVersion
-from crypto_server.storage.port import KeyChange, KeyQuery, KeyServing, MasterKeyRewrap
+from crypto_server.storage.port import KeyChange, KeyQuery, KeyServing, MasterKeyRewrap, UsageCounters, VersionRef
 from crypto_server.storage.redis.guard import RedisGuard
 from crypto_server.storage.redis.key_codec import decode_key, encode_key
 
@@ -33,14 +34,16 @@ return 1
 """
 
 
-class CachedRoles(KeyServing, MasterKeyRewrap, Protocol):
-    """The roles that read or write key records: the ones a cache of keys must see."""
+class CachedRoles(KeyServing, MasterKeyRewrap, UsageCounters, Protocol):
+    """The roles that read or write key records, and the usage counters (whose soft-limit mark must drop the
+    cached copy): the ones a cache of keys must see."""
 
 
 class RedisCachedKeyStore:
     """The key reading and writing roles of a store, answering key lookups from Redis first (cache-aside) and
-    writing changed keys through to Redis. Nothing else goes through it: app.py wires every other role of the
-    store (schedule, counters, leases, metadata, ...) to the store directly."""
+    writing changed keys through to Redis; and the usage counters, whose soft-limit mark drops the cached copy.
+    Nothing else goes through it: app.py wires every other role of the store (schedule, leases, metadata, ...)
+    to the store directly."""
 
     def __init__(self, inner: CachedRoles, client: redis.Redis, namespace: str, *, ttl_s: float, guard: RedisGuard):
         self._inner = inner
@@ -104,6 +107,16 @@ class RedisCachedKeyStore:
         if key is not None:
             self._put(key)
         return key
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        return self._inner.add_encryptions(counts)
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        self._inner.mark_rotation_due(version, now)
+        # The rotator decides by the primary's count in the key it loads, and a cached copy's counts trail the
+        # store's: left in Redis, it would show the key under its soft limit and the rotator would reschedule
+        # it instead of rotating it (until the entry expired, long after the hard limit had stopped encryption).
+        self._distrust(self._name(version.tenant_id, version.key_id))
 
     def drop_if_older(self, change: KeyChange) -> bool:
         """Delete the cached copy of a changed key if it predates the change; False when Redis cannot be

@@ -31,7 +31,7 @@ from crypto_client import ClientConfig, CryptoClient, KeyType
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import key_service_pb2_grpc, resources_pb2
-from tests.servers import CryptoServerProcess, MongoServer, RedisServer, SoftHsm, find_softhsm_library, free_port
+from tests.servers import CryptoServerProcess, MongoServer, RedisServer, SoftHsm, find_softhsm_library
 
 ENCRYPT = "/caas.crypto.v1.CryptoService/Encrypt"
 DECRYPT = "/caas.crypto.v1.CryptoService/Decrypt"
@@ -123,10 +123,10 @@ class Backends:
 
 @contextmanager
 def bench_server(env: dict[str, str], *, processes: int = 1) -> Iterator[list[CryptoServerProcess]]:
-    """The crypto server with the echo baseline, in `processes` processes sharing one port."""
-    if processes > 1:
-        env = {**env, "CRYPTO_REUSE_PORT": "1", "CRYPTO_PORT": str(free_port())}
-    servers = [CryptoServerProcess.launch(env, module="bench.echo_server") for _ in range(processes)]
+    """The crypto server with the echo baseline, in `processes` worker processes sharing one port under one
+    supervisor (CRYPTO_PROCESSES); the list holds the one process started."""
+    env = {**env, "CRYPTO_PROCESSES": str(processes)}
+    servers = [CryptoServerProcess.launch(env, module="bench.echo_server")]
     try:
         yield servers
     finally:
@@ -353,13 +353,12 @@ def _echo_stream_mb_s(address: str, chunk: bytes, size_mib: int) -> float:
 
 
 def scale_out(backends: Backends, phases: Phases) -> dict[str, Any]:
-    """Scenario 5: 1 vs 2 server processes sharing the port (SO_REUSEPORT), h2load over 8 connections.
-
-    The processes share the embedded store and a Redis for invalidation (multi-process mode requires it).
-    """
+    """Scenario 5: CRYPTO_PROCESSES=1 vs 2 (workers sharing the port with SO_REUSEPORT under one supervisor),
+    h2load over 8 connections. The embedded store, no Redis: the workers learn each other's key changes from the
+    store (the change poller)."""
     results: dict[str, Any] = {}
     for processes in (1, 2):
-        with bench_server(backends.env("embedded_redis", f"scale{processes}"), processes=processes) as servers:
+        with bench_server(backends.env("embedded", f"scale{processes}"), processes=processes) as servers:
             address = servers[0].address
             _, encrypt, _ = _prepared_requests(address)
             rps = [

@@ -264,7 +264,7 @@ def _listen(server: grpc.Server, settings: Settings) -> int:
         raise ConfigError(f"cannot listen on {address}: {error}") from None
 
 
-def _serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+def serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
     """A plaintext server with nothing but the health service (the same servicer, so the same answers)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -503,7 +503,7 @@ def build_server(
         server.start()
         health_port = None
         if settings.health_port is not None:
-            health_server, health_port = _serve_health(settings, health_servicer)
+            health_server, health_port = serve_health(settings, health_servicer)
             background.append(_StoppedServer(health_server))
         metrics_port = None
         if metrics is not None and settings.metrics_port is not None:

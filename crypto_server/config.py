@@ -80,6 +80,8 @@ class Settings:
     usage_flush_every: int = DEFAULT_FLUSH_EVERY
     usage_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
     reuse_port: bool = False
+    # Server processes sharing the port under one supervisor (crypto_server/supervisor.py); 1: this process serves.
+    processes: int = 1
     metrics_port: int | None = None
     max_batch_items: int = 1000
     max_session_key_lifetime_s: float = 7 * 86400.0
@@ -250,10 +252,9 @@ class Settings:
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
-        if flag("CRYPTO_REUSE_PORT") and not redis_url:
-            # Each process keeps keys in memory; without the invalidation channel a key rotated or
-            # disabled through one process would stay usable through the others until the keyring TTL.
-            raise ConfigError("CRYPTO_REUSE_PORT needs REDIS_URL, so that the processes learn each other's key changes")
+        # Processes sharing the port need no Redis: each learns the others' key changes from the store itself
+        # within CRYPTO_INVALIDATION_INTERVAL (service/change_poller.py), as replicas do.
+        processes = _processes(env.get("CRYPTO_PROCESSES", ""))
         log_level = text("CRYPTO_LOG_LEVEL", "INFO").upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CRYPTO_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -305,6 +306,10 @@ class Settings:
         health_port = None
         if env.get("CRYPTO_HEALTH_PORT", "").strip():
             health_port = integer("CRYPTO_HEALTH_PORT", 0, 0, 65535)
+        metrics_port = None
+        if env.get("CRYPTO_METRICS_PORT", "").strip():
+            # With several processes, process i serves /metrics on CRYPTO_METRICS_PORT + i.
+            metrics_port = integer("CRYPTO_METRICS_PORT", 0, 0, 65536 - processes)
         audit_crypto = text("CRYPTO_AUDIT_CRYPTO", defaults.audit_crypto)
         try:
             audit_crypto = str(CryptoRecording.parse(audit_crypto))
@@ -337,9 +342,8 @@ class Settings:
             redis_url=redis_url,
             cache_ttl_s=number("CRYPTO_CACHE_TTL", defaults.cache_ttl_s, 1, 7 * 86400),
             reuse_port=flag("CRYPTO_REUSE_PORT"),
-            metrics_port=(
-                integer("CRYPTO_METRICS_PORT", 0, 0, 65535) if env.get("CRYPTO_METRICS_PORT", "").strip() else None
-            ),
+            processes=processes,
+            metrics_port=metrics_port,
             max_batch_items=max_batch_items,
             max_batch_bytes=max_batch_bytes,
             max_streams=max_streams,
@@ -389,6 +393,42 @@ def _rotation_settings(number: Callable[[str, float, float, float], float], defa
             f"CRYPTO_ROTATION_LEASE ({lease:g} s) must be longer than CRYPTO_ROTATION_INTERVAL ({interval:g} s)"
         )
     return interval, lease
+
+
+MAX_PROCESSES = 256
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def _processes(raw: str) -> int:
+    """CRYPTO_PROCESSES: a number, or `auto` (the CPUs this process may use)."""
+    raw = raw.strip().lower()
+    if not raw:
+        return 1
+    if raw == "auto":
+        return min(available_cpus(), MAX_PROCESSES)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"CRYPTO_PROCESSES must be a number of processes or auto, got {raw!r}") from None
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ConfigError(f"CRYPTO_PROCESSES must be between 1 and {MAX_PROCESSES} (or auto), got {value}")
+    return value
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: those it may be scheduled on, fewer when a cgroup (v2) CPU quota says
+    so (`cpu.max` is "<quota> <period>" in microseconds, or "max <period>"); at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, -(-int(quota) // int(period)))  # a quota of 1.5 CPUs keeps 2 processes busy
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit visible: the CPU count stands
+    return max(1, cpus)
 
 
 def is_loopback(host: str) -> bool:

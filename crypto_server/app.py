@@ -12,11 +12,13 @@ from datetime import timedelta
 from typing import Protocol
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from crypto_client.v1 import crypto_service_pb2, key_service_pb2
 from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.audit_recording import CryptoRecording
 from crypto_server.domain.clock import Clock, SystemClock
 from crypto_server.domain.errors import InvalidArgument, KeyNotFound
 from crypto_server.domain.key_integrity import (
@@ -28,7 +30,7 @@ from crypto_server.domain.key_integrity import (
 )
 from crypto_server.domain.key_wrap import WrappingKey, make_root_key_check, root_key_matches
 from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
-from crypto_server.service.audit import AuditTrail, CryptoRecording
+from crypto_server.service.audit import AuditTrail
 from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.key_lifecycle import KeyLifecycle
@@ -46,6 +48,7 @@ from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.authorization import AccessControl, parse_policy
 from crypto_server.transport.call_audit import CallAudit
+from crypto_server.transport.call_deadline import time_left
 from crypto_server.transport.crypto_servicer import CryptoServicer
 from crypto_server.transport.health import StoreHealthMonitor
 from crypto_server.transport.identity import TokenVerifier, parse_jwks
@@ -262,28 +265,50 @@ def _serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[
 def _open_store(settings: Settings) -> tuple[KeyStore, str]:
     """The configured key store and a name for it that keeps shared caches apart."""
     if settings.mongodb_uri:
-        store = MongoKeyStore(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
+        store = MongoKeyStore(
+            settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s, time_left=time_left
+        )
         return store, f"mongo:{settings.mongodb_database}"
     # Two embedded stores sharing one Redis must not share cache entries: name the store by its file.
     location = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:12]
     return SqliteKeyStore(settings.data_dir), f"embedded:{location}"
 
 
+@dataclass(frozen=True)
+class _RedisCache:
+    """The Redis client, its back-off guard, and the store behind the cache: the server also subscribes to
+    invalidations with the first two."""
+
+    client: redis.Redis
+    guard: redis_cache.RedisGuard
+    store: redis_cache.RedisCachedKeyStore
+
+
+def _redis_cache(
+    settings: Settings, store: KeyStore, namespace: str, on_failure: Callable[[], None] | None = None
+) -> _RedisCache | None:
+    """`store` behind the Redis cache when REDIS_URL is set; None without Redis."""
+    if not settings.redis_url:
+        return None
+    client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
+    guard = redis_cache.RedisGuard(on_failure=on_failure)
+    cached = redis_cache.RedisCachedKeyStore(store, client, namespace, ttl_s=settings.cache_ttl_s, guard=guard)
+    return _RedisCache(client, guard, cached)
+
+
 def open_key_store(settings: Settings) -> KeyStore:
     """The configured store, behind the Redis cache when REDIS_URL is set (for tools that write keys)."""
     store, namespace = _open_store(settings)
-    if settings.redis_url:
-        client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-        return redis_cache.RedisCachedKeyStore(
-            store, client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_cache.RedisGuard()
-        )
-    return store
+    cache = _redis_cache(settings, store, namespace)
+    return store if cache is None else cache.store
 
 
 def open_audit_sink(settings: Settings) -> AuditSink:
     """The audit sink that goes with the configured store: its MongoDB database, or a file."""
     if settings.mongodb_uri:
-        return MongoAuditSink(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
+        return MongoAuditSink(
+            settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s, time_left=time_left
+        )
     return FileAuditSink(settings.audit_path)
 
 
@@ -336,13 +361,9 @@ def build_server(
     try:
         _check_root_key(store, root, other_root)
         authenticator = load_metadata_authenticator(store, (root, other_root) if other_root else (root,))
-        redis_client = redis_guard = cached_store = None
-        if settings.redis_url:
-            redis_client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-            redis_guard = redis_cache.RedisGuard(on_failure=metrics.redis_errors.inc if metrics else None)
-            store = cached_store = redis_cache.RedisCachedKeyStore(
-                store, redis_client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_guard
-            )
+        cache = _redis_cache(settings, store, namespace, on_failure=metrics.redis_errors.inc if metrics else None)
+        if cache is not None:
+            store = cache.store
         store = AuthenticatedKeyStore(
             store, authenticator, on_failure=metrics.integrity_failures.inc if metrics else None
         )
@@ -355,8 +376,8 @@ def build_server(
             other_roots=(other_root,) if other_root else (),
         )
         invalidation: Invalidation
-        if redis_client is not None and redis_guard is not None:
-            invalidation = redis_cache.RedisInvalidation(redis_client, namespace, keyring, guard=redis_guard)
+        if cache is not None:
+            invalidation = redis_cache.RedisInvalidation(cache.client, namespace, keyring, guard=cache.guard)
             background.append(invalidation)
         else:
             invalidation = LocalInvalidation(keyring)
@@ -366,7 +387,7 @@ def build_server(
             keyring,
             interval_s=settings.invalidation_interval_s,
             margin_s=change_margin(settings.store_timeout_s).total_seconds(),
-            cache_fixes=[cached_store.drop_if_older] if cached_store is not None else [],
+            cache_fixes=[cache.store.drop_if_older] if cache is not None else [],
         )
         poller.start()
         background.append(poller)

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from crypto_client.v1 import crypto_service_pb2, key_service_pb2
 from crypto_server.backup_key import load_backup_private_key
 from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.audit_recording import CryptoRecording
 from crypto_server.domain.clock import Clock, SystemClock
 from crypto_server.domain.errors import InvalidArgument, KeyNotFound
 from crypto_server.domain.key_integrity import (
@@ -30,7 +31,7 @@ from crypto_server.domain.key_integrity import (
 )
 from crypto_server.domain.key_wrap import WrappingKey, make_root_key_check, root_key_matches
 from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
-from crypto_server.service.audit import AuditTrail, CryptoRecording
+from crypto_server.service.audit import AuditTrail
 from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.key_backup import KeyBackups
@@ -51,6 +52,7 @@ from crypto_server.storage.redis.invalidation import RedisInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.authorization import AccessControl, parse_policy
 from crypto_server.transport.call_audit import CallAudit
+from crypto_server.transport.call_deadline import time_left
 from crypto_server.transport.crypto_servicer import CryptoServicer
 from crypto_server.transport.health import StoreHealthMonitor
 from crypto_server.transport.identity import TokenVerifier, parse_jwks
@@ -280,11 +282,35 @@ def serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[g
 def _open_store(settings: Settings) -> tuple[KeyStore, str]:
     """The configured key store and a name for it that keeps shared caches apart."""
     if settings.mongodb_uri:
-        store = MongoKeyStore(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
+        store = MongoKeyStore(
+            settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s, time_left=time_left
+        )
         return store, f"mongo:{settings.mongodb_database}"
     # Two embedded stores sharing one Redis must not share cache entries: name the store by its file.
     location = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:12]
     return SqliteKeyStore(settings.data_dir), f"embedded:{location}"
+
+
+@dataclass(frozen=True)
+class _RedisCache:
+    """The Redis client, its back-off guard, and the key records behind the cache: the server also subscribes
+    to invalidations with the first two."""
+
+    client: redis.Redis
+    guard: RedisGuard
+    store: RedisCachedKeyStore
+
+
+def _redis_cache(
+    settings: Settings, store: CachedRoles, namespace: str, on_failure: Callable[[], None] | None = None
+) -> _RedisCache | None:
+    """`store`'s key records behind the Redis cache when REDIS_URL is set; None without Redis."""
+    if not settings.redis_url:
+        return None
+    client = connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
+    guard = RedisGuard(on_failure=on_failure)
+    cached = RedisCachedKeyStore(store, client, namespace, ttl_s=settings.cache_ttl_s, guard=guard)
+    return _RedisCache(client, guard, cached)
 
 
 @dataclass
@@ -307,17 +333,16 @@ class OpenedStore:
 def open_key_store(settings: Settings) -> OpenedStore:
     """The configured store, its key records behind the Redis cache when REDIS_URL is set (for tools)."""
     store, namespace = _open_store(settings)
-    if settings.redis_url:
-        client = connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-        cache = RedisCachedKeyStore(store, client, namespace, ttl_s=settings.cache_ttl_s, guard=RedisGuard())
-        return OpenedStore(store, cache, client)
-    return OpenedStore(store, store)
+    cache = _redis_cache(settings, store, namespace)
+    return OpenedStore(store, store) if cache is None else OpenedStore(store, cache.store, cache.client)
 
 
 def open_audit_sink(settings: Settings) -> AuditSink:
     """The audit sink that goes with the configured store: its MongoDB database, or a file."""
     if settings.mongodb_uri:
-        return MongoAuditSink(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
+        return MongoAuditSink(
+            settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s, time_left=time_left
+        )
     return FileAuditSink(settings.audit_path)
 
 
@@ -372,18 +397,14 @@ def build_server(
         _check_root_key(store, root, other_root)
         authenticator = load_metadata_authenticator(store, (root, other_root) if other_root else (root,))
         # Key reads and writes go through the Redis cache (if any) and the integrity check; every other role
-        # of the store (schedule, counters, leases, change feed, health, statistics) straight to the circuit.
-        serving: KeyServing = store
-        redis_client = redis_guard = cached_store = None
-        if settings.redis_url:
-            redis_client = connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-            background.append(_ClosedRedis(redis_client))  # after the invalidation thread that shares it
-            redis_guard = RedisGuard(on_failure=metrics.redis_errors.inc if metrics else None)
-            serving = cached_store = RedisCachedKeyStore(
-                store, redis_client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_guard
-            )
-        serving = AuthenticatedKeyStore(
-            serving, authenticator, on_failure=metrics.integrity_failures.inc if metrics else None
+        # of the store (schedule, leases, change feed, health, statistics) straight to the circuit.
+        cache = _redis_cache(settings, store, namespace, on_failure=metrics.redis_errors.inc if metrics else None)
+        if cache is not None:
+            background.append(_ClosedRedis(cache.client))  # after the invalidation thread that shares it
+        serving: KeyServing = AuthenticatedKeyStore(
+            store if cache is None else cache.store,
+            authenticator,
+            on_failure=metrics.integrity_failures.inc if metrics else None,
         )
         keyring = Keyring(
             serving,
@@ -394,8 +415,8 @@ def build_server(
             other_roots=(other_root,) if other_root else (),
         )
         invalidation: Invalidation
-        if redis_client is not None and redis_guard is not None:
-            invalidation = RedisInvalidation(redis_client, namespace, keyring, guard=redis_guard)
+        if cache is not None:
+            invalidation = RedisInvalidation(cache.client, namespace, keyring, guard=cache.guard)
             background.append(invalidation)
         else:
             invalidation = LocalInvalidation(keyring)
@@ -405,7 +426,7 @@ def build_server(
             keyring,
             interval_s=settings.invalidation_interval_s,
             margin_s=change_margin(settings.store_timeout_s).total_seconds(),
-            cache_fixes=[cached_store.drop_if_older] if cached_store is not None else [],
+            cache_fixes=[cache.store.drop_if_older] if cache is not None else [],
         )
         poller.start()
         background.append(poller)
@@ -430,7 +451,7 @@ def build_server(
             usage_soft_limit=settings.usage_soft_limit,
         )
         budget = UsageBudget(
-            cached_store if cached_store is not None else store,  # a soft-limit mark drops the cached copy
+            store if cache is None else cache.store,  # a soft-limit mark drops the cached copy
             clock,
             soft_limit=settings.usage_soft_limit,
             hard_limit=settings.usage_hard_limit,

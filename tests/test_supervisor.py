@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -27,6 +26,7 @@ from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_server.config import ConfigError, Settings, available_cpus
 from tests.conftest import Launch
 from tests.servers import CryptoServerProcess, MongoServer, RedisServer
+from tests.waiting import eventually
 
 TENANT = "acme"
 # Short enough that a test waits little for a change to cross processes; the keyring TTL (300 s) is far longer,
@@ -49,11 +49,7 @@ def _launch_two(launch: Launch, **env: str) -> CryptoServerProcess:
 
 
 def _eventually(condition: Callable[[], object], what: str, timeout_s: float = EVENTUALLY_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        time.sleep(0.02)
+    eventually(condition, timeout_s=timeout_s, what=what)
 
 
 def _rpcs_served(metrics_port: int) -> float:

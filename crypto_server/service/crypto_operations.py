@@ -29,6 +29,7 @@ from crypto_server.domain.errors import (
     UnexpectedError,
 )
 from crypto_server.domain.keys import KeyType, KeyVersionState, validate_tenant_id
+from crypto_server.domain.limits import MAX_AAD_BYTES
 from crypto_server.service.keyring import Keyring, LoadedKey
 from crypto_server.service.usage_budget import UsageBudget
 from crypto_server.storage.port import VersionRef
@@ -36,14 +37,10 @@ from crypto_server.storage.port import VersionRef
 log = logging.getLogger(__name__)
 DEFAULT_MAX_PLAINTEXT_BYTES = 1024 * 1024
 DEFAULT_MAX_BATCH_ITEMS = 1000
-# Request bytes (plaintexts or ciphertexts, and aads) in one batch. With the per-item overhead of the
-# response (BATCH_ITEM_RESPONSE_BYTES) the answer to the largest batch fits in one 16 MiB message.
+# Request bytes (plaintexts or ciphertexts, and aads) in one batch; the configuration checks that the answer
+# to the largest batch fits in one message.
 DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
-# A generous bound on what one item adds to a batch response beyond its request bytes: ciphertext
-# overhead (codec.OVERHEAD_BYTES), key id, version and framing, or an ItemError with its message.
-BATCH_ITEM_RESPONSE_BYTES = 1024
 DATA_KEY_BYTES = 32
-MAX_AAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,14 +15,15 @@ server processes on one database:
   KeyLifecycle.rotate_key) rather than failing on it;
 - at most one master key per tenant is enforced by a unique partial index.
 
-Every round trip is bounded by the current call's deadline (and the store
-timeout), so a dead database answers UNAVAILABLE instead of hanging a worker.
+Every round trip is bounded by the store timeout and, through `time_left`, by
+the current call's deadline, so a dead database answers UNAVAILABLE instead of
+hanging a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,7 +33,6 @@ from bson.binary import Binary
 from pymongo import ASCENDING, MongoClient
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from crypto_server.call_deadline import time_left
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
@@ -72,11 +72,20 @@ def _state_filter(state: KeyState, now: datetime) -> dict[str, Any]:
     return found
 
 
+def _all_of_it(timeout_s: float) -> float:
+    return timeout_s
+
+
 class MongoKeyStore:
     """KeyStore over MongoDB (see storage/port.py for the contract)."""
 
-    def __init__(self, uri: str, database: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, uri: str, database: str, *, timeout_s: float = 5.0, time_left: Callable[[float], float] = _all_of_it
+    ) -> None:
+        """`time_left(timeout_s)`: how long the next round trip may take, at most `timeout_s`; the server passes
+        the time its current call has left (the default allows the whole store timeout)."""
         self._timeout_s = timeout_s
+        self._time_left = time_left
         timeout_ms = int(timeout_s * 1000)
         self._client: MongoClient[dict[str, Any]] = MongoClient(
             uri,
@@ -127,7 +136,7 @@ class MongoKeyStore:
     def _bounded(self) -> Iterator[None]:
         """Bound the round trips inside by the call's deadline; driver errors become StoreUnavailable."""
         try:
-            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+            with pymongo.timeout(max(0.001, self._time_left(self._timeout_s))):
                 yield
         except DuplicateKeyError:
             raise

@@ -36,8 +36,9 @@ from crypto_server.domain.ciphertext import read_header
 from crypto_server.service.key_rotator import LEASE_NAME
 from tests.conftest import FakeClock, Launch, StartServer, error_info
 from tests.reliability.clocked_server import CLOCK_FILE_VARIABLE, FileClock
-from tests.reliability.conftest import Replica, within
+from tests.reliability.conftest import Replica
 from tests.servers import CryptoServerProcess, MongoServer, RedisServer
+from tests.waiting import eventually
 
 TENANT = "acme"
 HOUR = timedelta(hours=1)
@@ -83,7 +84,7 @@ def _holds(seconds: float, check: Callable[[], bool]) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         assert check()
-        time.sleep(0.05)
+        time.sleep(0.05)  # the replicas are real processes whose rotator passes run on real time
     assert check()
 
 
@@ -135,10 +136,14 @@ def test_three_hours_give_three_versions_and_the_other_replica_takes_over_when_t
 
     for hour in range(1, 4):
         clock.advance(HOUR)
-        within(5.0, versions_made(1 + hour))
+        eventually(versions_made(1 + hour), timeout_s=5.0, what="the replicas to get there")
         _holds(0.3, versions_made(1 + hour))  # once per period, however many passes
     assert versions() == [1, 2, 3, 4]
-    within(5.0, lambda: sum(len(_rotations(replica, key.key_id)) for replica in replicas) == 3)
+    eventually(
+        lambda: sum(len(_rotations(replica, key.key_id)) for replica in replicas) == 3,
+        timeout_s=5.0,
+        what="the replicas to get there",
+    )
     # Each version made once, by the one replica holding the lease (whichever took it first).
     made = {index: _rotations(replica, key.key_id) for index, replica in enumerate(replicas)}
     assert sorted(made[0] + made[1]) == [2, 3, 4]
@@ -154,17 +159,18 @@ def test_three_hours_give_three_versions_and_the_other_replica_takes_over_when_t
     clock.advance(HOUR)  # the key is due again, but the dead replica's lease has 30 minutes left
     _holds(0.5, versions_made(4))
     clock.advance(LEASE - HOUR + timedelta(seconds=1))  # the lease has run out
-    within(5.0, versions_made(5))
-    within(5.0, lambda: _rotations(survivor, key.key_id) == [5])  # its log line follows the write
+    eventually(versions_made(5), timeout_s=5.0, what="the replicas to get there")
+    # its log line follows the write
+    eventually(lambda: _rotations(survivor, key.key_id) == [5], timeout_s=5.0, what="the survivor's rotation log line")
     taken = database["leases"].find_one({"_id": LEASE_NAME})
     assert taken is not None and taken["holder"] != lease["holder"]
     assert survivor.encrypt(key.key_id).key_version == 5
 
     # The survivor keeps the schedule: one version per period from the rotation it made.
     clock.advance(HOUR)
-    within(5.0, versions_made(6))
+    eventually(versions_made(6), timeout_s=5.0, what="the replicas to get there")
     _holds(0.3, versions_made(6))
-    within(5.0, lambda: _rotations(survivor, key.key_id) == [5, 6])
+    eventually(lambda: _rotations(survivor, key.key_id) == [5, 6], timeout_s=5.0, what="the replicas to get there")
 
 
 # -- usage budget --------------------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ def test_concurrent_encryption_on_two_replicas_rotates_at_the_soft_limit_and_sta
                 assert error_info(error).reason == EXHAUSTED
                 with lock:
                     refused[replica_index] += 1
-                time.sleep(0.01)
+                enough.wait(0.01)  # a moment for the rotation to reach this replica (a real process)
                 continue
             with lock:
                 sealed.append((reply.ciphertext, plaintext, reply.key_version))
@@ -267,7 +273,11 @@ def test_concurrent_encryption_on_two_replicas_rotates_at_the_soft_limit_and_sta
     assert tally[3] < SOFT_LIMIT
 
     # One rotator for the deployment: one replica made both versions (the lease holder; the lease is live).
-    within(5.0, lambda: sum(len(_rotations(replica, key.key_id)) for replica in replicas) == 2)
+    eventually(
+        lambda: sum(len(_rotations(replica, key.key_id)) for replica in replicas) == 2,
+        timeout_s=5.0,
+        what="the replicas to get there",
+    )
     made = [_rotations(replica, key.key_id) for replica in replicas]
     assert sorted(made, key=len) == [[], [2, 3]], made
     assert database["leases"].find_one({"_id": LEASE_NAME}) is not None

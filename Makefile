@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint proto proto-check unasync unasync-check bench bench-quick chaos docker-build up down \
+.PHONY: help install run test lint proto proto-check unasync unasync-check bench bench-quick bench-peers bench-peers-quick chaos docker-build up down \
 	logs lock lock-check
 
 help: ## List the targets
@@ -55,6 +55,12 @@ chaos: $(INSTALLED) ## Faults at random moments under load on two replicas (< 3 
 
 bench-quick: $(INSTALLED) ## The benchmarks with short phases (under a minute); writes bench/results/quick.json
 	$(BIN)/python -m bench --quick
+
+bench-peers: $(INSTALLED) ## Ours vs moto's AWS KMS emulation (Encrypt, Decrypt, GenerateDataKey); writes bench/results/peers.json
+	$(BIN)/python -m bench.peers
+
+bench-peers-quick: $(INSTALLED) ## bench-peers with short runs (about a minute); writes bench/results/peers-quick.json
+	$(BIN)/python -m bench.peers --quick
 
 # Private to the user the container runs as (deploy/compose/root_key_secret.py says why and how).
 secrets/crypto_root_key:

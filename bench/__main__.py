@@ -34,6 +34,12 @@ TARGETS = (
     ("audit denied_only: encrypt rps >= 0.95 x none", ("audit", "denied_only_rps_ratio_to_none"), ">=", 0.95),
     ("audit all: encrypt rps >= 0.60 x none", ("audit", "all_rps_ratio_to_none"), ">=", 0.60),
     ("mTLS + policy + audit denied_only: encrypt rps >= 0.90 x plain", ("security", "rps_ratio"), ">=", 0.90),
+    (
+        "usage counting: encrypt rps >= 0.95 x before issue 13 @16",
+        ("lifecycle", "16", "encrypt_rps_ratio_now_to_before"),
+        ">=",
+        0.95,
+    ),
     ("HSM root: warm keys within 10% of file root", ("cold_tenants", "hsm_to_file_warm_ratio"), ">=", 0.90),
 )
 
@@ -110,6 +116,8 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
             security_scratch = Path(scratch) / "security"
             security_scratch.mkdir()
             results["security"] = scenarios.security_cost(backends, phases, security_scratch)
+            log("key lifecycle (usage counting, rotator): today's server against the one before issue 13")
+            results["lifecycle"] = scenarios.lifecycle_cost(backends, phases, Path(scratch))
         finally:
             backends.stop()
     results["targets"] = _targets(results)
@@ -157,6 +165,13 @@ def table(results: dict[str, Any]) -> str:
         row(f"audit {mode}: encrypt @16 rps", results["audit"][mode]["rps"])
     for mode in ("plain", "mtls_policy_audit"):
         row(f"security {mode}: encrypt @16 rps (python client)", results["security"][mode]["rps"])
+    lifecycle = results.get("lifecycle", {})
+    for level in ("16", "64"):
+        if level in lifecycle:
+            for name in ("before", "now"):
+                row(f"lifecycle {name}: encrypt @{level} rps", lifecycle[level][name]["encrypt"])
+            ratio = lifecycle[level]["encrypt_rps_ratio_now_to_before"]
+            lines.append(f"{'lifecycle now / before, encrypt @' + level:<44} {ratio:>12.2f}")
     lines.append("")
     lines.append(f"{'target':<48} {'value':>10}  {'bound':<8} met")
     for target in results["targets"]:

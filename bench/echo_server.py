@@ -39,4 +39,4 @@ def add_echo_service(server: grpc.Server) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(register=[add_echo_service]))
+    raise SystemExit(main(register=[add_echo_service], worker_module="bench.echo_server"))

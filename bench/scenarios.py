@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from crypto_client import ClientConfig, CryptoClient, KeyType
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import key_service_pb2_grpc, resources_pb2
-from tests.servers import CryptoServerProcess, MongoServer, RedisServer, SoftHsm, find_softhsm_library, free_port
+from tests.servers import CryptoServerProcess, MongoServer, RedisServer, SoftHsm, find_softhsm_library
 
 ENCRYPT = "/caas.crypto.v1.CryptoService/Encrypt"
 DECRYPT = "/caas.crypto.v1.CryptoService/Decrypt"
@@ -122,10 +123,10 @@ class Backends:
 
 @contextmanager
 def bench_server(env: dict[str, str], *, processes: int = 1) -> Iterator[list[CryptoServerProcess]]:
-    """The crypto server with the echo baseline, in `processes` processes sharing one port."""
-    if processes > 1:
-        env = {**env, "CRYPTO_REUSE_PORT": "1", "CRYPTO_PORT": str(free_port())}
-    servers = [CryptoServerProcess.launch(env, module="bench.echo_server") for _ in range(processes)]
+    """The crypto server with the echo baseline, in `processes` worker processes sharing one port under one
+    supervisor (CRYPTO_PROCESSES); the list holds the one process started."""
+    env = {**env, "CRYPTO_PROCESSES": str(processes)}
+    servers = [CryptoServerProcess.launch(env, module="bench.echo_server")]
     try:
         yield servers
     finally:
@@ -352,13 +353,12 @@ def _echo_stream_mb_s(address: str, chunk: bytes, size_mib: int) -> float:
 
 
 def scale_out(backends: Backends, phases: Phases) -> dict[str, Any]:
-    """Scenario 5: 1 vs 2 server processes sharing the port (SO_REUSEPORT), h2load over 8 connections.
-
-    The processes share the embedded store and a Redis for invalidation (multi-process mode requires it).
-    """
+    """Scenario 5: CRYPTO_PROCESSES=1 vs 2 (workers sharing the port with SO_REUSEPORT under one supervisor),
+    h2load over 8 connections. The embedded store, no Redis: the workers learn each other's key changes from the
+    store (the change poller)."""
     results: dict[str, Any] = {}
     for processes in (1, 2):
-        with bench_server(backends.env("embedded_redis", f"scale{processes}"), processes=processes) as servers:
+        with bench_server(backends.env("embedded", f"scale{processes}"), processes=processes) as servers:
             address = servers[0].address
             _, encrypt, _ = _prepared_requests(address)
             rps = [
@@ -470,6 +470,67 @@ def security_cost(backends: Backends, phases: Phases, scratch: Path) -> dict[str
         results[mode] = {"rps": summary([r.rps for r in measured]), "p99_ms": summary([r.p99_ms for r in measured])}
     results["rps_ratio"] = results["mtls_policy_audit"]["rps"]["median"] / results["plain"]["rps"]["median"]
     results["p99_ratio"] = results["mtls_policy_audit"]["p99_ms"]["median"] / results["plain"]["p99_ms"]["median"]
+    return results
+
+
+# The last commit before issue 13 (automatic rotation, usage budget per key version): the lifecycle scenario's
+# baseline, run from its own source tree in the same run as today's server.
+BEFORE_LIFECYCLE = "461a99f0a7fd13ddd40bdcfb53684f038270aa86"
+
+
+def _source_tree_at(commit: str, directory: Path) -> Path | None:
+    """The repository's files at `commit`, extracted under `directory`; None without git history (a shallow or
+    exported copy), in which case the scenario is skipped and says why."""
+    repository = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(repository), "archive", "--format=tar", commit], capture_output=True, check=False
+    )
+    if archive.returncode != 0:
+        return None
+    directory.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive.stdout, check=True)
+    return directory
+
+
+def lifecycle_cost(backends: Backends, phases: Phases, scratch: Path) -> dict[str, Any]:
+    """Encrypt of 1 KiB at 16 and 64 in flight on today's server (usage counting, rotator) and on the server as it
+    was before issue 13, each on its own embedded store, runs interleaved: rps ratios, raw and each normalised by
+    its own server's empty call. The old server runs from an extracted tree (PYTHONSAFEPATH keeps the working
+    directory off its import path, PYTHONPATH puts the old tree first)."""
+    old_tree = _source_tree_at(BEFORE_LIFECYCLE, scratch / "before-lifecycle")
+    if old_tree is None:
+        return {"skipped": f"no git history with {BEFORE_LIFECYCLE[:12]} (shallow clone?)"}
+    variants = {
+        "before": {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(old_tree)},
+        "now": {},
+    }
+    results: dict[str, Any] = {"baseline_commit": BEFORE_LIFECYCLE}
+    with contextlib.ExitStack() as stack:
+        prepared = {}
+        for name, extra in variants.items():
+            env = {**backends.env("embedded", f"lifecycle-{name}"), **extra}
+            address = stack.enter_context(bench_server(env))[0].address
+            prepared[name] = (address, _prepared_requests(address)[1])
+        for in_flight in (16, 64):
+            runs: dict[str, dict[str, list[float]]] = {name: {"encrypt": [], "empty": []} for name in variants}
+            for _ in range(phases.repetitions):
+                for name, (address, encrypt) in prepared.items():  # interleaved, so drift hits both alike
+                    for call, (method, message) in {"encrypt": (ENCRYPT, encrypt), "empty": (ECHO_METHOD, b"")}.items():
+                        measured = h2load.run(
+                            address, method, message, requests=phases.unary_requests, in_flight=in_flight
+                        )
+                        if measured.failed:
+                            raise RuntimeError(f"{call} on the {name} server had failed requests")
+                        runs[name][call].append(measured.rps)
+            level: dict[str, Any] = {
+                name: {call: summary(values) for call, values in calls.items()} for name, calls in runs.items()
+            }
+            now, before = level["now"], level["before"]
+            level["encrypt_rps_ratio_now_to_before"] = now["encrypt"]["median"] / before["encrypt"]["median"]
+            level["encrypt_to_empty_now_to_before"] = (now["encrypt"]["median"] / now["empty"]["median"]) / (
+                before["encrypt"]["median"] / before["empty"]["median"]
+            )
+            results[str(in_flight)] = level
     return results
 
 

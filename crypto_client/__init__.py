@@ -20,6 +20,7 @@ from crypto_client.config import BreakerPolicy, ClientConfig, RetryPolicy, tls_c
 from crypto_client.envelope import AsyncEnvelopeCipher, DataKeyCache, EnvelopeCipher, NullDataKeyCache
 from crypto_client.errors import (
     AlgorithmMismatchError,
+    BackupKeyMismatchError,
     CircuitOpenError,
     ConflictError,
     CryptoClientError,
@@ -90,6 +91,7 @@ __all__ = [
     "AsyncSessionKeys",
     "AsyncTokenSigner",
     "AuditRecord",
+    "BackupKeyMismatchError",
     "BlindIndex",
     "BreakerPolicy",
     "BreakerState",

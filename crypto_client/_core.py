@@ -54,9 +54,11 @@ class ClientCore:
         self.config = config
         self.metrics = ClientMetrics()
         self.breaker = CircuitBreaker(
-            config.breaker, on_transition=lambda _old, _new: self.metrics.add("breaker_transitions")
+            config.breaker,
+            clock=config.clock,
+            on_transition=lambda _old, _new: self.metrics.add("breaker_transitions"),
         )
-        self.key_cache = KeyMetadataCache(config.key_cache_ttl_s, config.key_cache_size)
+        self.key_cache = KeyMetadataCache(config.key_cache_ttl_s, config.key_cache_size, clock=config.clock)
 
     def tenant(self, tenant_id: str | None) -> str:
         """The tenant a call is for: its own `tenant_id`, else the client's default; checked before sending."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,8 @@ class ClientConfig:
     `key_cache_ttl_s`: how long get_key answers from memory (0 turns the cache off).
     `max_reconnect_backoff_s`: the longest the channel waits between attempts to reconnect to a server that
     is down (gRPC's own default grows to 120 s); the client is back within about this long of the server.
+    `clock`: monotonic seconds for the key cache's lifetime and the breaker's reset timeout (tests pass a clock
+    they move by hand). Call deadlines always use the real clock: gRPC enforces them in real time.
     """
 
     credentials: grpc.ChannelCredentials | None = None
@@ -88,6 +91,7 @@ class ClientConfig:
     # default of 4 MiB would refuse a large batch or Decrypt answer the server may legitimately send.
     max_receive_message_bytes: int = 72 * 1024 * 1024
     max_reconnect_backoff_s: float = 1.0
+    clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0:

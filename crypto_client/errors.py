@@ -112,6 +112,10 @@ class AlgorithmMismatchError(FailedPreconditionError):
     """The key's algorithm does not do this operation (e.g. Encrypt with an HMAC key)."""
 
 
+class BackupKeyMismatchError(FailedPreconditionError):
+    """The backup is encrypted for a backup key (or root key) the server does not hold; the message names both."""
+
+
 class PermissionDeniedError(CryptoClientError):
     pass
 
@@ -205,6 +209,11 @@ _BY_REASON: dict[str, type[CryptoClientError]] = {
     "ERROR_REASON_KEY_VERSION_STATE": KeyVersionStateError,
     "ERROR_REASON_TENANT_DESTROYED": TenantDestroyedError,
     "ERROR_REASON_TENANT_DESTRUCTION_SCHEDULED": TenantDestructionScheduledError,
+    "ERROR_REASON_BACKUP_MALFORMED": InvalidArgumentError,
+    "ERROR_REASON_BACKUP_TAMPERED": InvalidArgumentError,
+    "ERROR_REASON_BACKUP_KEY_MISMATCH": BackupKeyMismatchError,
+    "ERROR_REASON_KEY_EXISTS": KeyAlreadyExistsError,
+    "ERROR_REASON_BACKUP_KEY_UNSUPPORTED": InvalidArgumentError,
 }
 _BY_CODE: dict[grpc.StatusCode, type[CryptoClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from urllib.parse import urlsplit
 
 import grpc
@@ -19,8 +20,10 @@ from pymongo.errors import ConfigurationError as MongoConfigurationError
 
 from crypto_server.app import build_server
 from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import RootKeyUnavailable, StoreUnavailable
 from crypto_server.log_format import configure_logging, stop_logging
+from crypto_server.supervisor import WorkerLink, supervise, worker_environment
 
 log = logging.getLogger("crypto_server")
 EXIT_OK, EXIT_UNEXPECTED, EXIT_CONFIG, EXIT_STORE_UNREACHABLE = 0, 1, 2, 3
@@ -80,17 +83,51 @@ def _refuse_start(message: str, code: int, **fields: object) -> int:
     return code
 
 
-def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
+def _announce_serving(settings: Settings, fields: Mapping[str, object], *, message: str = "serving") -> None:
+    """The start-up line (the one line that says where, which store and how secure), then the INSECURE warning."""
+    log.info(
+        message,
+        extra={
+            "host": settings.host,
+            **store_description(settings),
+            **security_description(settings),
+            "workers": settings.workers,
+            **fields,
+        },
+    )
+    if message == "serving" and (not settings.tls or settings.policy_file is None):
+        log.warning(
+            "INSECURE: %s; fine for development on this machine, never for production (docs/security.md)",
+            "no TLS" if not settings.tls else "no access policy",
+            extra={"host": settings.host, "allow_insecure": settings.allow_insecure},
+        )
+
+
+def main(
+    register: Sequence[Callable[[grpc.Server], None]] = (),
+    *,
+    worker_module: str = "crypto_server",
+    clock: Clock | None = None,
+) -> int:
     """Run until SIGTERM/SIGINT; the exit code (module docstring).
 
-    `register` adds services to the server before it starts (the benchmark's echo baseline uses it).
+    `register` adds services to the server before it starts (the benchmark's echo baseline uses it). With
+    CRYPTO_PROCESSES above 1 this process supervises that many `python -m <worker_module>` workers
+    (crypto_server/supervisor.py); `worker_module` must call main with the same `register`. `clock` replaces
+    the system clock; only code can pass one (no setting does), so only a test's own entry point
+    (tests/reliability/clocked_server.py) runs the service on another clock.
     """
     configure_logging("INFO")  # JSON from the first line on, even for a configuration error
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(worker_environment())
     except ConfigError as error:
         return _refuse_start(f"configuration error: {error}", EXIT_CONFIG)
     configure_logging(settings.log_level)
+    if settings.processes > 1:
+        code = supervise(settings, worker_module=worker_module, announce=partial(_announce_serving, settings))
+        stop_logging()
+        return code
+    link = WorkerLink.from_env()
     stop_requested = threading.Event()
     received: list[str] = []
 
@@ -103,7 +140,7 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
     signal.signal(signal.SIGINT, request_stop)
     store = store_description(settings)
     try:
-        running = build_server(settings, register=register)
+        running = build_server(settings, clock=clock, register=register)
     except (ConfigError, MongoConfigurationError) as error:
         return _refuse_start(f"cannot start: configuration error: {error}", EXIT_CONFIG, **store)
     except RootKeyUnavailable as error:
@@ -118,30 +155,25 @@ def main(register: Sequence[Callable[[grpc.Server], None]] = ()) -> int:
         log.exception("cannot start: unexpected error", extra={"exit_code": EXIT_UNEXPECTED, "error": repr(error)})
         stop_logging()
         return EXIT_UNEXPECTED
-    log.info(
-        "serving",
-        extra={
-            "host": settings.host,
-            "port": running.port,
-            **store,
-            **security_description(settings),
-            "workers": settings.workers,
-            "metrics_port": running.metrics_port,
-            "health_port": running.health_port,
-        },
-    )
-    if not settings.tls or settings.policy_file is None:
-        log.warning(
-            "INSECURE: %s; fine for development on this machine, never for production (docs/security.md)",
-            "no TLS" if not settings.tls else "no access policy",
-            extra={"host": settings.host, "allow_insecure": settings.allow_insecure},
-        )
+    served = {"port": running.port, "metrics_port": running.metrics_port, "health_port": running.health_port}
+    if link is None:
+        _announce_serving(settings, served)
+    else:
+        _announce_serving(settings, {**served, "worker": link.index}, message="worker serving")
+
+        def orphaned() -> None:
+            received.append("supervisor gone")
+            stop_requested.set()
+
+        link.serving(running, interval_s=settings.health_interval_s, on_orphaned=orphaned)
     stop_requested.wait()
     log.info(
         "stopping",
         extra={"signal": received[0], "drain_s": settings.shutdown_drain_s, "grace_s": settings.shutdown_grace_s},
     )
     running.stop(settings.shutdown_grace_s, drain_s=settings.shutdown_drain_s)
+    if link is not None:
+        link.close()
     log.info("stopped")
     stop_logging()
     return EXIT_OK

@@ -12,11 +12,14 @@ from datetime import timedelta
 from typing import Protocol
 
 import grpc
+import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from crypto_client.v1 import crypto_service_pb2, key_service_pb2
+from crypto_server.backup_key import load_backup_private_key
 from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.audit_recording import CryptoRecording
 from crypto_server.domain.clock import Clock, SystemClock
 from crypto_server.domain.errors import InvalidArgument, KeyNotFound
 from crypto_server.domain.key_integrity import (
@@ -28,9 +31,10 @@ from crypto_server.domain.key_integrity import (
 )
 from crypto_server.domain.key_wrap import WrappingKey, make_root_key_check, root_key_matches
 from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
-from crypto_server.service.audit import AuditTrail, CryptoRecording
+from crypto_server.service.audit import AuditTrail
 from crypto_server.service.change_poller import ChangePoller, change_margin
 from crypto_server.service.crypto_operations import CryptoOperations
+from crypto_server.service.key_backup import KeyBackups
 from crypto_server.service.key_destroyer import KeyDestroyer
 from crypto_server.service.key_destruction import KeyDestruction
 from crypto_server.service.key_lifecycle import KeyLifecycle
@@ -39,15 +43,18 @@ from crypto_server.service.keyring import Keyring
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.service.quotas import quotas_for
 from crypto_server.service.usage_budget import UsageBudget
-from crypto_server.storage import redis_cache
 from crypto_server.storage.audit_sinks import AuditSink, AuditSinkError, FileAuditSink, MongoAuditSink
 from crypto_server.storage.circuit import StoreCircuit
 from crypto_server.storage.integrity import AuthenticatedKeyStore
 from crypto_server.storage.mongo import MongoKeyStore
-from crypto_server.storage.port import Invalidation, KeyStore, LocalInvalidation
+from crypto_server.storage.port import Invalidation, KeyServing, KeyStore, LocalInvalidation, RootKeyChecks, StoreMeta
+from crypto_server.storage.redis.cache import CachedRoles, RedisCachedKeyStore
+from crypto_server.storage.redis.guard import RedisGuard, connect
+from crypto_server.storage.redis.invalidation import RedisInvalidation
 from crypto_server.storage.sqlite import SqliteKeyStore
 from crypto_server.transport.authorization import AccessControl, parse_policy
 from crypto_server.transport.call_audit import CallAudit
+from crypto_server.transport.call_deadline import time_left
 from crypto_server.transport.crypto_servicer import CryptoServicer
 from crypto_server.transport.health import StoreHealthMonitor
 from crypto_server.transport.identity import TokenVerifier, parse_jwks
@@ -88,6 +95,16 @@ class _Stoppable(Protocol):
 
 
 @dataclass(frozen=True)
+class _ClosedRedis:
+    """The Redis client as a background task: closed at shutdown, after everything that uses it."""
+
+    client: redis.Redis
+
+    def stop(self) -> None:
+        self.client.close()
+
+
+@dataclass(frozen=True)
 class _StoppedServer:
     """A grpc server as a background task (the health port): stopped at once, after the main server."""
 
@@ -104,7 +121,10 @@ class CryptoServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    # The database behind the circuit breaker: every role of the store.
     store: KeyStore
+    # Key reads and writes as the service makes them: through the Redis cache (if any) and the integrity check.
+    serving: KeyServing
     in_flight: InFlightCalls
     keyring: Keyring
     health_monitor: StoreHealthMonitor
@@ -155,7 +175,7 @@ class CryptoServer:
         self.store.close()
 
 
-def _check_root_key(store: KeyStore, root: RootKey, other: RootKey | None) -> None:
+def _check_root_key(store: RootKeyChecks, root: RootKey, other: RootKey | None) -> None:
     check = store.get_root_key_check()
     if check is None:
         if store.has_keys():
@@ -180,7 +200,7 @@ def _check_root_key(store: KeyStore, root: RootKey, other: RootKey | None) -> No
     )
 
 
-def load_metadata_authenticator(store: KeyStore, roots: tuple[WrappingKey, ...]) -> MetadataAuthenticator:
+def load_metadata_authenticator(store: StoreMeta, roots: tuple[WrappingKey, ...]) -> MetadataAuthenticator:
     """The authenticator of key metadata, its key created (wrapped under the root key) on a new store."""
     wrapped = store.get_meta(METADATA_KEY_RECORD)
     if wrapped is None:
@@ -250,7 +270,7 @@ def _listen(server: grpc.Server, settings: Settings) -> int:
         raise ConfigError(f"cannot listen on {address}: {error}") from None
 
 
-def _serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
+def serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[grpc.Server, int]:
     """A plaintext server with nothing but the health service (the same servicer, so the same answers)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -266,28 +286,67 @@ def _serve_health(settings: Settings, servicer: health.HealthServicer) -> tuple[
 def _open_store(settings: Settings) -> tuple[KeyStore, str]:
     """The configured key store and a name for it that keeps shared caches apart."""
     if settings.mongodb_uri:
-        store = MongoKeyStore(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
+        store = MongoKeyStore(
+            settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s, time_left=time_left
+        )
         return store, f"mongo:{settings.mongodb_database}"
     # Two embedded stores sharing one Redis must not share cache entries: name the store by its file.
     location = hashlib.sha256(str(settings.data_dir.resolve()).encode()).hexdigest()[:12]
     return SqliteKeyStore(settings.data_dir), f"embedded:{location}"
 
 
-def open_key_store(settings: Settings) -> KeyStore:
-    """The configured store, behind the Redis cache when REDIS_URL is set (for tools that write keys)."""
+@dataclass(frozen=True)
+class _RedisCache:
+    """The Redis client, its back-off guard, and the key records behind the cache: the server also subscribes
+    to invalidations with the first two."""
+
+    client: redis.Redis
+    guard: RedisGuard
+    store: RedisCachedKeyStore
+
+
+def _redis_cache(
+    settings: Settings, store: CachedRoles, namespace: str, on_failure: Callable[[], None] | None = None
+) -> _RedisCache | None:
+    """`store`'s key records behind the Redis cache when REDIS_URL is set; None without Redis."""
+    if not settings.redis_url:
+        return None
+    client = connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
+    guard = RedisGuard(on_failure=on_failure)
+    cached = RedisCachedKeyStore(store, client, namespace, ttl_s=settings.cache_ttl_s, guard=guard)
+    return _RedisCache(client, guard, cached)
+
+
+@dataclass
+class OpenedStore:
+    """The configured store as a tool that writes keys opens it (crypto-rewrap-root)."""
+
+    # Every role, straight to the database.
+    database: KeyStore
+    # The roles that write key records, through the Redis cache when REDIS_URL is set, so that no replica
+    # reads an outdated key from it.
+    key_records: CachedRoles
+    _redis: redis.Redis | None = None
+
+    def close(self) -> None:
+        self.database.close()
+        if self._redis is not None:
+            self._redis.close()
+
+
+def open_key_store(settings: Settings) -> OpenedStore:
+    """The configured store, its key records behind the Redis cache when REDIS_URL is set (for tools)."""
     store, namespace = _open_store(settings)
-    if settings.redis_url:
-        client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-        return redis_cache.RedisCachedKeyStore(
-            store, client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_cache.RedisGuard()
-        )
-    return store
+    cache = _redis_cache(settings, store, namespace)
+    return OpenedStore(store, store) if cache is None else OpenedStore(store, cache.store, cache.client)
 
 
 def open_audit_sink(settings: Settings) -> AuditSink:
     """The audit sink that goes with the configured store: its MongoDB database, or a file."""
     if settings.mongodb_uri:
-        return MongoAuditSink(settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s)
+        return MongoAuditSink(
+            settings.mongodb_uri, settings.mongodb_database, timeout_s=settings.store_timeout_s, time_left=time_left
+        )
     return FileAuditSink(settings.audit_path)
 
 
@@ -326,6 +385,7 @@ def build_server(
     `register` adds further services before the server starts.
     """
     clock = clock or SystemClock()
+    backup_private_key = load_backup_private_key(settings)
     root = load_root_key(settings)
     other_root = load_other_root_key(settings)
     raw_store, namespace = _open_store(settings)
@@ -340,18 +400,18 @@ def build_server(
     try:
         _check_root_key(store, root, other_root)
         authenticator = load_metadata_authenticator(store, (root, other_root) if other_root else (root,))
-        redis_client = redis_guard = cached_store = None
-        if settings.redis_url:
-            redis_client = redis_cache.connect(settings.redis_url, timeout_s=_REDIS_TIMEOUT_S)
-            redis_guard = redis_cache.RedisGuard(on_failure=metrics.redis_errors.inc if metrics else None)
-            store = cached_store = redis_cache.RedisCachedKeyStore(
-                store, redis_client, namespace, ttl_s=settings.cache_ttl_s, guard=redis_guard
-            )
-        store = AuthenticatedKeyStore(
-            store, authenticator, on_failure=metrics.integrity_failures.inc if metrics else None
+        # Key reads and writes go through the Redis cache (if any) and the integrity check; every other role
+        # of the store (schedule, leases, change feed, health, statistics) straight to the circuit.
+        cache = _redis_cache(settings, store, namespace, on_failure=metrics.redis_errors.inc if metrics else None)
+        if cache is not None:
+            background.append(_ClosedRedis(cache.client))  # after the invalidation thread that shares it
+        serving: KeyServing = AuthenticatedKeyStore(
+            store if cache is None else cache.store,
+            authenticator,
+            on_failure=metrics.integrity_failures.inc if metrics else None,
         )
         keyring = Keyring(
-            store,
+            serving,
             root,
             ttl_s=settings.keyring_ttl_s,
             max_keys=settings.keyring_size,
@@ -359,8 +419,8 @@ def build_server(
             other_roots=(other_root,) if other_root else (),
         )
         invalidation: Invalidation
-        if redis_client is not None and redis_guard is not None:
-            invalidation = redis_cache.RedisInvalidation(redis_client, namespace, keyring, guard=redis_guard)
+        if cache is not None:
+            invalidation = RedisInvalidation(cache.client, namespace, keyring, guard=cache.guard)
             background.append(invalidation)
         else:
             invalidation = LocalInvalidation(keyring)
@@ -370,17 +430,18 @@ def build_server(
             keyring,
             interval_s=settings.invalidation_interval_s,
             margin_s=change_margin(settings.store_timeout_s).total_seconds(),
-            cache_fixes=[cached_store.drop_if_older] if cached_store is not None else [],
+            cache_fixes=[cache.store.drop_if_older] if cache is not None else [],
         )
         poller.start()
         background.append(poller)
         audit = _start_audit_trail(settings, authenticator, clock, metrics)
         background.append(audit)
         lifecycle = KeyLifecycle(
-            store,
+            serving,
             keyring,
             clock,
             invalidation,
+            schedule=store,
             request_key_id_secret=authenticator.request_key_id_secret(),
             max_session_lifetime=timedelta(seconds=settings.max_session_key_lifetime_s),
         )
@@ -393,7 +454,7 @@ def build_server(
             audit=audit,
             usage_soft_limit=settings.usage_soft_limit,
         )
-        destruction = KeyDestruction(store, clock, invalidation)
+        destruction = KeyDestruction(serving, clock, invalidation)
         # On the rotator's interval and lease length, under a lease of its own.
         destroyer = KeyDestroyer(
             store,
@@ -404,7 +465,7 @@ def build_server(
             audit=audit,
         )
         budget = UsageBudget(
-            store,
+            store if cache is None else cache.store,  # a soft-limit mark drops the cached copy
             clock,
             soft_limit=settings.usage_soft_limit,
             hard_limit=settings.usage_hard_limit,
@@ -452,8 +513,21 @@ def build_server(
             # Calls beyond this are refused by grpc at once (RESOURCE_EXHAUSTED), not queued for a worker.
             maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
         )
+        backups = KeyBackups(
+            serving,
+            store,
+            keyring,
+            lifecycle,
+            clock,
+            root_fingerprint=bytes.fromhex(root.fingerprint),
+            other_roots=((bytes.fromhex(other_root.fingerprint), other_root),) if other_root else (),
+            backup_private_key=backup_private_key,
+        )
         add_service(
-            server, _KEY_SERVICE_DESCRIPTOR, KeyServicer(lifecycle, clock, audit, destruction=destruction), middleware
+            server,
+            _KEY_SERVICE_DESCRIPTOR,
+            KeyServicer(lifecycle, clock, audit, backups, destruction=destruction),
+            middleware,
         )
         signatures = MacsAndSignatures(keyring, clock, max_data_bytes=settings.max_plaintext_bytes)
         add_service(server, _CRYPTO_SERVICE_DESCRIPTOR, CryptoServicer(operations, signatures), middleware)
@@ -469,7 +543,7 @@ def build_server(
         server.start()
         health_port = None
         if settings.health_port is not None:
-            health_server, health_port = _serve_health(settings, health_servicer)
+            health_server, health_port = serve_health(settings, health_servicer)
             background.append(_StoppedServer(health_server))
         metrics_port = None
         if metrics is not None and settings.metrics_port is not None:
@@ -501,6 +575,7 @@ def build_server(
         port=port,
         health=health_servicer,
         store=store,
+        serving=serving,
         in_flight=middleware.in_flight,
         keyring=keyring,
         health_monitor=monitor,

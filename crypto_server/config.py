@@ -8,34 +8,23 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from crypto_server.service.audit import (
-    DEFAULT_BUFFER_RECORDS,
-    DEFAULT_CHECKPOINT_EVERY,
-    DEFAULT_CHECKPOINT_INTERVAL_S,
-    CryptoRecording,
-)
-from crypto_server.service.crypto_operations import (
-    BATCH_ITEM_RESPONSE_BYTES,
-    DEFAULT_MAX_BATCH_BYTES,
-    DEFAULT_MAX_PLAINTEXT_BYTES,
-    MAX_AAD_BYTES,
-)
-from crypto_server.service.quotas import DEFAULT_TENANT_BURST, DEFAULT_TENANT_RATE
-from crypto_server.service.usage_budget import (
-    DEFAULT_FLUSH_EVERY,
-    DEFAULT_FLUSH_INTERVAL_S,
-    DEFAULT_HARD_LIMIT,
-    DEFAULT_SOFT_LIMIT,
-    GCM_RANDOM_NONCE_LIMIT,
-)
-from crypto_server.transport.streams import DEFAULT_STREAM_IDLE_TIMEOUT_S, default_max_streams
+from crypto_server.domain.audit_recording import CryptoRecording
+from crypto_server.domain.limits import GCM_RANDOM_NONCE_LIMIT, MAX_AAD_BYTES
 
 # Larger single messages belong in streaming or envelope encryption, not one unary call.
 MAX_PLAINTEXT_LIMIT_BYTES = 64 * 1024 * 1024
 # The smallest receive/send message limit; room for batches of small items.
 MIN_MESSAGE_BYTES = 16 * 1024 * 1024
+# A generous bound on what one item adds to a batch response beyond its request bytes: ciphertext
+# overhead (codec.OVERHEAD_BYTES), key id, version and framing, or an ItemError with its message.
+BATCH_ITEM_RESPONSE_BYTES = 1024
+# Unflushed encryptions per version per server (CRYPTO_KEY_USAGE_FLUSH_EVERY).
+_USAGE_FLUSH_EVERY = 4096
+
+
+_Number = TypeVar("_Number", int, float)
 
 
 class ConfigError(Exception):
@@ -55,7 +44,9 @@ class Settings:
     other_root_key_file: Path | None = None
     # Accept a root key file that other users can read (CRYPTO_ALLOW_INSECURE): an escape hatch, never a default.
     allow_insecure: bool = False
-    max_plaintext_bytes: int = DEFAULT_MAX_PLAINTEXT_BYTES
+    # The private key (PEM, RSA 3072 or X25519) that opens key backups exported for its public key (ImportKey).
+    backup_private_key_file: Path | None = None
+    max_plaintext_bytes: int = 1024 * 1024
     keyring_ttl_s: float = 300.0
     keyring_size: int = 10_000
     keyring_max_stale_s: float = 3600.0
@@ -73,25 +64,30 @@ class Settings:
     rotation_interval_s: float = 60.0
     rotation_lease_s: float = 180.0
     # The usage budget of a key version (service/usage_budget.py): rotate at the soft limit, refuse at the hard one.
-    usage_soft_limit: int = DEFAULT_SOFT_LIMIT
-    usage_hard_limit: int = DEFAULT_HARD_LIMIT
-    usage_flush_every: int = DEFAULT_FLUSH_EVERY
-    usage_flush_interval_s: float = DEFAULT_FLUSH_INTERVAL_S
+    usage_soft_limit: int = 2**30
+    # Room for 256 servers (or servers plus crashes) with a full flush's worth of encryptions unflushed each.
+    usage_hard_limit: int = GCM_RANDOM_NONCE_LIMIT - 256 * _USAGE_FLUSH_EVERY
+    usage_flush_every: int = _USAGE_FLUSH_EVERY
+    usage_flush_interval_s: float = 5.0
     reuse_port: bool = False
+    # Server processes sharing the port under one supervisor (crypto_server/supervisor.py); 1: this process serves.
+    processes: int = 1
     metrics_port: int | None = None
     max_batch_items: int = 1000
     max_session_key_lifetime_s: float = 7 * 86400.0
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES
+    # Request bytes (plaintexts or ciphertexts, and aads) in one batch. With the per-item overhead of the
+    # response (BATCH_ITEM_RESPONSE_BYTES) the answer to the largest batch fits in one 16 MiB message.
+    max_batch_bytes: int = 8 * 1024 * 1024
     # None: a quarter of the workers (see resolved values below).
     max_streams: int | None = None
-    stream_idle_timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S
+    stream_idle_timeout_s: float = 30.0
     # None: eight calls per worker; grpc refuses any beyond with RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int | None = None
     max_connection_age_s: float = 1800.0
     max_connection_age_grace_s: float = 300.0
     # Requests per second per tenant (batch items count one each); 0 turns quotas off.
-    tenant_rate: float = DEFAULT_TENANT_RATE
-    tenant_burst: int = DEFAULT_TENANT_BURST
+    tenant_rate: float = 10_000.0
+    tenant_burst: int = 20_000
     # None: half the workers may wait on the key store at once; the rest stay free for cached keys and health.
     store_concurrency: int | None = None
     # After SIGTERM: seconds of serving on with health NOT_SERVING, so balancers stop sending first.
@@ -130,9 +126,9 @@ class Settings:
     # The audit trail (docs/security.md, "Audit trail"). None: <data dir>/audit.jsonl (embedded store only).
     audit_file: Path | None = None
     audit_crypto: str = "denied_only"
-    audit_checkpoint_records: int = DEFAULT_CHECKPOINT_EVERY
-    audit_checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
-    audit_buffer_records: int = DEFAULT_BUFFER_RECORDS
+    audit_checkpoint_records: int = 1000
+    audit_checkpoint_interval_s: float = 60.0
+    audit_buffer_records: int = 10_000
 
     @property
     def audit_path(self) -> Path:
@@ -164,7 +160,8 @@ class Settings:
 
     @property
     def stream_limit(self) -> int:
-        return self.max_streams if self.max_streams is not None else default_max_streams(self.workers)
+        # A quarter of the workers: the other three quarters always serve unary calls and health.
+        return self.max_streams if self.max_streams is not None else max(1, self.workers // 4)
 
     @property
     def concurrent_rpc_limit(self) -> int:
@@ -192,29 +189,24 @@ class Settings:
         def text(name: str, default: str) -> str:
             return env.get(name, "").strip() or default
 
-        def integer(name: str, default: int, low: int, high: int) -> int:
-            raw = env.get(name, "").strip()
+        def in_range(name: str, default: _Number, low: _Number, high: _Number, parse: type[_Number]) -> _Number:
+            raw = text(name, "")
             if not raw:
                 return default
             try:
-                value = int(raw)
+                value = parse(raw)
             except ValueError:
-                raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+                kind = "an integer" if parse is int else "a number of seconds"
+                raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
             if not low <= value <= high:
                 raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
             return value
 
+        def integer(name: str, default: int, low: int, high: int) -> int:
+            return in_range(name, default, low, high, int)
+
         def number(name: str, default: float, low: float, high: float) -> float:
-            raw = env.get(name, "").strip()
-            if not raw:
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-            if not low <= value <= high:
-                raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-            return value
+            return in_range(name, default, low, high, float)
 
         def flag(name: str) -> bool:
             raw = env.get(name, "").strip().lower()
@@ -248,10 +240,9 @@ class Settings:
         redis_url = env.get("REDIS_URL", "").strip() or None
         if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
-        if flag("CRYPTO_REUSE_PORT") and not redis_url:
-            # Each process keeps keys in memory; without the invalidation channel a key rotated or
-            # disabled through one process would stay usable through the others until the keyring TTL.
-            raise ConfigError("CRYPTO_REUSE_PORT needs REDIS_URL, so that the processes learn each other's key changes")
+        # Processes sharing the port need no Redis: each learns the others' key changes from the store itself
+        # within CRYPTO_INVALIDATION_INTERVAL (service/change_poller.py), as replicas do.
+        processes = _processes(env.get("CRYPTO_PROCESSES", ""))
         log_level = text("CRYPTO_LOG_LEVEL", "INFO").upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CRYPTO_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -303,6 +294,10 @@ class Settings:
         health_port = None
         if env.get("CRYPTO_HEALTH_PORT", "").strip():
             health_port = integer("CRYPTO_HEALTH_PORT", 0, 0, 65535)
+        metrics_port = None
+        if env.get("CRYPTO_METRICS_PORT", "").strip():
+            # With several processes, process i serves /metrics on CRYPTO_METRICS_PORT + i.
+            metrics_port = integer("CRYPTO_METRICS_PORT", 0, 0, 65536 - processes)
         audit_crypto = text("CRYPTO_AUDIT_CRYPTO", defaults.audit_crypto)
         try:
             audit_crypto = str(CryptoRecording.parse(audit_crypto))
@@ -320,6 +315,7 @@ class Settings:
             root_key_file=Path(root_key_file) if root_key_file else None,
             other_root_key_file=Path(other_root_key_file) if other_root_key_file else None,
             allow_insecure=flag("CRYPTO_ALLOW_INSECURE"),
+            backup_private_key_file=_optional_path(env, "CRYPTO_BACKUP_PRIVATE_KEY_FILE"),
             max_plaintext_bytes=integer(
                 "CRYPTO_MAX_PLAINTEXT_BYTES", defaults.max_plaintext_bytes, 1, MAX_PLAINTEXT_LIMIT_BYTES
             ),
@@ -334,9 +330,8 @@ class Settings:
             redis_url=redis_url,
             cache_ttl_s=number("CRYPTO_CACHE_TTL", defaults.cache_ttl_s, 1, 7 * 86400),
             reuse_port=flag("CRYPTO_REUSE_PORT"),
-            metrics_port=(
-                integer("CRYPTO_METRICS_PORT", 0, 0, 65535) if env.get("CRYPTO_METRICS_PORT", "").strip() else None
-            ),
+            processes=processes,
+            metrics_port=metrics_port,
             max_batch_items=max_batch_items,
             max_batch_bytes=max_batch_bytes,
             max_streams=max_streams,
@@ -386,6 +381,42 @@ def _rotation_settings(number: Callable[[str, float, float, float], float], defa
             f"CRYPTO_ROTATION_LEASE ({lease:g} s) must be longer than CRYPTO_ROTATION_INTERVAL ({interval:g} s)"
         )
     return interval, lease
+
+
+MAX_PROCESSES = 256
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def _processes(raw: str) -> int:
+    """CRYPTO_PROCESSES: a number, or `auto` (the CPUs this process may use)."""
+    raw = raw.strip().lower()
+    if not raw:
+        return 1
+    if raw == "auto":
+        return min(available_cpus(), MAX_PROCESSES)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"CRYPTO_PROCESSES must be a number of processes or auto, got {raw!r}") from None
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ConfigError(f"CRYPTO_PROCESSES must be between 1 and {MAX_PROCESSES} (or auto), got {value}")
+    return value
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: those it may be scheduled on, fewer when a cgroup (v2) CPU quota says
+    so (`cpu.max` is "<quota> <period>" in microseconds, or "max <period>"); at least 1."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, -(-int(quota) // int(period)))  # a quota of 1.5 CPUs keeps 2 processes busy
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit visible: the CPU count stands
+    return max(1, cpus)
 
 
 def is_loopback(host: str) -> bool:
@@ -495,3 +526,8 @@ def _pkcs11_settings(
         "pkcs11_key_label": key_label,
         "pkcs11_other_key_label": other_key_label,
     }
+
+
+def _optional_path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    return Path(raw) if raw else None

@@ -31,19 +31,20 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
-from crypto_server.app import open_key_store
+from crypto_server.app import OpenedStore, open_key_store
 from crypto_server.config import ConfigError, Settings
 from crypto_server.domain.errors import ConcurrentModification, KeyIntegrityError, RootKeyUnavailable, StoreUnavailable
 from crypto_server.domain.key_integrity import METADATA_KEY_RECORD, unwrap_metadata_key, wrap_metadata_key
 from crypto_server.domain.key_wrap import (
     UnwrapFailed,
+    WrappingContext,
     make_root_key_check,
     root_key_matches,
     wrap_key,
 )
 from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
 from crypto_server.service.keyring import unwrap_version
-from crypto_server.storage.port import KeyStore
+from crypto_server.storage.port import RootKeyChecks
 
 PROGRAM = "crypto-rewrap-root"
 EXIT_DONE = 0
@@ -88,7 +89,7 @@ class SecretCount:
 
 
 class StoredSecretRewrap(Protocol):
-    def __call__(self, store: KeyStore, keys: RootKeys, *, write: bool) -> SecretCount:
+    def __call__(self, store: OpenedStore, keys: RootKeys, *, write: bool) -> SecretCount:
         """Re-wrap (when `write`) every secret of one kind from keys.old to keys.new, and count them.
 
         Raises KeyIntegrityError for a secret that opens under neither key, ConcurrentModification when one
@@ -97,10 +98,10 @@ class StoredSecretRewrap(Protocol):
         ...
 
 
-def rewrap_master_key_versions(store: KeyStore, keys: RootKeys, *, write: bool) -> SecretCount:
+def rewrap_master_key_versions(store: OpenedStore, keys: RootKeys, *, write: bool) -> SecretCount:
     """Master key versions: the key material wrapped directly under the root key."""
     rewrapped = already = 0
-    for key in store.master_keys():
+    for key in store.key_records.master_keys():
         for record in key.versions:
             if record.destroyed:
                 continue  # nothing left to re-wrap (a destroyed tenant)
@@ -117,17 +118,8 @@ def rewrap_master_key_versions(store: KeyStore, keys: RootKeys, *, write: bool) 
                     f"master key {key.key_id} version {record.version} opens under neither root key"
                 ) from None
             if write:
-                wrapped = wrap_key(
-                    keys.new,
-                    material,
-                    tenant_id=key.tenant_id,
-                    key_id=key.key_id,
-                    key_type=key.key_type.value,
-                    version=record.version,
-                    parent_version=record.parent_version,
-                    algorithm=key.algorithm.value,
-                )
-                if not store.replace_wrapped_material(
+                wrapped = wrap_key(keys.new, material, WrappingContext.of(key, record))
+                if not store.key_records.replace_wrapped_material(
                     key.tenant_id, key.key_id, record.version, record.wrapped_material, wrapped
                 ):
                     raise ConcurrentModification(f"master key {key.key_id} changed during the re-wrap; run it again")
@@ -135,9 +127,9 @@ def rewrap_master_key_versions(store: KeyStore, keys: RootKeys, *, write: bool) 
     return SecretCount(rewrapped, already)
 
 
-def rewrap_metadata_key(store: KeyStore, keys: RootKeys, *, write: bool) -> SecretCount:
+def rewrap_metadata_key(store: OpenedStore, keys: RootKeys, *, write: bool) -> SecretCount:
     """The key that authenticates key metadata (domain/key_integrity.py), one per store."""
-    wrapped = store.get_meta(METADATA_KEY_RECORD)
+    wrapped = store.database.get_meta(METADATA_KEY_RECORD)
     if wrapped is None:
         return SecretCount()
     if unwrap_metadata_key((keys.new,), wrapped) is not None:
@@ -146,7 +138,7 @@ def rewrap_metadata_key(store: KeyStore, keys: RootKeys, *, write: bool) -> Secr
     if metadata_key is None:
         raise KeyIntegrityError("the store's metadata key opens under neither root key")
     if write:
-        store.replace_meta(METADATA_KEY_RECORD, wrap_metadata_key(keys.new, metadata_key))
+        store.database.replace_meta(METADATA_KEY_RECORD, wrap_metadata_key(keys.new, metadata_key))
     return SecretCount(rewrapped=1)
 
 
@@ -158,15 +150,15 @@ STORED_SECRETS: dict[str, StoredSecretRewrap] = {
 }
 
 
-def rewrap_stored_secrets(store: KeyStore, keys: RootKeys, *, write: bool) -> dict[str, SecretCount]:
+def rewrap_stored_secrets(store: OpenedStore, keys: RootKeys, *, write: bool) -> dict[str, SecretCount]:
     """Every kind in STORED_SECRETS; when `write`, the store's check value then names the new key."""
     counts = {name: rewrap(store, keys, write=write) for name, rewrap in STORED_SECRETS.items()}
     if write:
-        store.replace_root_key_check(make_root_key_check(keys.new))
+        store.database.replace_root_key_check(make_root_key_check(keys.new))
     return counts
 
 
-def verify_root_keys(store: KeyStore, old: RootKey, new: RootKey) -> RootKeys | None:
+def verify_root_keys(store: RootKeyChecks, old: RootKey, new: RootKey) -> RootKeys | None:
     """The two keys, once proven safe to re-wrap from `old` to `new`; None when the store holds no keys at all.
 
     Raises Refused when `old` is not the store's root key (its check value does not open under it), when the
@@ -237,8 +229,8 @@ def _report(counts: dict[str, SecretCount], old: RootKey, new: RootKey, *, dry_r
     )
 
 
-def _run(store: KeyStore, old: RootKey, new: RootKey, *, dry_run: bool, yes: bool) -> int:
-    keys = verify_root_keys(store, old, new)
+def _run(store: OpenedStore, old: RootKey, new: RootKey, *, dry_run: bool, yes: bool) -> int:
+    keys = verify_root_keys(store.database, old, new)
     if keys is None:
         print(f"{PROGRAM}: the store holds no keys; nothing to re-wrap", file=sys.stderr)
         return EXIT_DONE

@@ -145,6 +145,12 @@ def _read_private_file(path: Path, source: str, settings: Settings) -> str:
     return text
 
 
+def read_private_file(path: Path, source: str, settings: Settings) -> str:
+    """A secret file's text (a root key, a PIN, the backup private key), refused (ConfigError) when other users
+    may read or change it, unless CRYPTO_ALLOW_INSECURE is set."""
+    return _read_private_file(path, source, settings)
+
+
 def _loaded(key: RootKey) -> RootKey:
     log.info("root key loaded", extra={"source": key.source, "fingerprint": key.fingerprint})
     return key

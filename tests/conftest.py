@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -27,6 +27,7 @@ from tests.servers import (
     CryptoServerProcess,
     MongoServer,
     RedisServer,
+    ServerProcess,
     SoftHsm,
     find_softhsm_library,
 )
@@ -46,6 +47,16 @@ class FakeClock:
     def advance(self, delta: timedelta) -> None:
         with self._lock:
             self._now += delta
+
+
+class Ticks:
+    """A monotonic clock (seconds, a float) that moves only when a test moves `now`."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @dataclass
@@ -104,20 +115,34 @@ def root_key() -> str:
     return base64.b64encode(os.urandom(32)).decode()
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+_Server = TypeVar("_Server", bound=ServerProcess)
+
+
+def _running(server: _Server) -> Iterator[_Server]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    yield from _running(RedisServer(tmp_path_factory.mktemp("redis")))
 
 
 @pytest.fixture(scope="session")
 def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoServer]:
-    server = MongoServer(tmp_path_factory.mktemp("mongo"))
-    server.start()
-    yield server
-    server.stop()
+    yield from _running(MongoServer(tmp_path_factory.mktemp("mongo")))
+
+
+# A test's own Redis and MongoDB, for tests that stop, freeze or kill them (the session's are shared).
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    yield from _running(RedisServer(tmp_path / "own-redis"))
+
+
+@pytest.fixture
+def own_mongo(tmp_path: Path) -> Iterator[MongoServer]:
+    yield from _running(MongoServer(tmp_path / "own-mongo"))
 
 
 # The stores (and cache), with the root key from a file (the fixture `root_key`).

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,25 +24,14 @@ from typing import ClassVar
 import pymongo
 import redis
 
+from tests.waiting import eventually
+
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
-
-
-def _wait_until(ready: Callable[[], object], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if ready():
-                return
-        except Exception as error:  # the server is still starting
-            last_error = error
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start within {timeout_s}s: {last_error}")
 
 
 def redis_binary() -> str:
@@ -68,7 +56,7 @@ class ServerProcess:
     def start(self) -> None:
         with self._log_path.open("ab") as log:
             self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT)
-        _wait_until(self._ready, self.name)
+        eventually(self._ready, timeout_s=30.0, what=f"{self.name} starting", ignoring=(Exception,))
 
     def _signal(self, signum: int) -> None:
         assert self._process is not None and self._process.poll() is None, f"{self.name} is not running"
@@ -200,15 +188,18 @@ class CryptoServerProcess:
         return [json.loads(line) for line in list(self.lines) if line.startswith("{")]
 
     def wait_for_log(self, message: str, timeout_s: float = 15.0) -> dict[str, object]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for entry in self.logs():
-                if entry.get("msg") == message:
-                    return entry
-            if self.process.poll() is not None and not any(e.get("msg") == message for e in self.logs()):
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"no {message!r} log line; got {self.lines}")
+        def logged_or_exited() -> dict[str, object] | bool:
+            found = next((entry for entry in self.logs() if entry.get("msg") == message), None)
+            return found if found is not None else self.process.poll() is not None
+
+        try:
+            found = eventually(logged_or_exited, timeout_s=timeout_s, what=f"a {message!r} log line")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; got {self.lines}") from None
+        if found is True:
+            raise AssertionError(f"the process exited without a {message!r} log line; got {self.lines}")
+        assert isinstance(found, dict)
+        return found
 
     def peak_rss_bytes(self) -> int:
         """The process's peak resident memory so far (Linux VmHWM)."""

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -18,22 +16,7 @@ from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from tests.conftest import ServerHandle, StartServer, error_info
 from tests.servers import MongoServer, RedisServer
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "own-redis")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_mongo(tmp_path: Path) -> Iterator[MongoServer]:
-    server = MongoServer(tmp_path / "own-mongo")
-    server.start()
-    yield server
-    server.stop()
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -47,13 +30,6 @@ def _key_service_health(server: ServerHandle) -> int:
     return status
 
 
-def _wait_for(check: object, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def test_redis_going_away_during_encryption_fails_no_call_and_caching_resumes(
     start_server: StartServer, own_redis: RedisServer, own_mongo: MongoServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -65,7 +41,7 @@ def test_redis_going_away_during_encryption_fails_no_call_and_caching_resumes(
     redis_entry = f"caas:crypto:mongo:degrade:key:t1:{key.key_id}"
     server.encrypt("t1", key.key_id, b"warm")
     assert own_redis.client().exists(redis_entry)
-    caplog.set_level(logging.WARNING, logger="crypto_server.storage.redis_cache")
+    caplog.set_level(logging.WARNING, logger="crypto_server.storage.redis")
     failures = 0
     calls = 0
     for round_number in range(300):
@@ -85,7 +61,11 @@ def test_redis_going_away_during_encryption_fails_no_call_and_caching_resumes(
     outage_warnings = [r for r in caplog.records if r.getMessage().startswith("redis unavailable")]
     assert len(outage_warnings) == 1, "a Redis outage is logged once per interval, not once per request"
     own_redis.start()
-    _wait_for(lambda: _encrypt_and_check_cached(server, key.key_id, own_redis, redis_entry), timeout_s=10)
+    eventually(
+        lambda: _encrypt_and_check_cached(server, key.key_id, own_redis, redis_entry),
+        timeout_s=10,
+        what="caching in the restarted Redis",
+    )
 
 
 def _encrypt_and_check_cached(server: ServerHandle, key_id: str, redis: RedisServer, entry: str) -> bool:
@@ -118,14 +98,22 @@ def test_mongo_going_away_keeps_cached_keys_working_and_refuses_writes_in_time(
     with pytest.raises(grpc.RpcError) as deadline_bound:
         server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id), timeout=0.3)
     assert deadline_bound.value.code() in {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-    _wait_for(lambda: _key_service_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING, timeout_s=5)
+    eventually(
+        lambda: _key_service_health(server) == health_pb2.HealthCheckResponse.NOT_SERVING,
+        timeout_s=5,
+        what="KeyService NOT_SERVING while MongoDB is down",
+    )
     crypto_health = health_pb2_grpc.HealthStub(server.channel).Check(
         health_pb2.HealthCheckRequest(service="caas.crypto.v1.CryptoService")
     )
     assert crypto_health.status == health_pb2.HealthCheckResponse.SERVING
 
     own_mongo.start()
-    _wait_for(lambda: _key_service_health(server) == health_pb2.HealthCheckResponse.SERVING, timeout_s=10)
+    eventually(
+        lambda: _key_service_health(server) == health_pb2.HealthCheckResponse.SERVING,
+        timeout_s=10,
+        what="KeyService SERVING again after MongoDB is back",
+    )
     created = server.create_key("t1", resources_pb2.KEY_TYPE_SESSION)
     assert server.decrypt("t1", server.encrypt("t1", created.key_id, b"back").ciphertext).plaintext == b"back"
 

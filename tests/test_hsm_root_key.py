@@ -11,8 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,6 +28,7 @@ from crypto_server.pkcs11_root_key import Pkcs11Module
 from tests.conftest import HSM_BACKENDS, Launch, StartServer, expect_error
 from tests.servers import SoftHsm
 from tests.transport.test_metrics import _scrape
+from tests.waiting import eventually
 
 KEY_SERVICE = "caas.crypto.v1.KeyService"
 
@@ -159,13 +159,6 @@ def test_a_server_on_the_hsm_logs_the_same_fingerprint_as_crypto_init_hsm(sofths
     assert server.wait_for_log("root key loaded")["fingerprint"] == report["fingerprint"]
 
 
-def _wait_for(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def test_a_token_removed_while_serving_fails_cold_keys_only_and_recovers_without_restart(
     softhsm: SoftHsm, launch: Launch, tmp_path: Path
 ) -> None:
@@ -217,12 +210,20 @@ def test_a_token_removed_while_serving_fails_cold_keys_only_and_recovers_without
             assert "retry later" in (refused.details() or "")
             assert str(own.library) not in (refused.details() or ""), "the module and token are for the log"
             expect_error(lambda: create("new"), grpc.StatusCode.UNAVAILABLE, "ERROR_REASON_ROOT_KEY_UNAVAILABLE")
-            _wait_for(lambda: key_service_status() == health_pb2.HealthCheckResponse.NOT_SERVING)
+            eventually(
+                lambda: key_service_status() == health_pb2.HealthCheckResponse.NOT_SERVING,
+                timeout_s=20,
+                what="KeyService NOT_SERVING without its token",
+            )
             assert server.wait_for_log("root key unusable")["health"] == "NOT_SERVING"
         finally:
             shutil.move(away, token)
 
-        _wait_for(lambda: key_service_status() == health_pb2.HealthCheckResponse.SERVING)
+        eventually(
+            lambda: key_service_status() == health_pb2.HealthCheckResponse.SERVING,
+            timeout_s=20,
+            what="KeyService SERVING with its token back",
+        )
         assert decrypt("cold", encrypt("cold", cold_key)) == b"secret cold"
         assert decrypt("new", encrypt("new", create("new"))) == b"secret new"
         assert decrypt("warm", warm_ciphertext) == b"secret warm"

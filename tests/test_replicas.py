@@ -6,28 +6,19 @@ import base64
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
-from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
 from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.v1 import resources_pb2
 from tests.conftest import Launch
-from tests.servers import CryptoServerProcess, MongoServer, RedisServer
-
-
-class Replica:
-    def __init__(self, process: CryptoServerProcess) -> None:
-        self.process = process
-        self.channel = grpc.insecure_channel(process.address)
-        self.keys = key_service_pb2_grpc.KeyServiceStub(self.channel)
-        self.crypto = crypto_service_pb2_grpc.CryptoServiceStub(self.channel)
-
-    def encrypt(self, key_id: str) -> crypto_pb.EncryptResponse:
-        return self.crypto.Encrypt(crypto_pb.EncryptRequest(tenant_id="acme", key_id=key_id, plaintext=b"x"), timeout=5)
+from tests.reliability.conftest import Replica
+from tests.servers import MongoServer, RedisServer
+from tests.waiting import eventually
 
 
 @pytest.fixture
@@ -42,15 +33,6 @@ def replicas(launch: Launch, mongo_server: MongoServer, redis_server: RedisServe
     yield servers
     for server in servers:
         server.channel.close()
-
-
-def _within(seconds: float, check: Callable[[], bool]) -> float:
-    """Poll `check` until true; the time it took (fails after `seconds`)."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < seconds, f"not within {seconds}s"
-        time.sleep(0.01)
-    return time.monotonic() - started
 
 
 def test_a_rotation_storm_across_two_replicas_gives_each_version_once(replicas: list[Replica]) -> None:
@@ -70,7 +52,7 @@ def test_a_rotation_storm_across_two_replicas_gives_each_version_once(replicas: 
         got = replica.keys.GetKey(key_pb.GetKeyRequest(tenant_id="acme", key_id=key.key_id)).key
         assert [v.version for v in got.versions] == list(range(1, 52))
         assert got.primary_version == 51
-    _within(1.0, lambda: b.encrypt(key.key_id).key_version == 51)
+    eventually(lambda: b.encrypt(key.key_id).key_version == 51, timeout_s=1.0, what="version 51 on the other replica")
 
 
 def test_a_rotation_on_one_replica_reaches_the_other_within_a_second(replicas: list[Replica]) -> None:
@@ -78,8 +60,7 @@ def test_a_rotation_on_one_replica_reaches_the_other_within_a_second(replicas: l
     key = a.keys.CreateKey(key_pb.CreateKeyRequest(tenant_id="acme", key_type=resources_pb2.KEY_TYPE_DATA)).key
     assert b.encrypt(key.key_id).key_version == 1  # b now holds version 1 in memory
     a.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="acme", key_id=key.key_id))
-    took = _within(1.0, lambda: b.encrypt(key.key_id).key_version == 2)
-    assert took < 1.0
+    eventually(lambda: b.encrypt(key.key_id).key_version == 2, timeout_s=1.0, what="the rotation on the other replica")
 
 
 def test_disabling_on_one_replica_stops_the_other_within_a_second(replicas: list[Replica]) -> None:
@@ -95,12 +76,12 @@ def test_disabling_on_one_replica_stops_the_other_within_a_second(replicas: list
             return error.code() == grpc.StatusCode.FAILED_PRECONDITION
         return False
 
-    _within(1.0, refused)
+    eventually(refused, timeout_s=1.0, what="the other replica refusing the disabled key")
     with pytest.raises(grpc.RpcError) as caught:
         b.crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=sealed))
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     a.keys.EnableKey(key_pb.EnableKeyRequest(tenant_id="acme", key_id=key.key_id))
-    _within(1.0, lambda: not refused())
+    eventually(lambda: not refused(), timeout_s=1.0, what="the other replica serving the enabled key")
 
 
 def test_disabling_a_master_key_on_one_replica_stops_the_tenant_on_the_other(replicas: list[Replica]) -> None:
@@ -117,4 +98,4 @@ def test_disabling_a_master_key_on_one_replica_stops_the_tenant_on_the_other(rep
             return error.code() == grpc.StatusCode.FAILED_PRECONDITION
         return False
 
-    _within(1.0, refused)
+    eventually(refused, timeout_s=1.0, what="the other replica refusing the tenant")

@@ -94,9 +94,9 @@ def _store_state(settings: Settings) -> tuple[bytes | None, list[tuple[str, int,
     """Everything the tool could write: the check value, every master key version's wrapping, the SQLite file."""
     store = open_key_store(settings)
     try:
-        check = store.get_root_key_check()
+        check = store.database.get_root_key_check()
         versions = sorted(
-            (key.key_id, v.version, v.wrapped_material) for key in store.master_keys() for v in key.versions
+            (key.key_id, v.version, v.wrapped_material) for key in store.database.master_keys() for v in key.versions
         )
     finally:
         store.close()
@@ -174,7 +174,7 @@ def test_rotating_the_root_key_keeps_every_key_and_ciphertext(
     assert _store_state(settings) == state
     store = open_key_store(settings)
     try:
-        for master_key in store.master_keys():
+        for master_key in store.database.master_keys():
             for record in master_key.versions:
                 with pytest.raises(UnwrapFailed):
                     unwrap_version(AESGCM(base64.b64decode(root_key)), master_key, record)

@@ -322,6 +322,31 @@ class CryptoClient:
         response = self._call("CancelTenantDestruction", self._keys.CancelTenantDestruction, request, timeout)
         return self._core.key_changed(tenant, response.master_key)
 
+    def export_key(
+        self,
+        key_id: str,
+        *,
+        backup_public_key: str | bytes | None = None,
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> tuple[Key, bytes]:
+        """The key and a backup of it with all its versions (docs/backup.md): encrypted for `backup_public_key`
+        (PEM, RSA 3072 or X25519) when given, else under the server's root key. Needs `admin`."""
+        pem = backup_public_key.decode() if isinstance(backup_public_key, bytes) else backup_public_key
+        request = key_pb.ExportKeyRequest(
+            tenant_id=self._core.tenant(tenant_id), key_id=key_id, backup_public_key=pem or ""
+        )
+        response = self._call("ExportKey", self._keys.ExportKey, request, timeout)
+        return _convert.key_from_proto(response.key), response.backup
+
+    def import_key(self, backup: bytes, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:
+        """Restore a key from an export_key backup into the tenant it came from; never over an existing key
+        (KeyAlreadyExistsError, also when a retry finds its own first attempt done). Needs `admin`."""
+        tenant = self._core.tenant(tenant_id)
+        request = key_pb.ImportKeyRequest(tenant_id=tenant, backup=backup)
+        response = self._call("ImportKey", self._keys.ImportKey, request, timeout)
+        return self._core.key_changed(tenant, response.key)
+
     # -- data --------------------------------------------------------------------
 
     def encrypt(

@@ -282,6 +282,10 @@ def _keys(args: argparse.Namespace, client: CryptoClient, out: Output) -> None:
                 labels=_labels(args.label),
             )
         )
+    elif args.action == "export":
+        _export_key(args, client, out)
+    elif args.action == "import":
+        out.key(client.import_key(_read_file(args.input, "--in")))
     elif args.action == "list":
         key_type = KeyType[args.type.upper()] if args.type else None
         state = KeyState[args.state.upper()] if args.state else None
@@ -302,6 +306,27 @@ def _keys(args: argparse.Namespace, client: CryptoClient, out: Output) -> None:
             "enable": client.enable_key,
         }[args.action]
         out.key(action(args.key_id))
+
+
+def _read_file(path: str, option: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise FileError(f"cannot read {option} {path}: {error.strerror}") from None
+
+
+def _export_key(args: argparse.Namespace, client: CryptoClient, out: Output) -> None:
+    """ExportKey, the backup written to --out (created with mode 0600, renamed into place when complete)."""
+    if bool(args.backup_public_key) == bool(args.root_key):
+        raise UsageError("keys export needs --backup-public-key FILE or --root-key (one of them)")
+    destination = _check_output_path(args.output)
+    public_key = _read_file(args.backup_public_key, "--backup-public-key") if args.backup_public_key else None
+    key, backup = client.export_key(args.key_id, backup_public_key=public_key)
+    try:
+        write_atomically(destination, lambda file: file.write(backup))
+    except OSError as error:
+        raise FileError(f"cannot write --out {args.output}: {error.strerror}") from None
+    out.one({"key_id": key.key_id, "versions": len(key.versions), "backup": str(destination), "bytes": len(backup)})
 
 
 def _encrypt_value(args: argparse.Namespace, client: CryptoClient, out: Output) -> None:
@@ -432,7 +457,7 @@ def parser() -> argparse.ArgumentParser:
         _global_options(sub, suppress=True)
         return sub
 
-    keys = command(commands, "keys", "create, list, get, rotate, disable or enable keys").add_subparsers(
+    keys = command(commands, "keys", "create, list, get, rotate, disable, enable, export, import keys").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
     create = command(keys, "create", "create a key")
@@ -467,6 +492,18 @@ def parser() -> argparse.ArgumentParser:
         toggled = command(keys, action, help_text)
         toggled.add_argument("key_id", help="the key's id")
         toggled.add_argument("version", type=int, help="the version")
+    export = command(keys, "export", "write a backup of a key with all its versions to a file (needs admin)")
+    export.add_argument("key_id", help="the key's id")
+    export.add_argument("--out", dest="output", required=True, metavar="FILE", help="where to write the backup")
+    wrapping = export.add_mutually_exclusive_group()
+    wrapping.add_argument(
+        "--backup-public-key", metavar="PEM", help="encrypt for this public key (RSA 3072 or X25519, PEM file)"
+    )
+    wrapping.add_argument(
+        "--root-key", action="store_true", help="encrypt under the server's root key (same-deployment restore)"
+    )
+    restore = command(keys, "import", "restore a key from a backup file (needs admin)")
+    restore.add_argument("--in", dest="input", required=True, metavar="FILE", help="a backup from keys export")
 
     for name, help_text in (
         ("encrypt", "encrypt a value (--value) or a file (--in/--out, stdin/stdout by default)"),

@@ -123,6 +123,28 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     random nonces allows (its usage budget): rotate the key to encrypt again.
     Ciphertexts it made still decrypt.
     """
+    ERROR_REASON_BACKUP_MALFORMED: _ErrorReason.ValueType  # 31
+    """ImportKey: the bytes are not a key backup this server can read (not a
+    backup, a format version or wrapping it does not know, truncated).
+    """
+    ERROR_REASON_BACKUP_TAMPERED: _ErrorReason.ValueType  # 32
+    """ImportKey: the backup does not authenticate: some byte was altered or
+    damaged after export. Restore from an intact copy.
+    """
+    ERROR_REASON_BACKUP_KEY_MISMATCH: _ErrorReason.ValueType  # 33
+    """ImportKey: the backup is encrypted for a backup key (or root key) this
+    server does not hold; the message names both fingerprints. Configure
+    CRYPTO_BACKUP_PRIVATE_KEY_FILE, or restore where that root key is.
+    """
+    ERROR_REASON_KEY_EXISTS: _ErrorReason.ValueType  # 34
+    """ImportKey: a key with the backup's key id exists already (or, for a
+    master key backup, the tenant has a master key); nothing is restored over
+    an existing key.
+    """
+    ERROR_REASON_BACKUP_KEY_UNSUPPORTED: _ErrorReason.ValueType  # 35
+    """ExportKey: the backup public key is not an RSA 3072-bit or X25519 PEM
+    public key; ErrorInfo.metadata["field"] names the field.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the `reason` of the google.rpc.ErrorInfo attached to every
@@ -231,5 +253,27 @@ ERROR_REASON_KEY_VERSION_EXHAUSTED: ErrorReason.ValueType  # 40
 """The key's primary version has made as many encryptions as AES-GCM with
 random nonces allows (its usage budget): rotate the key to encrypt again.
 Ciphertexts it made still decrypt.
+"""
+ERROR_REASON_BACKUP_MALFORMED: ErrorReason.ValueType  # 31
+"""ImportKey: the bytes are not a key backup this server can read (not a
+backup, a format version or wrapping it does not know, truncated).
+"""
+ERROR_REASON_BACKUP_TAMPERED: ErrorReason.ValueType  # 32
+"""ImportKey: the backup does not authenticate: some byte was altered or
+damaged after export. Restore from an intact copy.
+"""
+ERROR_REASON_BACKUP_KEY_MISMATCH: ErrorReason.ValueType  # 33
+"""ImportKey: the backup is encrypted for a backup key (or root key) this
+server does not hold; the message names both fingerprints. Configure
+CRYPTO_BACKUP_PRIVATE_KEY_FILE, or restore where that root key is.
+"""
+ERROR_REASON_KEY_EXISTS: ErrorReason.ValueType  # 34
+"""ImportKey: a key with the backup's key id exists already (or, for a
+master key backup, the tenant has a master key); nothing is restored over
+an existing key.
+"""
+ERROR_REASON_BACKUP_KEY_UNSUPPORTED: ErrorReason.ValueType  # 35
+"""ExportKey: the backup public key is not an RSA 3072-bit or X25519 PEM
+public key; ErrorInfo.metadata["field"] names the field.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

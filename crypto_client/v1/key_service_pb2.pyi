@@ -1019,3 +1019,107 @@ class CancelTenantDestructionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelTenantDestructionResponse: _TypeAlias = CancelTenantDestructionResponse  # noqa: Y015
+
+@_typing.final
+class ExportKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    BACKUP_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    key_id: _builtins.str
+    backup_public_key: _builtins.str
+    """The operator's backup public key, PEM ("-----BEGIN PUBLIC KEY-----"):
+    RSA 3072 bits (RSA-OAEP with SHA-256) or X25519 (with HKDF-SHA256 and
+    AES-256-GCM). Empty: the backup is encrypted under this deployment's
+    root key, and restores only where that root key is configured.
+    """
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        backup_public_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_public_key", b"backup_public_key", "key_id", b"key_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportKeyRequest: _TypeAlias = ExportKeyRequest  # noqa: Y015
+
+@_typing.final
+class ExportKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUP_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    backup: _builtins.bytes
+    """The backup (docs/backup.md). Keep it as bytes: any changed byte makes it
+    unrestorable.
+    """
+    @_builtins.property
+    def key(self) -> _resources_pb2.Key:
+        """The key the backup holds, as GetKey describes it."""
+
+    def __init__(
+        self,
+        *,
+        backup: _builtins.bytes = ...,
+        key: _resources_pb2.Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportKeyResponse: _TypeAlias = ExportKeyResponse  # noqa: Y015
+
+@_typing.final
+class ImportKeyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    BACKUP_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """Must be the tenant the key was exported from: its ciphertexts are bound
+    to it.
+    """
+    backup: _builtins.bytes
+    """An ExportKey backup."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        backup: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportKeyRequest: _TypeAlias = ImportKeyRequest  # noqa: Y015
+
+@_typing.final
+class ImportKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> _resources_pb2.Key: ...
+    def __init__(
+        self,
+        *,
+        key: _resources_pb2.Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportKeyResponse: _TypeAlias = ImportKeyResponse  # noqa: Y015

@@ -122,6 +122,16 @@ class KeyServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionResponse.FromString,
                 _registered_method=True)
+        self.ExportKey = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/ExportKey',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ExportKeyRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ExportKeyResponse.FromString,
+                _registered_method=True)
+        self.ImportKey = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/ImportKey',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -264,6 +274,27 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportKey(self, request, context):
+        """Exports one key with all its versions and metadata as a self-contained
+        backup (format: docs/backup.md), its material encrypted for the
+        operator's backup public key (RSA 3072 or X25519), or under this
+        deployment's root key when none is given. Needs the admin permission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportKey(self, request, context):
+        """Restores a key from an ExportKey backup, with its key id, versions and
+        metadata, its material re-wrapped under this deployment's hierarchy, so
+        ciphertexts made before the backup decrypt. Never replaces an existing
+        key. A public-key backup opens with the server's
+        CRYPTO_BACKUP_PRIVATE_KEY_FILE. Needs the admin permission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -351,6 +382,16 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.CancelTenantDestruction,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionResponse.SerializeToString,
+            ),
+            'ExportKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportKey,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ExportKeyRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ExportKeyResponse.SerializeToString,
+            ),
+            'ImportKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportKey,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -815,6 +856,60 @@ class KeyService:
             '/caas.crypto.v1.KeyService/CancelTenantDestruction',
             caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_key__service__pb2.CancelTenantDestructionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/ExportKey',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ExportKeyRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ExportKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/ImportKey',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

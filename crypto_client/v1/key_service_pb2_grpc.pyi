@@ -93,6 +93,19 @@ class KeyServiceStub:
     """
     CancelTenantDestruction: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.CancelTenantDestructionRequest, _key_service_pb2.CancelTenantDestructionResponse]
     """Cancels ScheduleTenantDestruction before it runs. Needs admin."""
+    ExportKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.ExportKeyRequest, _key_service_pb2.ExportKeyResponse]
+    """Exports one key with all its versions and metadata as a self-contained
+    backup (format: docs/backup.md), its material encrypted for the
+    operator's backup public key (RSA 3072 or X25519), or under this
+    deployment's root key when none is given. Needs the admin permission.
+    """
+    ImportKey: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.ImportKeyRequest, _key_service_pb2.ImportKeyResponse]
+    """Restores a key from an ExportKey backup, with its key id, versions and
+    metadata, its material re-wrapped under this deployment's hierarchy, so
+    ciphertexts made before the backup decrypt. Never replaces an existing
+    key. A public-key backup opens with the server's
+    CRYPTO_BACKUP_PRIVATE_KEY_FILE. Needs the admin permission.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -159,6 +172,19 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """
     CancelTenantDestruction: _aio.UnaryUnaryMultiCallable[_key_service_pb2.CancelTenantDestructionRequest, _key_service_pb2.CancelTenantDestructionResponse]  # type: ignore[assignment]
     """Cancels ScheduleTenantDestruction before it runs. Needs admin."""
+    ExportKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.ExportKeyRequest, _key_service_pb2.ExportKeyResponse]  # type: ignore[assignment]
+    """Exports one key with all its versions and metadata as a self-contained
+    backup (format: docs/backup.md), its material encrypted for the
+    operator's backup public key (RSA 3072 or X25519), or under this
+    deployment's root key when none is given. Needs the admin permission.
+    """
+    ImportKey: _aio.UnaryUnaryMultiCallable[_key_service_pb2.ImportKeyRequest, _key_service_pb2.ImportKeyResponse]  # type: ignore[assignment]
+    """Restores a key from an ExportKey backup, with its key id, versions and
+    metadata, its material re-wrapped under this deployment's hierarchy, so
+    ciphertexts made before the backup decrypt. Never replaces an existing
+    key. A public-key backup opens with the server's
+    CRYPTO_BACKUP_PRIVATE_KEY_FILE. Needs the admin permission.
+    """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService manages the lifecycle of a tenant's keys: creation, lookup,
@@ -324,5 +350,30 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_key_service_pb2.CancelTenantDestructionResponse, _abc.Awaitable[_key_service_pb2.CancelTenantDestructionResponse]]:
         """Cancels ScheduleTenantDestruction before it runs. Needs admin."""
+
+    @_abc_1.abstractmethod
+    def ExportKey(
+        self,
+        request: _key_service_pb2.ExportKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.ExportKeyResponse, _abc.Awaitable[_key_service_pb2.ExportKeyResponse]]:
+        """Exports one key with all its versions and metadata as a self-contained
+        backup (format: docs/backup.md), its material encrypted for the
+        operator's backup public key (RSA 3072 or X25519), or under this
+        deployment's root key when none is given. Needs the admin permission.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportKey(
+        self,
+        request: _key_service_pb2.ImportKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.ImportKeyResponse, _abc.Awaitable[_key_service_pb2.ImportKeyResponse]]:
+        """Restores a key from an ExportKey backup, with its key id, versions and
+        metadata, its material re-wrapped under this deployment's hierarchy, so
+        ciphertexts made before the backup decrypt. Never replaces an existing
+        key. A public-key backup opens with the server's
+        CRYPTO_BACKUP_PRIVATE_KEY_FILE. Needs the admin permission.
+        """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

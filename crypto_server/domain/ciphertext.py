@@ -5,10 +5,14 @@
     1       16    key id (the UUID's 16 bytes)
     17      4     key version, unsigned big-endian
     21      12    nonce (random)
-    33      n     AES-256-GCM ciphertext of the n-byte plaintext
-    33+n    16    GCM tag
+    33      n     AEAD ciphertext of the n-byte plaintext
+    33+n    16    AEAD tag
 
-The associated data given to AES-GCM is
+The AEAD is the key's algorithm (AES-256-GCM unless the key names another whose key manager
+builds an AEAD with 96-bit nonces and 16-byte tags); the header names the key, so nothing here
+names the algorithm.
+
+The associated data given to the AEAD is
 
     "caas.crypto.v1/encrypt\\0" || u16 len(tenant_id) || tenant_id || bytes 0..20 (the header) || caller aad
 
@@ -24,8 +28,8 @@ import uuid
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from crypto_server.domain.algorithms import Aead
 from crypto_server.domain.errors import DecryptionFailed
 from crypto_server.domain.key_wrap import NONCE_BYTES, TAG_BYTES
 from crypto_server.domain.nonces import random_nonce
@@ -50,7 +54,7 @@ def _associated_data(tenant_id: str, header: bytes, aad: bytes) -> bytes:
     return b"".join((_AAD_DOMAIN, len(tenant).to_bytes(2, "big"), tenant, header, aad))
 
 
-def encrypt(aead: AESGCM, tenant_id: str, key_id: uuid.UUID, key_version: int, plaintext: bytes, aad: bytes) -> bytes:
+def encrypt(aead: Aead, tenant_id: str, key_id: uuid.UUID, key_version: int, plaintext: bytes, aad: bytes) -> bytes:
     """Encrypt `plaintext` with a fresh 96-bit random nonce into the v1 format."""
     header = _FORMAT_BYTE + key_id.bytes + _VERSION.pack(key_version)
     nonce = random_nonce()
@@ -65,7 +69,7 @@ def read_header(ciphertext: bytes) -> CiphertextHeader:
     return CiphertextHeader(key_id=uuid.UUID(bytes=bytes(ciphertext[1:17])), key_version=key_version)
 
 
-def decrypt(aead: AESGCM, tenant_id: str, ciphertext: bytes, aad: bytes) -> bytes:
+def decrypt(aead: Aead, tenant_id: str, ciphertext: bytes, aad: bytes) -> bytes:
     """Open a ciphertext whose header was read with `read_header`. Raises DecryptionFailed."""
     header = ciphertext[:HEADER_BYTES]
     nonce = ciphertext[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES]

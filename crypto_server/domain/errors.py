@@ -236,6 +236,41 @@ class KeyVersionStateConflict(CryptoServiceError):
         self.key_id = key_id
 
 
+class BackupMalformed(CryptoServiceError):
+    """The bytes given as a key backup are not one this server can read (docs/backup.md)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"backup: not a key backup this server can read: {why}")
+
+
+class BackupTampered(CryptoServiceError):
+    """A key backup does not authenticate. One fixed message, whatever the cause (as DecryptionFailed)."""
+
+    MESSAGE = (
+        "backup: the backup does not authenticate: it was altered or damaged after export (any changed byte is "
+        "refused); restore from an intact copy"
+    )
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
+
+class BackupKeyMismatch(CryptoServiceError):
+    """The backup was encrypted for a key (backup key or root key) this server does not hold."""
+
+
+class BackupKeyUnsupported(InvalidArgument):
+    """A backup public (or private) key of a type or size backups do not use."""
+
+
+class KeyAlreadyExists(CryptoServiceError):
+    """A restore would replace an existing key (or the tenant's master key): never done."""
+
+    def __init__(self, key_id: str, message: str) -> None:
+        super().__init__(message)
+        self.key_id = key_id
+
+
 class TenantDestroyed(CryptoServiceError):
     """The tenant was crypto-shredded: its master key and every key under it are destroyed."""
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
+
+if TYPE_CHECKING:
+    from crypto_server.domain.keys import Key, KeyVersion
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -45,60 +49,65 @@ class UnwrapFailed(Exception):
     """The wrapped bytes do not open under this parent key and binding."""
 
 
-def _binding(tenant_id: str, key_id: str, key_type: str, version: int, parent_version: int, algorithm: str) -> bytes:
-    tenant = tenant_id.encode()
-    ident = key_id.encode()
-    # The algorithm is bound too: material copied onto a record claiming another algorithm must not
-    # turn an encryption key into a MAC or signing key.
-    kind = f"{key_type}/{algorithm}".encode()
-    return b"".join(
-        (
-            _WRAP_DOMAIN,
-            struct.pack(">H", len(tenant)),
-            tenant,
-            struct.pack(">H", len(ident)),
-            ident,
-            struct.pack(">H", len(kind)),
-            kind,
-            struct.pack(">II", version, parent_version),
+@dataclass(frozen=True, slots=True)
+class WrappingContext:
+    """What one wrapped key version is bound to: its tenant, key id, key type, version, the parent version that
+    wraps it (0 under the root key) and its algorithm. The same value wraps and unwraps."""
+
+    tenant_id: str
+    key_id: str
+    key_type: str
+    version: int
+    parent_version: int
+    algorithm: str
+
+    @classmethod
+    def of(cls, key: Key, record: KeyVersion) -> WrappingContext:
+        """The context of `record`, one of `key`'s stored versions."""
+        return cls(
+            tenant_id=key.tenant_id,
+            key_id=key.key_id,
+            key_type=key.key_type.value,
+            version=record.version,
+            parent_version=record.parent_version,
+            algorithm=key.algorithm.value,
         )
-    )
+
+    def associated_data(self) -> bytes:
+        tenant = self.tenant_id.encode()
+        ident = self.key_id.encode()
+        # The algorithm is bound too: material copied onto a record claiming another algorithm must not
+        # turn an encryption key into a MAC or signing key.
+        kind = f"{self.key_type}/{self.algorithm}".encode()
+        return b"".join(
+            (
+                _WRAP_DOMAIN,
+                struct.pack(">H", len(tenant)),
+                tenant,
+                struct.pack(">H", len(ident)),
+                ident,
+                struct.pack(">H", len(kind)),
+                kind,
+                struct.pack(">II", self.version, self.parent_version),
+            )
+        )
 
 
-def wrap_key(
-    parent: WrappingKey,
-    material: bytes,
-    *,
-    tenant_id: str,
-    key_id: str,
-    key_type: str,
-    version: int,
-    parent_version: int,
-    algorithm: str,
-) -> bytes:
-    """Encrypt `material` under `parent`, bound to the key version it belongs to."""
+def wrap_key(parent: WrappingKey, material: bytes, context: WrappingContext) -> bytes:
+    """Encrypt `material` under `parent`, bound to the key version `context` describes."""
+    if len(material) != KEY_BYTES:
+        # The wrapped format holds exactly KEY_BYTES; anything else would be stored and never unwrap.
+        raise ValueError(f"key material must be {KEY_BYTES} bytes")
     nonce = os.urandom(NONCE_BYTES)
-    aad = _binding(tenant_id, key_id, key_type, version, parent_version, algorithm)
-    return nonce + parent.encrypt(nonce, material, aad)
+    return nonce + parent.encrypt(nonce, material, context.associated_data())
 
 
-def unwrap_key(
-    parent: WrappingKey,
-    wrapped: bytes,
-    *,
-    tenant_id: str,
-    key_id: str,
-    key_type: str,
-    version: int,
-    parent_version: int,
-    algorithm: str,
-) -> bytes:
+def unwrap_key(parent: WrappingKey, wrapped: bytes, context: WrappingContext) -> bytes:
     """Inverse of `wrap_key`. Raises UnwrapFailed on any mismatch."""
     if len(wrapped) != WRAPPED_KEY_BYTES:
         raise UnwrapFailed("wrapped key has the wrong length")
-    aad = _binding(tenant_id, key_id, key_type, version, parent_version, algorithm)
     try:
-        return parent.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], aad)
+        return parent.decrypt(wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], context.associated_data())
     except InvalidTag:
         raise UnwrapFailed("wrapped key does not open under its parent key") from None
 

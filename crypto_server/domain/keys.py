@@ -77,6 +77,36 @@ class KeyVersionState(enum.Enum):
     DESTROYED = "DESTROYED"
 
 
+@dataclass(frozen=True, slots=True)
+class StateCondition:
+    """When a key is in `state`, in terms of two stored fields: its disabled flag, and whether its primary
+    version has expired (`primary_expires_at` set and <= now). None: either value."""
+
+    state: KeyState
+    disabled: bool | None
+    primary_expired: bool | None
+
+    def holds(self, disabled: bool, primary_expired: bool) -> bool:
+        return (self.disabled is None or self.disabled is disabled) and (
+            self.primary_expired is None or self.primary_expired is primary_expired
+        )
+
+
+# The one definition of a key's effective state: disabled wins; else an expired primary makes it EXPIRED.
+# The conditions exclude each other, so a store can select the keys of one state with one condition: each store
+# translates them into its query language in one helper (storage/sqlite.py `_state_sql`, storage/mongo.py
+# `_state_filter`), and tests/storage/test_contract.py checks every store's answer against Key.state_at.
+KEY_STATE_RULE: tuple[StateCondition, ...] = (
+    StateCondition(KeyState.DISABLED, disabled=True, primary_expired=None),
+    StateCondition(KeyState.EXPIRED, disabled=False, primary_expired=True),
+    StateCondition(KeyState.ENABLED, disabled=False, primary_expired=False),
+)
+
+
+def state_condition(state: KeyState) -> StateCondition:
+    return next(condition for condition in KEY_STATE_RULE if condition.state is state)
+
+
 def validate_tenant_id(tenant_id: str) -> str:
     """Return `tenant_id` if it is 1-64 characters of [A-Za-z0-9_.-] starting with a letter or digit."""
     if not tenant_id:
@@ -312,16 +342,16 @@ class Key:
         return due is not None and due <= now
 
     def state_at(self, now: datetime) -> KeyState:
+        """The key's effective state: DESTROYED or DESTROY_SCHEDULED by its primary version's destruction, else as
+        KEY_STATE_RULE defines it (the rule the stores translate for ListKeys' filter, which takes only those
+        three states)."""
         primary = self.primary
         if primary.destroyed:
             return KeyState.DESTROYED
         if primary.destroy_at is not None:
             return KeyState.DESTROY_SCHEDULED
-        if self.disabled:
-            return KeyState.DISABLED
-        if primary.state_at(now) is KeyVersionState.EXPIRED:
-            return KeyState.EXPIRED
-        return KeyState.ENABLED
+        expired = primary.state_at(now) is KeyVersionState.EXPIRED
+        return next(condition.state for condition in KEY_STATE_RULE if condition.holds(self.disabled, expired))
 
     def version_state_at(self, version: KeyVersion, now: datetime) -> KeyVersionState:
         """A version's effective state: its own, or DISABLED below the key's min_decryption_version."""

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from crypto_server.domain.audit_chain import CHECKPOINT, GENESIS, ChainReport, authentic, seal, verify_chain
+from crypto_server.domain.audit_recording import CryptoRecording
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import AuditUnavailable, InvalidArgument
 from crypto_server.domain.keys import validate_tenant_id
@@ -59,32 +60,6 @@ class AuditEvent:
     key_id: str = ""
     key_version: int = 0
     phase: str = "outcome"  # "intent" before a change, "outcome" after any call
-
-
-@dataclass(frozen=True, slots=True)
-class CryptoRecording:
-    """Which crypto-operation calls are recorded (CRYPTO_AUDIT_CRYPTO)."""
-
-    mode: str  # "all", "denied_only", "sampled" or "none"
-    every: int = 1
-
-    @classmethod
-    def parse(cls, text: str) -> CryptoRecording:
-        """Raises ValueError with a message naming the accepted forms."""
-        value = text.strip().lower()
-        if value in {"all", "denied_only", "none"}:
-            return cls(value)
-        if value.startswith("sampled:"):
-            try:
-                every = int(value.removeprefix("sampled:"))
-            except ValueError:
-                every = 0
-            if every >= 1:
-                return cls("sampled", every)
-        raise ValueError(f"must be all, denied_only, sampled:N (N >= 1) or none, got {text!r}")
-
-    def __str__(self) -> str:
-        return f"sampled:{self.every}" if self.mode == "sampled" else self.mode
 
 
 def new_chain_id() -> str:

@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import KeyType
 from crypto_server.service.keyring import Keyring
-from crypto_server.storage.port import KeyChange, KeyStore
+from crypto_server.storage.port import ChangeFeed, KeyChange
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ CacheFix = Callable[[KeyChange], bool]
 class ChangePoller:
     def __init__(
         self,
-        store: KeyStore,
+        store: ChangeFeed,
         keyring: Keyring,
         *,
         interval_s: float,

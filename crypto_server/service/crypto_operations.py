@@ -12,14 +12,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from crypto_server.domain import ciphertext as codec
 from crypto_server.domain import stream_format
-from crypto_server.domain.algorithms import Algorithm
+from crypto_server.domain.algorithms import AEAD, STREAMING_AEAD, PrimitiveKind
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import (
-    AlgorithmMismatch,
     CryptoServiceError,
     DecryptionFailed,
     InvalidArgument,
@@ -33,6 +32,7 @@ from crypto_server.domain.errors import (
 )
 from crypto_server.domain.key_destruction import check_can_decrypt, check_can_encrypt
 from crypto_server.domain.keys import KeyType, KeyVersionState, validate_tenant_id
+from crypto_server.domain.limits import MAX_AAD_BYTES
 from crypto_server.service.keyring import Keyring, LoadedKey
 from crypto_server.service.usage_budget import UsageBudget
 from crypto_server.storage.port import VersionRef
@@ -40,14 +40,10 @@ from crypto_server.storage.port import VersionRef
 log = logging.getLogger(__name__)
 DEFAULT_MAX_PLAINTEXT_BYTES = 1024 * 1024
 DEFAULT_MAX_BATCH_ITEMS = 1000
-# Request bytes (plaintexts or ciphertexts, and aads) in one batch. With the per-item overhead of the
-# response (BATCH_ITEM_RESPONSE_BYTES) the answer to the largest batch fits in one 16 MiB message.
+# Request bytes (plaintexts or ciphertexts, and aads) in one batch; the configuration checks that the answer
+# to the largest batch fits in one message.
 DEFAULT_MAX_BATCH_BYTES = 8 * 1024 * 1024
-# A generous bound on what one item adds to a batch response beyond its request bytes: ciphertext
-# overhead (codec.OVERHEAD_BYTES), key id, version and framing, or an ItemError with its message.
-BATCH_ITEM_RESPONSE_BYTES = 1024
 DATA_KEY_BYTES = 32
-MAX_AAD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,17 +109,18 @@ class CryptoOperations:
                 "split the data or use envelope encryption",
             )
         _check_aad(aad)
-        loaded, version = self._encrypting_version(tenant_id, key_id, "Encrypt")
+        loaded, version = self._encrypting_version(tenant_id, key_id, "Encrypt", AEAD)
         aead = self._keyring.aead(loaded, version)
         sealed = codec.encrypt(aead, tenant_id, loaded.key_uuid, version, plaintext, aad)
         return Encrypted(ciphertext=sealed, key_id=key_id, key_version=version)
 
-    def _encrypting_version(self, tenant_id: str, key_id: str, operation: str) -> tuple[LoadedKey, int]:
-        """The key and the version new ciphertexts use, checked able to encrypt now."""
+    def _encrypting_version(
+        self, tenant_id: str, key_id: str, operation: str, kind: PrimitiveKind[Any]
+    ) -> tuple[LoadedKey, int]:
+        """The key and the version new ciphertexts use, checked able to encrypt now (with a `kind` primitive)."""
         loaded = self._keyring.lookup(tenant_id, key_id)
         key = loaded.key
-        if key.algorithm is not Algorithm.AES_256_GCM:
-            raise AlgorithmMismatch(key_id, key.algorithm.value, operation, "an AES_256_GCM key")
+        self._keyring.algorithms.require(key_id, key.algorithm, kind, operation)
         if key.key_type is KeyType.MASTER:
             raise KeyTypeMismatch(
                 key_id, f"key {key_id} is the tenant's master key, which only wraps other keys; encrypt with a data key"
@@ -140,8 +137,11 @@ class CryptoOperations:
             self._budget.record(VersionRef(tenant_id, key.key_id, primary.version), primary.encryptions)
         return loaded, primary.version
 
-    def _decrypting_key(self, tenant_id: str, named: LoadedKey | None, key_id: uuid.UUID, version: int) -> LoadedKey:
-        """The key a ciphertext names, if it can open it; anything wrong with the ciphertext is DecryptionFailed."""
+    def _decrypting_key(
+        self, tenant_id: str, named: LoadedKey | None, key_id: uuid.UUID, version: int, kind: PrimitiveKind[Any]
+    ) -> LoadedKey:
+        """The key a ciphertext names, if it can open it (with a `kind` primitive); anything wrong with the
+        ciphertext is DecryptionFailed."""
         if named is not None and key_id != named.key_uuid:
             raise DecryptionFailed()
         try:
@@ -150,7 +150,7 @@ class CryptoOperations:
             raise DecryptionFailed() from None
         key = loaded.key
         record = key.version(version)
-        if key.key_type is KeyType.MASTER or key.algorithm is not Algorithm.AES_256_GCM or record is None:
+        if key.key_type is KeyType.MASTER or not self._keyring.algorithms.builds(key.algorithm, kind) or record is None:
             raise DecryptionFailed()
         if key.disabled:
             raise KeyDisabled(key.key_id)
@@ -180,7 +180,7 @@ class CryptoOperations:
         if len(ciphertext) > self.max_plaintext_bytes + codec.OVERHEAD_BYTES:
             raise DecryptionFailed()
         header = codec.read_header(ciphertext)
-        loaded = self._decrypting_key(tenant_id, named, header.key_id, header.key_version)
+        loaded = self._decrypting_key(tenant_id, named, header.key_id, header.key_version, AEAD)
         aead = self._keyring.aead(loaded, header.key_version)
         plaintext = codec.decrypt(aead, tenant_id, ciphertext, aad)
         return Decrypted(plaintext=plaintext, key_id=loaded.key.key_id, key_version=header.key_version)
@@ -193,10 +193,8 @@ class CryptoOperations:
         """The key and version used, and the stream: header, then segments as `chunks` arrive.
         Memory: at most one segment of plaintext, whatever the stream's length."""
         _check_aad(aad)
-        loaded, version = self._encrypting_version(tenant_id, key_id, "EncryptStream")
-        encryptor = stream_format.StreamEncryptor(
-            self._keyring.material(loaded, version), tenant_id, loaded.key_uuid, version, aad
-        )
+        loaded, version = self._encrypting_version(tenant_id, key_id, "EncryptStream", STREAMING_AEAD)
+        encryptor = self._keyring.streaming_aead(loaded, version).encryptor(tenant_id, loaded.key_uuid, version, aad)
         return Encrypted(b"", key_id, version), stream_format.encrypt_all(encryptor, chunks)
 
     def decrypt_stream(
@@ -213,10 +211,8 @@ class CryptoOperations:
             if len(start) >= stream_format.HEADER_BYTES:
                 break
         header = stream_format.read_header(bytes(start))
-        loaded = self._decrypting_key(tenant_id, named, header.key_id, header.key_version)
-        decryptor = stream_format.StreamDecryptor(
-            self._keyring.material(loaded, header.key_version), tenant_id, header, aad
-        )
+        loaded = self._decrypting_key(tenant_id, named, header.key_id, header.key_version, STREAMING_AEAD)
+        decryptor = self._keyring.streaming_aead(loaded, header.key_version).decryptor(tenant_id, header, aad)
 
         def plaintext() -> Iterator[bytes]:
             opened = decryptor.update(bytes(start[stream_format.HEADER_BYTES :]))

@@ -15,13 +15,14 @@ import contextlib
 import logging
 import uuid
 from datetime import timedelta
+from typing import Protocol
 
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError, StoreUnavailable
 from crypto_server.service.audit import AuditEvent, AuditTrail
 from crypto_server.service.key_destruction import KeyDestruction
 from crypto_server.service.periodic import Periodic
-from crypto_server.storage.port import KeyStore
+from crypto_server.storage.port import DestructionSchedule, Leases
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,15 @@ AUDIT_RPC = "DestroyKeyVersions"
 DEFAULT_BATCH = 100
 
 
+class DestroyerStore(DestructionSchedule, Leases, Protocol):
+    """What the destroyer asks the store: its lease, and the keys due (destructions themselves go through
+    KeyDestruction, over the key records' integrity check and cache)."""
+
+
 class KeyDestroyer:
     def __init__(
         self,
-        store: KeyStore,
+        store: DestroyerStore,
         destruction: KeyDestruction,
         clock: Clock,
         *,

@@ -38,7 +38,7 @@ from crypto_server.domain.key_destruction import (
     with_versions_destroyed,
 )
 from crypto_server.domain.keys import Key, KeyType, parse_key_id, validate_tenant_id
-from crypto_server.storage.port import Invalidation, KeyQuery, KeyStore, ListCursor
+from crypto_server.storage.port import Invalidation, KeyQuery, KeyServing, ListCursor
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ TENANT_PAGE = 200
 
 
 class KeyDestruction:
-    def __init__(self, store: KeyStore, clock: Clock, invalidation: Invalidation) -> None:
+    def __init__(self, store: KeyServing, clock: Clock, invalidation: Invalidation) -> None:
         self._store = store
         self._clock = clock
         self._invalidation = invalidation

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
-from crypto_server.domain.algorithms import Algorithm, new_material
+from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import (
     ConcurrentModification,
@@ -32,7 +32,7 @@ from crypto_server.domain.key_destruction import (
     check_master_usable,
     with_min_decryption_version,
 )
-from crypto_server.domain.key_wrap import wrap_key
+from crypto_server.domain.key_wrap import WrappingContext, wrap_key
 from crypto_server.domain.keys import (
     MAX_SESSION_KEY_LIFETIME,
     Key,
@@ -49,7 +49,15 @@ from crypto_server.domain.keys import (
 )
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.page_token import decode_page_token, encode_page_token
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, Invalidation, KeyQuery, KeyStore, ListCursor
+from crypto_server.storage.port import (
+    DuplicateKeyId,
+    DuplicateMasterKey,
+    Invalidation,
+    KeyQuery,
+    KeyServing,
+    ListCursor,
+    RotationSchedule,
+)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -73,11 +81,12 @@ class KeyPage:
 class KeyLifecycle:
     def __init__(
         self,
-        store: KeyStore,
+        store: KeyServing,
         keyring: Keyring,
         clock: Clock,
         invalidation: Invalidation,
         *,
+        schedule: RotationSchedule,
         request_key_id_secret: bytes,
         max_session_lifetime: timedelta = MAX_SESSION_KEY_LIFETIME,
         session_key_replay_window: timedelta = SESSION_KEY_REPLAY_WINDOW,
@@ -85,6 +94,8 @@ class KeyLifecycle:
         self._request_key_id_secret = request_key_id_secret
         self._session_key_replay_window = session_key_replay_window
         self._store = store
+        # Outside the key records (and so outside the cache and the integrity check): the store itself.
+        self._schedule = schedule
         self._keyring = keyring
         self._clock = clock
         self._invalidation = invalidation
@@ -129,10 +140,7 @@ class KeyLifecycle:
         """The new key and True, or the key an earlier request with `request_id` made and False."""
         validate_tenant_id(tenant_id)
         validate_request_id(request_id)
-        if key_type is not KeyType.DATA and algorithm is not Algorithm.AES_256_GCM:
-            raise InvalidArgument(
-                "algorithm", f"{key_type.value.lower()} keys are AES_256_GCM; only data keys may use {algorithm.value}"
-            )
+        self._check_algorithm_of_new_key(key_type, algorithm)
         policy = KeyPolicy.for_new_key(
             key_type, expire_after, rotation_period, max_session_lifetime=self._max_session_lifetime
         )
@@ -168,6 +176,19 @@ class KeyLifecycle:
             master = self._store.get_master_key(tenant_id)
             raise MasterKeyExists(master.key_id if master else "unknown") from None
         return key, True
+
+    def _check_algorithm_of_new_key(self, key_type: KeyType, algorithm: Algorithm) -> None:
+        """`algorithm` must have a key manager here, open to `key_type` keys."""
+        algorithms = self._keyring.algorithms
+        manager = algorithms.find(algorithm)
+        if manager is None:
+            names = ", ".join(a.value for a in algorithms.algorithms())
+            raise InvalidArgument("algorithm", f"{algorithm.value} is not supported by this server; use one of {names}")
+        if key_type not in manager.key_types:
+            able = ", ".join(a.value for a in algorithms.open_to(key_type))
+            raise InvalidArgument(
+                "algorithm", f"{key_type.value.lower()} keys cannot use {algorithm.value}; they may use {able}"
+            )
 
     def _earlier_creation(
         self,
@@ -215,6 +236,10 @@ class KeyLifecycle:
             algorithm=algorithm,
         )
 
+    def master_for_wrapping(self, tenant_id: str) -> Key:
+        """The tenant's master key, created on first use (as CreateKey does), checked able to wrap."""
+        return self._master_for_wrapping(tenant_id)
+
     def _master_for_wrapping(self, tenant_id: str) -> Key:
         """The tenant's master key, created on first use, checked able to wrap."""
         master = self._store.get_master_key(tenant_id)
@@ -257,16 +282,10 @@ class KeyLifecycle:
             parent_version = parent.primary_version
             # Read from the store for its state, not through the keyring: used once, never kept there.
             wrapping = self._keyring.aead(self._keyring.transient(parent), parent_version)
-        wrapped = wrap_key(
-            wrapping,
-            new_material(algorithm),
-            tenant_id=tenant_id,
-            key_id=key_id,
-            key_type=key_type.value,
-            version=version,
-            parent_version=parent_version,
-            algorithm=algorithm.value,
-        )
+        # A key of an algorithm this server has no manager for (made by a newer server) cannot be rotated here.
+        manager = self._keyring.algorithms.require(key_id, algorithm, None, "RotateKey")
+        context = WrappingContext(tenant_id, key_id, key_type.value, version, parent_version, algorithm.value)
+        wrapped = wrap_key(wrapping, manager.new_material(), context)
         return KeyVersion(
             version=version,
             created_at=created_at,
@@ -455,7 +474,7 @@ class KeyLifecycle:
             return None
         over_budget = usage_soft_limit is not None and key.primary.encryptions >= usage_soft_limit
         if not over_budget and not key.rotation_due(self._clock.now()):
-            self._store.reschedule_rotation(tenant_id, key_id, key.revision, key.next_rotation_at)
+            self._schedule.reschedule_rotation(tenant_id, key_id, key.revision, key.next_rotation_at)
             return None
         return f"{AUTOMATIC_ROTATION_PREFIX}{key.latest_version + 1}"
 

@@ -24,13 +24,14 @@ import contextlib
 import logging
 import uuid
 from datetime import timedelta
+from typing import Protocol
 
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError, StoreUnavailable
 from crypto_server.service.audit import AuditEvent, AuditTrail
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.periodic import Periodic
-from crypto_server.storage.port import KeyStore
+from crypto_server.storage.port import Leases, RotationSchedule
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,15 @@ SYSTEM_PRINCIPAL = "system"
 DEFAULT_BATCH = 200
 
 
+class RotatorStore(RotationSchedule, Leases, Protocol):
+    """What the rotator asks the store: its lease, and the keys due (rotations themselves go through the
+    lifecycle)."""
+
+
 class KeyRotator:
     def __init__(
         self,
-        store: KeyStore,
+        store: RotatorStore,
         lifecycle: KeyLifecycle,
         clock: Clock,
         *,

@@ -6,8 +6,10 @@ store round trip and no unwrapping. Changes made through this server
 invalidate entries at once; `ttl_s` bounds how long a change made elsewhere
 (another replica) can go unseen.
 
-Unwrapped material lives only here, as AESGCM objects, and is never written
-anywhere.
+Unwrapped material lives only here, inside the typed primitives the key
+managers build from it (domain/algorithms.py), and is never written anywhere.
+The keyring hands out a primitive of the kind asked for (`aead`, `mac`,
+`signer`, ...) or AlgorithmMismatch when the key's algorithm builds none.
 """
 
 from __future__ import annotations
@@ -16,12 +18,24 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from crypto_server.domain.algorithms import (
+    AEAD,
+    MAC,
+    SIGNER,
+    STREAMING_AEAD,
+    VERIFIER,
+    Aead,
+    AlgorithmRegistry,
+    Mac,
+    PrimitiveKind,
+    PublicKeySign,
+    PublicKeyVerify,
+    StreamingAead,
+)
 from crypto_server.domain.errors import (
     KeyIntegrityError,
     KeyNotFound,
@@ -31,9 +45,10 @@ from crypto_server.domain.errors import (
     StoreUnavailable,
 )
 from crypto_server.domain.key_destruction import check_master_usable
-from crypto_server.domain.key_wrap import UnwrapFailed, WrappingKey, unwrap_key
+from crypto_server.domain.key_managers import ALGORITHMS
+from crypto_server.domain.key_wrap import UnwrapFailed, WrappingContext, WrappingKey, unwrap_key
 from crypto_server.domain.keys import Key, KeyVersion, parse_key_id, validate_tenant_id
-from crypto_server.storage.port import KeyStore
+from crypto_server.storage.port import KeyReader
 
 _P = TypeVar("_P")
 
@@ -50,25 +65,26 @@ class _Fill:
 
 @dataclass(slots=True)
 class LoadedKey:
-    """A key's metadata plus the AEADs of the versions used so far."""
+    """A key's metadata plus the primitives built for the versions used so far."""
 
     key: Key
     key_uuid: uuid.UUID
     loaded_at: float
-    # Per version, the object built from its unwrapped material (AESGCM, a signing key, MAC bytes).
-    primitives: dict[int, Any] = field(default_factory=dict)
+    # Per version and kind, the primitive its key manager built from the unwrapped material.
+    primitives: dict[tuple[int, PrimitiveKind[Any]], Any] = field(default_factory=dict)
 
 
 class Keyring:
     def __init__(
         self,
-        store: KeyStore,
+        store: KeyReader,
         root: WrappingKey,
         *,
         ttl_s: float,
         max_keys: int,
         max_stale_s: float = 0.0,
         other_roots: Sequence[WrappingKey] = (),
+        algorithms: AlgorithmRegistry = ALGORITHMS,
     ):
         if ttl_s < 0 or max_keys < 1 or max_stale_s < 0:
             raise ValueError("keyring ttl and max_stale must be >= 0 and max_keys >= 1")
@@ -78,6 +94,8 @@ class Keyring:
         self.misses = 0
         self._store = store
         self.root = root
+        # The key managers: what each key's algorithm builds, and how new material is made for it.
+        self.algorithms = algorithms
         # Root keys that master keys may still be wrapped under (during a root key rotation); never wrap with them.
         self._unwrapping_roots = (root, *other_roots)
         self._ttl_s = ttl_s
@@ -223,27 +241,43 @@ class Keyring:
                 for fill in fills:
                     fill.stale = True
 
-    def aead(self, loaded: LoadedKey, version: int) -> AESGCM:
+    def aead(self, loaded: LoadedKey, version: int) -> Aead:
         """The AEAD for one version of `loaded`, unwrapping it (through its parent) on first use.
 
-        Raises MasterKeyUnavailable when the parent master key is disabled.
+        Raises AlgorithmMismatch when the key's algorithm builds no AEAD, MasterKeyUnavailable when the parent
+        master key is disabled. The same holds for the other kinds below.
         """
-        aead: AESGCM = self.primitive(loaded, version, AESGCM)
-        return aead
+        return self.primitive(loaded, version, AEAD)
 
-    def primitive(self, loaded: LoadedKey, version: int, build: Callable[[bytes], _P]) -> _P:
-        """`build(material)` for one version, built on first use and kept with the loaded key."""
-        built = loaded.primitives.get(version)
+    def streaming_aead(self, loaded: LoadedKey, version: int) -> StreamingAead:
+        return self.primitive(loaded, version, STREAMING_AEAD)
+
+    def mac(self, loaded: LoadedKey, version: int) -> Mac:
+        return self.primitive(loaded, version, MAC)
+
+    def signer(self, loaded: LoadedKey, version: int) -> PublicKeySign:
+        return self.primitive(loaded, version, SIGNER)
+
+    def verifier(self, loaded: LoadedKey, version: int) -> PublicKeyVerify:
+        return self.primitive(loaded, version, VERIFIER)
+
+    def primitive(self, loaded: LoadedKey, version: int, kind: PrimitiveKind[_P]) -> _P:
+        """The `kind` primitive of one version, built by the key's manager on first use and kept with the
+        loaded key. Only a primitive of the right kind is ever kept, so a cached one needs no check."""
+        slot = (version, kind)
+        built = loaded.primitives.get(slot)
         if built is None:
-            built = build(self.material(loaded, version))
+            key = loaded.key
+            manager = self.algorithms.require(key.key_id, key.algorithm, kind, kind.use)
+            built = manager.primitive(kind, self.material(loaded, version))
             # Racing threads may both unwrap; the results are identical, so last write wins harmlessly.
-            loaded.primitives[version] = built
+            loaded.primitives[slot] = built
         result: _P = built
         return result
 
     def material(self, loaded: LoadedKey, version: int) -> bytes:
         """The raw bytes of one version, unwrapped through its parent. Only for RPCs whose purpose is
-        to hand a key to its caller (session keys); everything else uses `aead`."""
+        to hand a key to its caller (session keys); everything else uses a typed primitive (`aead`, `mac`, ...)."""
         key = loaded.key
         record = key.version(version)
         if record is None:
@@ -297,13 +331,4 @@ class Keyring:
 
 def unwrap_version(parent: WrappingKey, key: Key, record: KeyVersion) -> bytes:
     """One version's material, unwrapped under `parent` with the binding of that key and version."""
-    return unwrap_key(
-        parent,
-        record.wrapped_material,
-        tenant_id=key.tenant_id,
-        key_id=key.key_id,
-        key_type=key.key_type.value,
-        version=record.version,
-        parent_version=record.parent_version,
-        algorithm=key.algorithm.value,
-    )
+    return unwrap_key(parent, record.wrapped_material, WrappingContext.of(key, record))

@@ -1,4 +1,5 @@
-"""MACs (HMAC-SHA256) and signatures (Ed25519, ECDSA P-256) with a tenant's keys.
+"""MACs and signatures with a tenant's keys (with any algorithm whose key manager builds a MAC, or a signer
+and verifier: HMAC-SHA256, Ed25519 and ECDSA P-256 today).
 
 As with encryption: making a MAC or signature needs an enabled key whose
 version has not expired; checking one works with any version of an enabled
@@ -8,17 +9,15 @@ key, expired or not. The private key and the MAC key never leave the service.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from crypto_server.domain import algorithms
-from crypto_server.domain.algorithms import Algorithm
+from crypto_server.domain.algorithms import MAC, SIGNER, VERIFIER, Algorithm, PrimitiveKind
 from crypto_server.domain.clock import Clock
-from crypto_server.domain.errors import AlgorithmMismatch, InvalidArgument, KeyDisabled, KeyExpired
+from crypto_server.domain.errors import InvalidArgument, KeyDisabled, KeyExpired
 from crypto_server.domain.key_destruction import check_can_decrypt
 from crypto_server.domain.keys import KeyVersionState
 from crypto_server.service.crypto_operations import DEFAULT_MAX_PLAINTEXT_BYTES
 from crypto_server.service.keyring import Keyring, LoadedKey
-
-_SIGNING = (Algorithm.ED25519, Algorithm.ECDSA_P256_SHA256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +43,15 @@ class MacsAndSignatures:
         self._max_data_bytes = max_data_bytes
 
     def _version(
-        self, loaded: LoadedKey, version: int, operation: str, accepted: tuple[Algorithm, ...], *, making: bool
+        self, loaded: LoadedKey, version: int, operation: str, kind: PrimitiveKind[Any], *, making: bool
     ) -> tuple[LoadedKey, int]:
-        """The key and the version to use (0: the primary), checked usable for `operation`."""
+        """The key and the version to use (0: the primary), checked usable for `operation` (which needs a
+        `kind` primitive). The algorithm is checked first: a key of the wrong kind is refused as such whatever
+        its state."""
         if version:
             loaded = self._keyring.with_version(loaded, version)
         key = loaded.key
-        if key.algorithm not in accepted:
-            needed = " or ".join(a.value for a in accepted)
-            raise AlgorithmMismatch(key.key_id, key.algorithm.value, operation, f"an {needed} key")
+        self._keyring.algorithms.require(key.key_id, key.algorithm, kind, operation)
         if key.disabled:
             raise KeyDisabled(key.key_id)
         number = version or key.primary_version
@@ -73,39 +72,30 @@ class MacsAndSignatures:
         loaded = self._keyring.lookup(tenant_id, key_id)
         # Computing makes a new MAC whichever version is named, so an expired version refuses, as it
         # does for encryption: a version past its cryptoperiod only verifies.
-        loaded, number = self._version(loaded, version, "ComputeMac", (Algorithm.HMAC_SHA256,), making=True)
-        material: bytes = self._keyring.primitive(loaded, number, bytes)
-        return algorithms.compute_mac(material, data), number
+        loaded, number = self._version(loaded, version, "ComputeMac", MAC, making=True)
+        return self._keyring.mac(loaded, number).compute(data), number
 
     def verify_mac(self, tenant_id: str, key_id: str, data: bytes, mac: bytes, version: int = 0) -> bool:
         self._check_size("data", data)
         loaded = self._keyring.lookup(tenant_id, key_id)
-        loaded, number = self._version(loaded, version, "VerifyMac", (Algorithm.HMAC_SHA256,), making=False)
-        material: bytes = self._keyring.primitive(loaded, number, bytes)
-        return algorithms.mac_matches(material, data, mac)
-
-    def _signing_key(self, loaded: LoadedKey, number: int) -> algorithms.SigningKey:
-        algorithm = loaded.key.algorithm
-        signing_key: algorithms.SigningKey = self._keyring.primitive(
-            loaded, number, lambda material: algorithms.signing_key(algorithm, material)
-        )
-        return signing_key
+        loaded, number = self._version(loaded, version, "VerifyMac", MAC, making=False)
+        return self._keyring.mac(loaded, number).verify(data, mac)
 
     def sign(self, tenant_id: str, key_id: str, message: bytes) -> Signature:
         self._check_size("message", message)
         loaded = self._keyring.lookup(tenant_id, key_id)
-        loaded, number = self._version(loaded, 0, "Sign", _SIGNING, making=True)
-        signature = algorithms.sign(self._signing_key(loaded, number), message)
+        loaded, number = self._version(loaded, 0, "Sign", SIGNER, making=True)
+        signature = self._keyring.signer(loaded, number).sign(message)
         return Signature(signature, loaded.key.key_id, number, loaded.key.algorithm)
 
     def verify(self, tenant_id: str, key_id: str, message: bytes, signature: bytes, version: int = 0) -> bool:
         self._check_size("message", message)
         loaded = self._keyring.lookup(tenant_id, key_id)
-        loaded, number = self._version(loaded, version, "Verify", _SIGNING, making=False)
-        return algorithms.verify(self._signing_key(loaded, number), message, signature)
+        loaded, number = self._version(loaded, version, "Verify", VERIFIER, making=False)
+        return self._keyring.verifier(loaded, number).verify(message, signature)
 
     def public_key(self, tenant_id: str, key_id: str, version: int = 0) -> PublicKey:
         loaded = self._keyring.lookup(tenant_id, key_id)
-        loaded, number = self._version(loaded, version, "GetPublicKey", _SIGNING, making=False)
-        pem = algorithms.public_key_pem(self._signing_key(loaded, number))
+        loaded, number = self._version(loaded, version, "GetPublicKey", VERIFIER, making=False)
+        pem = self._keyring.verifier(loaded, number).public_key_pem()
         return PublicKey(pem, loaded.key.key_id, number, loaded.key.algorithm)

@@ -33,13 +33,12 @@ from dataclasses import dataclass
 
 from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import KeyVersionExhausted, StoreUnavailable
+from crypto_server.domain.limits import GCM_RANDOM_NONCE_LIMIT
 from crypto_server.service.periodic import Periodic
-from crypto_server.storage.port import KeyStore, VersionRef
+from crypto_server.storage.port import UsageCounters, VersionRef
 
 log = logging.getLogger(__name__)
 
-# NIST SP 800-38D: with random 96-bit IVs, at most 2^32 invocations of the encryption per key.
-GCM_RANDOM_NONCE_LIMIT = 2**32
 DEFAULT_FLUSH_EVERY = 4096
 DEFAULT_FLUSH_INTERVAL_S = 5.0
 DEFAULT_SOFT_LIMIT = 2**30
@@ -56,7 +55,7 @@ class _Counter:
 class UsageBudget:
     def __init__(
         self,
-        store: KeyStore,
+        store: UsageCounters,
         clock: Clock,
         *,
         soft_limit: int = DEFAULT_SOFT_LIMIT,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,7 +19,6 @@ from bson.errors import InvalidId
 from pymongo import ASCENDING, MongoClient
 from pymongo.errors import PyMongoError
 
-from crypto_server.call_deadline import time_left
 from crypto_server.storage.private_files import ensure_private_file
 
 # A record is readable as (position in the sink, record or None when it does not parse).
@@ -147,12 +146,20 @@ class FileAuditSink:
                 os.close(fd)
 
 
+def _all_of_it(timeout_s: float) -> float:
+    return timeout_s
+
+
 class MongoAuditSink:
     """Collections `audit_log` (one document per record, unique per chain and seq) and `audit_checkpoints`."""
 
-    def __init__(self, uri: str, database: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, uri: str, database: str, *, timeout_s: float = 5.0, time_left: Callable[[float], float] = _all_of_it
+    ) -> None:
+        """`time_left` as for MongoKeyStore: the server bounds each write by its current call's deadline."""
         timeout_ms = int(timeout_s * 1000)
         self._timeout_s = timeout_s
+        self._time_left = time_left
         self._client: MongoClient[dict[str, Any]] = MongoClient(
             uri,
             tz_aware=True,
@@ -177,7 +184,7 @@ class MongoAuditSink:
     def append(self, records: Sequence[Mapping[str, Any]]) -> None:
         try:
             # Bounded, retries included, by the call's deadline and the store timeout (as key writes are).
-            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+            with pymongo.timeout(max(0.001, self._time_left(self._timeout_s))):
                 # Ordered: the documents' ids (the order verify reads them in) follow the chain.
                 self._log.insert_many([dict(r) for r in records], ordered=True)
         except PyMongoError as error:
@@ -185,14 +192,14 @@ class MongoAuditSink:
 
     def append_checkpoint(self, record: Mapping[str, Any]) -> None:
         try:
-            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+            with pymongo.timeout(max(0.001, self._time_left(self._timeout_s))):
                 self._checkpoints.insert_one(dict(record))
         except PyMongoError as error:
             raise AuditSinkError(f"cannot write the audit checkpoint log: {error}") from None
 
     def last_of_chain(self, chain: str) -> Mapping[str, Any] | None:
         try:
-            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+            with pymongo.timeout(max(0.001, self._time_left(self._timeout_s))):
                 document = self._log.find_one({"chain": chain}, sort=[("seq", -1)])
         except PyMongoError as error:
             raise AuditSinkError(f"cannot read the audit log: {error}") from None

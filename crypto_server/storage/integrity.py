@@ -10,24 +10,24 @@ never served.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
 
 from crypto_server.domain.errors import KeyIntegrityError
 from crypto_server.domain.key_integrity import MetadataAuthenticator
 from crypto_server.domain.keys import Key, KeyVersion
-from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore, VersionRef
+from crypto_server.storage.port import KeyQuery, KeyServing
 
 log = logging.getLogger(__name__)
 
 
 class AuthenticatedKeyStore:
-    """A KeyStore whose keys carry an integrity tag, computed on write and checked on read."""
+    """The key reading and writing roles of a store, with keys that carry an integrity tag, computed on write
+    and checked on read. The store's other roles hold nothing the tag covers: app.py wires them directly."""
 
     def __init__(
         self,
-        inner: KeyStore,
+        inner: KeyServing,
         authenticator: MetadataAuthenticator,
         *,
         on_failure: Callable[[], None] | None = None,
@@ -64,12 +64,6 @@ class AuthenticatedKeyStore:
     def list_keys(self, query: KeyQuery) -> list[Key]:
         return [key for key in map(self._checked, self._inner.list_keys(query)) if key is not None]
 
-    def master_keys(self) -> Iterator[Key]:
-        for key in self._inner.master_keys():
-            checked = self._checked(key)
-            assert checked is not None
-            yield checked
-
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
         # No tag covers a pending version yet; the rotation that finishes it checks that it unwraps.
         return self._inner.pending_version(tenant_id, key_id, number)
@@ -87,65 +81,3 @@ class AuthenticatedKeyStore:
 
     def update_version_states(self, updated: Key, expected_revision: int) -> bool:
         return self._inner.update_version_states(self._tagged(updated), expected_revision)
-
-    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
-        return self._inner.keys_due_for_destruction(now, limit)
-
-    # -- the rest, unchanged -----------------------------------------------------
-
-    def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:
-        return self._inner.replace_wrapped_material(tenant_id, key_id, version, old, new)
-
-    def get_root_key_check(self) -> bytes | None:
-        return self._inner.get_root_key_check()
-
-    def set_root_key_check(self, check: bytes) -> bytes:
-        return self._inner.set_root_key_check(check)
-
-    def replace_root_key_check(self, check: bytes) -> None:
-        self._inner.replace_root_key_check(check)
-
-    def get_meta(self, name: str) -> bytes | None:
-        return self._inner.get_meta(name)
-
-    def add_meta(self, name: str, value: bytes) -> bytes:
-        return self._inner.add_meta(name, value)
-
-    def replace_meta(self, name: str, value: bytes) -> None:
-        self._inner.replace_meta(name, value)
-
-    def changed_keys(self, since: datetime) -> list[KeyChange]:
-        return self._inner.changed_keys(since)
-
-    def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:
-        return self._inner.keys_due_for_rotation(now, limit)
-
-    def reschedule_rotation(
-        self, tenant_id: str, key_id: str, expected_revision: int, next_rotation_at: datetime | None
-    ) -> None:
-        self._inner.reschedule_rotation(tenant_id, key_id, expected_revision, next_rotation_at)
-
-    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
-        # Outside the tag (service/usage_budget.py says why and what altering a count can do).
-        return self._inner.add_encryptions(counts)
-
-    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
-        self._inner.mark_rotation_due(version, now)
-
-    def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
-        return self._inner.acquire_lease(name, holder, now, ttl)
-
-    def release_lease(self, name: str, holder: str) -> None:
-        self._inner.release_lease(name, holder)
-
-    def has_keys(self) -> bool:
-        return self._inner.has_keys()
-
-    def ping(self) -> None:
-        self._inner.ping()
-
-    def key_counts(self, now: datetime) -> KeyCounts:
-        return self._inner.key_counts(now)
-
-    def close(self) -> None:
-        self._inner.close()

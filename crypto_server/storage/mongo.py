@@ -15,14 +15,15 @@ server processes on one database:
   KeyLifecycle.rotate_key) rather than failing on it;
 - at most one master key per tenant is enforced by a unique partial index.
 
-Every round trip is bounded by the current call's deadline (and the store
-timeout), so a dead database answers UNAVAILABLE instead of hanging a worker.
+Every round trip is bounded by the store timeout and, through `time_left`, by
+the current call's deadline, so a dead database answers UNAVAILABLE instead of
+hanging a worker.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -32,10 +33,9 @@ from bson.binary import Binary
 from pymongo import ASCENDING, MongoClient
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from crypto_server.call_deadline import time_left
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
-from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
+from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
 from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery, VersionRef
 
 _ROOT_KEY_CHECK_ID = "root_key_check"
@@ -62,11 +62,34 @@ def _utc(moment: datetime | None) -> datetime | None:
     return None if moment is None else moment.astimezone(UTC)
 
 
+def _state_filter(state: KeyState, now: datetime) -> dict[str, Any]:
+    """domain/keys.py KEY_STATE_RULE's condition for `state` as a filter on key documents: the only place this
+    store spells out a key's effective state."""
+    condition = state_condition(state)
+    found: dict[str, Any] = {}
+    if condition.disabled is not None:
+        found["disabled"] = condition.disabled
+    if condition.primary_expired is True:
+        found["primary_expires_at"] = {"$ne": None, "$lte": now}
+    elif condition.primary_expired is False:
+        found["$or"] = [{"primary_expires_at": None}, {"primary_expires_at": {"$gt": now}}]
+    return found
+
+
+def _all_of_it(timeout_s: float) -> float:
+    return timeout_s
+
+
 class MongoKeyStore:
     """KeyStore over MongoDB (see storage/port.py for the contract)."""
 
-    def __init__(self, uri: str, database: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, uri: str, database: str, *, timeout_s: float = 5.0, time_left: Callable[[float], float] = _all_of_it
+    ) -> None:
+        """`time_left(timeout_s)`: how long the next round trip may take, at most `timeout_s`; the server passes
+        the time its current call has left (the default allows the whole store timeout)."""
         self._timeout_s = timeout_s
+        self._time_left = time_left
         timeout_ms = int(timeout_s * 1000)
         self._client: MongoClient[dict[str, Any]] = MongoClient(
             uri,
@@ -122,7 +145,7 @@ class MongoKeyStore:
     def _bounded(self) -> Iterator[None]:
         """Bound the round trips inside by the call's deadline; driver errors become StoreUnavailable."""
         try:
-            with pymongo.timeout(max(0.001, time_left(self._timeout_s))):
+            with pymongo.timeout(max(0.001, self._time_left(self._timeout_s))):
                 yield
         except DuplicateKeyError:
             raise
@@ -263,13 +286,8 @@ class MongoKeyStore:
         conditions: list[dict[str, Any]] = [{"tenant_id": query.tenant_id}]
         if query.key_type is not None:
             conditions.append({"key_type": query.key_type.value})
-        if query.state is KeyState.DISABLED:
-            conditions.append({"disabled": True})
-        elif query.state is KeyState.ENABLED:
-            conditions.append({"disabled": False})
-            conditions.append({"$or": [{"primary_expires_at": None}, {"primary_expires_at": {"$gt": query.now}}]})
-        elif query.state is KeyState.EXPIRED:
-            conditions.append({"disabled": False, "primary_expires_at": {"$ne": None, "$lte": query.now}})
+        if query.state is not None:
+            conditions.append(_state_filter(query.state, query.now))
         if query.after is not None:
             after = query.after
             conditions.append(
@@ -592,18 +610,12 @@ class MongoKeyStore:
         counts: dict[tuple[KeyType, KeyState], int] = {}
         with self._bounded():
             for key_type in KeyType:
-                by_state: dict[KeyState, dict[str, Any]] = {
-                    KeyState.DISABLED: {"disabled": True},
-                    KeyState.EXPIRED: {"disabled": False, "primary_expires_at": {"$ne": None, "$lte": now}},
-                    KeyState.ENABLED: {
-                        "disabled": False,
-                        "$or": [{"primary_expires_at": None}, {"primary_expires_at": {"$gt": now}}],
-                    },
-                }
-                for state, condition in by_state.items():
-                    counted = self._keys.count_documents({"key_type": key_type.value, **condition})
+                for condition in KEY_STATE_RULE:
+                    counted = self._keys.count_documents(
+                        {"key_type": key_type.value, **_state_filter(condition.state, now)}
+                    )
                     if counted:
-                        counts[(key_type, state)] = counted
+                        counts[(key_type, condition.state)] = counted
             tenants = next(
                 iter(self._keys.aggregate([{"$group": {"_id": "$tenant_id"}}, {"$count": "tenants"}])), {"tenants": 0}
             )["tenants"]

@@ -72,30 +72,8 @@ class KeyCounts:
     tenants: int
 
 
-class KeyDestructionStore(Protocol):
-    """What disabling versions and destroying them needs from a store (domain/key_destruction.py)."""
-
-    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
-        """Store each version's state (`disabled`, `destroy_at`, `destroyed_at`), the key's
-        min_decryption_version, integrity tag, next rotation time and next destruction time
-        (`Key.next_destruction_at`, indexed, outside the tag like the rotation schedule), only if the key is still
-        at `expected_revision`. Returns False when another writer changed the key first.
-
-        Every version with `destroyed_at` has its wrapped material erased wherever the store keeps it (and
-        any pending version above a destroyed primary is deleted), on every call: a call repeated after a
-        failure part-way finishes the erasure."""
-        ...
-
-    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
-        """(tenant_id, key_id) of up to `limit` keys whose stored next destruction time is at or before `now`,
-        earliest first; the caller re-checks each key's authenticated metadata."""
-        ...
-
-
-class KeyStore(KeyDestructionStore, Protocol):
-    def insert_key(self, key: Key) -> None:
-        """Store a new key with its versions. Raises DuplicateKeyId, else DuplicateMasterKey."""
-        ...
+class KeyReader(Protocol):
+    """Reading keys: what serving a request needs (the keyring, the lifecycle)."""
 
     def get_key(self, tenant_id: str, key_id: str) -> Key | None:
         """The key, or None when this tenant has no such key."""
@@ -103,7 +81,17 @@ class KeyStore(KeyDestructionStore, Protocol):
 
     def get_master_key(self, tenant_id: str) -> Key | None: ...
 
-    def list_keys(self, query: KeyQuery) -> list[Key]: ...
+    def list_keys(self, query: KeyQuery) -> list[Key]:
+        """One page of keys; `query.state` is matched as domain/keys.py KEY_STATE_RULE says."""
+        ...
+
+
+class KeyWriter(Protocol):
+    """Writing keys: creation, rotation and settings, each a compare-and-set on the key's revision."""
+
+    def insert_key(self, key: Key) -> None:
+        """Store a new key with its versions. Raises DuplicateKeyId, else DuplicateMasterKey."""
+        ...
 
     def add_version(self, updated: Key, expected_revision: int) -> bool:
         """Store `updated.primary` (its last version, one more than the key's latest) as the key's new
@@ -116,6 +104,31 @@ class KeyStore(KeyDestructionStore, Protocol):
         """Store `updated`'s disabled flag, policy, labels, min_decryption_version and integrity tag, only if the
         key is still at `expected_revision`. Returns False when another writer changed the key first."""
         ...
+
+    def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
+        """A version written by a rotation that never made it primary (a writer that stopped between its
+        two writes), if the store can hold one: a later rotation finishes it instead of failing on it."""
+        ...
+
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        """Store each version's state (`disabled`, `destroy_at`, `destroyed_at`), the key's
+        min_decryption_version, integrity tag, next rotation time and next destruction time
+        (`Key.next_destruction_at`, indexed, outside the tag like the rotation schedule), only if the key is still
+        at `expected_revision`. Returns False when another writer changed the key first.
+
+        Every version with `destroyed_at` has its wrapped material erased wherever the store keeps it (and
+        any pending version above a destroyed primary is deleted), on every call: a call repeated after a
+        failure part-way finishes the erasure."""
+        ...
+
+
+class KeyServing(KeyReader, KeyWriter, Protocol):
+    """The roles that read and write key records: the ones the Redis cache and the integrity check wrap
+    (app.py wires every other role to the store directly)."""
+
+
+class RotationSchedule(Protocol):
+    """The rotator's index of when each key is next rotated: a schedule, not a permission."""
 
     def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:
         """(tenant_id, key_id) of up to `limit` keys whose stored next rotation time is at or before `now`,
@@ -130,6 +143,19 @@ class KeyStore(KeyDestructionStore, Protocol):
         a revision: nothing a reader relies on changes."""
         ...
 
+
+class DestructionSchedule(Protocol):
+    """The destroyer's index of when each key's next scheduled destruction runs (domain/key_destruction.py)."""
+
+    def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
+        """(tenant_id, key_id) of up to `limit` keys whose stored next destruction time is at or before `now`,
+        earliest first; the caller re-checks each key's authenticated metadata."""
+        ...
+
+
+class UsageCounters(Protocol):
+    """Encryptions per key version, flushed by every server (service/usage_budget.py)."""
+
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
         """Add each count to its version's stored `encryptions` as an atomic increment (several servers flush
         at once: none may lose another's counts), all in one round trip where the store allows; return the new
@@ -142,6 +168,10 @@ class KeyStore(KeyDestructionStore, Protocol):
         usage soft limit); the rotator re-checks the count in the key it loads."""
         ...
 
+
+class Leases(Protocol):
+    """Named leases: one holder at a time across every server (the rotator's)."""
+
     def acquire_lease(self, name: str, holder: str, now: datetime, ttl: timedelta) -> bool:
         """Take or renew the lease `name` for `holder` until `now + ttl`; False while another holder's lease
         is unexpired. One holder at a time, however many servers ask (an atomic write in the store)."""
@@ -151,10 +181,16 @@ class KeyStore(KeyDestructionStore, Protocol):
         """Give the lease up at once (a clean shutdown), if `holder` still holds it."""
         ...
 
-    def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
-        """A version written by a rotation that never made it primary (a writer that stopped between its
-        two writes), if the store can hold one: a later rotation finishes it instead of failing on it."""
+
+class ChangeFeed(Protocol):
+    def changed_keys(self, since: datetime) -> list[KeyChange]:
+        """Keys written at or after `since` (every write records when): how each server learns of changes
+        made by others, whatever happens to Redis. Cheap: an indexed range of a few recent keys."""
         ...
+
+
+class StoreMeta(Protocol):
+    """The store's own records (the wrapped metadata key), and whether it holds keys at all."""
 
     def get_meta(self, name: str) -> bytes | None:
         """A value of the store's own metadata (the wrapped metadata key), or None."""
@@ -166,16 +202,26 @@ class KeyStore(KeyDestructionStore, Protocol):
 
     def replace_meta(self, name: str, value: bytes) -> None: ...
 
-    def changed_keys(self, since: datetime) -> list[KeyChange]:
-        """Keys written at or after `since` (every write records when): how each server learns of changes
-        made by others, whatever happens to Redis. Cheap: an indexed range of a few recent keys."""
-        ...
-
     def has_keys(self) -> bool:
         """Whether the store holds any key (start-up refuses a keyed store whose checks are missing)."""
         ...
 
+
+class RootKeyChecks(StoreMeta, Protocol):
+    """The check value that proves which root key wrapped the store's keys (start-up, crypto-rewrap-root)."""
+
     def get_root_key_check(self) -> bytes | None: ...
+
+    def set_root_key_check(self, check: bytes) -> bytes:
+        """Store `check` unless one exists; return the stored one."""
+        ...
+
+    def replace_root_key_check(self, check: bytes) -> None: ...
+
+
+class MasterKeyRewrap(Protocol):
+    """Re-wrapping master key versions under a new root key (crypto-rewrap-root). It writes key records, so
+    the Redis cache wraps it too."""
 
     def master_keys(self) -> Iterator[Key]:
         """Every tenant's master key (for re-wrapping under a new root key)."""
@@ -185,19 +231,34 @@ class KeyStore(KeyDestructionStore, Protocol):
         """Swap one version's wrapped bytes, only if they are still `old` (same material, new wrapping)."""
         ...
 
-    def replace_root_key_check(self, check: bytes) -> None: ...
 
-    def set_root_key_check(self, check: bytes) -> bytes:
-        """Store `check` unless one exists; return the stored one."""
+class StoreStats(Protocol):
+    def key_counts(self, now: datetime) -> KeyCounts:
+        """How many keys there are by type and effective state, and how many tenants have keys (for metrics)."""
         ...
 
+
+class Health(Protocol):
     def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers and takes a small write now (cheap; for health)."""
         ...
 
-    def key_counts(self, now: datetime) -> KeyCounts:
-        """How many keys there are by type and effective state, and how many tenants have keys (for metrics)."""
-        ...
+
+class KeyStore(
+    KeyServing,
+    RotationSchedule,
+    DestructionSchedule,
+    UsageCounters,
+    Leases,
+    ChangeFeed,
+    RootKeyChecks,
+    MasterKeyRewrap,
+    StoreStats,
+    Health,
+    Protocol,
+):
+    """Every role: what a store adapter (SQLite, MongoDB) and the circuit breaker above it implement.
+    Each component asks only for the roles it uses."""
 
     def close(self) -> None: ...
 

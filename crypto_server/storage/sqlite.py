@@ -22,7 +22,7 @@ from typing import Any
 
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
-from crypto_server.domain.keys import Key, KeyPolicy, KeyState, KeyType, KeyVersion
+from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
 from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery, VersionRef
 from crypto_server.storage.private_files import ensure_private_directory, ensure_private_file, restrict_to_owner
 
@@ -120,6 +120,23 @@ def _opt_duration_us(duration: timedelta | None) -> int | None:
 
 def _opt_duration(us: int | None) -> timedelta | None:
     return None if us is None else timedelta(microseconds=us)
+
+
+def _state_sql(state: KeyState, now_us: int) -> tuple[str, list[Any]]:
+    """domain/keys.py KEY_STATE_RULE's condition for `state` as a WHERE clause over `keys` (and its values):
+    the only place this store spells out a key's effective state."""
+    condition = state_condition(state)
+    clauses: list[str] = []
+    params: list[Any] = []
+    if condition.disabled is not None:
+        clauses.append("disabled = 1" if condition.disabled else "disabled = 0")
+    if condition.primary_expired is True:
+        clauses.append("(primary_expires_us IS NOT NULL AND primary_expires_us <= ?)")
+        params.append(now_us)
+    elif condition.primary_expired is False:
+        clauses.append("(primary_expires_us IS NULL OR primary_expires_us > ?)")
+        params.append(now_us)
+    return " AND ".join(clauses) or "1", params
 
 
 class SqliteKeyStore:
@@ -338,15 +355,10 @@ class SqliteKeyStore:
         if query.key_type is not None:
             where.append("key_type = ?")
             params.append(query.key_type.value)
-        now_us = _to_us(query.now)
-        if query.state is KeyState.DISABLED:
-            where.append("disabled = 1")
-        elif query.state is KeyState.ENABLED:
-            where.append("disabled = 0 AND (primary_expires_us IS NULL OR primary_expires_us > ?)")
-            params.append(now_us)
-        elif query.state is KeyState.EXPIRED:
-            where.append("disabled = 0 AND primary_expires_us <= ?")
-            params.append(now_us)
+        if query.state is not None:
+            clause, values = _state_sql(query.state, _to_us(query.now))
+            where.append(clause)
+            params.extend(values)
         if query.after is not None:
             where.append("(created_us > ? OR (created_us = ? AND key_id > ?))")
             after_us = _to_us(query.after.created_at)
@@ -658,12 +670,18 @@ class SqliteKeyStore:
         return bytes(row[0])
 
     def key_counts(self, now: datetime) -> KeyCounts:
+        cases: list[str] = []
+        params: list[Any] = []
+        for condition in KEY_STATE_RULE:
+            clause, values = _state_sql(condition.state, _to_us(now))
+            cases.append(f"WHEN {clause} THEN '{condition.state.value}'")
+            params.extend(values)
         with self._read() as db:
             rows = db.execute(
-                "SELECT key_type, CASE WHEN disabled = 1 THEN 'DISABLED' "
-                "WHEN primary_expires_us IS NOT NULL AND primary_expires_us <= ? THEN 'EXPIRED' "
-                "ELSE 'ENABLED' END AS state, COUNT(*) FROM keys GROUP BY key_type, state",
-                (_to_us(now),),
+                # Only _state_sql's constant clauses and KeyState names are joined; the values are bound.
+                f"SELECT key_type, CASE {' '.join(cases)} END AS state, COUNT(*) FROM keys "  # noqa: S608
+                "GROUP BY key_type, state",
+                params,
             ).fetchall()
             (tenants,) = db.execute("SELECT COUNT(DISTINCT tenant_id) FROM keys").fetchone()
         return KeyCounts({(KeyType(kind), KeyState(state)): count for kind, state, count in rows}, tenants)

@@ -26,7 +26,8 @@ from crypto_server.call_context import Principal
 from crypto_server.domain import ciphertext as codec
 from crypto_server.domain import stream_format
 from crypto_server.domain.access_policy import AccessPolicy, KeyAccess, Permission
-from crypto_server.domain.errors import DecryptionFailed, PermissionDenied, Unauthenticated
+from crypto_server.domain.errors import CryptoServiceError, DecryptionFailed, PermissionDenied, Unauthenticated
+from crypto_server.domain.key_backup import read_backup
 from crypto_server.transport.identity import TokenVerifier, principal_of
 from crypto_server.watched_file import WatchedFile
 
@@ -45,6 +46,8 @@ REQUIRED_PERMISSIONS: Mapping[str, tuple[Permission, ...]] = {
     "GenerateSessionKey": (P.SESSION_KEYS,),
     "GetSessionKey": (P.SESSION_KEYS,),
     "ReadAuditLog": (P.AUDIT_READ,),
+    "ExportKey": (P.ADMIN,),
+    "ImportKey": (P.ADMIN,),
     # CryptoService
     "Encrypt": (P.ENCRYPT,),
     "Decrypt": (P.DECRYPT,),
@@ -108,7 +111,7 @@ def _key_uses(method: str, request: Any) -> list[_KeyUse]:
         return [_named(P.ENCRYPT, item.key_id) for item in request.items]
     if method == "BatchDecrypt":
         return [_named(P.DECRYPT, item.key_id, item.ciphertext) for item in request.items]
-    if method in ("CreateKey", "GenerateSessionKey", "ListKeys") or method in TENANT_WIDE:
+    if method in ("CreateKey", "GenerateSessionKey", "ListKeys", "ImportKey") or method in TENANT_WIDE:
         return []  # labels of the key to create, or a filter on the answer (see authorize)
     (permission,) = REQUIRED_PERMISSIONS[method]
     return [_KeyUse(permission, request.key_id)]
@@ -122,6 +125,14 @@ def _ciphertext_key_id(use: _KeyUse) -> str:
             raise PermissionDenied(use.permission.value)
         return str(stream_format.read_header(use.ciphertext[: stream_format.HEADER_BYTES]).key_id)
     return str(codec.read_header(use.ciphertext).key_id)
+
+
+def _backup_labels(backup: bytes) -> Mapping[str, str]:
+    """The labels of the key a backup holds; none when it does not parse (the handler then refuses it)."""
+    try:
+        return read_backup(backup).metadata.labels
+    except CryptoServiceError:
+        return {}
 
 
 ResponseFilter = Callable[[Any], Any]
@@ -185,6 +196,10 @@ class AccessControl:
             return _listed_keys_filter(granted[P.READ_KEYS])
         if method in TENANT_WIDE:
             # Destroying a tenant destroys every key, whatever its labels: only a grant without labels may.
+            raise PermissionDenied(P.ADMIN.value)
+        if method == "ImportKey" and not granted[P.ADMIN].allows(_backup_labels(request.backup)):
+            # As for a new key: the labels it will carry, read from the backup (authenticated by the handler,
+            # which refuses the backup if they were altered).
             raise PermissionDenied(P.ADMIN.value)
         self._check_labels(tenant_id, granted, _key_uses(method, request))
         # New labels as for a new key: a label-narrowed caller must not move a key out of (or into another's)

@@ -38,7 +38,9 @@ KEY_CHANGES = frozenset(
     }
 )
 # Calls that use `admin` or read the audit trail: recorded like key changes.
-ADMIN_CALLS = frozenset({"ReadAuditLog", "ScheduleTenantDestruction", "CancelTenantDestruction"})
+ADMIN_CALLS = frozenset(
+    {"ReadAuditLog", "ScheduleTenantDestruction", "CancelTenantDestruction", "ExportKey", "ImportKey"}
+)
 CRYPTO_OPERATIONS = frozenset(
     {
         "Encrypt",

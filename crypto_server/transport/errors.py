@@ -52,6 +52,11 @@ _TABLE: dict[type[errors.CryptoServiceError], tuple[grpc.StatusCode, errors_pb2.
         grpc.StatusCode.FAILED_PRECONDITION,
         errors_pb2.ERROR_REASON_TENANT_DESTRUCTION_SCHEDULED,
     ),
+    errors.BackupMalformed: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_BACKUP_MALFORMED),
+    errors.BackupTampered: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_BACKUP_TAMPERED),
+    errors.BackupKeyMismatch: (grpc.StatusCode.FAILED_PRECONDITION, errors_pb2.ERROR_REASON_BACKUP_KEY_MISMATCH),
+    errors.BackupKeyUnsupported: (grpc.StatusCode.INVALID_ARGUMENT, errors_pb2.ERROR_REASON_BACKUP_KEY_UNSUPPORTED),
+    errors.KeyAlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, errors_pb2.ERROR_REASON_KEY_EXISTS),
 }
 
 

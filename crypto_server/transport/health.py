@@ -16,7 +16,7 @@ from typing import Protocol
 from grpc_health.v1 import health, health_pb2
 
 from crypto_server.domain.errors import RootKeyUnavailable, StoreUnavailable
-from crypto_server.storage.port import KeyStore
+from crypto_server.storage.port import Health
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -29,10 +29,31 @@ class RootKeyProbe(Protocol):
         ...
 
 
+class _Dependency:
+    """What KeyService health depends on (the store, the root key): its last state, logged once per change."""
+
+    def __init__(self, back_message: str, lost_message: str) -> None:
+        self._back_message = back_message
+        self._lost_message = lost_message
+        self._up = True
+
+    def answered(self) -> bool:
+        if not self._up:
+            self._up = True
+            log.info(self._back_message, extra={"health": "SERVING"})
+        return True
+
+    def failed(self, detail: str) -> bool:
+        if self._up:
+            self._up = False
+            log.warning(self._lost_message, extra={"health": "NOT_SERVING", "detail": detail})
+        return False
+
+
 class StoreHealthMonitor:
     def __init__(
         self,
-        store: KeyStore,
+        store: Health,
         servicer: health.HealthServicer,
         key_service: str,
         *,
@@ -43,12 +64,12 @@ class StoreHealthMonitor:
         # Probing the root key is one wrap and unwrap of nothing: free for a file key, one round trip for an HSM.
         # It is also what brings an HSM back after an outage when no call needs it.
         self._root_key = root_key
-        self._root_key_up = True
+        self._root_key_state = _Dependency("root key usable again", "root key unusable")
         self._servicer = servicer
         self._key_service = key_service
         self._interval_s = interval_s
         self._stopping = threading.Event()
-        self._store_up = True
+        self._store_state = _Dependency("key store reachable again", "key store unreachable")
         self._thread = threading.Thread(target=self._run, name="store-health", daemon=True)
 
     def start(self) -> None:
@@ -57,37 +78,22 @@ class StoreHealthMonitor:
     def check_once(self) -> bool:
         try:
             self._store.ping()
-            up = True
+            store_up = self._store_state.answered()
         except StoreUnavailable as error:
-            up = False
-            detail = error.message
-        if up != self._store_up:
-            self._store_up = up
-            if up:
-                log.info("key store reachable again", extra={"health": "SERVING"})
-            else:
-                log.warning("key store unreachable", extra={"health": "NOT_SERVING", "detail": detail})
+            store_up = self._store_state.failed(error.message)
         root_key_up = self._check_root_key()
         if not self._stopping.is_set():
-            self._servicer.set(self._key_service, SERVING if up and root_key_up else NOT_SERVING)
-        return up and root_key_up
+            self._servicer.set(self._key_service, SERVING if store_up and root_key_up else NOT_SERVING)
+        return store_up and root_key_up
 
     def _check_root_key(self) -> bool:
         if self._root_key is None:
             return True
         try:
             self._root_key.check()
-            up = True
         except RootKeyUnavailable as error:
-            up = False
-            detail = error.detail
-        if up != self._root_key_up:
-            self._root_key_up = up
-            if up:
-                log.info("root key usable again", extra={"health": "SERVING"})
-            else:
-                log.warning("root key unusable", extra={"health": "NOT_SERVING", "detail": detail})
-        return up
+            return self._root_key_state.failed(error.detail)
+        return self._root_key_state.answered()
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval_s):

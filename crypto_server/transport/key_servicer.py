@@ -10,6 +10,7 @@ from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import AuditUnavailable
 from crypto_server.domain.keys import Key
 from crypto_server.service.audit import AuditTrail
+from crypto_server.service.key_backup import KeyBackups
 from crypto_server.service.key_destruction import KeyDestruction
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.transport.mapping import (
@@ -31,6 +32,7 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
         lifecycle: KeyLifecycle,
         clock: Clock,
         audit: AuditTrail | None = None,
+        backups: KeyBackups | None = None,
         *,
         destruction: KeyDestruction,
     ) -> None:
@@ -38,6 +40,7 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
         self._clock = clock
         self._audit = audit
         self._destruction = destruction
+        self._backups = backups
 
     def _key(self, key: Key) -> resources_pb2.Key:
         return key_to_proto(key, self._clock.now())
@@ -187,3 +190,17 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
     ) -> pb.CancelTenantDestructionResponse:
         master = self._destruction.cancel_tenant_destruction(request.tenant_id)
         return pb.CancelTenantDestructionResponse(master_key=self._key(master))
+
+    def _key_backups(self) -> KeyBackups:
+        if self._backups is None:
+            raise NotImplementedError("this server was built without key backups")
+        return self._backups
+
+    def ExportKey(self, request: pb.ExportKeyRequest, context: grpc.ServicerContext) -> pb.ExportKeyResponse:
+        key, backup = self._key_backups().export_key(
+            request.tenant_id, request.key_id, backup_public_key=request.backup_public_key
+        )
+        return pb.ExportKeyResponse(backup=backup, key=self._key(key))
+
+    def ImportKey(self, request: pb.ImportKeyRequest, context: grpc.ServicerContext) -> pb.ImportKeyResponse:
+        return pb.ImportKeyResponse(key=self._key(self._key_backups().import_key(request.tenant_id, request.backup)))

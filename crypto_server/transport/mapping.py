@@ -55,28 +55,32 @@ def key_type_filter_from_proto(value: int) -> KeyType | None:
     return None if value == resources_pb2.KEY_TYPE_UNSPECIFIED else key_type_from_proto(value)
 
 
-_ALGORITHM_TO_PROTO = {
-    Algorithm.AES_256_GCM: resources_pb2.ALGORITHM_AES_256_GCM,
-    Algorithm.HMAC_SHA256: resources_pb2.ALGORITHM_HMAC_SHA256,
-    Algorithm.ED25519: resources_pb2.ALGORITHM_ED25519,
-    Algorithm.ECDSA_P256_SHA256: resources_pb2.ALGORITHM_ECDSA_P256_SHA256,
-}
-_ALGORITHM_FROM_PROTO: dict[int, Algorithm] = {number: a for a, number in _ALGORITHM_TO_PROTO.items()}
+# Algorithms map by name: Algorithm("X") is ALGORITHM_X in the proto enum, so an algorithm added to the
+# registry (domain/key_managers/) needs its enum value in resources.proto and nothing here.
+_ALGORITHM_PREFIX = "ALGORITHM_"
 
 
 def algorithm_from_proto(value: int) -> Algorithm:
-    """UNSPECIFIED means the default, AES-256-GCM."""
+    """UNSPECIFIED means the default, AES-256-GCM. Whether this server has the algorithm is the service's
+    question (key_lifecycle.py): here only whether the API names it."""
     if value == resources_pb2.ALGORITHM_UNSPECIFIED:
         return Algorithm.AES_256_GCM
-    algorithm = _ALGORITHM_FROM_PROTO.get(value)
-    if algorithm is None:
-        names = ", ".join(resources_pb2.Algorithm.Name(n) for n in _ALGORITHM_TO_PROTO.values())
+    named = resources_pb2.Algorithm.DESCRIPTOR.values_by_number.get(value)
+    if named is None:
+        names = ", ".join(
+            v.name for v in resources_pb2.Algorithm.DESCRIPTOR.values if v.number != resources_pb2.ALGORITHM_UNSPECIFIED
+        )
         raise InvalidArgument("algorithm", f"must be one of {names}")
-    return algorithm
+    return Algorithm(named.name.removeprefix(_ALGORITHM_PREFIX))
 
 
 def algorithm_to_proto(algorithm: Algorithm) -> resources_pb2.Algorithm.ValueType:
-    return _ALGORITHM_TO_PROTO[algorithm]
+    """ALGORITHM_UNSPECIFIED for an algorithm the API does not name (registered on this server without its
+    enum value): the key is still listed and usable by id, never misnamed as another algorithm."""
+    try:
+        return resources_pb2.Algorithm.Value(_ALGORITHM_PREFIX + algorithm.value)
+    except ValueError:
+        return resources_pb2.ALGORITHM_UNSPECIFIED
 
 
 def key_state_filter_from_proto(value: int) -> KeyState | None:
@@ -119,7 +123,7 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
         primary_version=key.primary_version,
         created_at=_timestamp(key.created_at),
         labels=dict(key.labels),
-        algorithm=_ALGORITHM_TO_PROTO[key.algorithm],
+        algorithm=algorithm_to_proto(key.algorithm),
         min_decryption_version=key.min_decryption_version,
     )
     if key.expires_at is not None:

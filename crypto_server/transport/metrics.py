@@ -49,7 +49,7 @@ from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError, StoreUnavailable
 from crypto_server.root_key import RootKey
 from crypto_server.service.keyring import Keyring
-from crypto_server.storage.port import KeyCounts, KeyStore
+from crypto_server.storage.port import KeyCounts, StoreStats
 
 log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -75,7 +75,7 @@ class NullRpcObserver:
 class _StateCollector:
     """Series read at scrape time: keyring lookups, and key counts (from the store, at most every 30 s)."""
 
-    def __init__(self, keyring: Keyring, store: KeyStore, clock: Clock) -> None:
+    def __init__(self, keyring: Keyring, store: StoreStats, clock: Clock) -> None:
         self._keyring = keyring
         self._store = store
         self._clock = clock
@@ -201,7 +201,7 @@ class Metrics:
         if isinstance(error, StoreUnavailable):
             self._store_errors.inc()
 
-    def watch_state(self, keyring: Keyring, store: KeyStore, clock: Clock) -> None:
+    def watch_state(self, keyring: Keyring, store: StoreStats, clock: Clock) -> None:
         self.registry.register(_StateCollector(keyring, store, clock))
 
     def watch_root_keys(self, root: RootKey, other: RootKey | None) -> None:

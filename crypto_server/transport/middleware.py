@@ -34,12 +34,12 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from crypto_server.call_context import ANONYMOUS, current_principal
-from crypto_server.call_deadline import enter_call, leave_call
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument, ResponseTooLarge, ServerShuttingDown
 from crypto_server.service.quotas import NoQuotas, Quotas
 from crypto_server.transport import access_log
 from crypto_server.transport.authorization import AccessControl
 from crypto_server.transport.call_audit import CallAudit
+from crypto_server.transport.call_deadline import enter_call, leave_call
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
 from crypto_server.transport.metrics import NullRpcObserver, RpcObserver
 from crypto_server.transport.streams import (

@@ -11,19 +11,28 @@ from typing import Any
 
 import grpc
 
+HOLD_LIMIT_S = 30.0  # a held call is let go after this long anyway, so a failing test ends
+
 
 @dataclass(frozen=True)
 class Fault:
     code: grpc.StatusCode | None = None  # answer with this status instead of calling the service
     delay_s: float = 0.0  # wait this long first
+    # Answer only once the test sets this event (a server slower than any deadline, without guessing how slow).
+    hold: threading.Event | None = None
     lose_response: bool = False  # call the service, then answer UNAVAILABLE as if the response was lost
 
 
 class FaultInjector(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self.attempts: Counter[str] = Counter()
+        self.held = 0  # calls answering only once their Fault's `hold` is set
         self._planned: defaultdict[str, deque[Fault]] = defaultdict(deque)
         self._lock = threading.Lock()
+
+    def _holding(self, change: int) -> None:
+        with self._lock:
+            self.held += change
 
     def plan(self, method: str, *faults: Fault) -> None:
         """Faults for the next calls of `method` ("CreateKey", "Encrypt", ...), one per call."""
@@ -51,8 +60,14 @@ class FaultInjector(grpc.ServerInterceptor):
             fault = self._next_fault(method)
             if fault is None:
                 return behaviour(request, context)
+            if fault.hold is not None:
+                self._holding(+1)
+                try:
+                    fault.hold.wait(timeout=HOLD_LIMIT_S)
+                finally:
+                    self._holding(-1)
             if fault.delay_s:
-                time.sleep(fault.delay_s)
+                time.sleep(fault.delay_s)  # a slow server: this real gRPC handler thread answers late
             if fault.code is not None:
                 context.abort(fault.code, f"injected {fault.code.name}")
             response = behaviour(request, context)

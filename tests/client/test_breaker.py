@@ -8,19 +8,12 @@ import pytest
 
 from crypto_client import BreakerPolicy, BreakerState, CircuitOpenError
 from crypto_client.breaker import CircuitBreaker
-
-
-class Ticks:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Ticks
 
 
 @pytest.fixture
 def ticks() -> Ticks:
-    return Ticks()
+    return Ticks(start=100.0)
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from datetime import timedelta
 
 import grpc
@@ -29,7 +29,8 @@ from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from tests.client.conftest import MakeClient
 from tests.client.faults import Fault, FaultInjector
-from tests.conftest import ServerHandle, StartServer
+from tests.conftest import ServerHandle, StartServer, Ticks
+from tests.waiting import eventually
 
 UNAVAILABLE = Fault(code=grpc.StatusCode.UNAVAILABLE)
 
@@ -160,11 +161,14 @@ def test_a_server_slower_than_the_deadline_surfaces_deadline_exceeded_in_time(
 ) -> None:
     crypto = make_client(faulty_server.address)
     key = crypto.create_key()
-    faults.plan("Encrypt", Fault(delay_s=1.0))
-    started = time.monotonic()
-    with pytest.raises(DeadlineExceededError) as caught:
-        crypto.encrypt(key.key_id, b"x", timeout=0.2)
-    assert time.monotonic() - started < 0.6
+    answer = threading.Event()
+    faults.plan("Encrypt", Fault(hold=answer))
+    try:
+        with pytest.raises(DeadlineExceededError) as caught:
+            crypto.encrypt(key.key_id, b"x", timeout=0.2)
+        assert faults.held == 1, "the caller is told at its deadline, while the server still holds the call"
+    finally:
+        answer.set()
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -173,8 +177,13 @@ def test_an_attempt_timeout_lets_a_slow_attempt_be_retried_within_the_deadline(
 ) -> None:
     crypto = make_client(faulty_server.address, retry=RetryPolicy(attempt_timeout_s=0.2))
     key = crypto.create_key()
-    faults.plan("Encrypt", Fault(delay_s=0.5))
-    assert crypto.encrypt(key.key_id, b"x", timeout=3).key_version == 1
+    answer = threading.Event()
+    faults.plan("Encrypt", Fault(hold=answer))  # the first attempt hangs until the end of the test
+    try:
+        assert crypto.encrypt(key.key_id, b"x", timeout=3).key_version == 1
+        assert faults.attempts["Encrypt"] == 2
+    finally:
+        answer.set()
 
 
 def test_the_breaker_opens_fails_fast_without_the_network_and_recovers_by_itself(
@@ -182,11 +191,13 @@ def test_the_breaker_opens_fails_fast_without_the_network_and_recovers_by_itself
 ) -> None:
     server = start_server()
     port = server.running.port
+    ticks = Ticks()
     crypto = make_client(
         server.address,
         retry=RetryPolicy(max_attempts=1),
-        breaker=BreakerPolicy(failure_threshold=3, reset_timeout_s=0.5),
+        breaker=BreakerPolicy(failure_threshold=3, reset_timeout_s=10.0),
         timeout_s=1.0,
+        clock=ticks,
     )
     key = crypto.create_key()
     crypto.encrypt(key.key_id, b"warm")
@@ -198,22 +209,22 @@ def test_the_breaker_opens_fails_fast_without_the_network_and_recovers_by_itself
     assert crypto.stats().breaker_state == "open"
     attempts = crypto.stats().attempts
     for _ in range(20):
-        started = time.perf_counter()
         with pytest.raises(CircuitOpenError):
             crypto.encrypt(key.key_id, b"x")
-        assert time.perf_counter() - started < 0.005
     assert crypto.stats().attempts == attempts, "an open circuit sends nothing"
     assert crypto.stats().rejected_by_breaker == 20
 
     start_server(port=port)
-    deadline = time.monotonic() + 10
-    while True:
+    ticks.now += 10.0  # the reset timeout: the next call is a probe
+
+    def encrypts() -> bool:
         try:
-            assert crypto.encrypt(key.key_id, b"back").key_version == 1
-            break
+            return bool(crypto.encrypt(key.key_id, b"back").key_version == 1)
         except (CircuitOpenError, ServiceUnavailableError):
-            assert time.monotonic() < deadline, "the client did not recover"
-            time.sleep(0.05)
+            return False
+
+    # The channel's reconnection to the restarted server runs in real time (gRPC's own back-off).
+    eventually(encrypts, timeout_s=10, what="the client recovering")
     assert crypto.stats().breaker_state == "closed"
 
 
@@ -242,12 +253,15 @@ def test_get_key_is_cached_and_the_clients_own_changes_invalidate_it(
 
 
 def test_get_key_cache_expires(faulty_server: ServerHandle, make_client: MakeClient) -> None:
-    crypto = make_client(faulty_server.address, key_cache_ttl_s=0.1)
+    ticks = Ticks()
+    crypto = make_client(faulty_server.address, key_cache_ttl_s=5.0, clock=ticks)
     key = crypto.create_key()
     crypto.get_key(key.key_id)
     faulty_server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="acme", key_id=key.key_id))
-    time.sleep(0.15)
-    assert crypto.get_key(key.key_id).primary_version == 2
+    ticks.now += 4.9
+    assert crypto.get_key(key.key_id).primary_version == 1, "within its lifetime the entry answers"
+    ticks.now += 0.1
+    assert crypto.get_key(key.key_id).primary_version == 2, "at its lifetime the entry is gone"
 
 
 def test_session_keys_and_policies_are_passed_through(faulty_server: ServerHandle, make_client: MakeClient) -> None:
@@ -258,7 +272,8 @@ def test_session_keys_and_policies_are_passed_through(faulty_server: ServerHandl
     assert key.rotation_period == timedelta(days=1)
     listed = list(crypto.list_keys(key_type=KeyType.SESSION, state=KeyState.ENABLED))
     assert [k.key_id for k in listed] == [key.key_id]
-    assert resources_pb2.KEY_TYPE_SESSION  # the enum the request carried
+    stored = faulty_server.keys.GetKey(key_pb.GetKeyRequest(tenant_id="acme", key_id=key.key_id)).key
+    assert stored.key_type == resources_pb2.KEY_TYPE_SESSION, "the request carried the session key type"
 
 
 def test_an_invalid_tenant_or_config_fails_at_construction(make_client: MakeClient) -> None:

@@ -8,15 +8,7 @@ import pytest
 
 from crypto_client import CryptoClient, DataKeyCache, DecryptionError, EnvelopeCipher
 from tests.client.faults import FaultInjector
-from tests.conftest import ServerHandle
-
-
-class Ticks:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import ServerHandle, Ticks
 
 
 @pytest.fixture

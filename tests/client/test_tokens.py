@@ -19,19 +19,9 @@ import pytest
 from crypto_client import Algorithm, CryptoClient, InvalidTokenError, TokenSigner
 from crypto_client.tokens import MAX_TOKEN_CHARS
 from tests.client.faults import Fault, FaultInjector
-from tests.conftest import ServerHandle
+from tests.conftest import ServerHandle, Ticks
 
 NOW = 1_800_000_000.0  # the wall-clock time tokens are checked at (verify's `now`)
-
-
-class Ticks:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from crypto_server.domain.key_wrap import (
     WRAPPED_KEY_BYTES,
     UnwrapFailed,
+    WrappingContext,
     make_root_key_check,
     root_key_fingerprint,
     root_key_matches,
@@ -17,23 +19,23 @@ from crypto_server.domain.key_wrap import (
     wrap_key,
 )
 
-BINDING = {
-    "tenant_id": "t1",
-    "key_id": "k1",
-    "key_type": "DATA",
-    "version": 2,
-    "parent_version": 1,
-    "algorithm": "AES_256_GCM",
-}
+BINDING = WrappingContext(
+    tenant_id="t1",
+    key_id="k1",
+    key_type="DATA",
+    version=2,
+    parent_version=1,
+    algorithm="AES_256_GCM",
+)
 
 
 def test_wrap_then_unwrap_returns_the_material() -> None:
     parent = AESGCM(os.urandom(32))
     material = os.urandom(32)
-    wrapped = wrap_key(parent, material, **BINDING)
+    wrapped = wrap_key(parent, material, BINDING)
     assert len(wrapped) == WRAPPED_KEY_BYTES
     assert material not in wrapped
-    assert unwrap_key(parent, wrapped, **BINDING) == material
+    assert unwrap_key(parent, wrapped, BINDING) == material
 
 
 @pytest.mark.parametrize(
@@ -49,15 +51,15 @@ def test_wrap_then_unwrap_returns_the_material() -> None:
 )
 def test_wrapped_material_moved_to_another_binding_does_not_unwrap(change: dict[str, object]) -> None:
     parent = AESGCM(os.urandom(32))
-    wrapped = wrap_key(parent, os.urandom(32), **BINDING)
+    wrapped = wrap_key(parent, os.urandom(32), BINDING)
     with pytest.raises(UnwrapFailed):
-        unwrap_key(parent, wrapped, **{**BINDING, **change})
+        unwrap_key(parent, wrapped, replace(BINDING, **change))
 
 
 def test_another_parent_cannot_unwrap() -> None:
-    wrapped = wrap_key(AESGCM(os.urandom(32)), os.urandom(32), **BINDING)
+    wrapped = wrap_key(AESGCM(os.urandom(32)), os.urandom(32), BINDING)
     with pytest.raises(UnwrapFailed):
-        unwrap_key(AESGCM(os.urandom(32)), wrapped, **BINDING)
+        unwrap_key(AESGCM(os.urandom(32)), wrapped, BINDING)
 
 
 def test_root_key_check_recognises_only_its_own_root_key() -> None:

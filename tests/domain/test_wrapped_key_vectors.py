@@ -16,8 +16,16 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from crypto_server.domain import algorithms
-from crypto_server.domain.key_wrap import UnwrapFailed, make_root_key_check, root_key_matches, unwrap_key, wrap_key
+from crypto_server.domain.algorithms import MAC, VERIFIER, Algorithm
+from crypto_server.domain.key_managers import ALGORITHMS
+from crypto_server.domain.key_wrap import (
+    UnwrapFailed,
+    WrappingContext,
+    make_root_key_check,
+    root_key_matches,
+    unwrap_key,
+    wrap_key,
+)
 from tests import offline_recovery as page
 from tests.vectors.generate_wrapped_key_v1 import vectors as page_vectors
 
@@ -40,10 +48,8 @@ def _binding(entry: dict[str, Any]) -> page.Binding:
     )
 
 
-def _production_unwrap(parent_key: bytes, wrapped: bytes, binding: page.Binding) -> bytes:
-    return unwrap_key(
-        AESGCM(parent_key),
-        wrapped,
+def _context(binding: page.Binding) -> WrappingContext:
+    return WrappingContext(
         tenant_id=binding.tenant_id,
         key_id=binding.key_id,
         key_type=binding.key_type,
@@ -51,6 +57,10 @@ def _production_unwrap(parent_key: bytes, wrapped: bytes, binding: page.Binding)
         parent_version=binding.parent_version,
         algorithm=binding.algorithm,
     )
+
+
+def _production_unwrap(parent_key: bytes, wrapped: bytes, binding: page.Binding) -> bytes:
+    return unwrap_key(AESGCM(parent_key), wrapped, _context(binding))
 
 
 def test_the_vector_file_is_what_the_page_based_generator_writes() -> None:
@@ -85,16 +95,7 @@ def test_production_unwrap_key_opens_the_vector_to_the_same_material(entry: dict
 def test_production_wrap_key_output_opens_with_the_page_based_decoder(entry: dict[str, Any], parent_key: bytes) -> None:
     binding = _binding(entry)
     material = os.urandom(32)
-    wrapped = wrap_key(
-        AESGCM(parent_key),
-        material,
-        tenant_id=binding.tenant_id,
-        key_id=binding.key_id,
-        key_type=binding.key_type,
-        version=binding.version,
-        parent_version=binding.parent_version,
-        algorithm=binding.algorithm,
-    )
+    wrapped = wrap_key(AESGCM(parent_key), material, _context(binding))
     assert page.unwrap(parent_key, wrapped, binding) == material
 
 
@@ -155,12 +156,15 @@ def test_production_root_key_check_opens_with_the_page_based_check() -> None:
     "entry", [e for e in VECTORS["wrapped_under_master"] if "public_key_pem" in e], ids=lambda e: e["name"]
 )
 def test_signing_key_material_is_read_as_the_page_says(entry: dict[str, Any]) -> None:
-    algorithm = algorithms.Algorithm(entry["algorithm"])
-    production_key = algorithms.signing_key(algorithm, bytes.fromhex(entry["material"]))
-    assert algorithms.public_key_pem(production_key) == entry["public_key_pem"]
+    manager = ALGORITHMS.find(Algorithm(entry["algorithm"]))
+    assert manager is not None
+    verifier = manager.primitive(VERIFIER, bytes.fromhex(entry["material"]))
+    assert verifier.public_key_pem() == entry["public_key_pem"]
 
 
 @pytest.mark.parametrize("entry", [e for e in VECTORS["wrapped_under_master"] if "mac" in e], ids=lambda e: e["name"])
 def test_hmac_key_material_is_read_as_the_page_says(entry: dict[str, Any]) -> None:
     material = bytes.fromhex(entry["material"])
-    assert algorithms.compute_mac(material, bytes.fromhex(entry["mac_message"])) == bytes.fromhex(entry["mac"])
+    manager = ALGORITHMS.find(Algorithm(entry["algorithm"]))
+    assert manager is not None
+    assert manager.primitive(MAC, material).compute(bytes.fromhex(entry["mac_message"])) == bytes.fromhex(entry["mac"])

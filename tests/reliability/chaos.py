@@ -160,7 +160,7 @@ def _load(deployment: Deployment, record: Record, stop: threading.Event, seed: i
                 if key is not None:
                     with record.lock:
                         record.keys.append(key.key_id)
-                time.sleep(0.05)
+                stop.wait(0.05)  # the pace of this caller's traffic to the real deployment
             elif role == "encrypt":
                 key_id = rng.choice(keys)
                 plaintext = os.urandom(rng.randrange(1, 512))
@@ -176,7 +176,7 @@ def _load(deployment: Deployment, record: Record, stop: threading.Event, seed: i
                         record.violations.append(f"Decrypt of a {key_id} ciphertext returned other bytes")
             elif role == "rotate":
                 _call(record, "RotateKey", client.rotate_key, rng.choice(keys))
-                time.sleep(0.2)
+                stop.wait(0.2)  # the pace of this caller's traffic to the real deployment
             elif role == "datakey":
                 data_key = _call(record, "GenerateDataKey", client.generate_data_key, rng.choice(keys))
                 if data_key is not None:
@@ -198,7 +198,7 @@ def _load(deployment: Deployment, record: Record, stop: threading.Event, seed: i
                     with record.lock:
                         record.violations.append("a stream did not round-trip")
             else:
-                time.sleep(0.01)
+                stop.wait(0.01)  # nothing to decrypt yet: the other callers are making it
 
 
 def _toggler(deployment: Deployment, record: Record, stop: threading.Event) -> None:
@@ -222,15 +222,15 @@ def _toggler(deployment: Deployment, record: Record, stop: threading.Event) -> N
                 if replica is None or deployment.frozen_replica:
                     continue
                 while time.monotonic() - disabled_at < 10 and _direct_encrypt(replica, key.key_id) == "OK":
-                    time.sleep(0.02)
+                    stop.wait(0.02)  # measuring how long the real replica takes to hear of the disable
                 took = time.monotonic() - disabled_at
                 with record.lock:
                     record.disable_latencies.append(took)
                     if took > DISABLE_BOUND_S:
                         record.disable_late.append(f"replica {index}: {took:.2f}s at {disabled_at:.1f}")
             while _call(record, "EnableKey", client.enable_key, key.key_id) is None and not stop.is_set():
-                time.sleep(0.2)
-            time.sleep(1.0)
+                stop.wait(0.2)  # the deployment refused (a fault): try again shortly
+            stop.wait(1.0)  # the pace of the toggles
 
 
 def _direct_encrypt(replica: CryptoServerProcess, key_id: str) -> str:
@@ -260,7 +260,7 @@ def _health(deployment: Deployment, record: Record, stop: threading.Event) -> No
                 if deployment.replicas[index] is replica and not (index == 1 and deployment.frozen_replica):
                     with record.lock:
                         record.health_failures.append(f"replica {index}: {error.code().name}")
-        time.sleep(0.1)
+        stop.wait(0.1)  # a probe's period, as Kubernetes probes the real replicas
     for channel in channels.values():
         channel.close()
 
@@ -372,10 +372,10 @@ def run(seed: int, duration_s: float, workdir: Path) -> dict[str, Any]:
         for thread in threads:
             thread.start()
         fault_thread.start()
-        time.sleep(duration_s)
+        time.sleep(duration_s)  # the real deployment runs under load and faults this long
         stop_faults.set()
         fault_thread.join(timeout=30)
-        time.sleep(3.0)  # settle: every fault healed, load still running
+        time.sleep(3.0)  # the real deployment settles: every fault healed, load still running
         stop_load.set()
         for thread in threads:
             thread.join(timeout=30)

@@ -1,4 +1,5 @@
-"""Fault tests get their own Redis and MongoDB-protocol servers: they freeze and kill them."""
+"""Fault tests: replicas of one deployment on the test's own Redis and MongoDB-protocol servers (`own_redis`,
+`own_mongo`), which the tests freeze and kill."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import base64
 import os
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,22 +15,6 @@ from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc
 from tests.conftest import Launch
 from tests.servers import CryptoServerProcess, MongoServer, RedisServer
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def own_mongo(tmp_path: Path) -> Iterator[MongoServer]:
-    server = MongoServer(tmp_path / "mongo")
-    server.start()
-    yield server
-    server.stop()
 
 
 class Replica:
@@ -73,12 +57,3 @@ def start_replicas(launch: Launch, own_mongo: MongoServer, own_redis: RedisServe
     yield start
     for replica in opened:
         replica.close()
-
-
-def within(seconds: float, check: Callable[[], bool], step_s: float = 0.02) -> float:
-    """Poll `check` until it holds; how long that took (fails after `seconds`). For real processes only."""
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < seconds, f"not within {seconds}s"
-        time.sleep(step_s)
-    return time.monotonic() - started

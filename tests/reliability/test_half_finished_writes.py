@@ -18,7 +18,7 @@ from pymongo.database import Database
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
-from crypto_server.domain.key_wrap import wrap_key
+from crypto_server.domain.key_wrap import WrappingContext, wrap_key
 from crypto_server.domain.keys import KeyVersion
 from crypto_server.storage.mongo import MongoKeyStore
 from tests.conftest import ServerHandle, expect_error
@@ -46,16 +46,8 @@ def _leave_pending_version(server: ServerHandle, mongo_server: MongoServer, key_
     master_material = unwrapped_material(server, master)[master.primary_version - 1]
     material = os.urandom(32)
     number = key.latest_version + 1
-    wrapped = wrap_key(
-        AESGCM(master_material),
-        material,
-        tenant_id="t1",
-        key_id=key_id,
-        key_type=key.key_type.value,
-        version=number,
-        parent_version=master.primary_version,
-        algorithm=key.algorithm.value,
-    )
+    context = WrappingContext("t1", key_id, key.key_type.value, number, master.primary_version, key.algorithm.value)
+    wrapped = wrap_key(AESGCM(master_material), material, context)
     pending = KeyVersion(number, key.created_at, None, master.primary_version, wrapped, request_id)
     _database(server, mongo_server)["key_versions"].insert_one(MongoKeyStore._version_document(key_id, pending))
     return material

@@ -28,8 +28,9 @@ from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import Launch
-from tests.reliability.conftest import Replica, StartReplicas, within
+from tests.reliability.conftest import Replica, StartReplicas
 from tests.servers import MongoServer
+from tests.waiting import eventually
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -84,13 +85,13 @@ def test_a_frozen_database_costs_key_management_milliseconds_and_crypto_nothing(
                 _health(replica, timeout_s=1.0)  # Kubernetes' default probe timeout
             except grpc.RpcError as error:
                 health_failures.append(error.code().name)
-            time.sleep(0.1)
+            stop.wait(0.1)  # a probe's period, as Kubernetes probes the real server process
 
     with own_mongo.frozen(), ThreadPoolExecutor(20) as pool:
         workers = [pool.submit(create_storm) for _ in range(16)]
         workers += [pool.submit(crypto_load) for _ in range(2)]
         workers.append(pool.submit(health_probe))
-        time.sleep(8)  # a real outage, longer than the store timeout (5 s)
+        time.sleep(8)  # the real MongoDB process stays frozen this long: longer than the store timeout (5 s)
         stop.set()
         for worker in workers:
             worker.result()
@@ -101,12 +102,14 @@ def test_a_frozen_database_costs_key_management_milliseconds_and_crypto_nothing(
     codes = Counter(code for code, _ in create_outcomes)
     assert set(codes) == {"UNAVAILABLE"}, f"UNAVAILABLE, never DEADLINE_EXCEEDED: {codes}"
     late = sorted(took for _, took in create_outcomes[len(create_outcomes) // 2 :])
-    assert late[len(late) // 2] < 0.5, "once the store is known down, calls fail in milliseconds"
+    assert late[len(late) // 2] < 1.0, "once the store is known down, calls fail long before the 5 s store timeout"
     # Recovery without a restart.
-    within(15.0, lambda: _health(replica, KEY_SERVICE) == SERVING, step_s=0.1)
+    eventually(
+        lambda: _health(replica, KEY_SERVICE) == SERVING, timeout_s=15.0, what="KeyService SERVING", interval_s=0.1
+    )
     # A caller's retry (UNAVAILABLE is retriable) succeeds within moments: the first write after the outage
     # may still meet a connection the outage broke.
-    within(10.0, lambda: _attempt(replica) == "OK", step_s=0.2)
+    eventually(lambda: _attempt(replica) == "OK", timeout_s=10.0, what="a key created", interval_s=0.2)
 
 
 @pytest.fixture
@@ -150,7 +153,12 @@ def test_a_full_disk_shows_in_health_and_writes_recover_when_space_returns(launc
     key_id = _create(replica)
     filler = _fill(small_disk)
     try:
-        within(5.0, lambda: _health(replica, KEY_SERVICE) == NOT_SERVING, step_s=0.05)
+        eventually(
+            lambda: _health(replica, KEY_SERVICE) == NOT_SERVING,
+            timeout_s=5.0,
+            what="KeyService NOT_SERVING",
+            interval_s=0.05,
+        )
         assert _health(replica) == SERVING, "the server as a whole stays in the balancer: cached keys work"
         assert replica.encrypt(key_id).key_version == 1
         with pytest.raises(grpc.RpcError) as refused:
@@ -158,7 +166,9 @@ def test_a_full_disk_shows_in_health_and_writes_recover_when_space_returns(launc
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         filler.unlink()
-    within(5.0, lambda: _health(replica, KEY_SERVICE) == SERVING, step_s=0.05)
+    eventually(
+        lambda: _health(replica, KEY_SERVICE) == SERVING, timeout_s=5.0, what="KeyService SERVING", interval_s=0.05
+    )
     with ThreadPoolExecutor(8) as pool:
         created = list(pool.map(lambda _: _attempt(replica), range(48)))
     assert Counter(created) == {"OK": 48}, replica.process.lines[-80:]
@@ -181,14 +191,21 @@ def test_connections_opened_while_the_store_was_read_only_recover_by_themselves(
     files = [data_dir, *(data_dir / (SqliteKeyStore.FILE_NAME + suffix) for suffix in ("", "-wal"))]
     _set_immutable(files, True)
     try:
-        within(5.0, lambda: _health(replica, KEY_SERVICE) == NOT_SERVING, step_s=0.05)
+        eventually(
+            lambda: _health(replica, KEY_SERVICE) == NOT_SERVING,
+            timeout_s=5.0,
+            what="KeyService NOT_SERVING",
+            interval_s=0.05,
+        )
         # Many calls at once: worker threads that had no connection yet open one now, read-only.
         with ThreadPoolExecutor(16) as pool:
             during = list(pool.map(lambda _: _attempt(replica), range(48)))
         assert "UNAVAILABLE" in during
     finally:
         _set_immutable(files, False)
-    within(5.0, lambda: _health(replica, KEY_SERVICE) == SERVING, step_s=0.05)
+    eventually(
+        lambda: _health(replica, KEY_SERVICE) == SERVING, timeout_s=5.0, what="KeyService SERVING", interval_s=0.05
+    )
     # As many at once as the store takes (CRYPTO_STORE_CONCURRENCY: half the workers): none may fail.
     with ThreadPoolExecutor(8) as pool:
         after = list(pool.map(lambda _: _attempt(replica), range(48)))

@@ -12,8 +12,9 @@ from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_server.call_context import Principal, current_principal
 from crypto_server.config import ConfigError, Settings
+from crypto_server.domain.audit_recording import CryptoRecording
 from crypto_server.domain.errors import AuditUnavailable
-from crypto_server.service.audit import AuditEvent, AuditTrail, CryptoRecording, verify_trail
+from crypto_server.service.audit import AuditEvent, AuditTrail, verify_trail
 from crypto_server.storage.audit_sinks import AuditSinkError, FileAuditSink
 from crypto_server.transport.call_audit import CallAudit
 from tests.conftest import FakeClock

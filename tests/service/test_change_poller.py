@@ -36,8 +36,10 @@ def _setup(tmp_path: Path) -> tuple[SqliteKeyStore, Keyring, KeyLifecycle, KeyLi
     return (
         store,
         mine,
-        KeyLifecycle(store, mine, FakeClock(), LocalInvalidation(mine), request_key_id_secret=secret),
-        KeyLifecycle(store, theirs, FakeClock(), LocalInvalidation(theirs), request_key_id_secret=secret),
+        KeyLifecycle(store, mine, FakeClock(), LocalInvalidation(mine), schedule=store, request_key_id_secret=secret),
+        KeyLifecycle(
+            store, theirs, FakeClock(), LocalInvalidation(theirs), schedule=store, request_key_id_secret=secret
+        ),
     )
 
 

@@ -41,7 +41,9 @@ class _SlowReads(SqliteKeyStore):
 def test_a_read_that_overlaps_an_invalidation_is_not_kept(tmp_path: Path, scope: str) -> None:
     store = _SlowReads(tmp_path)
     keyring = Keyring(store, AESGCM(os.urandom(32)), ttl_s=300, max_keys=100)
-    lifecycle = KeyLifecycle(store, keyring, FakeClock(), LocalInvalidation(keyring), request_key_id_secret=b"s" * 32)
+    lifecycle = KeyLifecycle(
+        store, keyring, FakeClock(), LocalInvalidation(keyring), schedule=store, request_key_id_secret=b"s" * 32
+    )
     operations = CryptoOperations(keyring, FakeClock())
     key = lifecycle.create_key("t1", KeyType.DATA)
 
@@ -73,7 +75,9 @@ def test_a_read_that_overlaps_an_invalidation_is_not_kept(tmp_path: Path, scope:
 def test_reads_without_an_invalidation_are_kept(tmp_path: Path) -> None:
     store = SqliteKeyStore(tmp_path)
     keyring = Keyring(store, AESGCM(os.urandom(32)), ttl_s=300, max_keys=100)
-    lifecycle = KeyLifecycle(store, keyring, FakeClock(), LocalInvalidation(keyring), request_key_id_secret=b"s" * 32)
+    lifecycle = KeyLifecycle(
+        store, keyring, FakeClock(), LocalInvalidation(keyring), schedule=store, request_key_id_secret=b"s" * 32
+    )
     key = lifecycle.create_key("t1", KeyType.DATA)
     keyring.forget_all()
     keyring.get("t1", key.key_id)

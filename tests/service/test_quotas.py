@@ -6,18 +6,11 @@ import pytest
 
 from crypto_server.domain.errors import QuotaExceeded
 from crypto_server.service.quotas import NoQuotas, TenantQuotas, quotas_for
-
-
-class Ticker:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.conftest import Ticks
 
 
 def test_a_tenant_gets_its_burst_then_waits_for_the_rate() -> None:
-    clock = Ticker()
+    clock = Ticks(start=1000.0)
     quotas = TenantQuotas(rate=10, burst=5, monotonic=clock)
     for _ in range(5):
         quotas.charge("a")
@@ -30,7 +23,7 @@ def test_a_tenant_gets_its_burst_then_waits_for_the_rate() -> None:
 
 
 def test_a_batch_costs_one_token_per_item_and_says_how_long_to_wait() -> None:
-    clock = Ticker()
+    clock = Ticks(start=1000.0)
     quotas = TenantQuotas(rate=100, burst=50, monotonic=clock)
     quotas.charge("a", cost=40)
     with pytest.raises(QuotaExceeded) as refused:
@@ -41,7 +34,7 @@ def test_a_batch_costs_one_token_per_item_and_says_how_long_to_wait() -> None:
 
 
 def test_memory_is_bounded_by_forgetting_the_least_recently_seen_tenant() -> None:
-    clock = Ticker()
+    clock = Ticks(start=1000.0)
     quotas = TenantQuotas(rate=1, burst=1, max_tenants=2, monotonic=clock)
     quotas.charge("a")
     quotas.charge("b")
@@ -54,7 +47,7 @@ def test_memory_is_bounded_by_forgetting_the_least_recently_seen_tenant() -> Non
 
 
 def test_overlong_tenant_ids_share_one_bucket_instead_of_filling_memory() -> None:
-    quotas = TenantQuotas(rate=1, burst=1, monotonic=Ticker())
+    quotas = TenantQuotas(rate=1, burst=1, monotonic=Ticks(start=1000.0))
     quotas.charge("x" * 100_000)
     with pytest.raises(QuotaExceeded):
         quotas.charge("y" * 100_000)

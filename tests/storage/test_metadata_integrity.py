@@ -34,14 +34,14 @@ def prepared(server: ServerHandle) -> tuple[ServerHandle, str, str]:
     key = server.create_key("t1", labels={"team": "messaging"})
     server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id, request_id="rotate-1"))
     server.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id="t1", key_id=key.key_id))
-    master = server.running.store.get_master_key("t1")
+    master = server.running.serving.get_master_key("t1")
     assert master is not None
     return server, key.key_id, master.key_id
 
 
 def _load_is_refused(server: ServerHandle, where: Where) -> None:
     with pytest.raises(KeyIntegrityError):
-        server.running.store.get_key(*where)
+        server.running.serving.get_key(*where)
 
 
 # -- SQLite ---------------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def test_an_edit_of_the_master_key_in_sqlite_is_refused_on_load(
         value = 1 if column == "disabled" else 2
         db.execute(f"UPDATE keys SET {column} = ? WHERE key_id = ?", (value, master_id))
     with pytest.raises(KeyIntegrityError):
-        server.running.store.get_master_key("t1")
+        server.running.serving.get_master_key("t1")
 
 
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
@@ -143,7 +143,7 @@ def test_a_refused_key_is_logged_and_counted(start_server: StartServer, caplog: 
     with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
         db.execute("UPDATE keys SET disabled = 1 WHERE key_id = ?", (key.key_id,))
     with pytest.raises(KeyIntegrityError):
-        server.running.store.get_key("t1", key.key_id)
+        server.running.serving.get_key("t1", key.key_id)
     assert any("integrity check" in record.getMessage() for record in caplog.records)
     assert server.running.metrics is not None
     assert server.running.metrics.integrity_failures._value.get() == 1

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -17,18 +18,28 @@ import jwt
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc, resources_pb2
 from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_server.domain.access_policy import Permission
+from crypto_server.domain.algorithms import Algorithm
+from crypto_server.domain.key_backup import (
+    BackupMetadata,
+    BackupVersion,
+    KeyBackup,
+    seal_for_public_key,
+)
+from crypto_server.domain.keys import KeyPolicy, KeyType
 from crypto_server.transport.authorization import REQUIRED_PERMISSIONS
 
 TENANT = "acme"
 OTHER_TENANT = "globex"
-# Holds a grant no RPC accepts (admin narrowed to labels), for the right tenant: "right tenant, wrong permission".
+# Holds admin narrowed to labels no key has, for the right tenant: a valid identity no RPC accepts (token tests;
+# principal_lacking is the "right tenant, wrong permission" of the RPC matrix).
 NO_RPC_PERMISSION = "spiffe://caas/test/audit-reader"
 OPERATOR = "spiffe://caas/test/operator"
 OTHER_TENANT_OPERATOR = "spiffe://caas/test/globex-operator"
@@ -42,11 +53,24 @@ def principal_holding(permissions: tuple[str, ...]) -> str:
     return "spiffe://caas/test/holds/" + "+".join(permissions)
 
 
+def principal_lacking(permissions: tuple[str, ...]) -> str:
+    """Holds every permission for TENANT except these: "right tenant, wrong permission" for any RPC."""
+    return "spiffe://caas/test/lacks/" + "+".join(permissions)
+
+
 def matrix_policy() -> dict[str, Any]:
     """One principal per permission set the RPCs need, an operator, another tenant's operator, and the
     messaging service narrowed to keys labelled team=messaging."""
     rules: list[dict[str, Any]] = [
         {"principals": [principal_holding(needed)], "tenants": [TENANT], "permissions": list(needed)}
+        for needed in sorted({tuple(p.value for p in perms) for perms in REQUIRED_PERMISSIONS.values()})
+    ]
+    rules += [
+        {
+            "principals": [principal_lacking(needed)],
+            "tenants": [TENANT],
+            "permissions": [p.value for p in Permission if p.value not in needed],
+        }
         for needed in sorted({tuple(p.value for p in perms) for perms in REQUIRED_PERMISSIONS.values()})
     ]
     rules += [
@@ -62,6 +86,41 @@ def matrix_policy() -> dict[str, Any]:
         },
     ]
     return {"version": 1, "rules": rules}
+
+
+# The matrix servers' backup private key (CRYPTO_BACKUP_PRIVATE_KEY_FILE), so ImportKey has backups to open.
+BACKUP_PRIVATE_KEY = x25519.X25519PrivateKey.generate()
+
+
+def write_backup_private_key(path: Path) -> Path:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(
+            BACKUP_PRIVATE_KEY.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+    return path
+
+
+def fresh_backup() -> bytes:
+    """A backup of a new key of TENANT (a key id no server has), for BACKUP_PRIVATE_KEY: ImportKey succeeds."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    metadata = BackupMetadata(
+        tenant_id=TENANT,
+        key_id=str(uuid.uuid4()),
+        parent_key_id=None,
+        key_type=KeyType.DATA,
+        algorithm=Algorithm.AES_256_GCM,
+        disabled=False,
+        created_at=now,
+        policy=KeyPolicy(expire_after=None, rotation_period=None),
+        labels={},
+        primary_version=1,
+        versions=(BackupVersion(1, now, None, 0, None),),
+        exported_at=now,
+    )
+    return seal_for_public_key(KeyBackup(metadata, (os.urandom(32),)), BACKUP_PRIVATE_KEY.public_key())
 
 
 def issue_client_cert(
@@ -262,6 +321,10 @@ RPC_CALLS: dict[str, Call] = {
         key_pb.GetSessionKeyRequest(tenant_id=TENANT, key_id=k.session), metadata=m
     ),
     "ReadAuditLog": lambda s, k, m: s.keys.ReadAuditLog(key_pb.ReadAuditLogRequest(tenant_id=TENANT), metadata=m),
+    "ExportKey": lambda s, k, m: s.keys.ExportKey(key_pb.ExportKeyRequest(tenant_id=TENANT, key_id=k.data), metadata=m),
+    "ImportKey": lambda s, k, m: s.keys.ImportKey(
+        key_pb.ImportKeyRequest(tenant_id=TENANT, backup=fresh_backup()), metadata=m
+    ),
     "Encrypt": lambda s, k, m: s.crypto.Encrypt(
         crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=k.data, plaintext=b"p"), metadata=m
     ),

@@ -1,4 +1,9 @@
-"""Idempotent CreateKey and RotateKey: a repeated request_id makes nothing new."""
+"""Idempotent CreateKey and RotateKey: a repeated request_id makes nothing new.
+
+The sequential cases run on one store: the use case is proven in tests/service/test_key_lifecycle.py and each
+store's part (a repeated key id refused, one version per request id) in tests/storage/test_contract.py. The
+concurrent cases, where the store's atomicity is what makes one key or one version, run on every store.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ def _keys_of(server: ServerHandle, tenant: str, key_type: int = resources_pb2.KE
     return [key.key_id for key in page.keys]
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_a_repeated_create_returns_the_first_key_and_creates_nothing(server: ServerHandle) -> None:
     first = server.create_key("t1", labels={"team": "media"}, request_id="req-1")
     server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=first.key_id))
@@ -27,6 +33,7 @@ def test_a_repeated_create_returns_the_first_key_and_creates_nothing(server: Ser
     assert _keys_of(server, "t1") == [first.key_id]
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_the_same_request_id_with_other_parameters_is_invalid_argument(server: ServerHandle) -> None:
     server.create_key("t1", request_id="req-1")
     for changed in (
@@ -42,6 +49,7 @@ def test_the_same_request_id_with_other_parameters_is_invalid_argument(server: S
         )
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_request_ids_are_scoped_to_the_tenant(server: ServerHandle) -> None:
     a = server.create_key("tenant-a", request_id="shared")
     b = server.create_key("tenant-b", request_id="shared")
@@ -73,6 +81,7 @@ def test_concurrent_repeats_of_one_create_make_one_key(server: ServerHandle) -> 
     assert len(_keys_of(server, "t1")) == 2  # the first key and the idempotent one
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_a_repeated_master_key_create_is_not_already_exists(server: ServerHandle) -> None:
     master = server.create_key("t1", resources_pb2.KEY_TYPE_MASTER, request_id="m")
     assert server.create_key("t1", resources_pb2.KEY_TYPE_MASTER, request_id="m").key_id == master.key_id
@@ -83,6 +92,7 @@ def test_a_repeated_master_key_create_is_not_already_exists(server: ServerHandle
     )
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_a_repeated_rotation_adds_one_version(server: ServerHandle) -> None:
     key = server.create_key("t1")
     rotate = key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id, request_id="rot-1")

@@ -34,7 +34,9 @@ from tests.transport.identity_support import (
     bearer,
     matrix_policy,
     principal_holding,
+    principal_lacking,
     tls_channel,
+    write_backup_private_key,
     write_server_files,
 )
 
@@ -75,6 +77,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JwtServer]:
         jwt_issuer=issuer.issuer,
         jwt_audience=issuer.audience,
         policy_file=policy_file,
+        backup_private_key_file=write_backup_private_key(directory / "backup.pem"),
         reload_interval_s=0,
     )
     running = build_server(settings, clock=FakeClock())
@@ -98,15 +101,15 @@ def _fails(call: object, code: grpc.StatusCode, reason: str) -> None:
 @pytest.mark.parametrize("rpc", sorted(RPC_CALLS))
 def test_rpc_needs_a_token_with_its_permission_for_its_tenant(served: JwtServer, rpc: str) -> None:
     call, stubs, keys, issuer = RPC_CALLS[rpc], served.stubs, served.keys, served.issuer
+    needed = tuple(permission.value for permission in REQUIRED_PERMISSIONS[rpc])
     _fails(lambda: call(stubs, keys, ()), grpc.StatusCode.UNAUTHENTICATED, "ERROR_REASON_UNAUTHENTICATED")
-    for principal in (OTHER_TENANT_OPERATOR, NO_RPC_PERMISSION):
+    for principal in (OTHER_TENANT_OPERATOR, principal_lacking(needed)):
         token = bearer(issuer.token(principal))
         _fails(
             lambda token=token: call(stubs, keys, token),
             grpc.StatusCode.PERMISSION_DENIED,
             "ERROR_REASON_PERMISSION_DENIED",
         )
-    needed = tuple(permission.value for permission in REQUIRED_PERMISSIONS[rpc])
     call(stubs, keys, bearer(issuer.token(principal_holding(needed))))
 
 

@@ -17,7 +17,7 @@ from pymongo import MongoClient
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
-from crypto_server.storage import redis_cache
+from crypto_server.storage.redis.guard import connect
 from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import FakeClock, ServerHandle, StartServer, expect_error
 
@@ -107,7 +107,7 @@ def _scan_mongo(uri: str, database: str) -> list[bytes]:
 
 
 def _scan_redis(url: str) -> list[bytes]:
-    client = redis_cache.connect(url, timeout_s=2.0)
+    client = connect(url, timeout_s=2.0)
     found: list[bytes] = []
     try:
         for name in client.scan_iter(match="*"):

@@ -5,11 +5,19 @@ from __future__ import annotations
 from datetime import timedelta
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from tests.conftest import ServerHandle, expect_error
+
+
+@pytest.fixture
+def backend() -> str:
+    """One store: what each store answers (paging with ties, the type and state filters) is proven on every
+    store by tests/storage/test_contract.py; this file checks the RPC (page tokens, page sizes, mapping)."""
+    return "embedded"
 
 
 def _list_all(server: ServerHandle, tenant: str, page_size: int, **filters: int) -> tuple[list[str], int]:

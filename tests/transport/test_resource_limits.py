@@ -28,6 +28,7 @@ from crypto_server.transport.crypto_servicer import MAX_STREAM_RESPONSE_BYTES
 from crypto_server.transport.middleware import RpcLimits, RpcMiddleware, add_service
 from crypto_server.transport.streams import StreamSlots
 from tests.conftest import ServerHandle, StartServer, expect_error
+from tests.waiting import eventually
 
 TENANT = "tenant-limits"
 
@@ -104,13 +105,6 @@ def access_records(monkeypatch: pytest.MonkeyPatch) -> AccessRecords:
     return records
 
 
-def _wait_until(condition: Any, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
-
-
 def test_idle_streams_leave_unary_calls_and_health_answering(
     start_server: StartServer, access_records: AccessRecords
 ) -> None:
@@ -142,7 +136,11 @@ def test_idle_streams_leave_unary_calls_and_health_answering(
     finally:
         for stream in streams:
             stream.end()
-    _wait_until(lambda: access_records.codes("/caas.crypto.v1.CryptoService/EncryptStream").count("CANCELLED") >= 2)
+    eventually(
+        lambda: access_records.codes("/caas.crypto.v1.CryptoService/EncryptStream").count("CANCELLED") >= 2,
+        timeout_s=10,
+        what="both accepted streams logged CANCELLED",
+    )
     assert access_records.codes("/caas.crypto.v1.CryptoService/EncryptStream").count("RESOURCE_EXHAUSTED") == 62
 
 
@@ -181,7 +179,7 @@ def test_a_silent_stream_is_ended_after_the_idle_timeout_and_frees_its_slot(
     # Its slot (the only one) is free again, and its reader thread has left.
     chunks = list(handle.crypto.EncryptStream(iter([crypto_pb.EncryptStreamRequest(tenant_id=TENANT, key_id=key_id)])))
     assert chunks
-    _wait_until(lambda: _stream_readers() == 0)
+    eventually(lambda: _stream_readers() == 0, timeout_s=10, what="the stream reader threads gone")
     assert "DEADLINE_EXCEEDED" in access_records.codes("/caas.crypto.v1.CryptoService/EncryptStream")
 
 

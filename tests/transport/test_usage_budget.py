@@ -84,7 +84,7 @@ def test_every_kind_of_encryption_counts_and_two_replicas_add_up(start_server: S
     assert b.running.budget.highest_fraction == 11 / b.running.budget.hard_limit
 
 
-@pytest.mark.parametrize("backend", ["embedded", "mongo"], indirect=True)
+@pytest.mark.parametrize("backend", ["embedded", "mongo", "mongo+redis"], indirect=True)
 def test_the_soft_limit_makes_the_rotator_rotate_whatever_the_rotation_period(start_server: StartServer) -> None:
     server = start_server(usage_soft_limit=5, usage_hard_limit=100, usage_flush_every=3, **MANUAL_FLUSH)
     key = server.create_key(TENANT)  # the default rotation period: 90 days away

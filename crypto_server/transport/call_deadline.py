@@ -1,7 +1,8 @@
 """The current RPC's deadline, for code far from gRPC that must not outlive it.
 
-The transport sets it for the duration of each call; a storage adapter reads
-it to bound a database round trip by whatever time the caller has left.
+The middleware sets it for the duration of each call. Storage adapters do not
+read it themselves: the composition root (app.py) hands them `time_left`, so
+that a database round trip is bounded by whatever time the caller has left.
 """
 
 from __future__ import annotations

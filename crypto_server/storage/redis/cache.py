@@ -1,0 +1,184 @@
+"""The Redis cache (cache-aside, write-through) around the store's key reading and writing roles."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Protocol
+
+import redis
+from redis.exceptions import RedisError
+
+from crypto_server.domain.keys import Key, KeyVersion
+from crypto_server.storage.port import KeyChange, KeyQuery, KeyServing, MasterKeyRewrap, UsageCounters, VersionRef
+from crypto_server.storage.redis.guard import RedisGuard
+from crypto_server.storage.redis.key_codec import decode_key, encode_key
+
+# Store the entry unless Redis already holds a newer revision of the key, so a
+# slow reader can never put back a state older than a writer's.
+_PUT_IF_NEWER = """
+local current = redis.call('HGET', KEYS[1], 'revision')
+if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'revision', ARGV[1], 'key', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+# Delete the entry if it holds an older revision than the store's (a change this server heard of late).
+_DELETE_IF_OLDER = """
+local current = redis.call('HGET', KEYS[1], 'revision')
+if current and tonumber(current) < tonumber(ARGV[1]) then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+
+class CachedRoles(KeyServing, MasterKeyRewrap, UsageCounters, Protocol):
+    """The roles that read or write key records, and the usage counters (whose soft-limit mark must drop the
+    cached copy): the ones a cache of keys must see."""
+
+
+class RedisCachedKeyStore:
+    """The key reading and writing roles of a store, answering key lookups from Redis first (cache-aside) and
+    writing changed keys through to Redis; and the usage counters, whose soft-limit mark drops the cached copy.
+    Nothing else goes through it: app.py wires every other role of the store (schedule, leases, metadata, ...)
+    to the store directly."""
+
+    def __init__(self, inner: CachedRoles, client: redis.Redis, namespace: str, *, ttl_s: float, guard: RedisGuard):
+        self._inner = inner
+        self._client = client
+        self._prefix = f"caas:crypto:{namespace}:key:"
+        self._ttl_ms = int(ttl_s * 1000)
+        self._guard = guard
+        self._put_if_newer = client.register_script(_PUT_IF_NEWER)
+        self._delete_if_older = client.register_script(_DELETE_IF_OLDER)
+        # Entries that may hold an older state than the store (a write could not update them): never read,
+        # deleted as soon as Redis answers again.
+        self._suspect: set[str] = set()
+        self._suspect_lock = threading.Lock()
+
+    def _name(self, tenant_id: str, key_id: str) -> str:
+        return f"{self._prefix}{tenant_id}:{key_id}"
+
+    def _put(self, key: Key) -> None:
+        name = self._name(key.tenant_id, key.key_id)
+
+        def put() -> bool:
+            self._put_if_newer(keys=[name], args=[key.revision, encode_key(key), self._ttl_ms])
+            return True
+
+        if not self._guard.call("put", put, False):
+            self._distrust(name)
+
+    def _distrust(self, name: str) -> None:
+        """The entry may be older than the store: delete it now, or remember to before any read of Redis.
+        Not through the back-off: skipping this delete is how a stale entry would outlive the outage."""
+        try:
+            self._client.delete(name)
+        except RedisError as error:
+            self._guard.failed("delete", error)
+            with self._suspect_lock:
+                self._suspect.add(name)
+
+    def _trusted(self, name: str) -> bool:
+        """Whether Redis may be read for `name`: no entry is suspect, or the suspects could be deleted now."""
+        with self._suspect_lock:
+            if not self._suspect:
+                return True
+            suspects = list(self._suspect)
+
+        def delete() -> bool:
+            self._client.delete(*suspects)
+            return True
+
+        if not self._guard.call("delete", delete, False):
+            return name not in suspects
+        with self._suspect_lock:
+            self._suspect.difference_update(suspects)
+        return True
+
+    def get_key(self, tenant_id: str, key_id: str) -> Key | None:
+        name = self._name(tenant_id, key_id)
+        cached = self._guard.call("get", lambda: self._client.hget(name, "key"), None) if self._trusted(name) else None
+        if cached is not None:
+            return decode_key(cached)  # type: ignore[arg-type]
+        key = self._inner.get_key(tenant_id, key_id)
+        if key is not None:
+            self._put(key)
+        return key
+
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        name = self._name(updated.tenant_id, updated.key_id)
+        written = self._inner.update_version_states(updated, expected_revision)
+        # Deleted either way: an entry holding material erased from the store must not outlive the erasure (a
+        # reader that loaded the older state puts it back at most until the change poller drops it).
+        self._distrust(name)
+        return written
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        return self._inner.add_encryptions(counts)
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        self._inner.mark_rotation_due(version, now)
+        # The rotator decides by the primary's count in the key it loads, and a cached copy's counts trail the
+        # store's: left in Redis, it would show the key under its soft limit and the rotator would reschedule
+        # it instead of rotating it (until the entry expired, long after the hard limit had stopped encryption).
+        self._distrust(self._name(version.tenant_id, version.key_id))
+
+    def drop_if_older(self, change: KeyChange) -> bool:
+        """Delete the cached copy of a changed key if it predates the change; False when Redis cannot be
+        reached now (the caller tries again). Not subject to the back-off: a stale entry outlives it."""
+        name = self._name(change.tenant_id, change.key_id)
+        try:
+            self._delete_if_older(keys=[name], args=[change.revision])
+        except RedisError as error:
+            self._guard.failed("delete", error)
+            with self._suspect_lock:
+                self._suspect.add(name)  # not read from Redis until it is deleted
+            return False
+        self._guard.succeeded()
+        return True
+
+    def _refresh(self, tenant_id: str, key_id: str) -> None:
+        fresh = self._inner.get_key(tenant_id, key_id)
+        if fresh is not None:
+            self._put(fresh)
+
+    def add_version(self, updated: Key, expected_revision: int) -> bool:
+        if not self._inner.add_version(updated, expected_revision):
+            # The caller read an older revision than the store's, perhaps from here: never again.
+            self._distrust(self._name(updated.tenant_id, updated.key_id))
+            return False
+        self._refresh(updated.tenant_id, updated.key_id)
+        return True
+
+    def update_key(self, updated: Key, expected_revision: int) -> bool:
+        if not self._inner.update_key(updated, expected_revision):
+            self._distrust(self._name(updated.tenant_id, updated.key_id))
+            return False
+        self._refresh(updated.tenant_id, updated.key_id)
+        return True
+
+    # -- not cached (listings, master keys by tenant, pending versions): answered by the store ------------
+
+    def get_master_key(self, tenant_id: str) -> Key | None:
+        return self._inner.get_master_key(tenant_id)
+
+    def list_keys(self, query: KeyQuery) -> list[Key]:
+        return self._inner.list_keys(query)
+
+    def insert_key(self, key: Key) -> None:
+        self._inner.insert_key(key)
+
+    def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
+        return self._inner.pending_version(tenant_id, key_id, number)
+
+    def master_keys(self) -> Iterator[Key]:
+        return self._inner.master_keys()
+
+    def replace_wrapped_material(self, tenant_id: str, key_id: str, version: int, old: bytes, new: bytes) -> bool:
+        if not self._inner.replace_wrapped_material(tenant_id, key_id, version, old, new):
+            return False
+        self._refresh(tenant_id, key_id)
+        return True

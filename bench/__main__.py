@@ -2,6 +2,7 @@
 
 make bench        -> full phases, bench/results/latest.json
 make bench-quick  -> shorter phases (under a minute), bench/results/quick.json
+python -m bench --access-log [--quick] -> only the access log modes' cost, bench/results/access-log.json
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ TARGETS = (
     ("2 processes >= 1.5 x 1 process", ("scale_out", "ratio"), ">=", 1.5),
     ("audit denied_only: encrypt rps >= 0.95 x none", ("audit", "denied_only_rps_ratio_to_none"), ">=", 0.95),
     ("audit all: encrypt rps >= 0.60 x none", ("audit", "all_rps_ratio_to_none"), ">=", 0.60),
+    (
+        "access log all: encrypt >= 0.90 x empty RPC @16",
+        ("access_log", "16", "all", "encrypt_to_empty", "median"),
+        ">=",
+        0.90,
+    ),
     ("mTLS + policy + audit denied_only: encrypt rps >= 0.90 x plain", ("security", "rps_ratio"), ">=", 0.90),
     (
         "usage counting: encrypt rps >= 0.95 x before issue 13 @16",
@@ -112,6 +119,9 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
             results["scale_out"] = scenarios.scale_out(backends, phases)
             log("audit trail cost")
             results["audit"] = scenarios.audit_cost(backends, phases)
+            if phases is scenarios.FULL:  # about a minute: the full run only (python -m bench --access-log alone)
+                log("access log modes")
+                results["access_log"] = scenarios.access_log_cost(backends, phases)
             log("mTLS + access policy + audit, against none of them")
             security_scratch = Path(scratch) / "security"
             security_scratch.mkdir()
@@ -123,6 +133,38 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
     results["targets"] = _targets(results)
     results["finished"] = time.time()
     return results
+
+
+def run_access_log(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
+    """Only the access log scenario (it is left out of the quick run, which must stay under a minute)."""
+    results: dict[str, Any] = {"machine": _machine(), "phases": phases.__dict__, "started": time.time()}
+    if not h2load.available():
+        raise SystemExit("h2load is missing: apt-get install nghttp2-client")
+    with scenarios.with_scratch() as scratch:
+        backends = scenarios.Backends(Path(scratch))
+        try:
+            log("access log modes")
+            results["access_log"] = scenarios.access_log_cost(backends, phases)
+        finally:
+            backends.stop()
+    results["finished"] = time.time()
+    return results
+
+
+def access_log_table(results: dict[str, Any]) -> list[str]:
+    lines = [f"{'access log (embedded)':<44} {'median':>12} {'min':>10} {'max':>10}"]
+    figures = results.get("access_log", {})
+    for level in ("16", "64"):
+        for name in figures.get(level, {}):
+            for figure in ("encrypt", "empty", "encrypt_to_empty", "encrypt_rps_ratio_to_all"):
+                stat = figures[level][name][figure]
+                label = f"access log {name} @{level} {figure}"
+                lines.append(f"{label:<44} {stat['median']:>12.3f} {stat['min']:>10.3f} {stat['max']:>10.3f}")
+    if "load_generator_cpu" in figures:
+        stat = figures["load_generator_cpu"]
+        label = "access log: h2load CPU (cores)"
+        lines.append(f"{label:<44} {stat['median']:>12.3f} {stat['min']:>10.3f} {stat['max']:>10.3f}")
+    return lines
 
 
 def table(results: dict[str, Any]) -> str:
@@ -163,6 +205,8 @@ def table(results: dict[str, Any]) -> str:
         row(f"scale-out {processes} encrypt rps", results["scale_out"][processes]["encrypt_rps"])
     for mode in scenarios.AUDIT_MODES:
         row(f"audit {mode}: encrypt @16 rps", results["audit"][mode]["rps"])
+    if "access_log" in results:
+        lines.extend(access_log_table(results))
     for mode in ("plain", "mtls_policy_audit"):
         row(f"security {mode}: encrypt @16 rps (python client)", results["security"][mode]["rps"])
     lifecycle = results.get("lifecycle", {})
@@ -184,18 +228,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter phases (under a minute)")
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
+    parser.add_argument("--access-log", action="store_true", help="only the access log modes' cost")
     args = parser.parse_args()
     phases = scenarios.QUICK if args.quick else scenarios.FULL
-    out = args.out or Path("bench/results") / ("quick.json" if args.quick else "latest.json")
+    default_name = "quick.json" if args.quick else "latest.json"
+    out = args.out or Path("bench/results") / ("access-log.json" if args.access_log else default_name)
     started = time.monotonic()
 
     def log(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
-    results = run(phases, log)
+    results = run_access_log(phases, log) if args.access_log else run(phases, log)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
+    print("\n".join(access_log_table(results)) if args.access_log else table(results))
     log(f"results written to {out}")
     return 0
 

@@ -10,10 +10,12 @@ with a real client and must succeed (see scenarios.py).
 from __future__ import annotations
 
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,8 @@ class LoadResult:
     p99_ms: float
     succeeded: int
     failed: int
+    # h2load's CPU seconds per wall second (1.0 = one core busy): near 1, the load generator is the bottleneck.
+    load_generator_cpu: float = 0.0
 
 
 def run(
@@ -44,6 +48,8 @@ def run(
         body = Path(scratch) / "body"
         body.write_bytes(grpc_frame(message))
         log = Path(scratch) / "log"
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
         result = subprocess.run(
             [
                 "h2load",
@@ -69,6 +75,9 @@ def run(
             timeout=600,
             check=True,
         )
+        wall_s = time.perf_counter() - started
+        children_after = resource.getrusage(resource.RUSAGE_CHILDREN)  # h2load is the only child reaped meanwhile
+        cpu_s = sum(getattr(children_after, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime"))
         latencies_us = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.strip())
     rps_match = re.search(r"finished in [\d.]+m?s, ([\d.]+) req/s", result.stdout)
     counts = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed", result.stdout)
@@ -81,6 +90,7 @@ def run(
         p99_ms=quantiles[98] / 1000,
         succeeded=int(counts.group(1)),
         failed=int(counts.group(2)),
+        load_generator_cpu=cpu_s / wall_s,
     )
 
 

@@ -397,6 +397,53 @@ def audit_cost(backends: Backends, phases: Phases) -> dict[str, Any]:
     return results
 
 
+# CRYPTO_ACCESS_LOG's modes. Every measured call succeeds, so `errors` writes no line at all: the floor, what the
+# server costs without an access log (CRYPTO_LOG_LEVEL=WARNING would also hide the "serving" line the bench waits for).
+ACCESS_LOG_VARIANTS = {
+    "all": {"CRYPTO_ACCESS_LOG": "all"},
+    "sampled:100": {"CRYPTO_ACCESS_LOG": "sampled:100"},
+    "errors": {"CRYPTO_ACCESS_LOG": "errors"},
+}
+
+
+def access_log_cost(backends: Backends, phases: Phases) -> dict[str, Any]:
+    """Encrypt of 1 KiB at 16 and 64 in flight and the empty call, on one server per CRYPTO_ACCESS_LOG mode, runs
+    interleaved: rps, Encrypt ÷ empty on each server (the ratio of each
+    repetition's pair of runs, median, min and max), and each mode's Encrypt rps ÷ `all`'s. Embedded store."""
+    results: dict[str, Any] = {"variants": {name: env for name, env in ACCESS_LOG_VARIANTS.items()}}
+    load_generator_cpu: list[float] = []
+    with contextlib.ExitStack() as stack:
+        prepared = {}
+        for name, extra in ACCESS_LOG_VARIANTS.items():
+            env = {**backends.env("embedded", f"access-log-{name.replace(':', '-')}"), **extra}
+            address = stack.enter_context(bench_server(env))[0].address
+            prepared[name] = (address, _prepared_requests(address)[1])
+        for in_flight in (16, 64):
+            runs: dict[str, dict[str, list[float]]] = {name: {"encrypt": [], "empty": []} for name in prepared}
+            for _ in range(phases.repetitions):
+                for name, (address, encrypt) in prepared.items():  # interleaved, so drift hits all alike
+                    for call, (method, message) in (("encrypt", (ENCRYPT, encrypt)), ("empty", (ECHO_METHOD, b""))):
+                        measured = h2load.run(
+                            address, method, message, requests=phases.unary_requests, in_flight=in_flight
+                        )
+                        if measured.failed:
+                            raise RuntimeError(f"{call} with access log {name} had failed requests")
+                        runs[name][call].append(measured.rps)
+                        load_generator_cpu.append(measured.load_generator_cpu)
+            level: dict[str, Any] = {}
+            for name, calls in runs.items():
+                level[name] = {call: summary(values) for call, values in calls.items()}
+                level[name]["encrypt_to_empty"] = summary(
+                    [encrypt / empty for encrypt, empty in zip(calls["encrypt"], calls["empty"], strict=True)]
+                )
+                level[name]["encrypt_rps_ratio_to_all"] = summary(
+                    [mine / every for mine, every in zip(calls["encrypt"], runs["all"]["encrypt"], strict=True)]
+                )
+            results[str(in_flight)] = level
+    results["load_generator_cpu"] = summary(load_generator_cpu)
+    return results
+
+
 def security_cost(backends: Backends, phases: Phases, scratch: Path) -> dict[str, Any]:
     """Scenario 7: Encrypt of 1 KiB at 16 in flight, Python client on one long-lived channel, on a server with
     mTLS + an access policy + audit `denied_only`, as a ratio to the same server without any of them (plaintext,

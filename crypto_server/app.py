@@ -30,6 +30,7 @@ from crypto_server.domain.key_integrity import (
     wrap_metadata_key,
 )
 from crypto_server.domain.key_wrap import WrappingKey, make_root_key_check, root_key_matches
+from crypto_server.log_format import AccessLogMode
 from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
 from crypto_server.service.audit import AuditTrail
 from crypto_server.service.change_poller import ChangePoller, change_margin
@@ -495,6 +496,7 @@ def build_server(
             limits=limits,
             access=build_access_control(settings, keyring),
             audit=CallAudit(audit),
+            access_log_mode=AccessLogMode.parse(settings.access_log),
         )
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from crypto_server.domain.audit_recording import CryptoRecording
 from crypto_server.domain.limits import GCM_RANDOM_NONCE_LIMIT, MAX_AAD_BYTES
+from crypto_server.log_format import AccessLogMode
 
 # Larger single messages belong in streaming or envelope encryption, not one unary call.
 MAX_PLAINTEXT_LIMIT_BYTES = 64 * 1024 * 1024
@@ -52,6 +53,8 @@ class Settings:
     keyring_max_stale_s: float = 3600.0
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    # Which RPCs get an access line (log_format.AccessLogMode): all, errors, or sampled:N.
+    access_log: str = "all"
     mongodb_uri: str | None = field(default=None, repr=False)
     mongodb_database: str = "caas_crypto"
     store_timeout_s: float = 5.0
@@ -246,6 +249,10 @@ class Settings:
         log_level = text("CRYPTO_LOG_LEVEL", "INFO").upper()
         if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(f"CRYPTO_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        try:
+            access_log = str(AccessLogMode.parse(text("CRYPTO_ACCESS_LOG", defaults.access_log)))
+        except ValueError as error:
+            raise ConfigError(f"CRYPTO_ACCESS_LOG {error}") from None
         workers = integer("CRYPTO_WORKERS", defaults.workers, 1, 1024)
         max_batch_items = integer("CRYPTO_MAX_BATCH_ITEMS", defaults.max_batch_items, 1, 100_000)
         max_batch_bytes = integer("CRYPTO_MAX_BATCH_BYTES", defaults.max_batch_bytes, 1, MIN_MESSAGE_BYTES)
@@ -324,6 +331,7 @@ class Settings:
             keyring_max_stale_s=number("CRYPTO_KEYRING_MAX_STALE", defaults.keyring_max_stale_s, 0, 7 * 86400),
             shutdown_grace_s=number("CRYPTO_SHUTDOWN_GRACE", defaults.shutdown_grace_s, 0, 3600),
             log_level=log_level,
+            access_log=access_log,
             mongodb_uri=mongodb_uri,
             mongodb_database=mongodb_database,
             store_timeout_s=number("CRYPTO_STORE_TIMEOUT", defaults.store_timeout_s, 0.1, 120),

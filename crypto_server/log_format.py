@@ -15,6 +15,7 @@ import queue
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TextIO
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
@@ -25,6 +26,42 @@ _ENCODER = json.JSONEncoder(default=str)
 
 # The most lines one write carries: under load the queue may never drain, and the lines must still go out.
 _MAX_LINES_PER_WRITE = 1000
+# After a write the writer lets lines gather this long: one wake-up and one write per interval under load, rather
+# than one per RPC (each wake-up and each write hands the GIL over, which the request threads then wait to get
+# back). A line reaches stderr at most this much later.
+_WRITE_INTERVAL_S = 0.02
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogMode:
+    """Which RPCs get an access line (CRYPTO_ACCESS_LOG): `all`; `errors`, every call that did not end OK (every
+    denial among them); `sampled:N`, those plus one successful call in N."""
+
+    mode: str  # "all", "errors" or "sampled"
+    every: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> AccessLogMode:
+        """Raises ValueError with a message naming the accepted forms."""
+        value = text.strip().lower()
+        if value in {"all", "errors"}:
+            return cls(value)
+        if value.startswith("sampled:"):
+            try:
+                every = int(value.removeprefix("sampled:"))
+            except ValueError:
+                every = 0
+            if every >= 1:
+                return cls("sampled", every)
+        raise ValueError(f"must be all, errors or sampled:N (N >= 1), got {text!r}")
+
+    @property
+    def successes_every(self) -> int:
+        """One successful call in this many gets a line; 0: none does."""
+        return {"all": 1, "errors": 0}.get(self.mode, self.every)
+
+    def __str__(self) -> str:
+        return f"sampled:{self.every}" if self.mode == "sampled" else self.mode
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,10 +71,19 @@ class JsonFormatter(logging.Formatter):
     records do, as building the dictionary below costs more than the call they describe.
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        # The last second rendered, and its text: under load many lines share a second (one tuple, so a
+        # formatter shared by threads never pairs a second with another second's text).
+        self._second: tuple[int, str] = (-1, "")
+
     def format(self, record: logging.LogRecord) -> str:
         seconds = int(record.created)
+        second = self._second
+        if second[0] != seconds:
+            second = self._second = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
         milliseconds = int((record.created - seconds) * 1000)
-        timestamp = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{milliseconds:03d}+00:00"
+        timestamp = f"{second[1]}.{milliseconds:03d}+00:00"
         render: Callable[[str], str] | None = getattr(record, "render_json", None)
         if render is not None:
             return render(timestamp)
@@ -61,6 +107,14 @@ class JsonFormatter(logging.Formatter):
 class _EnqueueRecord(logging.handlers.QueueHandler):
     """Hand the record over as it is (the standard `prepare` would format it here, on the request thread)."""
 
+    def handle(self, record: logging.LogRecord) -> bool:
+        """`Handler.handle` without the handler's lock: putting on a SimpleQueue needs none, and every request
+        thread would take that one lock once per RPC."""
+        kept = self.filter(record)
+        if kept:
+            self.emit(kept if isinstance(kept, logging.LogRecord) else record)
+        return bool(kept)
+
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         if record.exc_info:
             # A traceback's frames may change once this thread moves on: render it now.
@@ -70,13 +124,12 @@ class _EnqueueRecord(logging.handlers.QueueHandler):
 
 
 class _BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A StreamHandler that writes what has queued up in one write and one flush, so under load the lines of
-    many RPCs cost one system call, not one each. It runs on the listener's thread only."""
+    """A StreamHandler that keeps lines until `flush` (the listener's, once it has drained the queue), so under
+    load the lines of many RPCs cost one system call, not one each. It runs on the listener's thread only."""
 
-    def __init__(self, stream: TextIO, pending: queue.SimpleQueue[logging.LogRecord]) -> None:
+    def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self.setFormatter(JsonFormatter())
-        self._pending = pending
         self._lines: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -85,7 +138,7 @@ class _BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        if self._pending.empty() or len(self._lines) >= _MAX_LINES_PER_WRITE:
+        if len(self._lines) >= _MAX_LINES_PER_WRITE:
             self.flush()
 
     def flush(self) -> None:
@@ -97,6 +150,33 @@ class _BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.stream.flush()
             except (OSError, ValueError):
                 pass  # stderr is gone; nothing better to do with a log line
+
+
+class _BatchingQueueListener(logging.handlers.QueueListener):
+    """Drains the queue and writes what it found in one go; when that included per-call lines (records that
+    render themselves, the access log's), lets lines gather for `_WRITE_INTERVAL_S`. Other lines (start-up,
+    warnings) go out at once when no per-call line was just written. While nothing is queued it sleeps until a
+    record arrives. `stop()` writes everything queued before it."""
+
+    def _monitor(self) -> None:
+        # stop() enqueues the listener's sentinel, None, after the last record.
+        records: queue.SimpleQueue[logging.LogRecord | None] = self.queue  # type: ignore[assignment]
+        while True:
+            record = records.get()  # idle: wait for the next line
+            per_call_lines = False
+            while record is not None:
+                per_call_lines = per_call_lines or hasattr(record, "render_json")
+                self.handle(record)
+                try:
+                    record = records.get_nowait()
+                except queue.Empty:
+                    break
+            for handler in self.handlers:
+                handler.flush()
+            if record is None:
+                return
+            if per_call_lines:
+                time.sleep(_WRITE_INTERVAL_S)
 
 
 _listener: logging.handlers.QueueListener | None = None
@@ -112,7 +192,7 @@ def configure_logging(level: str) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _listener = logging.handlers.QueueListener(records, _BatchingStreamHandler(sys.stderr, records))
+    _listener = _BatchingQueueListener(records, _BatchingStreamHandler(sys.stderr))
     _listener.start()
     root = logging.getLogger()
     root.handlers[:] = [_EnqueueRecord(records)]

@@ -55,6 +55,15 @@ def test_metrics_port_zero_means_any_free_port() -> None:
         Settings.from_env({"CRYPTO_METRICS_PORT": "web"})
 
 
+def test_access_log_modes_are_read_and_anything_else_refused() -> None:
+    assert Settings.from_env({}).access_log == "all"
+    assert Settings.from_env({"CRYPTO_ACCESS_LOG": "errors"}).access_log == "errors"
+    assert Settings.from_env({"CRYPTO_ACCESS_LOG": " Sampled:100 "}).access_log == "sampled:100"
+    for bad in ("none", "some", "sampled", "sampled:0", "sampled:-3", "sampled:ten", "errors:2"):
+        with pytest.raises(ConfigError, match=re.escape("CRYPTO_ACCESS_LOG must be all, errors or sampled:N")):
+            Settings.from_env({"CRYPTO_ACCESS_LOG": bad})
+
+
 def test_stream_and_rpc_limits_follow_the_workers_unless_set() -> None:
     assert Settings.from_env({"CRYPTO_WORKERS": "2"}).stream_limit == 1
     assert Settings.from_env({"CRYPTO_WORKERS": "40"}).concurrent_rpc_limit == 320

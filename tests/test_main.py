@@ -192,6 +192,7 @@ def test_refuses_to_start_with_a_root_key_that_did_not_wrap_the_stored_keys(laun
         ({"CRYPTO_ROOT_KEY": "x", "CRYPTO_ROOT_KEY_FILE": "/y"}, "not both"),
         ({"CRYPTO_ROOT_KEY_FILE": "/nonexistent/root.key"}, "cannot be read"),
         ({"CRYPTO_LOG_LEVEL": "LOUD"}, "CRYPTO_LOG_LEVEL"),
+        ({"CRYPTO_ACCESS_LOG": "sometimes"}, "CRYPTO_ACCESS_LOG must be all, errors or sampled:N"),
         ({"CRYPTO_KEYRING_TTL": "soon"}, "CRYPTO_KEYRING_TTL"),
         ({"MONGODB_URI": "mongodb://127.0.0.1:1"}, "MONGODB_URI needs the root key"),
         (

@@ -56,17 +56,27 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _KEY_COUNT_MAX_AGE_S = 30.0
 
 
+# Records one finished call of a method: its status code name and duration in seconds.
+CallObserver = Callable[[str, float], None]
+
+
 class RpcObserver(Protocol):
-    def finished(self, method: str, code: str, seconds: float) -> None: ...
+    def for_method(self, method: str) -> CallObserver:
+        """What records `method`'s calls; asked once per method, when its handler is registered."""
+        ...
 
     def failed(self, error: CryptoServiceError) -> None: ...
+
+
+def _ignore_call(code: str, seconds: float) -> None:
+    return None
 
 
 class NullRpcObserver:
     """Metrics off: nothing to record."""
 
-    def finished(self, method: str, code: str, seconds: float) -> None:
-        return None
+    def for_method(self, method: str) -> CallObserver:
+        return _ignore_call
 
     def failed(self, error: CryptoServiceError) -> None:
         return None
@@ -193,9 +203,21 @@ class Metrics:
         )
         self._server: object | None = None
 
-    def finished(self, method: str, code: str, seconds: float) -> None:
-        self._calls.labels(method, code).inc()
-        self._latency.labels(method).observe(seconds)
+    def for_method(self, method: str) -> CallObserver:
+        """The method's series resolved once (`labels()` takes a lock and validates the values on every call):
+        its latency and OK count now, so they show from the start at 0; other codes when first seen."""
+        latency = self._latency.labels(method)
+        counts = {"OK": self._calls.labels(method, "OK")}
+        calls = self._calls
+
+        def finished(code: str, seconds: float) -> None:
+            count = counts.get(code)
+            if count is None:
+                count = counts.setdefault(code, calls.labels(method, code))
+            count.inc()
+            latency.observe(seconds)
+
+        return finished
 
     def failed(self, error: CryptoServiceError) -> None:
         if isinstance(error, StoreUnavailable):

@@ -10,7 +10,8 @@
 - streams: a cap on how many run at once and an idle timeout (transport/streams.py);
 - a response too large to send becomes RESOURCE_EXHAUSTED here, so the log line and the
   metrics say what the caller got rather than OK;
-- one structured log line per RPC, with the status the caller received;
+- one structured log line per RPC, with the status the caller received (every RPC, or per CRYPTO_ACCESS_LOG only
+  those that did not end OK, plus one success in N: transport/access_log.py);
 - a count of calls in flight, so shutdown can wait for the server to go quiet;
 - the audit trail (transport/call_audit.py): an intent record before a key change runs, and the outcome
   record of the calls it covers (every denial among them) when the call ends.
@@ -35,6 +36,7 @@ from google.protobuf.message import DecodeError, Message
 
 from crypto_server.call_context import ANONYMOUS, current_principal
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument, ResponseTooLarge, ServerShuttingDown
+from crypto_server.log_format import AccessLogMode
 from crypto_server.service.quotas import NoQuotas, Quotas
 from crypto_server.transport import access_log
 from crypto_server.transport.authorization import AccessControl
@@ -171,13 +173,16 @@ class RpcMiddleware:
         limits: RpcLimits | None = None,
         access: AccessControl | None = None,
         audit: CallAudit | None = None,
+        access_log_mode: AccessLogMode | None = None,
     ) -> None:
-        """`access`: identify and authorize callers (None: development, every caller is anonymous)."""
+        """`access`: identify and authorize callers (None: development, every caller is anonymous).
+        `access_log_mode`: which calls get an access line (None: every call)."""
         self.in_flight = in_flight or InFlightCalls()
         self.access = access
         self._observer: RpcObserver = observer or NullRpcObserver()
         self.limits = limits or RpcLimits()
         self.audit = audit
+        self.access_lines = access_log.LineSelection(access_log_mode)
 
     def wrap(
         self, method: str, handler: grpc.RpcMethodHandler[Any, Any], *, per_item: bool = False
@@ -208,6 +213,8 @@ class RpcMiddleware:
         """The unary wrapper's duties for a bidirectional stream; the log line is written when it ends."""
         in_flight = self.in_flight
         observer = self._observer
+        observe = observer.for_method(method)
+        wants_line = self.access_lines.wants
         limits = self.limits
         access = self.access
         rpc_name = method.rsplit("/", 1)[-1]
@@ -269,17 +276,18 @@ class RpcMiddleware:
                     code = grpc.StatusCode.CANCELLED
                 if entered:
                     in_flight.leave()
-                observer.finished(method, code.name, time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                observe(code.name, elapsed)
                 if audit is not None:
                     audit.finished(method, first[0] if first else None, None, context, request_id, code, False)
-                if access_log.enabled():
+                if access_log.enabled() and wants_line(code is grpc.StatusCode.OK):
                     opening = first[0] if first else None
                     access_log.record(
                         method,
                         _text_field(opening, "tenant_id"),
                         _text_field(opening, "key_id"),
                         code.name,
-                        (time.perf_counter() - started) * 1000,
+                        elapsed * 1000,
                         request_id,
                     )
                 # Last: the lines above may read it. Not reset(): a generator may be closed in another context.
@@ -292,7 +300,11 @@ class RpcMiddleware:
     ) -> Callable[..., Any]:
         in_flight = self.in_flight
         observer = self._observer
+        # Resolved once per method here, not per call: the metric series' label children, the line selection.
+        observe = observer.for_method(method)
         log_calls = access_log.enabled
+        wants_line = self.access_lines.wants
+        ok = grpc.StatusCode.OK
         charge = self.limits.quotas.charge
         max_response_bytes = self.limits.max_response_bytes
         access = self.access
@@ -305,7 +317,7 @@ class RpcMiddleware:
             entered = in_flight.enter()
             started = time.perf_counter()
             request_id = _request_id(context)
-            code = grpc.StatusCode.OK
+            code = ok
             response = None
             intent_recorded = False
             try:
@@ -349,17 +361,19 @@ class RpcMiddleware:
             finally:
                 if entered:
                     in_flight.leave()
-                observer.finished(method, code.name, time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                observe(code.name, elapsed)
                 if audit is not None and request is not _MALFORMED:
                     audit.finished(method, request, response, context, request_id, code, intent_recorded)
-                if log_calls():
+                # The mode decides only this line: the metrics and the audit trail above see every call.
+                if log_calls() and wants_line(code is ok):
                     access_log.record(
                         method,
                         _text_field(request, "tenant_id"),
                         # CreateKey has no key id until it answers.
                         _text_field(request, "key_id") or _text_field(getattr(response, "key", None), "key_id"),
                         code.name,
-                        (time.perf_counter() - started) * 1000,
+                        elapsed * 1000,
                         request_id,
                     )
                 current_principal.reset(principal_token)  # last: the lines above may read it

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -261,8 +261,11 @@ class _RecordingObserver:
     def __init__(self) -> None:
         self.codes: list[str] = []
 
-    def finished(self, method: str, code: str, seconds: float) -> None:
-        self.codes.append(code)
+    def for_method(self, method: str) -> Callable[[str, float], None]:
+        def finished(code: str, seconds: float) -> None:
+            self.codes.append(code)
+
+        return finished
 
     def failed(self, error: CryptoServiceError) -> None:
         return None

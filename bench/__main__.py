@@ -7,16 +7,15 @@ make bench-quick  -> shorter phases (under a minute), bench/results/quick.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from bench import h2load, scenarios
+from bench.reporting import run_and_report
 
 TARGETS = (
     # (name, where in the results, comparison, bound)
@@ -187,17 +186,7 @@ def main() -> int:
     args = parser.parse_args()
     phases = scenarios.QUICK if args.quick else scenarios.FULL
     out = args.out or Path("bench/results") / ("quick.json" if args.quick else "latest.json")
-    started = time.monotonic()
-
-    def log(message: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    results = run(phases, log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
-    log(f"results written to {out}")
-    return 0
+    return run_and_report(run, table, phases, out)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,15 @@ python -m bench --access-log [--quick] -> only the access log modes' cost, bench
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from bench import h2load, scenarios
+from bench.reporting import run_and_report
 
 TARGETS = (
     # (name, where in the results, comparison, bound)
@@ -233,17 +232,9 @@ def main() -> int:
     phases = scenarios.QUICK if args.quick else scenarios.FULL
     default_name = "quick.json" if args.quick else "latest.json"
     out = args.out or Path("bench/results") / ("access-log.json" if args.access_log else default_name)
-    started = time.monotonic()
-
-    def log(message: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    results = run_access_log(phases, log) if args.access_log else run(phases, log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print("\n".join(access_log_table(results)) if args.access_log else table(results))
-    log(f"results written to {out}")
-    return 0
+    if args.access_log:
+        return run_and_report(run_access_log, lambda results: "\n".join(access_log_table(results)), phases, out)
+    return run_and_report(run, table, phases, out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import resource
@@ -39,6 +38,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from bench.reporting import run_and_report
 from bench.scenarios import KIB, TENANT, Backends, summary, with_scratch
 from crypto_client import ClientConfig, CryptoClient, CryptoClientError, KeyType
 from tests.servers import CryptoServerProcess, free_port
@@ -486,17 +486,7 @@ def main() -> int:
     args = parser.parse_args()
     phases = QUICK if args.quick else FULL
     out = args.out or Path("bench/results") / ("peers-quick.json" if args.quick else "peers.json")
-    started = time.monotonic()
-
-    def log(message: str) -> None:
-        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    results = run(phases, log)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
-    log(f"results written to {out}")
-    return 0
+    return run_and_report(run, table, phases, out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ import redis
 from redis.exceptions import RedisError
 
 from crypto_server.domain.keys import Key, KeyVersion
-from crypto_server.storage.port import KeyChange, KeyQuery, KeyServing, MasterKeyRewrap, UsageCounters, VersionRef
+from crypto_server.storage.port import (
+    KeyChange,
+    KeyQuery,
+    KeyServing,
+    MasterKeyRewrap,
+    Reservation,
+    UsageCounters,
+    VersionRef,
+)
 from crypto_server.storage.redis.guard import RedisGuard
 from crypto_server.storage.redis.key_codec import decode_key, encode_key
 
@@ -115,6 +123,9 @@ class RedisCachedKeyStore:
         # reader that loaded the older state puts it back at most until the change poller drops it).
         self._distrust(name)
         return written
+
+    def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
+        return self._inner.reserve_encryptions(version, wanted, limit)
 
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
         return self._inner.add_encryptions(counts)

@@ -137,7 +137,7 @@ class CryptoServer:
     audit: AuditTrail | None = None
     # Automatic rotation (a pass every CRYPTO_ROTATION_INTERVAL by the lease holder); tests call run_once.
     rotator: KeyRotator | None = None
-    # Encryption counts per key version; tests call flush.
+    # Encryption budgets per key version (reserved in blocks); tests call flush, the give-back pass.
     budget: UsageBudget | None = None
     # Scheduled destruction (a pass every CRYPTO_ROTATION_INTERVAL by its lease holder); tests call run_once.
     destroyer: KeyDestroyer | None = None

@@ -20,7 +20,7 @@ MIN_MESSAGE_BYTES = 16 * 1024 * 1024
 # A generous bound on what one item adds to a batch response beyond its request bytes: ciphertext
 # overhead (codec.OVERHEAD_BYTES), key id, version and framing, or an ItemError with its message.
 BATCH_ITEM_RESPONSE_BYTES = 1024
-# Unflushed encryptions per version per server (CRYPTO_KEY_USAGE_FLUSH_EVERY).
+# Encryptions per version one server reserves at once (CRYPTO_KEY_USAGE_FLUSH_EVERY).
 _USAGE_FLUSH_EVERY = 4096
 
 
@@ -65,8 +65,8 @@ class Settings:
     rotation_lease_s: float = 180.0
     # The usage budget of a key version (service/usage_budget.py): rotate at the soft limit, refuse at the hard one.
     usage_soft_limit: int = 2**30
-    # Room for 256 servers (or servers plus crashes) with a full flush's worth of encryptions unflushed each.
-    usage_hard_limit: int = GCM_RANDOM_NONCE_LIMIT - 256 * _USAGE_FLUSH_EVERY
+    # NIST SP 800-38D's bound itself: reservations make it exact across replicas and crashes, no margin needed.
+    usage_hard_limit: int = GCM_RANDOM_NONCE_LIMIT
     usage_flush_every: int = _USAGE_FLUSH_EVERY
     usage_flush_interval_s: float = 5.0
     reuse_port: bool = False

@@ -56,8 +56,8 @@ class KeyVersionExhausted(CryptoServiceError):
     def __init__(self, key_id: str, version: int) -> None:
         super().__init__(
             f"key {key_id} version {version} has used up its encryption budget (AES-GCM with random nonces allows "
-            "under 2^32 encryptions per key); rotate the key to create a fresh primary version (the exhausted "
-            "version still decrypts)"
+            "at most 2^32 encryptions per key, NIST SP 800-38D); rotate the key to create a fresh primary version "
+            "(the exhausted version still decrypts)"
         )
         self.key_id = key_id
 

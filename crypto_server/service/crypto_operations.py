@@ -134,7 +134,7 @@ class CryptoOperations:
             raise KeyExpired(key_id, primary.version)
         if self._budget is not None:
             # Every caller encrypts once with the version it gets (a stream: its header's one data key).
-            self._budget.record(VersionRef(tenant_id, key.key_id, primary.version), primary.encryptions)
+            self._budget.record(VersionRef(tenant_id, key.key_id, primary.version))
         return loaded, primary.version
 
     def _decrypting_key(

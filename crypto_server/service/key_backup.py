@@ -116,15 +116,14 @@ class KeyBackups:
 
     def _current_counts(self, key: Key) -> dict[int, int]:
         """Each version's encryption count as the database holds it now. A key read through the Redis cache
-        carries the counts of when it was cached (counts change no revision), and a backup must carry them
-        all: an increment by zero is the store's one atomic read of the totals."""
+        carries the counts of when it was cached (counts change no revision, and fall when servers give unused
+        reservations back), and a backup must carry them all: an increment by zero is the store's one atomic
+        read of the totals."""
         totals = self._counters.add_encryptions(
             {VersionRef(key.tenant_id, key.key_id, version.version): 0 for version in key.versions}
         )
         return {
-            version.version: max(
-                version.encryptions, totals.get(VersionRef(key.tenant_id, key.key_id, version.version), 0)
-            )
+            version.version: totals.get(VersionRef(key.tenant_id, key.key_id, version.version), version.encryptions)
             for version in key.versions
         }
 

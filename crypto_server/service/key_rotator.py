@@ -14,8 +14,8 @@ creates, so two rotators that both find a key due (the lease changed hands while
 the old holder was mid-pass) make one version between them.
 
 A key whose primary version reaches its usage soft limit is due at once, whatever its rotation period: the
-flush that finds it there sets its stored next rotation time to now (service/usage_budget.py), and the
-rotator re-checks the count in the key it loads.
+reservation that takes it there sets its stored next rotation time to now (service/usage_budget.py), and
+the rotator re-checks the count in the key it loads.
 """
 
 from __future__ import annotations

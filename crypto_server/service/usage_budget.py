@@ -1,24 +1,29 @@
 """A usage budget per key version: AES-GCM with random 96-bit nonces must stay under 2^32 encryptions per key
 (NIST SP 800-38D, 8.3), however many replicas encrypt with it.
 
-Counting is an in-memory increment on the hot path. Each server flushes its counts to the store as atomic
-increments (`KeyStore.add_encryptions`) every `flush_every` encryptions of one version (the encrypting call
-that would pass it flushes first) and every `flush_interval_s` seconds, and at shutdown; the store answers
-with the new totals, which include every replica's flushed counts.
+Reservations. A server encrypts with a version only with a use it has reserved. When it holds none it reserves a
+block of `flush_every` with one atomic store step (`UsageCounters.reserve_encryptions`): the store adds
+min(block, hard_limit - stored) to the version's stored count and says how much that was. The rest of the block
+is spent from memory, one decrement under a lock per encryption. So the stored count is every server's used
+encryptions plus their unused reservations, and since no reservation takes it past the hard limit:
 
-- Soft limit: a flush that leaves a primary version at or over it marks the key due for rotation
-  (`KeyStore.mark_rotation_due`); the rotator rotates it whatever its rotation period.
-- Hard limit: a version refuses to encrypt (KeyVersionExhausted) once the total this server knows plus its
-  unflushed count reaches it.
+- the bound is exact: a version never makes more than `hard_limit` encryptions, however many replicas encrypt
+  with it, crashes included (a crashed server's unused reservation stays counted: it is never used);
+- the stored count (`KeyVersion.encryptions`) is never below the true count, and above it by at most the
+  unused reservations of running servers (at most `flush_every` each). A server gives back, with an atomic
+  decrement, the unused reservation of each version it has not used for a whole pass (every
+  `flush_interval_s`), and all of them at a clean shutdown: once every server has stopped cleanly the stored
+  counts are exact.
 
-The bound: every server encrypts at most `flush_every` times with a version between two of its flushes, and
-each flush tells it the total of all flushed counts. Once a flush has seen the total at or over the hard
-limit, that server refuses; so with R servers a version makes at most `hard_limit - 1 + R * flush_every`
-encryptions, plus up to `flush_every` per crash (a crash loses its unflushed count). The default hard limit
-leaves room for 256 servers and crashes together (docs/storage.md).
+- Soft limit: a reservation that takes the stored count to or over it marks the key due for rotation
+  (`UsageCounters.mark_rotation_due`: a no-op unless the version is still primary); the rotator rotates it
+  whatever its rotation period. The count it crosses includes reserved uses, so a key rotates when its servers
+  have used or reserved `soft_limit` encryptions.
+- Hard limit: a version whose reservation is granted nothing refuses to encrypt (KeyVersionExhausted), from
+  memory until the next pass, when this server asks the store again (others may have given unused uses back).
 
-Counts are not covered by the key's integrity tag (domain/key_integrity.py): they change on every flush from
-every replica, and authenticating them would turn each flush into a compare-and-swap of the whole key. What
+Counts are not covered by the key's integrity tag (domain/key_integrity.py): they change on every reservation
+from every replica, and authenticating them would turn each one into a compare-and-swap of the whole key. What
 altering a stored count can do is bounded: a higher count rotates the key early or refuses encryption early
 (a new primary is a RotateKey away); a lower count lets the version go past the hard limit by at most what
 was subtracted. Whoever can write the store can already disable or delete keys.
@@ -29,27 +34,34 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from crypto_server.domain.clock import Clock
-from crypto_server.domain.errors import KeyVersionExhausted, StoreUnavailable
+from crypto_server.domain.errors import KeyNotFound, KeyVersionExhausted, StoreUnavailable
 from crypto_server.domain.limits import GCM_RANDOM_NONCE_LIMIT
 from crypto_server.service.periodic import Periodic
-from crypto_server.storage.port import UsageCounters, VersionRef
+from crypto_server.storage.port import Reservation, UsageCounters, VersionRef
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FLUSH_EVERY = 4096
 DEFAULT_FLUSH_INTERVAL_S = 5.0
 DEFAULT_SOFT_LIMIT = 2**30
-# Room for 256 servers (or servers plus crashes) with DEFAULT_FLUSH_EVERY unflushed each.
-DEFAULT_HARD_LIMIT = GCM_RANDOM_NONCE_LIMIT - 256 * DEFAULT_FLUSH_EVERY
+# Exact: reservations never let a version pass it, so it needs no margin for replicas or crashes.
+DEFAULT_HARD_LIMIT = GCM_RANDOM_NONCE_LIMIT
 
 
 @dataclass(slots=True)
 class _Counter:
-    known: int = 0  # the total in the store at this server's last flush (or load), every replica's counts
-    pending: int = 0  # this server's encryptions not yet flushed
+    """One version's budget on this server."""
+
+    reserved: int = 0  # uses reserved in the store and not used yet
+    total: int = 0  # the stored count at this server's last reservation: every server's used and reserved uses
+    used: bool = True  # encrypted with (or reserved for) since the last pass; a version idle for a pass is dropped
+    refused: bool = False  # granted nothing: refused from memory until the next pass drops this counter
+    refilling: bool = False  # a reservation is under way: the pass leaves this counter alone
+    # One reservation at a time per version: the others wait for it instead of reserving blocks of their own.
+    refill: threading.Lock = field(default_factory=threading.Lock)
 
 
 class UsageBudget:
@@ -70,71 +82,138 @@ class UsageBudget:
         self._clock = clock
         self.soft_limit = soft_limit
         self.hard_limit = hard_limit
-        self._flush_every = flush_every
-        self._flush_interval_s = flush_interval_s
+        self._block = flush_every
         self._on_fraction = on_fraction
         self._counters: dict[VersionRef, _Counter] = {}
         self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        self._flushes = Periodic(
+        self._pass_lock = threading.Lock()
+        self._passes = Periodic(
             self.flush,
-            self._flush_interval_s,
+            flush_interval_s,
             name="usage-budget",
-            skipped="usage counts not flushed: the key store is unavailable; retried on the next flush",
+            skipped="unused encryption reservations not given back: the key store is unavailable; retried on "
+            "the next pass",
         )
         self.highest_fraction = 0.0
 
-    def record(self, version: VersionRef, stored_count: int) -> None:
-        """Count one encryption with `version` (whose loaded copy says `stored_count`), or raise
-        KeyVersionExhausted. Flushes first (one store round trip) when this server's unflushed count for the
-        version is at `flush_every`; StoreUnavailable if that flush fails."""
+    def record(self, version: VersionRef) -> None:
+        """Count one encryption with `version`, or raise KeyVersionExhausted. Spends a reserved use (memory
+        only); with none left, first reserves a block (one store round trip): StoreUnavailable if that fails,
+        KeyNotFound if the version is no longer stored."""
         while True:
             with self._lock:
                 counter = self._counters.get(version)
                 if counter is None:
                     counter = self._counters[version] = _Counter()
-                counter.known = max(counter.known, stored_count)
-                if counter.known + counter.pending >= self.hard_limit:
-                    raise KeyVersionExhausted(version.key_id, version.version)
-                if counter.pending < self._flush_every:
-                    counter.pending += 1
+                if counter.reserved:
+                    counter.reserved -= 1
+                    counter.used = True
                     return
-            self.flush()
+                if counter.refused:
+                    raise KeyVersionExhausted(version.key_id, version.version)
+            self._reserve(version, counter)
+
+    def held(self) -> dict[VersionRef, int]:
+        """The versions this server keeps a counter for, with the uses it has reserved and not used yet."""
+        with self._lock:
+            return {ref: counter.reserved for ref, counter in self._counters.items()}
+
+    def _reserve(self, version: VersionRef, counter: _Counter) -> None:
+        with counter.refill:
+            with self._lock:
+                if counter.reserved or counter.refused or self._counters.get(version) is not counter:
+                    return  # another caller reserved (or was refused) meanwhile, or the pass dropped it: look again
+                counter.refilling = True
+                block = self._block
+            try:
+                reservation = self._store.reserve_encryptions(version, block, self.hard_limit)
+            except BaseException:
+                with self._lock:
+                    counter.refilling = False
+                raise
+            # Under the same lock as `refilling` is cleared: the pass cannot drop the counter in between and
+            # orphan what was just reserved.
+            with self._lock:
+                counter.refilling = False
+                if reservation is None:
+                    self._counters.pop(version, None)
+                    raise KeyNotFound(version.key_id)
+                counter.reserved += reservation.granted
+                counter.total = max(counter.total, reservation.total)
+                counter.used = bool(reservation.granted)  # a refused counter is dropped by the next pass
+                counter.refused = not reservation.granted
+                highest = max((c.total for c in self._counters.values()), default=0)
+        self._report(highest)
+        self._mark_if_over_soft_limit(version, reservation)
+
+    def _mark_if_over_soft_limit(self, version: VersionRef, reservation: Reservation) -> None:
+        if reservation.total < self.soft_limit:
+            return
+        try:
+            # Repeated by every reservation until the key rotates (a no-op once `version` is not its primary).
+            self._store.mark_rotation_due(version, self._clock.now())
+        except StoreUnavailable:
+            log.warning("a key at its usage soft limit not marked for rotation: the key store is unavailable")
+
+    def _report(self, highest_total: int) -> None:
+        self.highest_fraction = highest_total / self.hard_limit
+        if self._on_fraction is not None:
+            self._on_fraction(self.highest_fraction)
 
     def flush(self) -> None:
-        """Add every unflushed count to the store (atomic increments), learn the totals, and mark for rotation
-        the keys whose primary is at or over the soft limit. Counts stay pending if the store fails."""
-        with self._flush_lock:
+        """The periodic pass: give back (an atomic decrement per version, in one store call) the unused
+        reservations of the versions not used since the last pass, and forget them, so that memory holds only
+        the versions in use and the stored counts come back to the true ones. A refused version is asked about
+        again."""
+        with self._pass_lock:
             with self._lock:
-                batch = {ref: counter.pending for ref, counter in self._counters.items() if counter.pending}
-            if not batch:
-                return
-            totals = self._store.add_encryptions(batch)
+                idle = [ref for ref, c in self._counters.items() if not c.used and not c.refilling]
+                returned = self._take_unused(idle)
+                for counter in self._counters.values():
+                    counter.used = False
+                highest = max((c.total for c in self._counters.values()), default=0)
+            self._report(highest)
+            self._give_back(returned)
+
+    def _take_unused(self, refs: list[VersionRef]) -> dict[VersionRef, int]:
+        """Drop the counters of `refs` (under the lock); their unused reservations, negated for the store."""
+        returned: dict[VersionRef, int] = {}
+        for ref in refs:
+            counter = self._counters.pop(ref)
+            if counter.reserved:
+                returned[ref] = -counter.reserved
+        return returned
+
+    def _give_back(self, returned: dict[VersionRef, int]) -> None:
+        if not returned:
+            return
+        try:
+            self._store.add_encryptions(returned)
+        except StoreUnavailable:
+            # Still reserved in the store: still ours to use, or to give back on the next pass.
             with self._lock:
-                for ref, count in batch.items():
-                    counter = self._counters[ref]
-                    counter.pending -= count
-                    counter.known = max(counter.known, totals.get(ref, 0))
-                highest = max((c.known for c in self._counters.values()), default=0)
-            self.highest_fraction = highest / self.hard_limit
-            if self._on_fraction is not None:
-                self._on_fraction(self.highest_fraction)
-            now = self._clock.now()
-            for ref, total in totals.items():
-                if total >= self.soft_limit:
-                    # A no-op unless `ref` is still the key's primary: repeated by every flush until it rotates.
-                    self._store.mark_rotation_due(ref, now)
+                for ref, negated in returned.items():
+                    self._counters.setdefault(ref, _Counter(used=False)).reserved -= negated
+            raise
 
     # -- the background thread ---------------------------------------------------
 
     def start(self) -> None:
-        self._flushes.start()
+        self._passes.start()
 
     def stop(self) -> None:
-        """Stop the thread and flush what is left (after the last call, before the store closes)."""
-        if not self._flushes.stop():
+        """Stop the thread and give every unused reservation back (after the last call, before the store
+        closes). A call still running afterwards reserves one use at a time: nothing is left reserved."""
+        if not self._passes.stop():
             return
-        try:
-            self.flush()
-        except StoreUnavailable:
-            log.warning("usage counts lost at shutdown: the key store is unavailable")
+        with self._pass_lock:
+            with self._lock:
+                self._block = 1
+                returned = self._take_unused([ref for ref, c in self._counters.items() if not c.refilling])
+            try:
+                self._give_back(returned)
+            except StoreUnavailable:
+                log.warning(
+                    "unused encryption reservations not given back at shutdown: the key store is unavailable; "
+                    "they stay counted as used"
+                )

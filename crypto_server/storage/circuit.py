@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
 from crypto_server.domain.keys import Key, KeyVersion
-from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore, VersionRef
+from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore, Reservation, VersionRef
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -203,6 +203,9 @@ class StoreCircuit:
         self, tenant_id: str, key_id: str, expected_revision: int, next_rotation_at: datetime | None
     ) -> None:
         self._call(lambda: self._inner.reschedule_rotation(tenant_id, key_id, expected_revision, next_rotation_at))
+
+    def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
+        return self._call(lambda: self._inner.reserve_encryptions(version, wanted, limit))
 
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
         return self._call(lambda: self._inner.add_encryptions(counts))

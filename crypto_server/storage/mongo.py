@@ -36,7 +36,15 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery, VersionRef
+from crypto_server.storage.port import (
+    DuplicateKeyId,
+    DuplicateMasterKey,
+    KeyChange,
+    KeyCounts,
+    KeyQuery,
+    Reservation,
+    VersionRef,
+)
 
 _ROOT_KEY_CHECK_ID = "root_key_check"
 
@@ -379,29 +387,32 @@ class MongoKeyStore:
         current = {"_id": updated.key_id, "tenant_id": updated.tenant_id, "revision": expected_revision}
         destroyed = {v.version for v in updated.versions if v.destroyed}
         with self._bounded():
-            document = self._keys.find_one(current, {"versions": 1})
+            document = self._keys.find_one(current, {"versions.version": 1})
             if document is None:
                 return False
-            embedded = [
-                {**item, "wrapped_material": Binary(b"")} if item["version"] in destroyed else item
-                for item in document.get("versions", [])
-            ]
-            outside = destroyed - {item["version"] for item in embedded}
+            inside = destroyed & {item["version"] for item in document.get("versions", [])}
+            outside = destroyed - inside
             fields = self._state_fields(updated)
             if outside or (destroyed and updated.primary.destroyed):
                 fields["next_destruction_at"] = _EPOCH
+            erased: dict[str, Any] = {}
+            if inside:
+                # Only the material field of each embedded version: the array is never written back whole, so
+                # an encryption count reserved in between (reserve_encryptions) is not lost.
+                erased = {"versions.$[erased].wrapped_material": Binary(b"")}
             moved = self._keys.update_one(
                 current,
                 {
                     "$set": {
                         **fields,
-                        "versions": embedded,
+                        **erased,
                         "integrity_tag": Binary(updated.integrity_tag),
                         "changed_at": _now(),
                         "next_rotation_at": updated.next_rotation_at,
                     },
                     "$inc": {"revision": 1},
                 },
+                array_filters=[{"erased.version": {"$in": sorted(inside)}}] if inside else None,
             )
             if moved.matched_count != 1:
                 return False
@@ -446,6 +457,65 @@ class MongoKeyStore:
                 {"_id": key_id, "tenant_id": tenant_id, "revision": expected_revision},
                 {"$set": {"next_rotation_at": next_rotation_at}},
             )
+
+    def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
+        """One findAndModify with an update pipeline: the grant is computed from the stored count inside the
+        atomic update and stored beside it (`last_reservation`), and both come back in the post-image, which is
+        the document this write produced (a pre-image need not be: secantus reads it before writing).
+
+        A version is embedded in the key document (a key's first, or every version of an imported key) or in
+        `key_versions` (made by a rotation), and stays where it was written: version 1 is looked for in the key
+        document first, any later one in `key_versions` first, so the usual case is one round trip."""
+
+        def reserved(count: Any) -> dict[str, Any]:
+            # Both fields of one $set see the document before it: the grant is computed from the same count.
+            count = {"$ifNull": [count, 0]}  # versions are written without a count
+            grant = {"$min": [wanted, {"$max": [0, {"$subtract": [limit, count]}]}]}
+            return {"encryptions": {"$add": [count, grant]}, "last_reservation": grant}
+
+        def in_key_document() -> Mapping[str, Any] | None:
+            embedded = {
+                "$map": {
+                    "input": "$versions",
+                    "as": "item",
+                    "in": {
+                        "$cond": [
+                            {"$eq": ["$$item.version", version.version]},
+                            {"$mergeObjects": ["$$item", reserved("$$item.encryptions")]},
+                            "$$item",
+                        ]
+                    },
+                }
+            }
+            key = self._keys.find_one_and_update(
+                {"_id": version.key_id, "tenant_id": version.tenant_id, "versions.version": version.version},
+                [{"$set": {"versions": embedded}}],
+                projection={"versions.version": 1, "versions.encryptions": 1, "versions.last_reservation": 1},
+                return_document=pymongo.ReturnDocument.AFTER,
+            )
+            if key is None:
+                return None
+            written: Mapping[str, Any] = next(item for item in key["versions"] if item["version"] == version.version)
+            return written
+
+        def in_key_versions() -> Mapping[str, Any] | None:
+            return self._versions.find_one_and_update(
+                {"key_id": version.key_id, "version": version.version},
+                [{"$set": reserved("$encryptions")}],
+                projection={"encryptions": 1, "last_reservation": 1},
+                return_document=pymongo.ReturnDocument.AFTER,
+            )
+
+        first, second = (
+            (in_key_document, in_key_versions) if version.version == 1 else (in_key_versions, in_key_document)
+        )
+        with self._bounded():
+            written = first()
+            if written is None:
+                written = second()
+        if written is None:
+            return None
+        return Reservation(int(written["last_reservation"]), int(written["encryptions"]))
 
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
         """$inc on the version: in `key_versions`, or embedded in the key document (a key's first versions).
@@ -533,14 +603,15 @@ class MongoKeyStore:
             if any(item["version"] == version for item in embedded):
                 if not any(item["version"] == version and bytes(item["wrapped_material"]) == old for item in embedded):
                     return False
-                rewrapped = [
-                    {**item, "wrapped_material": Binary(new)} if item["version"] == version else item
-                    for item in embedded
-                ]
-                # The whole array, only from the revision read: a concurrent change makes this a no-op.
+                # Only from the revision read (a concurrent change makes this a no-op), and only the material
+                # field: writing the array back whole would lose an encryption count reserved in between.
                 changed = self._keys.update_one(
                     {"_id": key_id, "revision": document["revision"]},
-                    {"$set": {"versions": rewrapped, "changed_at": _now()}, "$inc": {"revision": 1}},
+                    {
+                        "$set": {"versions.$[rewrapped].wrapped_material": Binary(new), "changed_at": _now()},
+                        "$inc": {"revision": 1},
+                    },
+                    array_filters=[{"rewrapped.version": version}],
                 ).matched_count
                 return changed == 1
             changed = self._versions.update_one(

@@ -153,14 +153,31 @@ class DestructionSchedule(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What reserve_encryptions granted: `granted` uses, and the version's stored total after it (every
+    server's used and reserved encryptions)."""
+
+    granted: int
+    total: int
+
+
 class UsageCounters(Protocol):
-    """Encryptions per key version, flushed by every server (service/usage_budget.py)."""
+    """Encryptions per key version, reserved in blocks by every server (service/usage_budget.py)."""
+
+    def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
+        """Add min(wanted, limit - stored) (never below 0) to the version's stored `encryptions` in one atomic
+        step, so that however many servers reserve at once the stored count never passes `limit` through a
+        reservation, and return what was granted with the new total; None if the version is not stored.
+        Outside the integrity tag and the revision, like add_encryptions."""
+        ...
 
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
-        """Add each count to its version's stored `encryptions` as an atomic increment (several servers flush
+        """Add each count to its version's stored `encryptions` as an atomic increment (several servers write
         at once: none may lose another's counts), all in one round trip where the store allows; return the new
-        totals. A version no longer stored is left out. Counts are outside the integrity tag and the revision:
-        nothing a reader caches changes (service/usage_budget.py)."""
+        totals. A negative count gives back the unused part of a reservation; zero reads the totals. A version
+        no longer stored is left out. Counts are outside the integrity tag and the revision: nothing a reader
+        caches changes (service/usage_budget.py)."""
         ...
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:

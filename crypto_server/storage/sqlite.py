@@ -24,7 +24,15 @@ from typing import Any
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
 from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
-from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyChange, KeyCounts, KeyQuery, VersionRef
+from crypto_server.storage.port import (
+    DuplicateKeyId,
+    DuplicateMasterKey,
+    KeyChange,
+    KeyCounts,
+    KeyQuery,
+    Reservation,
+    VersionRef,
+)
 from crypto_server.storage.private_files import ensure_private_directory, ensure_private_file, restrict_to_owner
 
 _SCHEMA = """
@@ -600,6 +608,23 @@ class SqliteKeyStore:
                 "UPDATE keys SET next_rotation_us = ? WHERE key_id = ? AND tenant_id = ? AND revision = ?",
                 (_opt_to_us(next_rotation_at), key_id, tenant_id, expected_revision),
             )
+
+    def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
+        with self._write() as db:  # BEGIN IMMEDIATE: no other writer, in any process, between read and write
+            row = db.execute(
+                "SELECT encryptions FROM key_versions WHERE key_id = ? AND version = ? "
+                "AND EXISTS (SELECT 1 FROM keys WHERE keys.key_id = ? AND keys.tenant_id = ?)",
+                (version.key_id, version.version, version.key_id, version.tenant_id),
+            ).fetchone()
+            if row is None:
+                return None
+            granted = min(wanted, max(0, limit - row[0]))
+            if granted:
+                db.execute(
+                    "UPDATE key_versions SET encryptions = encryptions + ? WHERE key_id = ? AND version = ?",
+                    (granted, version.key_id, version.version),
+                )
+            return Reservation(granted, row[0] + granted)
 
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
         totals: dict[VersionRef, int] = {}

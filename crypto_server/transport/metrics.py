@@ -167,7 +167,7 @@ class Metrics:
         self.key_version_budget_used = Gauge(
             "caas_crypto_key_version_budget_used_ratio",
             "The highest fraction of its encryption budget (the hard limit) any key version this server has "
-            "used has spent, as of this server's last flush",
+            "used has spent or reserved, as of this server's last reservation",
             registry=self.registry,
         )
         in_flight_gauge.set_function(in_flight)

@@ -4,10 +4,11 @@
   alone; when the holder is killed (SIGKILL: it never gives its lease up) the other replica takes over once the
   lease has run out, not before. The replicas share a clock that the test moves (clocked_server.py).
 - Budget: with the soft/hard limits at 1000/1200, concurrent encryption on both replicas rotates each version at
-  the soft limit, and no version encrypts more than docs/storage.md's bound for N replicas flushing every F
-  encryptions (H - 1 + N * F = 1239 here: a replica learns the others' counts at its flushes only, so the hard
-  limit itself can be passed by up to that margin), counted from the ciphertexts themselves; the stored counts
-  equal those tallies once the replicas have flushed. Only one of the two processes rotates.
+  the soft limit, and no version encrypts more than the hard limit itself (every encryption spends a use reserved
+  in the store, and no reservation passes the limit: docs/storage.md), counted from the ciphertexts themselves;
+  the stored counts equal those tallies once the replicas have stopped cleanly (unused reservations given
+  back). Only one of the two processes rotates. A replica killed while it holds a reservation leaves it counted
+  as used: the others still stop at the hard limit.
 """
 
 from __future__ import annotations
@@ -179,10 +180,11 @@ SOFT_LIMIT = 1000
 HARD_LIMIT = 1200
 FLUSH_EVERY = 20
 REPLICAS = 2
-# docs/storage.md, "The bound across N replicas": at most H - 1 + N * F encryptions per version (no crash here).
-MOST_PER_VERSION = HARD_LIMIT - 1 + REPLICAS * FLUSH_EVERY
-# Enough for two rotations whatever each version ends at (between SOFT_LIMIT and MOST_PER_VERSION), and never a
-# third: the last version stays under the soft limit.
+# The soft limit counts reserved uses too: a version is rotated once its used and reserved uses reach it, so it
+# has made at least this many (each replica may hold up to FLUSH_EVERY unused when the rotation reaches it).
+FEWEST_PER_VERSION = SOFT_LIMIT - REPLICAS * FLUSH_EVERY
+# Enough for two rotations whatever each version ends at (between FEWEST_PER_VERSION and HARD_LIMIT), and never
+# a third: the last version stays under the soft limit.
 ENCRYPTIONS = 2500
 WORKERS_PER_REPLICA = 3
 EXHAUSTED = "ERROR_REASON_KEY_VERSION_EXHAUSTED"
@@ -268,8 +270,9 @@ def test_concurrent_encryption_on_two_replicas_rotates_at_the_soft_limit_and_sta
 
     assert sorted(tally) == [1, 2, 3], tally
     for version in (1, 2):
-        # Rotated at the soft limit, not before, and never past the written bound.
-        assert SOFT_LIMIT <= tally[version] <= MOST_PER_VERSION, tally
+        # Rotated at the soft limit, and never past the hard limit: the bound is exact.
+        assert FEWEST_PER_VERSION <= tally[version] <= HARD_LIMIT, tally
+    assert max(tally.values()) <= HARD_LIMIT, tally
     assert tally[3] < SOFT_LIMIT
 
     # One rotator for the deployment: one replica made both versions (the lease holder; the lease is live).
@@ -282,7 +285,8 @@ def test_concurrent_encryption_on_two_replicas_rotates_at_the_soft_limit_and_sta
     assert sorted(made, key=len) == [[], [2, 3]], made
     assert database["leases"].find_one({"_id": LEASE_NAME}) is not None
 
-    # A clean stop flushes what is left: the stored counts are the tallies, nothing lost and nothing twice.
+    # A clean stop gives back every unused reservation: the stored counts are the tallies, nothing lost and
+    # nothing twice.
     for replica in replicas:
         replica.close()
         assert replica.process.terminate() == 0
@@ -307,3 +311,37 @@ def test_the_rotator_rotates_a_key_over_its_soft_limit_whose_cached_copy_has_old
     a.running.budget.flush()  # 5 in the store: at the soft limit, the key is marked due
     assert b.running.rotator.run_once() == 1
     assert b.encrypt(TENANT, key.key_id, b"x").key_version == 2
+
+
+def test_a_replica_killed_holding_a_reservation_leaves_it_counted_and_the_hard_limit_holds(
+    launch: Launch, deployment: tuple[dict[str, str], Database[Any]]
+) -> None:
+    env, database = deployment
+    limits = {
+        "CRYPTO_KEY_USAGE_SOFT_LIMIT": "60",
+        "CRYPTO_KEY_USAGE_HARD_LIMIT": "60",
+        "CRYPTO_KEY_USAGE_FLUSH_EVERY": "20",
+        "CRYPTO_ROTATION_INTERVAL": "0",  # nothing rotates: the version is spent for good
+    }
+    doomed, survivor = (Replica(launch(**env, **limits)) for _ in range(2))
+    request = key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=resources_pb2.KEY_TYPE_DATA)
+    key = doomed.keys.CreateKey(request).key
+    doomed.encrypt(key.key_id, TENANT)  # reserves a block of 20, uses 1
+    assert _stored_versions(database, key.key_id) == {1: 20}
+    doomed.close()
+    doomed.process.kill()  # SIGKILL: its 19 unused uses are never given back
+
+    made = 0
+    while True:
+        try:
+            survivor.encrypt(key.key_id, TENANT)
+        except grpc.RpcError as error:
+            assert error_info(error).reason == EXHAUSTED
+            break
+        made += 1
+        assert made <= HARD_LIMIT, "runaway: the limit was not enforced"
+    assert made == 60 - 20, "everything but the dead replica's block"
+    assert 1 + made <= 60
+    survivor.close()
+    assert survivor.process.terminate() == 0
+    assert _stored_versions(database, key.key_id) == {1: 60}, "the lost reservation stays counted as used"

@@ -31,6 +31,7 @@ from crypto_server.storage.port import (
     KeyStore,
     ListCursor,
     MasterKeyRewrap,
+    Reservation,
     VersionRef,
 )
 from crypto_server.storage.redis.cache import RedisCachedKeyStore
@@ -308,6 +309,55 @@ def test_concurrent_encryption_counts_all_land(stores: Stores) -> None:
     assert totals == {first: threads * flushes + 1, second: 2 * threads * flushes + 1}
     assert [v.encryptions for v in _stored(stores, key).versions] == [threads * flushes + 1, 2 * threads * flushes + 1]
     assert stores.store.add_encryptions({VersionRef("t2", key.key_id, 1): 1}) == {}, "another tenant's key"
+
+
+def test_reservations_grant_exactly_the_limit_however_many_reserve_at_once(stores: Stores) -> None:
+    key = _key()
+    stores.serving.insert_key(key)
+    assert stores.serving.add_version(key.with_new_primary(_version(2)), key.revision)
+    # Version 1 in the key document (MongoDB), version 2 beside it: both places the store keeps counts.
+    refs = [VersionRef("t1", key.key_id, 1), VersionRef("t1", key.key_id, 2)]
+    limit, block, threads = 100, 7, 6
+    granted: dict[VersionRef, list[int]] = {ref: [] for ref in refs}
+    barrier = threading.Barrier(threads)
+
+    def reserve_until_refused() -> None:
+        barrier.wait()
+        for ref in refs:
+            while True:
+                reservation = stores.store.reserve_encryptions(ref, block, limit)
+                assert reservation is not None
+                assert 0 <= reservation.granted <= block and reservation.total <= limit
+                if not reservation.granted:
+                    break
+                granted[ref].append(reservation.granted)  # list.append: atomic under the GIL
+
+    workers = [threading.Thread(target=reserve_until_refused) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for ref in refs:
+        assert sum(granted[ref]) == limit, "every use granted once, none past the limit"
+        assert sorted(granted[ref])[0] == limit % block, "only the last block is cut short"
+    assert [v.encryptions for v in _stored(stores, key).versions] == [limit, limit]
+
+    # Unused uses given back (a negative count) can be reserved again, and only they.
+    assert stores.store.add_encryptions({refs[0]: -5}) == {refs[0]: limit - 5}
+    assert stores.store.reserve_encryptions(refs[0], block, limit) == Reservation(5, limit)
+    assert stores.store.reserve_encryptions(refs[1], block, limit + 3) == Reservation(3, limit + 3)
+    assert stores.store.reserve_encryptions(VersionRef("t1", key.key_id, 9), block, limit) is None
+    assert stores.store.reserve_encryptions(VersionRef("t1", str(uuid.uuid4()), 1), block, limit) is None
+
+
+def test_a_reservation_on_a_fresh_version_starts_from_zero(stores: Stores) -> None:
+    key = _key()
+    stores.serving.insert_key(key)
+    assert stores.serving.add_version(key.with_new_primary(_version(2)), key.revision)
+    for number in (1, 2):
+        ref = VersionRef("t1", key.key_id, number)
+        assert stores.store.reserve_encryptions(ref, 4096, 2**32) == Reservation(4096, 4096)
+    assert stores.store.reserve_encryptions(VersionRef("t2", key.key_id, 1), 1, 10) is None, "another tenant's key"
 
 
 # -- Leases -----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -16,7 +17,7 @@ from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from crypto_server.domain.keys import KeyVersion
 from crypto_server.storage.mongo import MongoKeyStore
-from crypto_server.storage.port import DuplicateMasterKey
+from crypto_server.storage.port import DuplicateMasterKey, VersionRef
 from tests.conftest import ServerHandle
 from tests.servers import MongoServer, RedisServer
 from tests.unwrap import unwrapped_material
@@ -145,3 +146,53 @@ def test_timestamps_round_trip_exactly(server: ServerHandle) -> None:
     got = server.keys.GetKey(key_pb.GetKeyRequest(tenant_id="t1", key_id=key.key_id)).key
     assert got == key
     assert key.created_at.nanos % 1_000_000 == 0
+
+
+class _ReservingAfterReads:
+    """The store's `keys` collection, with another server's reservation landing right after each find_one:
+    between a read-then-write's read and its write."""
+
+    def __init__(self, real: Any, reserve: Callable[[], object]) -> None:
+        self._real = real
+        self._reserve = reserve
+
+    def find_one(self, *args: Any, **kwargs: Any) -> Any:
+        found = self._real.find_one(*args, **kwargs)
+        self._reserve()
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_erasing_or_rewrapping_an_embedded_version_keeps_the_counts_reserved_meanwhile(
+    server: ServerHandle, mongo_server: MongoServer
+) -> None:
+    """The defect: both writes put the key document's `versions` array back whole, as they had read it, so a
+    reservation made in between was lost — and a stored count below the uses reserved lets the version pass
+    its hard limit."""
+    key = server.create_key("t1")
+    server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id))
+    writer, other = (MongoKeyStore(mongo_server.uri, server.settings.mongodb_database) for _ in range(2))
+    first = VersionRef("t1", key.key_id, 1)
+    try:
+        stored = writer.get_key("t1", key.key_id)
+        assert stored is not None
+        writer._keys = _ReservingAfterReads(writer._keys, lambda: other.reserve_encryptions(first, 10, 1000))  # type: ignore[assignment]
+
+        old = stored.versions[0].wrapped_material
+        assert writer.replace_wrapped_material("t1", key.key_id, 1, old, b"\1" * 60)
+        rewrapped = other.get_key("t1", key.key_id)
+        assert rewrapped is not None and rewrapped.versions[0].wrapped_material == b"\1" * 60
+        assert rewrapped.versions[0].encryptions == 10
+
+        erased = replace(rewrapped.versions[0], wrapped_material=b"", destroyed_at=rewrapped.created_at)
+        assert writer.update_version_states(
+            replace(rewrapped, versions=(erased, *rewrapped.versions[1:])), rewrapped.revision
+        )
+        after = other.get_key("t1", key.key_id)
+        assert after is not None and after.versions[0].destroyed and after.versions[0].wrapped_material == b""
+        assert after.versions[0].encryptions == 20, "both reservations made during the writes are kept"
+    finally:
+        writer.close()
+        other.close()

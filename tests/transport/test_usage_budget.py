@@ -1,5 +1,5 @@
-"""The usage budget per key version: counts flushed as atomic increments, rotation at the soft limit,
-refusal at the hard limit (service/usage_budget.py)."""
+"""The usage budget per key version: uses reserved in blocks by atomic store steps, rotation at the soft
+limit, refusal at the hard limit, unused reservations given back (service/usage_budget.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import FakeClock, ServerHandle, StartServer, expect_error
 
 TENANT = "acme"
-# No flush thread: the tests flush when they mean to.
+# No pass thread: the tests run the passes when they mean to.
 MANUAL_FLUSH = {"usage_flush_interval_s": 0}
 
 
@@ -51,10 +51,17 @@ def _rotate_pass(server: ServerHandle) -> int:
     return server.running.rotator.run_once()
 
 
+def _give_back_idle(server: ServerHandle) -> None:
+    """Two passes: the first sees the versions used since the last one, the second gives their unused
+    reservations back."""
+    _flush(server)
+    _flush(server)
+
+
 @pytest.mark.parametrize("backend", ["mongo+redis"], indirect=True)
 def test_every_kind_of_encryption_counts_and_two_replicas_add_up(start_server: StartServer) -> None:
     clock = FakeClock()
-    a, b = (start_server(clock=clock, **MANUAL_FLUSH) for _ in range(2))
+    a, b = (start_server(clock=clock, usage_flush_every=100, **MANUAL_FLUSH) for _ in range(2))
     key = a.create_key(TENANT)
     other = a.create_key(TENANT)
     for _ in range(3):
@@ -71,36 +78,39 @@ def test_every_kind_of_encryption_counts_and_two_replicas_add_up(start_server: S
     b.crypto.ReEncrypt(
         crypto_pb.ReEncryptRequest(tenant_id=TENANT, ciphertext=sealed[0], destination_key_id=other.key_id)
     )
-    assert _stored_counts(a, key.key_id) == {1: 0}  # nothing flushed yet: the hot path does not write
+    # One block reserved by each replica: what they used and what they hold for the next calls.
+    assert _stored_counts(a, key.key_id) == {1: 2 * 100}
+    assert _stored_counts(a, other.key_id) == {1: 100}
+    # The metric: the highest stored total a replica's reservations saw (b reserved after a).
+    assert b.running.budget is not None
+    assert b.running.budget.highest_fraction == 200 / b.running.budget.hard_limit
 
-    _flush(a)
-    _flush(b)
+    _give_back_idle(a)
+    _give_back_idle(b)
     assert _stored_counts(a, key.key_id) == {1: 3 + 2 + 1 + 1 + 4}
     assert _stored_counts(a, other.key_id) == {1: 1}
-    _flush(a)  # nothing new: nothing added twice
+    _give_back_idle(a)  # nothing held: nothing given back twice
     assert _stored_counts(a, key.key_id) == {1: 11}
-    # Each replica learnt the total at its flush (the metric's source): 11 of the default hard limit.
-    assert b.running.budget is not None
-    assert b.running.budget.highest_fraction == 11 / b.running.budget.hard_limit
 
 
 @pytest.mark.parametrize("backend", ["embedded", "mongo", "mongo+redis"], indirect=True)
 def test_the_soft_limit_makes_the_rotator_rotate_whatever_the_rotation_period(start_server: StartServer) -> None:
     server = start_server(usage_soft_limit=5, usage_hard_limit=100, usage_flush_every=3, **MANUAL_FLUSH)
     key = server.create_key(TENANT)  # the default rotation period: 90 days away
-    for _ in range(4):
-        server.encrypt(TENANT, key.key_id, b"x")
-    _flush(server)
+    for _ in range(3):
+        server.encrypt(TENANT, key.key_id, b"x")  # one block of 3: 3 stored
     assert _rotate_pass(server) == 0
 
+    # The 4th reserves the next block: 6 used or reserved, at the soft limit: the key is marked due.
     server.encrypt(TENANT, key.key_id, b"x")
-    _flush(server)
     assert _rotate_pass(server) == 1
     assert _rotate_pass(server) == 0  # rotated once: the new primary starts from zero
     got = server.keys.GetKey(key_pb.GetKeyRequest(tenant_id=TENANT, key_id=key.key_id)).key
     assert got.primary_version == 2
-    assert [v.encryptions for v in got.versions] == [5, 0]
+    assert [v.encryptions for v in got.versions] == [6, 0]
     assert server.encrypt(TENANT, key.key_id, b"x").key_version == 2
+    _give_back_idle(server)
+    assert _stored_counts(server, key.key_id) == {1: 4, 2: 1}
 
 
 @pytest.mark.parametrize("backend", ["embedded", "mongo+redis"], indirect=True)
@@ -119,38 +129,45 @@ def test_the_hard_limit_refuses_to_encrypt_and_decryption_still_works(start_serv
     batch = server.crypto.BatchEncrypt(crypto_pb.BatchEncryptRequest(tenant_id=TENANT, items=items))
     assert batch.results[0].error.reason == "ERROR_REASON_KEY_VERSION_EXHAUSTED"
     assert [server.decrypt(TENANT, c).plaintext for c in sealed] == [b"m0", b"m1", b"m2"]
+    assert _stored_counts(server, key.key_id) == {1: 3}, "the last block was cut to what was left"
 
     server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=key.key_id))
     assert server.encrypt(TENANT, key.key_id, b"fresh").key_version == 2
-    _flush(server)
+    _give_back_idle(server)
     assert _stored_counts(server, key.key_id) == {1: 3, 2: 1}
 
 
 @pytest.mark.parametrize("backend", ["mongo+redis"], indirect=True)
-def test_replicas_learn_each_others_counts_at_their_flushes(start_server: StartServer) -> None:
+def test_replicas_share_the_hard_limit_exactly_through_their_reservations(start_server: StartServer) -> None:
     clock = FakeClock()
     limits = {"usage_soft_limit": 6, "usage_hard_limit": 6, "usage_flush_every": 2, **MANUAL_FLUSH}
     a, b = (start_server(clock=clock, **limits) for _ in range(2))
     key = a.create_key(TENANT)
-    for _ in range(4):
-        b.encrypt(TENANT, key.key_id, b"x")  # b flushed 2 at its 3rd encryption; 2 pending
-    _flush(b)
+    for _ in range(3):
+        b.encrypt(TENANT, key.key_id, b"x")  # b reserved 2 + 2: one use left in hand
     for _ in range(2):
-        a.encrypt(TENANT, key.key_id, b"x")
-    # a's third encryption flushes first and learns the total (4 from b + 2 of its own): the budget is spent.
+        a.encrypt(TENANT, key.key_id, b"x")  # the last 2 of the 6
+    # a's third call reserves and is granted nothing: the budget is spent or held by b.
     expect_error(
         lambda: a.encrypt(TENANT, key.key_id, b"x"),
         grpc.StatusCode.FAILED_PRECONDITION,
         "ERROR_REASON_KEY_VERSION_EXHAUSTED",
     )
-    assert _stored_counts(a, key.key_id) == {1: 6}
+    b.encrypt(TENANT, key.key_id, b"x")  # b's use in hand
+    expect_error(
+        lambda: b.encrypt(TENANT, key.key_id, b"x"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ERROR_REASON_KEY_VERSION_EXHAUSTED",
+    )
+    assert _stored_counts(a, key.key_id) == {1: 6}, "3 + 2 + 1: exactly the hard limit, across both replicas"
 
 
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
-def test_counts_are_flushed_at_shutdown(start_server: StartServer) -> None:
+def test_unused_reservations_are_given_back_at_shutdown(start_server: StartServer) -> None:
     server = start_server(**MANUAL_FLUSH)
     key = server.create_key(TENANT)
     for _ in range(3):
         server.encrypt(TENANT, key.key_id, b"x")
+    assert _stored_counts(server, key.key_id) == {1: 4096}, "one block of the default size"
     server.stop()
     assert _stored_counts(server, key.key_id) == {1: 3}

@@ -12,7 +12,15 @@ import redis
 from redis.exceptions import RedisError
 
 from crypto_server.domain.keys import Key, KeyVersion
-from crypto_server.storage.port import KeyChange, KeyQuery, KeyServing, MasterKeyRewrap, UsageCounters, VersionRef
+from crypto_server.storage.port import (
+    KeyChange,
+    KeyQuery,
+    KeyServing,
+    MasterKeyRewrap,
+    Reservation,
+    UsageCounters,
+    VersionRef,
+)
 from crypto_server.storage.redis.guard import RedisGuard
 from crypto_server.storage.redis.key_codec import decode_key, encode_key
 
@@ -135,6 +143,9 @@ class RedisCachedKeyStore:
 
     def update_version_states(self, updated: Key, expected_revision: int) -> bool:
         return self._written(self._inner.update_version_states, updated, expected_revision)
+
+    def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
+        return self._inner.reserve_encryptions(version, wanted, limit)
 
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
         return self._inner.add_encryptions(counts)

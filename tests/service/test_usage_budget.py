@@ -1,0 +1,225 @@
+"""The reservation arithmetic of the usage budget (service/usage_budget.py): several simulated servers, each a
+UsageBudget with its own connection to one real SQLite store, encrypting from threads at once."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from crypto_server.domain.errors import KeyNotFound, KeyVersionExhausted, StoreUnavailable
+from crypto_server.domain.keys import Key, KeyPolicy, KeyType, KeyVersion
+from crypto_server.service.usage_budget import UsageBudget
+from crypto_server.storage.port import Reservation, VersionRef
+from crypto_server.storage.sqlite import SqliteKeyStore
+from tests.conftest import FakeClock
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+class CountingStore:
+    """The usage counters of a real store, counting the round trips and failing on demand."""
+
+    def __init__(self, inner: SqliteKeyStore) -> None:
+        self.inner = inner
+        self.reservations = 0
+        self.give_backs = 0
+        self.unavailable = False
+
+    def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
+        self.reservations += 1
+        return self.inner.reserve_encryptions(version, wanted, limit)
+
+    def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
+        self.give_backs += 1
+        if self.unavailable:
+            raise StoreUnavailable("the store is down (test)")
+        return self.inner.add_encryptions(counts)
+
+    def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        self.inner.mark_rotation_due(version, now)
+
+
+class Deployment:
+    """One SQLite store, and servers made on it on demand (each with its own store connection)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.store = SqliteKeyStore(directory)
+        self._opened = [self.store]
+        material = KeyVersion(
+            version=1, created_at=NOW, expires_at=None, parent_version=1, wrapped_material=os.urandom(60)
+        )
+        key = Key(
+            key_id=str(uuid.uuid4()),
+            tenant_id="t1",
+            key_type=KeyType.DATA,
+            disabled=False,
+            primary_version=1,
+            versions=(material,),
+            created_at=NOW,
+            policy=KeyPolicy(None, None),
+            labels={},
+            parent_key_id="parent",
+            integrity_tag=b"tag",
+        )
+        self.store.insert_key(key)
+        self.version = VersionRef("t1", key.key_id, 1)
+
+    def server(
+        self, *, hard_limit: int, block: int, soft_limit: int | None = None
+    ) -> tuple[UsageBudget, CountingStore]:
+        store = SqliteKeyStore(self.directory)
+        self._opened.append(store)
+        counting = CountingStore(store)
+        budget = UsageBudget(
+            counting,
+            FakeClock(NOW),
+            soft_limit=soft_limit or hard_limit,
+            hard_limit=hard_limit,
+            flush_every=block,
+            flush_interval_s=0,  # no thread: the tests run the passes
+        )
+        return budget, counting
+
+    def stored(self) -> int:
+        return self.store.add_encryptions({self.version: 0})[self.version]
+
+    def close(self) -> None:
+        for store in self._opened:
+            store.close()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    made = Deployment(tmp_path)
+    yield made
+    made.close()
+
+
+def _encrypt_until_refused(budget: UsageBudget, version: VersionRef, made: list[int], start: threading.Barrier) -> None:
+    start.wait()
+    count = 0
+    try:
+        while True:
+            budget.record(version)
+            count += 1
+    except KeyVersionExhausted:
+        made.append(count)
+
+
+def test_servers_reserving_at_once_make_exactly_the_hard_limit_and_never_more(deployment: Deployment) -> None:
+    hard_limit, block, servers, threads_each = 1000, 7, 4, 3
+    budgets = [deployment.server(hard_limit=hard_limit, block=block, soft_limit=800)[0] for _ in range(servers)]
+    made: list[int] = []
+    start = threading.Barrier(servers * threads_each)
+    threads = [
+        threading.Thread(target=_encrypt_until_refused, args=(budget, deployment.version, made, start))
+        for budget in budgets
+        for _ in range(threads_each)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Every thread ran until its server was refused: every use reserved was used, and no more than the limit.
+    assert len(made) == servers * threads_each
+    assert sum(made) == hard_limit
+    assert deployment.stored() == hard_limit
+    assert deployment.store.keys_due_for_rotation(NOW, 10) == [("t1", deployment.version.key_id)], "soft limit"
+    for budget in budgets:
+        budget.stop()
+    assert deployment.stored() == hard_limit, "nothing unused to give back"
+
+
+def test_one_store_round_trip_per_block(deployment: Deployment) -> None:
+    budget, store = deployment.server(hard_limit=100, block=10)
+    for _ in range(10):
+        budget.record(deployment.version)
+    assert store.reservations == 1
+    budget.record(deployment.version)
+    assert store.reservations == 2
+    assert budget.held() == {deployment.version: 9}
+    assert deployment.stored() == 20, "the stored count includes what is reserved"
+
+
+def test_unused_reservations_come_back_after_an_idle_pass_and_at_shutdown(deployment: Deployment) -> None:
+    a, _ = deployment.server(hard_limit=100, block=10)
+    b, _ = deployment.server(hard_limit=100, block=10)
+    for _ in range(3):
+        a.record(deployment.version)
+    for _ in range(5):
+        b.record(deployment.version)
+    assert deployment.stored() == 20
+
+    a.flush()  # used since the last pass: kept
+    assert a.held() == {deployment.version: 7}
+    a.flush()  # idle for a whole pass: given back and forgotten
+    assert a.held() == {}
+    assert deployment.stored() == 13
+    b.stop()
+    assert deployment.stored() == 3 + 5, "exact once every server has stopped cleanly"
+
+    b.record(deployment.version)  # a call still running after the stop reserves one use only
+    assert deployment.stored() == 3 + 5 + 1
+
+
+def test_a_crashed_servers_reservation_stays_counted_and_the_bound_holds(deployment: Deployment) -> None:
+    crashed, _ = deployment.server(hard_limit=50, block=10)
+    crashed.record(deployment.version)  # then it dies: its 9 unused uses are never given back
+    survivor, _ = deployment.server(hard_limit=50, block=10)
+    made: list[int] = []
+    _encrypt_until_refused(survivor, deployment.version, made, threading.Barrier(1))
+    assert made == [50 - 10]
+    assert 1 + made[0] <= 50
+    assert deployment.stored() == 50
+
+
+def test_a_refused_version_is_refused_from_memory_until_the_next_pass(deployment: Deployment) -> None:
+    a, store = deployment.server(hard_limit=6, block=4)
+    b, _ = deployment.server(hard_limit=6, block=4)
+    b.record(deployment.version)  # b holds 3 unused of the 4 it reserved
+    for _ in range(2):
+        a.record(deployment.version)  # the last 2 of the 6
+    for _ in range(3):
+        with pytest.raises(KeyVersionExhausted):
+            a.record(deployment.version)
+    assert store.reservations == 2, "one reservation granted nothing; the refusals after it asked no store"
+
+    b.flush()
+    b.flush()  # b gives its 3 back
+    a.flush()  # a forgets the refusal and asks again on its next call
+    for _ in range(3):
+        a.record(deployment.version)
+    assert store.reservations == 3
+    with pytest.raises(KeyVersionExhausted):
+        a.record(deployment.version)
+    assert deployment.stored() == 6
+
+
+def test_a_give_back_the_store_refuses_keeps_the_reservation(deployment: Deployment) -> None:
+    budget, store = deployment.server(hard_limit=100, block=10)
+    budget.record(deployment.version)
+    budget.flush()
+    store.unavailable = True
+    with pytest.raises(StoreUnavailable):
+        budget.flush()
+    assert budget.held() == {deployment.version: 9}, "still reserved in the store, so still this server's"
+    store.unavailable = False
+    budget.flush()
+    assert budget.held() == {}
+    assert deployment.stored() == 1
+
+
+def test_a_version_no_longer_stored_is_refused(deployment: Deployment) -> None:
+    budget, _ = deployment.server(hard_limit=100, block=10)
+    gone = VersionRef("t1", deployment.version.key_id, 9)
+    with pytest.raises(KeyNotFound):
+        budget.record(gone)
+    assert budget.held() == {}

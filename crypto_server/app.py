@@ -411,6 +411,15 @@ def build_server(
             authenticator,
             on_failure=metrics.integrity_failures.inc if metrics else None,
         )
+        # The same records read from the database itself, still checked: for decisions that must not rest on a
+        # cached copy, which may trail the store (what destruction erases, what a backup keeps).
+        fresh: KeyServing = (
+            serving
+            if cache is None
+            else AuthenticatedKeyStore(
+                store, authenticator, on_failure=metrics.integrity_failures.inc if metrics else None
+            )
+        )
         keyring = Keyring(
             serving,
             root,
@@ -455,7 +464,7 @@ def build_server(
             audit=audit,
             usage_soft_limit=settings.usage_soft_limit,
         )
-        destruction = KeyDestruction(serving, clock, invalidation)
+        destruction = KeyDestruction(serving, clock, invalidation, fresh=fresh, listing=store)
         # On the rotator's interval and lease length, under a lease of its own.
         destroyer = KeyDestroyer(
             store,
@@ -516,7 +525,7 @@ def build_server(
             maximum_concurrent_rpcs=settings.concurrent_rpc_limit,
         )
         backups = KeyBackups(
-            serving,
+            fresh,
             store,
             keyring,
             lifecycle,

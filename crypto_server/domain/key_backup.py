@@ -1,4 +1,4 @@
-"""The key backup format, version 1: one key with all its versions, sealed for transport (docs/backup.md).
+"""The key backup format, version 2: one key with all its versions, sealed for transport (docs/backup.md).
 
 A backup holds a key's metadata in the clear (so a tool can say what it is without opening it) and its
 material encrypted under a fresh 256-bit content key K. Every byte before the payload is the associated
@@ -15,7 +15,7 @@ All integers big-endian:
 
     offset   size  field
     0        8     magic "CAASKEYB" (ASCII)
-    8        1     format version, 0x01
+    8        1     format version, 0x02 (0x01 is still read)
     9        1     wrapping (above)
     10       8     fingerprint of the key that opens it: the first 8 bytes of SHA-256 of the backup public
                    key's DER SubjectPublicKeyInfo, or the root key's fingerprint (domain/key_wrap.py)
@@ -39,7 +39,11 @@ opt = u8 0 (absent) or 1 then the value, time = i64 milliseconds since the Unix 
     str algorithm ("AES_256_GCM", ...); u8 disabled (0 or 1); time created_at; opt i64 expire_after (ms);
     opt i64 rotation_period (ms); u16 label count, then per label (sorted by name) str name, str value;
     u32 primary version; u32 version count n; per version (ascending): u32 version, time created_at,
-    opt time expires_at, u64 encryptions, opt str request_id; time exported_at
+    opt time expires_at, u64 encryptions, opt str request_id, u8 disabled (0 or 1); time exported_at;
+    u32 min_decryption_version
+
+Version 1 is version 2 without the per-version `disabled` and the final min_decryption_version: a version 1
+backup reads as every version enabled and min_decryption_version 0 (what version 1 could not carry).
 
 Any failure to parse is BackupMalformed; any failure to authenticate is BackupTampered, one message
 whatever the cause (as for ciphertexts). Opening with a key other than the one named is BackupKeyMismatch.
@@ -76,7 +80,9 @@ from crypto_server.domain.key_wrap import KEY_BYTES, NONCE_BYTES, TAG_BYTES, Wra
 from crypto_server.domain.keys import KeyPolicy, KeyType
 
 MAGIC = b"CAASKEYB"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format versions read: 1 lacks version states (docs/backup.md).
+READABLE_FORMAT_VERSIONS = (1, 2)
 FINGERPRINT_BYTES = 8
 RSA_KEY_BITS = 3072
 # A backup of more versions than this is refused before anything is allocated for it.
@@ -110,6 +116,8 @@ class BackupVersion:
     expires_at: datetime | None
     encryptions: int
     request_id: str | None
+    # DisableKeyVersion's state (format version 2; a version 1 backup reads as enabled).
+    disabled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +136,8 @@ class BackupMetadata:
     primary_version: int
     versions: tuple[BackupVersion, ...]
     exported_at: datetime
+    # Versions below it refuse to decrypt (format version 2; a version 1 backup reads as 0).
+    min_decryption_version: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,8 +255,9 @@ def encode_metadata(metadata: BackupMetadata) -> bytes:
             _optional(None if version.expires_at is None else _i64(_ms(version.expires_at))),
             struct.pack(">Q", version.encryptions),
             _optional(None if version.request_id is None else _text(version.request_id)),
+            bytes([int(version.disabled)]),
         ]
-    parts.append(_i64(_ms(metadata.exported_at)))
+    parts += [_i64(_ms(metadata.exported_at)), struct.pack(">I", metadata.min_decryption_version)]
     return b"".join(parts)
 
 
@@ -380,7 +391,9 @@ def _algorithm(name: str) -> Algorithm:
     return algorithm
 
 
-def decode_metadata(data: bytes) -> BackupMetadata:
+def decode_metadata(data: bytes, format_version: int = FORMAT_VERSION) -> BackupMetadata:
+    """The metadata as `format_version` lays it out (version 1: no version states). Raises BackupMalformed."""
+    states = format_version >= 2
     reader = _Reader(data)
     tenant_id = reader.text("tenant id")
     key_id = reader.key_id("key id")
@@ -413,11 +426,13 @@ def decode_metadata(data: bytes) -> BackupMetadata:
                 expires_at=reader.time("version expiry") if reader.flag("version expiry") else None,
                 encryptions=reader.unpack(">Q", "encryption count"),
                 request_id=reader.text("request id") if reader.flag("request id") else None,
+                disabled=reader.flag("version disabled") if states else False,
             )
         )
     if primary_version not in {version.version for version in versions}:
         raise BackupMalformed(f"its primary version {primary_version} is not one of its versions")
     exported_at = reader.time("export time")
+    min_decryption_version = reader.unpack(">I", "min_decryption_version") if states else 0
     reader.done()
     return BackupMetadata(
         tenant_id=tenant_id,
@@ -432,6 +447,7 @@ def decode_metadata(data: bytes) -> BackupMetadata:
         primary_version=primary_version,
         versions=tuple(versions),
         exported_at=exported_at,
+        min_decryption_version=min_decryption_version,
     )
 
 
@@ -447,8 +463,11 @@ def read_backup(blob: bytes) -> SealedBackup:
     if len(blob) < _HEADER.size or blob[: len(MAGIC)] != MAGIC:
         raise BackupMalformed("it does not start as a key backup does ('CAASKEYB')")
     _, version, wrapping_code, fingerprint, wrapped_size = _HEADER.unpack_from(blob)
-    if version != FORMAT_VERSION:
-        raise BackupMalformed(f"it is of format version {version}; this server reads version {FORMAT_VERSION}")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise BackupMalformed(
+            f"it is of format version {version}; this server reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}"
+        )
     try:
         wrapping = BackupWrapping(wrapping_code)
     except ValueError:
@@ -459,7 +478,7 @@ def read_backup(blob: bytes) -> SealedBackup:
     reader.take(_HEADER.size, "header")
     wrapped_key = reader.take(wrapped_size, "wrapped content key")
     metadata_bytes = reader.take(reader.unpack(">I", "metadata length"), "metadata")
-    metadata = decode_metadata(metadata_bytes)
+    metadata = decode_metadata(metadata_bytes, version)
     authenticated_end = _HEADER.size + wrapped_size + 4 + len(metadata_bytes)
     nonce = reader.take(NONCE_BYTES, "payload nonce")
     payload = blob[authenticated_end + NONCE_BYTES :]

@@ -220,6 +220,15 @@ class KeyPolicy:
             _check_duration("rotation_period", rotation_period, MIN_ROTATION_PERIOD, MAX_ROTATION_PERIOD)
         return KeyPolicy(expire_after=expire_after, rotation_period=rotation_period)
 
+    def check_bounds(self, key_type: KeyType, *, max_session_lifetime: timedelta = MAX_SESSION_KEY_LIFETIME) -> None:
+        """Raise InvalidArgument unless this policy is one CreateKey or UpdateKey could have set for a key of
+        `key_type` (None: never expires / no automatic rotation, as UpdateKey allows)."""
+        if self.expire_after is not None:
+            high = max_session_lifetime if key_type is KeyType.SESSION else MAX_LIFETIME
+            _check_duration("expire_after", self.expire_after, MIN_LIFETIME, high)
+        if self.rotation_period is not None:
+            _check_duration("rotation_period", self.rotation_period, MIN_ROTATION_PERIOD, MAX_ROTATION_PERIOD)
+
     def expiry_for(self, created_at: datetime) -> datetime | None:
         """When a version created at `created_at` stops encrypting."""
         return None if self.expire_after is None else created_at + self.expire_after

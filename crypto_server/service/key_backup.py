@@ -52,6 +52,7 @@ from crypto_server.domain.keys import (
     parse_key_id,
     to_key_precision,
     validate_labels,
+    validate_request_id,
     validate_tenant_id,
 )
 from crypto_server.service.key_lifecycle import KeyLifecycle
@@ -76,7 +77,8 @@ class KeyBackups:
         other_roots: Sequence[tuple[bytes, WrappingKey]] = (),
         backup_private_key: BackupPrivateKey | None = None,
     ) -> None:
-        # Key records through the integrity check (and the Redis cache); counts straight from the store.
+        # Key records read from the store itself through the integrity check, never from the Redis cache (a
+        # cached copy may trail a destruction just scheduled: a backup would keep it); counts from the store.
         self._keys = keys
         self._counters = counters
         self._keyring = keyring
@@ -191,6 +193,7 @@ class KeyBackups:
                     ),
                 ),
                 request_id=version.request_id,
+                disabled=version.disabled,
             )
             for version, material in zip(metadata.versions, backup.materials, strict=True)
         )
@@ -206,6 +209,7 @@ class KeyBackups:
             labels=metadata.labels,
             parent_key_id=None if parent is None else parent.key_id,
             algorithm=metadata.algorithm,
+            min_decryption_version=metadata.min_decryption_version,
         )
 
     def _restore_usage(self, metadata: BackupMetadata) -> None:
@@ -247,20 +251,50 @@ def _metadata_of(key: Key, encryptions: dict[int, int], exported_at: datetime) -
                 expires_at=version.expires_at,
                 encryptions=encryptions[version.version],
                 request_id=version.request_id,
+                disabled=version.disabled,
             )
             for version in key.versions
         ),
         exported_at=exported_at,
+        min_decryption_version=key.min_decryption_version,
     )
 
 
 def _check_restorable(metadata: BackupMetadata) -> None:
-    """What CreateKey would refuse, refused here too: an authentic backup may still have been made by anyone
-    holding the backup public key."""
+    """What CreateKey, RotateKey, UpdateKey and the version state changes would refuse, refused here too: an
+    authentic backup may still have been made by anyone holding the backup public key, and a key stored in a
+    shape the service never makes would fail its integrity check on every read after (breaking ListKeys and
+    the tenant's destruction), or behave as no key the service made."""
     parse_key_id(metadata.key_id, "backup")
-    validate_labels(metadata.labels)
+    try:
+        validate_labels(metadata.labels)
+        metadata.policy.check_bounds(metadata.key_type)
+        for version in metadata.versions:
+            if version.request_id is not None:
+                validate_request_id(version.request_id)
+    except InvalidArgument as error:
+        raise InvalidArgument("backup", f"its {error}") from None
     if metadata.key_type is not KeyType.DATA and metadata.algorithm is not Algorithm.AES_256_GCM:
         raise InvalidArgument("backup", f"a {metadata.key_type.value.lower()} key must be AES_256_GCM")
+    numbers = [version.version for version in metadata.versions]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise InvalidArgument("backup", "its versions must be numbered 1 to n without gaps, as rotation makes them")
+    if metadata.primary_version != numbers[-1]:
+        raise InvalidArgument(
+            "backup", f"its primary version must be its latest ({numbers[-1]}), as rotation makes it; it is "
+            f"{metadata.primary_version}"
+        )  # fmt: skip
+    request_ids = [version.request_id for version in metadata.versions if version.request_id is not None]
+    if len(set(request_ids)) != len(request_ids):
+        raise InvalidArgument("backup", "two of its versions have the same request id")
+    if not 0 <= metadata.min_decryption_version <= metadata.primary_version:
+        raise InvalidArgument("backup", "its min_decryption_version must be between 0 and its primary version")
+    if metadata.versions[-1].disabled:
+        raise InvalidArgument("backup", "its primary version is disabled: a primary version never is")
+    if metadata.key_type is KeyType.MASTER and (
+        metadata.min_decryption_version or any(version.disabled for version in metadata.versions)
+    ):
+        raise InvalidArgument("backup", "a master key's versions are never disabled: they unwrap the keys under it")
 
 
 def _exists(key_id: str) -> KeyAlreadyExists:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -103,6 +104,12 @@ _ADDED_VERSION_COLUMNS = {
     "destroyed_us": "INTEGER",
 }
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# How long the checkpoint that empties the write-ahead log after an erasure waits for readers (this server's own
+# reads take milliseconds). A reader holding a snapshot longer (a running `.backup`) makes it incomplete: the key
+# stays due and the next destruction pass tries again, instead of stalling the pass for the busy timeout.
+_CHECKPOINT_WAIT_MS = 100
+
+log = logging.getLogger(__name__)
 
 
 def _to_us(moment: datetime) -> int:
@@ -491,6 +498,11 @@ class SqliteKeyStore:
     def update_version_states(self, updated: Key, expected_revision: int) -> bool:
         erased = 0
         with self._write() as db:  # one transaction: the states, the tag and the erasure land together
+            # Set while an erasure's checkpoint is owed (_keep_due): this write tries it again.
+            scheduled = db.execute(
+                "SELECT next_destruction_us FROM keys WHERE key_id = ? AND tenant_id = ?",
+                (updated.key_id, updated.tenant_id),
+            ).fetchone()
             changed = db.execute(
                 "UPDATE keys SET min_decryption_version = ?, integrity_tag = ?, revision = revision + 1, "
                 "changed_us = ?, next_rotation_us = ?, next_destruction_us = ? "
@@ -526,15 +538,46 @@ class SqliteKeyStore:
                         "AND length(wrapped_material) > 0",
                         (updated.key_id, version.version),
                     ).rowcount
-        if erased:
-            self._flush_erased_pages()
+        destroyed = [v.destroyed_at for v in updated.versions if v.destroyed_at is not None]
+        owed = erased or (scheduled is not None and scheduled[0] is not None)
+        if destroyed and owed and not self._flush_erased_pages():
+            self._keep_due(updated, min(destroyed))
         return True
 
-    def _flush_erased_pages(self) -> None:
+    def _flush_erased_pages(self) -> bool:
         """Move the erasure into the database file and empty the write-ahead log, whose older frames still
-        hold the pages as they were (secure_delete has already zeroed the freed space in the new ones)."""
-        with self._read() as db:
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        hold the pages as they were (secure_delete has already zeroed the freed space in the new ones).
+        Whether the log is empty now: not while a reader holds a snapshot older than the erasure.
+
+        After the commit, on its own: PASSIVE first (copies what it can, waits for no one), then TRUNCATE,
+        waiting a moment at most for readers instead of the connection's busy timeout."""
+        try:
+            with self._read() as db:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                db.execute(f"PRAGMA busy_timeout = {_CHECKPOINT_WAIT_MS}")
+                try:
+                    busy, frames, checkpointed = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+                finally:
+                    db.execute(f"PRAGMA busy_timeout = {round(self._busy_timeout_s * 1000)}")
+        except StoreUnavailable:
+            return False
+        return bool(busy == 0 and frames == checkpointed)
+
+    def _keep_due(self, key: Key, due_at: datetime) -> None:
+        """The erased material may still be in the write-ahead log: keep the key in the destruction index, so
+        the next pass writes it again and retries the checkpoint (the index only: no revision, as a schedule)."""
+        log.warning(
+            "destroyed key material may remain in the SQLite write-ahead log until a checkpoint completes: a "
+            "reader holds an older snapshot of the database (a running `sqlite3 .backup` or another long read); "
+            "the key stays due and the next destruction pass retries",
+            extra={"tenant_id": key.tenant_id, "key_id": key.key_id},
+        )
+        with self._write() as db:
+            db.execute(
+                "UPDATE keys SET next_destruction_us = ? WHERE key_id = ? AND tenant_id = ? "
+                "AND (next_destruction_us IS NULL OR next_destruction_us > ?)",
+                (_to_us(due_at), key.key_id, key.tenant_id, _to_us(due_at)),
+            )
 
     def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
         with self._read() as db:

@@ -30,10 +30,13 @@ def test_metadata_round_trips(present: bool) -> None:
         labels=MappingProxyType({"b": "2", "a": "1"} if present else {}),
         primary_version=3,
         versions=(
-            BackupVersion(1, NOW, NOW + timedelta(days=1) if present else None, 2**40, "req-1" if present else None),
+            BackupVersion(
+                1, NOW, NOW + timedelta(days=1) if present else None, 2**40, "req-1" if present else None, present
+            ),
             BackupVersion(3, NOW + timedelta(days=2), None, 0, None),
         ),
         exported_at=NOW + timedelta(days=3),
+        min_decryption_version=3 if present else 0,
     )
     assert decode_metadata(encode_metadata(metadata)) == metadata
 

@@ -8,14 +8,16 @@ every backend by the gRPC suite.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -457,3 +459,54 @@ def test_master_keys_are_rewrapped_one_version_at_a_time_only_from_the_old_bytes
         assert got is not None
         assert got.versions[number - 1].wrapped_material == b"new", "a reader never sees the old wrapping"
         assert got.revision > before, "a re-wrap is a change other servers hear of"
+
+
+class _SlowReads:
+    """The store, but its next key read is slow: `meanwhile` runs between the read and its answer."""
+
+    def __init__(self, store: SqliteKeyStore) -> None:
+        self.store = store
+        self.meanwhile: list[Callable[[], None]] = []
+
+    def get_key(self, tenant_id: str, key_id: str) -> Key | None:
+        key = self.store.get_key(tenant_id, key_id)
+        if self.meanwhile:
+            self.meanwhile.pop()()
+        return key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_slow_readers_older_copy_never_replaces_a_version_state_change_in_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """The cache's writes leave the new revision in Redis: a reader that read the store before the write puts
+    its older copy afterwards, and put-if-newer must find the newer one there (deleting is not enough)."""
+    store = SqliteKeyStore(tmp_path)
+    slow = _SlowReads(store)
+    client = connect(redis_server.url, timeout_s=1.0)
+    namespace = f"slow:{uuid.uuid4()}"
+    cache = RedisCachedKeyStore(slow, client, namespace, ttl_s=60, guard=RedisGuard())
+    try:
+        key = _key()
+        store.insert_key(key)
+        read = _stored(Stores(store, cache, cache), key)
+        destroyed = replace(read.versions[0], wrapped_material=b"", destroy_at=NOW, destroyed_at=NOW)
+        erased = replace(read, versions=(destroyed,))
+        written: list[bool] = []
+        slow.meanwhile.append(lambda: written.append(cache.update_version_states(erased, read.revision)))
+
+        assert cache.get_key(key.tenant_id, key.key_id) == read  # the slow reader: it read before the write
+        assert written == [True]
+
+        cached = cache.get_key(key.tenant_id, key.key_id)
+        assert cached is not None and cached.revision == read.revision + 1
+        assert cached.versions[0].destroyed and cached.versions[0].wrapped_material == b""
+        entries = [
+            value for name in client.scan_iter(match=f"*{namespace}*") for value in client.hgetall(name).values()
+        ]
+        assert entries and not any(base64.b64encode(read.versions[0].wrapped_material) in value for value in entries)
+    finally:
+        client.close()
+        store.close()

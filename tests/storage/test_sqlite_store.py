@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
 import threading
+import time
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
-from crypto_server.domain.keys import Key, KeyVersion
+from crypto_server.domain.keys import Key, KeyPolicy, KeyType, KeyVersion
 from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import ServerHandle, StartServer
 from tests.unwrap import unwrapped_material
@@ -103,3 +109,46 @@ def test_two_stores_on_one_file_never_duplicate_a_version(server: ServerHandle) 
 def backend() -> str:
     """These tests look inside the SQLite file: embedded store only."""
     return "embedded"
+
+
+def test_an_erasure_blocked_by_an_open_reader_stays_due_until_the_log_is_emptied(tmp_path: Path) -> None:
+    """The write-ahead log keeps erased material while a reader holds an older snapshot (a running `.backup`):
+    the erasing write must neither wait out the busy timeout nor let the key drop out of the destruction
+    index before the log is emptied; the next pass's write empties it."""
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    store = SqliteKeyStore(tmp_path, busy_timeout_s=30)
+    wal = store.path.with_name(store.path.name + "-wal")
+    material = os.urandom(60)
+    versions = tuple(KeyVersion(number, now, None, 1, material if number == 1 else os.urandom(60)) for number in (1, 2))
+    key = Key(
+        str(uuid.uuid4()), "t", KeyType.DATA, False, 2, versions, now, KeyPolicy(None, None), {}, "parent",
+        integrity_tag=b"tag",
+    )  # fmt: skip
+    store.insert_key(key)
+    stored = store.get_key("t", key.key_id)
+    assert stored is not None
+    reader = sqlite3.connect(store.path)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM keys").fetchall()  # a snapshot from before the erasure
+        erased = replace(
+            stored,
+            versions=(
+                replace(versions[0], wrapped_material=b"", destroy_at=now, destroyed_at=now),
+                versions[1],
+            ),
+        )
+        started = time.monotonic()
+        assert store.update_version_states(erased, stored.revision)
+        assert time.monotonic() - started < 10  # not the 30 s busy timeout
+        assert material in wal.read_bytes()  # what the reader's snapshot still needs
+        assert store.keys_due_for_destruction(now, 10) == [("t", key.key_id)]
+    finally:
+        reader.execute("COMMIT")
+        reader.close()
+    again = store.get_key("t", key.key_id)  # the next pass writes the key again
+    assert again is not None and store.update_version_states(again, again.revision)
+    assert store.keys_due_for_destruction(now, 10) == []
+    assert not wal.exists() or material not in wal.read_bytes()
+    assert material not in store.path.read_bytes()
+    store.close()

@@ -4,22 +4,33 @@ backups, wrong keys, existing keys and unsupported backup keys are refused with 
 from __future__ import annotations
 
 import base64
+import json
 import os
+import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
-from crypto_server.domain.key_backup import FINGERPRINT_BYTES
+from crypto_server.domain.algorithms import Algorithm
+from crypto_server.domain.key_backup import (
+    FINGERPRINT_BYTES,
+    BackupMetadata,
+    BackupVersion,
+    KeyBackup,
+    seal_for_public_key,
+)
+from crypto_server.domain.keys import KeyPolicy, KeyType
 from tests.conftest import ServerHandle, StartServer, error_info, expect_error
 from tests.servers import SoftHsm
 
@@ -346,3 +357,118 @@ def test_a_key_with_versions_scheduled_for_destruction_is_not_backed_up(server: 
     )
     server.keys.CancelKeyDestruction(key_pb.CancelKeyDestructionRequest(tenant_id=TENANT, key_id=key.key_id, version=1))
     assert _export(server, key.key_id)
+
+
+def test_disabled_versions_and_min_decryption_version_survive_a_restore(
+    server: ServerHandle, other_deployment: StartDeployment, write_private_key: Callable[[Any], Path]
+) -> None:
+    """A restored key must not decrypt with versions its operator had turned off."""
+    key, made = _key_with_history(server)
+    mask = field_mask_pb2.FieldMask(paths=["min_decryption_version"])
+    server.keys.UpdateKey(
+        key_pb.UpdateKeyRequest(tenant_id=TENANT, key_id=key.key_id, update_mask=mask, min_decryption_version=2)
+    )
+    server.keys.DisableKeyVersion(key_pb.DisableKeyVersionRequest(tenant_id=TENANT, key_id=key.key_id, version=2))
+    key = server.keys.GetKey(key_pb.GetKeyRequest(tenant_id=TENANT, key_id=key.key_id)).key
+    assert key.min_decryption_version == 2 and key.versions[1].state == resources_pb2.KEY_VERSION_STATE_DISABLED
+    backup_key = _new_backup_key("x25519")
+    backup = _export(server, key.key_id, _public_pem(backup_key))
+    target = other_deployment(backup_private_key_file=write_private_key(backup_key))
+
+    restored = _import(target, backup)
+
+    assert _without_counts(restored) == _without_counts(key)
+    ciphertexts = list(made)
+    for ciphertext in ciphertexts[:2]:  # below min_decryption_version; disabled
+        expect_error(
+            lambda c=ciphertext: target.decrypt(TENANT, c, aad=b"ctx"),  # type: ignore[misc]
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ERROR_REASON_KEY_VERSION_DISABLED",
+        )
+    assert target.decrypt(TENANT, ciphertexts[2], aad=b"ctx").plaintext == made[ciphertexts[2]]
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_backup_of_format_version_1_still_restores(start_server: StartServer, tmp_path: Path) -> None:
+    vector = json.loads((Path(__file__).parent.parent / "vectors" / "key_backup_v1.json").read_text())
+    path = tmp_path / "backup-v1.pem"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(vector["backup_private_key_pem"])
+    target = start_server(backup_private_key_file=path)
+
+    restored = _import(target, base64.b64decode(vector["backup"]), vector["tenant_id"])
+
+    assert (restored.key_id, restored.primary_version) == (vector["key_id"], vector["primary_version"])
+    assert [v.version for v in restored.versions] == vector["versions"]
+    assert {v.state for v in restored.versions} == {resources_pb2.KEY_VERSION_STATE_ENABLED}
+    assert restored.min_decryption_version == 0
+    opened = target.decrypt(vector["tenant_id"], base64.b64decode(vector["ciphertext"]))
+    assert opened.plaintext == vector["plaintext"].encode()
+
+
+def _crafted(tenant_id: str, **changes: Any) -> KeyBackup:
+    """A backup as anyone holding the backup public key can make one: two versions, primary 2, unless changed."""
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    versions = changes.pop("versions", (BackupVersion(1, now, None, 0, None), BackupVersion(2, now, None, 0, None)))
+    metadata = BackupMetadata(
+        tenant_id=tenant_id,
+        key_id=str(uuid.uuid4()),
+        parent_key_id=None,
+        key_type=changes.pop("key_type", KeyType.DATA),
+        algorithm=Algorithm.AES_256_GCM,
+        disabled=False,
+        created_at=now,
+        policy=changes.pop("policy", KeyPolicy(None, None)),
+        labels=MappingProxyType({}),
+        primary_version=changes.pop("primary_version", versions[-1].version),
+        versions=versions,
+        exported_at=now,
+        min_decryption_version=changes.pop("min_decryption_version", 0),
+    )
+    assert not changes
+    return KeyBackup(metadata, tuple(os.urandom(32) for _ in versions))
+
+
+_NOW = datetime(2026, 1, 1, tzinfo=UTC)
+CRAFTED = {
+    "primary below the latest version": {"primary_version": 1},
+    "a gap in the version numbers": {
+        "versions": (BackupVersion(1, _NOW, None, 0, None), BackupVersion(3, _NOW, None, 0, None))
+    },
+    "versions not starting at 1": {"versions": (BackupVersion(2, _NOW, None, 0, None),)},
+    "a version lifetime CreateKey refuses": {"policy": KeyPolicy(timedelta(seconds=1), None)},
+    "a rotation period CreateKey refuses": {"policy": KeyPolicy(None, timedelta(days=365 * 1000))},
+    "an invalid request id": {
+        "versions": (BackupVersion(1, _NOW, None, 0, "no spaces allowed"), BackupVersion(2, _NOW, None, 0, None))
+    },
+    "a request id used twice": {
+        "versions": (BackupVersion(1, _NOW, None, 0, "same"), BackupVersion(2, _NOW, None, 0, "same"))
+    },
+    "a disabled primary version": {
+        "versions": (BackupVersion(1, _NOW, None, 0, None), BackupVersion(2, _NOW, None, 0, None, disabled=True))
+    },
+    "min_decryption_version above the primary": {"min_decryption_version": 3},
+    "a master key with a disabled version": {
+        "key_type": KeyType.MASTER,
+        "versions": (BackupVersion(1, _NOW, None, 0, None, disabled=True), BackupVersion(2, _NOW, None, 0, None)),
+    },
+}
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+@pytest.mark.parametrize("shape", list(CRAFTED))
+def test_a_crafted_backup_of_a_shape_the_service_never_makes_is_refused(
+    start_server: StartServer, write_private_key: Callable[[Any], Path], shape: str
+) -> None:
+    backup_key = x25519.X25519PrivateKey.generate()
+    server = start_server(backup_private_key_file=write_private_key(backup_key))
+    server.create_key(TENANT)
+    blob = seal_for_public_key(_crafted(TENANT, **CRAFTED[shape]), backup_key.public_key())
+
+    expect_error(
+        lambda: _import(server, blob), grpc.StatusCode.INVALID_ARGUMENT, "ERROR_REASON_INVALID_FIELD", "backup"
+    )
+
+    # Nothing was stored that would fail its integrity check on every read after.
+    assert len(server.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT)).keys) == 2  # master and data key

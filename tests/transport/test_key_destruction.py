@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from pymongo import MongoClient
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
+from crypto_server.domain.keys import Key
+from crypto_server.service.change_poller import ChangePoller
+from crypto_server.storage.port import KeyQuery
 from crypto_server.storage.redis.guard import connect
 from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import FakeClock, ServerHandle, StartServer, expect_error
@@ -415,3 +419,183 @@ def test_a_shredded_tenant_can_decrypt_nothing_on_any_path(start_server: StartSe
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_a_tenant_without_keys_cannot_be_scheduled(server: ServerHandle) -> None:
     expect_error(lambda: _schedule_tenant(server), grpc.StatusCode.NOT_FOUND, "ERROR_REASON_KEY_NOT_FOUND")
+
+
+# -- races with the Redis cache, the destruction pass and a store altered ---------------------------
+
+
+def _poll(*servers: ServerHandle) -> None:
+    """Every server's change poller handles what the store changed (once per key and revision)."""
+    for server in servers:
+        poller = next(task for task in server.running.background if isinstance(task, ChangePoller))
+        poller.poll_once()
+
+
+def _slow_reader(monkeypatch: pytest.MonkeyPatch, server: ServerHandle, meanwhile: Callable[[], None]) -> None:
+    """`server`'s next read of a key from the store is slow: `meanwhile` runs between the read and the moment
+    the reader puts what it read into Redis."""
+    store = server.running.store
+    read = store.get_key
+    pending = [meanwhile]
+
+    def get_key(tenant_id: str, key_id: str) -> Key | None:
+        key = read(tenant_id, key_id)
+        if pending:
+            pending.pop()()
+        return key
+
+    monkeypatch.setattr(store, "get_key", get_key)
+
+
+def _evict_redis(server: ServerHandle) -> None:
+    """The cache loses its entries (eviction, a restart): the next reader reads the store."""
+    client = connect(server.settings.redis_url, timeout_s=2.0)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("backend", ["embedded+redis", "mongo+redis"], indirect=True)
+def test_a_slow_reader_never_puts_back_a_version_state_older_than_a_change(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    writer = start_server(clock=clock)
+    key_id = writer.create_key(TENANT).key_id
+    sealed = writer.encrypt(TENANT, key_id, b"one").ciphertext
+    _rotate(writer, key_id)
+    _evict_redis(writer)
+    reader = start_server(clock=clock)
+
+    def schedule() -> None:  # lands while the reader holds the state from before it
+        _schedule_version(writer, key_id, 1)
+        _poll(writer, reader)
+
+    _slow_reader(monkeypatch, reader, schedule)
+    # The reader decrypts with what it read, as it may: it read before the change.
+    assert reader.decrypt(TENANT, sealed).plaintext == b"one"
+    _poll(writer, reader)
+
+    later = start_server(clock=clock)  # a server that never held the key: it reads Redis
+    expect_error(lambda: later.decrypt(TENANT, sealed), FAILED, DISABLED)
+    assert _states(later, key_id) == [V.KEY_VERSION_STATE_DESTROY_SCHEDULED, V.KEY_VERSION_STATE_ENABLED]
+    export = key_pb.ExportKeyRequest(tenant_id=TENANT, key_id=key_id)
+    expect_error(lambda: later.keys.ExportKey(export), FAILED, STATE)
+
+
+@pytest.mark.parametrize("backend", ["embedded+redis", "mongo+redis"], indirect=True)
+def test_a_slow_reader_never_puts_destroyed_material_back_into_redis(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    destroyer = start_server(clock=clock)
+    key_id = destroyer.create_key(TENANT).key_id
+    sealed = destroyer.encrypt(TENANT, key_id, b"one").ciphertext
+    _rotate(destroyer, key_id)
+    materials = _wrapped(destroyer, TENANT, key_id)
+    _schedule_version(destroyer, key_id, 1)
+    _evict_redis(destroyer)
+    clock.advance(WAIT)
+    reader = start_server(clock=clock)
+
+    def destroy() -> None:  # the pass runs while the reader holds the key from before it
+        assert _pass(destroyer) == 1
+        _poll(destroyer, reader)
+
+    _slow_reader(monkeypatch, reader, destroy)
+    expect_error(lambda: reader.decrypt(TENANT, sealed), FAILED, DISABLED)  # it read the scheduled state
+    _poll(destroyer, reader)
+
+    _assert_erased(destroyer, materials[:1])
+    _assert_present(destroyer, materials[1:])
+    expect_error(lambda: start_server(clock=clock).decrypt(TENANT, sealed), FAILED, DESTROYED)
+
+
+def _cancel_tenant(server: ServerHandle) -> key_pb.CancelTenantDestructionResponse:
+    return server.keys.CancelTenantDestruction(key_pb.CancelTenantDestructionRequest(tenant_id=TENANT))
+
+
+def _during_tenant_listing(
+    monkeypatch: pytest.MonkeyPatch, server: ServerHandle, meanwhile: Callable[[], None]
+) -> None:
+    """`meanwhile` runs once the destruction pass has listed the tenant's keys, before it destroys any."""
+    store = server.running.store
+    list_keys = store.list_keys
+    pending = [meanwhile]
+
+    def listing(query: KeyQuery) -> list[Key]:
+        page = list_keys(query)
+        if pending:
+            pending.pop()()
+        return page
+
+    monkeypatch.setattr(store, "list_keys", listing)
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_tenant_cancellation_racing_its_destruction_is_refused(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    server = start_server(clock=clock)
+    key_id = server.create_key(TENANT).key_id
+    sealed = server.encrypt(TENANT, key_id, b"one").ciphertext
+    _schedule_tenant(server)
+    clock.advance(WAIT)
+    refused: list[grpc.RpcError] = []
+
+    def cancel() -> None:
+        refused.append(expect_error(lambda: _cancel_tenant(server), FAILED, STATE))
+
+    _during_tenant_listing(monkeypatch, server, cancel)
+    assert _pass(server) == 1
+    assert refused and "can no longer be cancelled" in (refused[0].details() or "")
+    expect_error(lambda: server.decrypt(TENANT, sealed), FAILED, "ERROR_REASON_TENANT_DESTROYED")
+    assert set(_states(server, key_id)) == {V.KEY_VERSION_STATE_DESTROYED}
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_tenant_cancellation_that_lands_during_the_pass_stops_it(
+    start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A canceller whose clock trails the pass's (not yet due, to it) is acknowledged: the pass honours it."""
+    clock = FakeClock()
+    server = start_server(clock=clock)
+    keys = [server.create_key(TENANT).key_id for _ in range(2)]
+    sealed = [server.encrypt(TENANT, key_id, b"kept").ciphertext for key_id in keys]
+    _schedule_tenant(server)
+    clock.advance(WAIT)
+    behind = start_server(clock=FakeClock(clock.now() - timedelta(seconds=1)))
+    _during_tenant_listing(monkeypatch, server, lambda: _cancel_tenant(behind))
+    assert _pass(server) == 0
+    for ciphertext in sealed:
+        assert server.decrypt(TENANT, ciphertext).plaintext == b"kept"
+        assert start_server(clock=clock).decrypt(TENANT, ciphertext).plaintext == b"kept"
+    for key_id in keys:
+        assert set(_states(server, key_id)) == {V.KEY_VERSION_STATE_ENABLED}
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_key_failing_its_integrity_check_does_not_stop_its_tenant_being_shredded(
+    start_server: StartServer,
+) -> None:
+    clock = FakeClock()
+    server = start_server(clock=clock)
+    altered, kept = (server.create_key(TENANT).key_id for _ in range(2))
+    sealed = [server.encrypt(TENANT, key_id, b"one").ciphertext for key_id in (altered, kept)]
+    materials = _wrapped(server, TENANT, kept)
+    _schedule_tenant(server)
+    db = sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME)
+    with db:  # someone with write access to the database: the key's tag no longer matches
+        assert db.execute('UPDATE keys SET labels = \'{"x": "y"}\' WHERE key_id = ?', (altered,)).rowcount == 1
+    db.close()
+    clock.advance(WAIT)
+
+    assert _pass(server) == 1  # the master key's version
+    master = server.running.store.get_master_key(TENANT)
+    assert master is not None and master.primary.destroyed and master.primary.wrapped_material == b""
+    assert set(_states(server, kept)) == {V.KEY_VERSION_STATE_DESTROYED}
+    _assert_erased(server, materials)
+    expect_error(lambda: server.decrypt(TENANT, sealed[1]), FAILED, "ERROR_REASON_TENANT_DESTROYED")
+    expect_error(lambda: server.decrypt(TENANT, sealed[0]), grpc.StatusCode.DATA_LOSS, "ERROR_REASON_KEY_INTEGRITY")

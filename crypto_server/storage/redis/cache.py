@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Protocol
 
@@ -116,13 +117,32 @@ class RedisCachedKeyStore:
             self._put(key)
         return key
 
-    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+    def _written(self, write: Callable[[Key, int], bool], updated: Key, expected_revision: int) -> bool:
+        """A compare-and-set write of a key record, leaving Redis holding the revision it made.
+
+        Deleting the entry is not enough: a reader that loaded the older state before the write puts it back
+        afterwards (put-if-newer finds nothing newer), and every server's change poller handles a revision once,
+        so nothing would delete it again before the entry expires. With the new revision in Redis, the older
+        one can never be put back. The store counts revisions up by one per write, so the new state is exactly
+        `updated` at `expected_revision + 1` (after an erasure it carries no material). When Redis cannot take
+        it, the entry is distrusted (deleted now, or never read until it is).
+        """
         name = self._name(updated.tenant_id, updated.key_id)
-        written = self._inner.update_version_states(updated, expected_revision)
-        # Deleted either way: an entry holding material erased from the store must not outlive the erasure (a
-        # reader that loaded the older state puts it back at most until the change poller drops it).
-        self._distrust(name)
+        try:
+            written = write(updated, expected_revision)
+        except BaseException:
+            # Whether the write landed is unknown (a timeout after the commit): the entry may be older.
+            self._distrust(name)
+            raise
+        if written:
+            self._put(replace(updated, revision=expected_revision + 1))
+        else:
+            # The caller read an older revision than the store's, perhaps from here: never again.
+            self._distrust(name)
         return written
+
+    def update_version_states(self, updated: Key, expected_revision: int) -> bool:
+        return self._written(self._inner.update_version_states, updated, expected_revision)
 
     def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
         return self._inner.reserve_encryptions(version, wanted, limit)
@@ -152,24 +172,21 @@ class RedisCachedKeyStore:
         return True
 
     def _refresh(self, tenant_id: str, key_id: str) -> None:
-        fresh = self._inner.get_key(tenant_id, key_id)
+        """After a write without a revision to expect: the store's new state into Redis (put-if-newer, so a
+        slow reader's older copy cannot replace it), or the entry distrusted when it cannot be read."""
+        try:
+            fresh = self._inner.get_key(tenant_id, key_id)
+        except BaseException:
+            self._distrust(self._name(tenant_id, key_id))
+            raise
         if fresh is not None:
             self._put(fresh)
 
     def add_version(self, updated: Key, expected_revision: int) -> bool:
-        if not self._inner.add_version(updated, expected_revision):
-            # The caller read an older revision than the store's, perhaps from here: never again.
-            self._distrust(self._name(updated.tenant_id, updated.key_id))
-            return False
-        self._refresh(updated.tenant_id, updated.key_id)
-        return True
+        return self._written(self._inner.add_version, updated, expected_revision)
 
     def update_key(self, updated: Key, expected_revision: int) -> bool:
-        if not self._inner.update_key(updated, expected_revision):
-            self._distrust(self._name(updated.tenant_id, updated.key_id))
-            return False
-        self._refresh(updated.tenant_id, updated.key_id)
-        return True
+        return self._written(self._inner.update_key, updated, expected_revision)
 
     # -- not cached (listings, master keys by tenant, pending versions): answered by the store ------------
 

@@ -46,6 +46,27 @@ TARGETS = (
         ">=",
         0.95,
     ),
+    *(
+        (
+            f"{call} >= {bound:,} items/s @{level}",
+            ("batches", level, "now", f"{call}_items_per_s", "median"),
+            ">=",
+            bound,
+        )
+        for call in ("batch_encrypt", "batch_decrypt")
+        for level in ("16", "64")
+        for bound in (50_000,)
+    ),
+    *(
+        (
+            f"{call} items/s >= 20 x Encrypt rps @{level}",
+            ("batches", level, "now", f"{call}_ratio_to_encrypt"),
+            ">=",
+            20.0,
+        )
+        for call in ("batch_encrypt", "batch_decrypt")
+        for level in ("16", "64")
+    ),
     ("HSM root: warm keys within 10% of file root", ("cold_tenants", "hsm_to_file_warm_ratio"), ">=", 0.90),
 )
 
@@ -127,6 +148,9 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
             results["security"] = scenarios.security_cost(backends, phases, security_scratch)
             log("key lifecycle (usage counting, rotator): today's server against the one before issue 13")
             results["lifecycle"] = scenarios.lifecycle_cost(backends, phases, Path(scratch))
+            if phases.batches:
+                log("batches of 100 x 1 KiB against unary Encrypt, today's server and the one before the rework")
+                results["batches"] = scenarios.batch_cost(backends, phases, Path(scratch))
         finally:
             backends.stop()
     results["targets"] = _targets(results)
@@ -215,6 +239,17 @@ def table(results: dict[str, Any]) -> str:
                 row(f"lifecycle {name}: encrypt @{level} rps", lifecycle[level][name]["encrypt"])
             ratio = lifecycle[level]["encrypt_rps_ratio_now_to_before"]
             lines.append(f"{'lifecycle now / before, encrypt @' + level:<44} {ratio:>12.2f}")
+    batches = results.get("batches", {})
+    for level in ("16", "64"):
+        for name in ("before", "now"):
+            figures = batches.get(level, {}).get(name)
+            if figures is None:
+                continue
+            row(f"batches {name}: encrypt @{level} rps", figures["encrypt_rps"])
+            for call in ("batch_encrypt", "batch_decrypt"):
+                row(f"batches {name}: {call} @{level} items/s", figures[f"{call}_items_per_s"])
+                ratio = figures[f"{call}_ratio_to_encrypt"]
+                lines.append(f"{'batches ' + name + ': ' + call + ' / encrypt @' + level:<44} {ratio:>12.2f}")
     lines.append("")
     lines.append(f"{'target':<48} {'value':>10}  {'bound':<8} met")
     for target in results["targets"]:

@@ -35,6 +35,9 @@ from tests.servers import CryptoServerProcess, MongoServer, RedisServer, SoftHsm
 
 ENCRYPT = "/caas.crypto.v1.CryptoService/Encrypt"
 DECRYPT = "/caas.crypto.v1.CryptoService/Decrypt"
+BATCH_ENCRYPT = "/caas.crypto.v1.CryptoService/BatchEncrypt"
+BATCH_DECRYPT = "/caas.crypto.v1.CryptoService/BatchDecrypt"
+BATCH_ITEMS = 100
 TENANT = "bench"
 KIB = 1024
 MIB = 1024 * 1024
@@ -52,10 +55,11 @@ class Phases:
     large_sizes_mib: tuple[int, int]
     key_management_ops: int
     backends_in_flight: tuple[int, ...]  # in-flight levels measured on MongoDB + Redis too
+    batches: bool = True  # the batch scenario (two servers, about a minute): full runs only
 
 
 FULL = Phases(3, 6000, 1500, 1000, 1000, (16, 256), 300, (1, 16, 64))
-QUICK = Phases(3, 800, 250, 150, 100, (16, 32), 40, (16,))
+QUICK = Phases(3, 800, 250, 150, 100, (16, 32), 40, (16,), batches=False)
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -577,6 +581,89 @@ def lifecycle_cost(backends: Backends, phases: Phases, scratch: Path) -> dict[st
             level["encrypt_to_empty_now_to_before"] = (now["encrypt"]["median"] / now["empty"]["median"]) / (
                 before["encrypt"]["median"] / before["empty"]["median"]
             )
+            results[str(in_flight)] = level
+    return results
+
+
+def _prepared_batches(address: str) -> tuple[bytes, bytes, bytes]:
+    """Serialized Encrypt of 1 KiB, and BatchEncrypt / BatchDecrypt of BATCH_ITEMS x 1 KiB with one key, each
+    answered OK with every item succeeding (checked once: h2load sees neither grpc-status nor item errors)."""
+    key_id, encrypt, _ = _prepared_requests(address)
+    plaintexts = [os.urandom(KIB) for _ in range(BATCH_ITEMS)]
+    batch_encrypt = crypto_pb.BatchEncryptRequest(
+        tenant_id=TENANT, items=[crypto_pb.BatchEncryptRequest.Item(key_id=key_id, plaintext=p) for p in plaintexts]
+    )
+    with grpc.insecure_channel(address) as channel:
+        call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            BATCH_ENCRYPT, request_serializer=None, response_deserializer=None
+        )
+        sealed = crypto_pb.BatchEncryptResponse.FromString(call(batch_encrypt.SerializeToString(), timeout=30))
+        batch_decrypt = crypto_pb.BatchDecryptRequest(
+            tenant_id=TENANT,
+            items=[crypto_pb.BatchDecryptRequest.Item(ciphertext=r.ciphertext) for r in sealed.results],
+        )
+        open_call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            BATCH_DECRYPT, request_serializer=None, response_deserializer=None
+        )
+        opened = crypto_pb.BatchDecryptResponse.FromString(open_call(batch_decrypt.SerializeToString(), timeout=30))
+    if [r.plaintext for r in opened.results] != plaintexts:
+        raise RuntimeError("the prepared batch did not round-trip: " + str(opened.results[0].error))
+    return encrypt, batch_encrypt.SerializeToString(), batch_decrypt.SerializeToString()
+
+
+# The last commit before the batch path took one key lookup and one budget reservation per key (issue 17,
+# target 3): the batch scenario's baseline, run from its own source tree in the same run as today's server.
+BEFORE_BATCHES = "9073821f4a74602ed211e1db53a650993f07f1eb"
+
+
+def batch_cost(backends: Backends, phases: Phases, scratch: Path) -> dict[str, Any]:
+    """BatchEncrypt and BatchDecrypt of BATCH_ITEMS x 1 KiB (one key) at 16 and 64 calls in flight (h2load), runs
+    interleaved with unary Encrypt of 1 KiB on the same server: items/s (calls/s x BATCH_ITEMS) and the ratio to
+    Encrypt's calls/s. Today's server and, when git history has it, the server before the batch path was reworked
+    (BEFORE_BATCHES, from an extracted tree as in `lifecycle_cost`), each on its own embedded store."""
+    variants: dict[str, dict[str, str]] = {"now": {}}
+    old_tree = _source_tree_at(BEFORE_BATCHES, scratch / "before-batches")
+    if old_tree is not None:
+        variants = {"before": {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(old_tree)}, **variants}
+    calls = ("encrypt", "batch_encrypt", "batch_decrypt")
+    methods = dict(zip(calls, (ENCRYPT, BATCH_ENCRYPT, BATCH_DECRYPT), strict=True))
+    # A batch call costs about 4 Encrypts here (h2load, 1 KiB items): a quarter as many calls take a similar time.
+    batch_calls = max(200, phases.unary_requests // 4)
+    results: dict[str, Any] = {"items_per_batch": BATCH_ITEMS, "baseline_commit": BEFORE_BATCHES}
+    if old_tree is None:
+        results["before"] = {"skipped": f"no git history with {BEFORE_BATCHES[:12]} (shallow clone?)"}
+    with contextlib.ExitStack() as stack:
+        prepared = {}
+        for name, extra in variants.items():
+            env = {**backends.env("embedded", f"batches-{name}"), **extra}
+            address = stack.enter_context(bench_server(env))[0].address
+            prepared[name] = (address, dict(zip(calls, _prepared_batches(address), strict=True)))
+        for in_flight in (16, 64):
+            runs: dict[str, dict[str, list[float]]] = {name: {call: [] for call in calls} for name in variants}
+            for _ in range(phases.repetitions):
+                for name, (address, messages) in prepared.items():  # interleaved, so drift hits all alike
+                    for call in calls:
+                        requests = phases.unary_requests if call == "encrypt" else batch_calls
+                        measured = h2load.run(
+                            address, methods[call], messages[call], requests=requests, in_flight=in_flight
+                        )
+                        if measured.failed:
+                            raise RuntimeError(f"{call} on the {name} server had failed requests")
+                        runs[name][call].append(measured.rps * (1 if call == "encrypt" else BATCH_ITEMS))
+            level: dict[str, Any] = {}
+            for name, measured_calls in runs.items():
+                figures: dict[str, Any] = {"encrypt_rps": summary(measured_calls["encrypt"])}
+                for call in ("batch_encrypt", "batch_decrypt"):
+                    figures[f"{call}_items_per_s"] = summary(measured_calls[call])
+                    figures[f"{call}_ratio_to_encrypt"] = (
+                        figures[f"{call}_items_per_s"]["median"] / figures["encrypt_rps"]["median"]
+                    )
+                level[name] = figures
+            if "before" in level:
+                for call in ("batch_encrypt", "batch_decrypt"):
+                    level[f"{call}_items_now_to_before"] = (
+                        level["now"][f"{call}_items_per_s"]["median"] / level["before"][f"{call}_items_per_s"]["median"]
+                    )
             results[str(in_flight)] = level
     return results
 

@@ -49,9 +49,51 @@ class CiphertextHeader:
     key_version: int
 
 
-def _associated_data(tenant_id: str, header: bytes, aad: bytes) -> bytes:
+def _tenant_part(tenant_id: str) -> bytes:
     tenant = tenant_id.encode()
-    return b"".join((_AAD_DOMAIN, len(tenant).to_bytes(2, "big"), tenant, header, aad))
+    return _AAD_DOMAIN + len(tenant).to_bytes(2, "big") + tenant
+
+
+def _associated_data(tenant_id: str, header: bytes, aad: bytes) -> bytes:
+    return b"".join((_tenant_part(tenant_id), header, aad))
+
+
+class Sealer:
+    """`encrypt` for many plaintexts with one key version of one tenant (a batch): the header and the fixed
+    part of the associated data are made once."""
+
+    __slots__ = ("_aead", "_fixed", "_header")
+
+    def __init__(self, aead: Aead, tenant_id: str, key_id: uuid.UUID, key_version: int) -> None:
+        self._aead = aead
+        self._header = _FORMAT_BYTE + key_id.bytes + _VERSION.pack(key_version)
+        self._fixed = _tenant_part(tenant_id) + self._header
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = random_nonce()
+        return self._header + nonce + self._aead.encrypt(nonce, plaintext, self._fixed + aad)
+
+
+class Opener:
+    """`decrypt` for many ciphertexts of one tenant under one key version (a batch), whose headers were
+    read with `read_header`: the tenant's part of the associated data is made once."""
+
+    __slots__ = ("_aead", "_tenant")
+
+    def __init__(self, aead: Aead, tenant_id: str) -> None:
+        self._aead = aead
+        self._tenant = _tenant_part(tenant_id)
+
+    def open(self, ciphertext: bytes, aad: bytes) -> bytes:
+        """Raises DecryptionFailed."""
+        try:
+            return self._aead.decrypt(
+                ciphertext[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES],
+                ciphertext[HEADER_BYTES + NONCE_BYTES :],
+                self._tenant + ciphertext[:HEADER_BYTES] + aad,
+            )
+        except InvalidTag:
+            raise DecryptionFailed() from None
 
 
 def encrypt(aead: Aead, tenant_id: str, key_id: uuid.UUID, key_version: int, plaintext: bytes, aad: bytes) -> bytes:

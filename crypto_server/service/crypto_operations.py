@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from crypto_server.domain import ciphertext as codec
 from crypto_server.domain import stream_format
@@ -102,6 +102,13 @@ class CryptoOperations:
         self._budget = budget
 
     def encrypt(self, tenant_id: str, key_id: str, plaintext: bytes, aad: bytes = b"") -> Encrypted:
+        self._check_encrypt_arguments(plaintext, aad)
+        loaded, version = self._encrypting_version(tenant_id, key_id, "Encrypt", AEAD)
+        aead = self._keyring.aead(loaded, version)
+        sealed = codec.encrypt(aead, tenant_id, loaded.key_uuid, version, plaintext, aad)
+        return Encrypted(ciphertext=sealed, key_id=key_id, key_version=version)
+
+    def _check_encrypt_arguments(self, plaintext: bytes, aad: bytes) -> None:
         if len(plaintext) > self.max_plaintext_bytes:
             raise InvalidArgument(
                 "plaintext",
@@ -109,15 +116,22 @@ class CryptoOperations:
                 "split the data or use envelope encryption",
             )
         _check_aad(aad)
-        loaded, version = self._encrypting_version(tenant_id, key_id, "Encrypt", AEAD)
-        aead = self._keyring.aead(loaded, version)
-        sealed = codec.encrypt(aead, tenant_id, loaded.key_uuid, version, plaintext, aad)
-        return Encrypted(ciphertext=sealed, key_id=key_id, key_version=version)
 
     def _encrypting_version(
         self, tenant_id: str, key_id: str, operation: str, kind: PrimitiveKind[Any]
     ) -> tuple[LoadedKey, int]:
-        """The key and the version new ciphertexts use, checked able to encrypt now (with a `kind` primitive)."""
+        """The key and the version new ciphertexts use, checked able to encrypt now (with a `kind` primitive),
+        with one use of the version's budget counted."""
+        loaded, version = self._usable_primary(tenant_id, key_id, operation, kind)
+        if self._budget is not None:
+            # Every caller encrypts once with the version it gets (a stream: its header's one data key).
+            self._budget.record(VersionRef(tenant_id, loaded.key.key_id, version))
+        return loaded, version
+
+    def _usable_primary(
+        self, tenant_id: str, key_id: str, operation: str, kind: PrimitiveKind[Any]
+    ) -> tuple[LoadedKey, int]:
+        """The key and the version new ciphertexts use, checked able to encrypt now; no use counted."""
         loaded = self._keyring.lookup(tenant_id, key_id)
         key = loaded.key
         self._keyring.algorithms.require(key_id, key.algorithm, kind, operation)
@@ -132,9 +146,6 @@ class CryptoOperations:
             self._refuse(loaded, lambda: check_can_encrypt(key))
         if primary.state_at(self._clock.now()) is KeyVersionState.EXPIRED:
             raise KeyExpired(key_id, primary.version)
-        if self._budget is not None:
-            # Every caller encrypts once with the version it gets (a stream: its header's one data key).
-            self._budget.record(VersionRef(tenant_id, key.key_id, primary.version))
         return loaded, primary.version
 
     def _decrypting_key(
@@ -261,14 +272,128 @@ class CryptoOperations:
                 "(CRYPTO_MAX_BATCH_BYTES); split the batch",
             )
 
-    def batch_encrypt(self, tenant_id: str, items: Sequence[EncryptItem]) -> list[Encrypted | CryptoServiceError]:
-        """Each item's ciphertext, or the error that item alone gets; one bad item never fails the batch."""
-        self._check_batch(tenant_id, len(items), sum(len(i.plaintext) + len(i.aad) for i in items))
-        return [_outcome(partial(self.encrypt, tenant_id, i.key_id, i.plaintext, i.aad)) for i in items]
+    def batch_encrypt(self, tenant_id: str, items: Sequence[BatchEncryptItem]) -> list[Encrypted | CryptoServiceError]:
+        """Each item's ciphertext, or the error that item alone gets; one bad item never fails the batch.
 
-    def batch_decrypt(self, tenant_id: str, items: Sequence[DecryptItem]) -> list[Decrypted | CryptoServiceError]:
+        Each item gets what `encrypt` would give it, in the request's order, but the work that depends only on
+        the key is done once per distinct key: one keyring lookup and state check, one primitive, and one
+        budget call taking all its items' uses (`UsageBudget.record_many`; when the hard limit leaves k uses,
+        the key's first k items are sealed and the rest refused, each with its own error)."""
+        self._check_batch(tenant_id, len(items), sum(len(i.plaintext) + len(i.aad) for i in items))
+        outcomes: list[Encrypted | CryptoServiceError | None] = [None] * len(items)
+        by_key: dict[str, list[int]] = {}
+        max_plaintext = self.max_plaintext_bytes
+        for index, item in enumerate(items):
+            if len(item.plaintext) > max_plaintext or len(item.aad) > MAX_AAD_BYTES:
+                outcomes[index] = _outcome(partial(self._check_encrypt_arguments, item.plaintext, item.aad))
+            else:
+                by_key.setdefault(item.key_id, []).append(index)
+        for key_id, indexes in by_key.items():
+            try:
+                self._seal_with_key(tenant_id, key_id, items, indexes, outcomes)
+            except CryptoServiceError as error:
+                _fill(outcomes, indexes, error)
+            except Exception:
+                log.exception("unexpected error in a batch item")
+                _fill(outcomes, indexes, UnexpectedError())
+        return cast(list[Encrypted | CryptoServiceError], outcomes)
+
+    def _seal_with_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        items: Sequence[BatchEncryptItem],
+        indexes: list[int],
+        outcomes: list[Encrypted | CryptoServiceError | None],
+    ) -> None:
+        loaded, version = self._usable_primary(tenant_id, key_id, "Encrypt", AEAD)
+        sealer = codec.Sealer(self._keyring.aead(loaded, version), tenant_id, loaded.key_uuid, version)
+        budget = self._budget
+        ref = VersionRef(tenant_id, loaded.key.key_id, version)
+        counted = len(indexes) if budget is None else budget.record_many(ref, len(indexes))
+        for position, index in enumerate(indexes):
+            if position >= counted:
+                assert budget is not None
+                refused = _outcome(partial(budget.record, ref))
+                if refused is not None:
+                    outcomes[index] = refused
+                    continue
+            item = items[index]
+            outcomes[index] = Encrypted(sealer.seal(item.plaintext, item.aad), key_id, version)
+
+    def batch_decrypt(self, tenant_id: str, items: Sequence[BatchDecryptItem]) -> list[Decrypted | CryptoServiceError]:
+        """Each item's plaintext, or the error that item alone gets (what `decrypt` would give it). The key a
+        ciphertext names is looked up and checked once per distinct (named key, key id, version) in the batch."""
         self._check_batch(tenant_id, len(items), sum(len(i.ciphertext) + len(i.aad) for i in items))
-        return [_outcome(partial(self.decrypt, tenant_id, i.ciphertext, i.aad, i.key_id)) for i in items]
+        named_keys: dict[str, LoadedKey | CryptoServiceError] = {}
+        openers: dict[tuple[str, bytes], tuple[codec.Opener, str, int] | CryptoServiceError] = {}
+        longest = self.max_plaintext_bytes + codec.OVERHEAD_BYTES
+        outcomes: list[Decrypted | CryptoServiceError] = []
+        for item in items:
+            ciphertext, aad, key_id = item.ciphertext, item.aad, item.key_id
+            if len(aad) > MAX_AAD_BYTES:
+                outcomes.append(_aad_too_long(aad))
+                continue
+            named: LoadedKey | None = None
+            if key_id:
+                looked_up = named_keys.get(key_id)
+                if looked_up is None:
+                    looked_up = named_keys[key_id] = _outcome(partial(self._keyring.lookup, tenant_id, key_id))
+                if isinstance(looked_up, CryptoServiceError):
+                    outcomes.append(looked_up)
+                    continue
+                named = looked_up
+            if len(ciphertext) > longest or len(ciphertext) < codec.OVERHEAD_BYTES:
+                outcomes.append(DecryptionFailed())
+                continue
+            slot = (key_id, ciphertext[: codec.HEADER_BYTES])
+            opener = openers.get(slot)
+            if opener is None:
+                opener = openers[slot] = _outcome(partial(self._opener, tenant_id, named, ciphertext))
+            if isinstance(opener, CryptoServiceError):
+                outcomes.append(opener)
+                continue
+            aead, opened_key_id, version = opener
+            try:
+                outcomes.append(Decrypted(aead.open(ciphertext, aad), opened_key_id, version))
+            except DecryptionFailed as error:
+                outcomes.append(error)
+        return outcomes
+
+    def _opener(self, tenant_id: str, named: LoadedKey | None, ciphertext: bytes) -> tuple[codec.Opener, str, int]:
+        header = codec.read_header(ciphertext)
+        loaded = self._decrypting_key(tenant_id, named, header.key_id, header.key_version, AEAD)
+        opener = codec.Opener(self._keyring.aead(loaded, header.key_version), tenant_id)
+        return opener, loaded.key.key_id, header.key_version
+
+
+class BatchEncryptItem(Protocol):
+    """One item of a batch to encrypt: an EncryptItem, or a request's item as the transport received it."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def plaintext(self) -> bytes: ...
+    @property
+    def aad(self) -> bytes: ...
+
+
+class BatchDecryptItem(Protocol):
+    """One item of a batch to decrypt: a DecryptItem, or a request's item as the transport received it."""
+
+    @property
+    def ciphertext(self) -> bytes: ...
+    @property
+    def aad(self) -> bytes: ...
+    @property
+    def key_id(self) -> str: ...
+
+
+def _fill(outcomes: list[Any], indexes: list[int], error: CryptoServiceError) -> None:
+    """`error` for each of `indexes` not already decided (a key's failure after some of its items were sealed)."""
+    for index in indexes:
+        if outcomes[index] is None:
+            outcomes[index] = error
 
 
 _Result = TypeVar("_Result")
@@ -286,4 +411,8 @@ def _outcome(operation: Callable[[], _Result]) -> _Result | CryptoServiceError:
 
 def _check_aad(aad: bytes) -> None:
     if len(aad) > MAX_AAD_BYTES:
-        raise InvalidArgument("aad", f"is {len(aad)} bytes, over the limit of {MAX_AAD_BYTES}")
+        raise _aad_too_long(aad)
+
+
+def _aad_too_long(aad: bytes) -> InvalidArgument:
+    return InvalidArgument("aad", f"is {len(aad)} bytes, over the limit of {MAX_AAD_BYTES}")

@@ -113,6 +113,36 @@ class UsageBudget:
                     raise KeyVersionExhausted(version.key_id, version.version)
             self._reserve(version, counter)
 
+    def record_many(self, version: VersionRef, count: int) -> int:
+        """Count up to `count` encryptions with `version` (a batch's items that use it): how many were counted,
+        which is `count` unless the hard limit (or a failed reservation) stops it partway. Reserved uses are
+        taken in one step under the lock; blocks are reserved as `record` reserves them, so the bound stays
+        exact. Raises as `record` does only when it counted none; after a partial count, `record` per
+        remaining encryption says why each is refused."""
+        taken = 0
+        while True:
+            with self._lock:
+                counter = self._counters.get(version)
+                if counter is None:
+                    counter = self._counters[version] = _Counter()
+                if counter.reserved:
+                    spent = min(counter.reserved, count - taken)
+                    counter.reserved -= spent
+                    counter.used = True
+                    taken += spent
+                    if taken == count:
+                        return taken
+                if counter.refused:
+                    if taken:
+                        return taken
+                    raise KeyVersionExhausted(version.key_id, version.version)
+            try:
+                self._reserve(version, counter)
+            except Exception:
+                if not taken:
+                    raise
+                return taken
+
     def held(self) -> dict[VersionRef, int]:
         """The versions this server keeps a counter for, with the uses it has reserved and not used yet."""
         with self._lock:

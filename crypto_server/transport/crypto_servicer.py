@@ -10,7 +10,7 @@ import grpc
 from crypto_client.v1 import crypto_service_pb2 as pb
 from crypto_client.v1 import crypto_service_pb2_grpc, errors_pb2
 from crypto_server.domain.errors import CryptoServiceError, InvalidArgument
-from crypto_server.service.crypto_operations import CryptoOperations, DecryptItem, EncryptItem
+from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.transport.errors import describe
 from crypto_server.transport.mapping import algorithm_to_proto
@@ -68,9 +68,9 @@ class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
         )
 
     def BatchEncrypt(self, request: pb.BatchEncryptRequest, context: grpc.ServicerContext) -> pb.BatchEncryptResponse:
-        items = [EncryptItem(item.key_id, item.plaintext, item.aad) for item in request.items]
+        # The request's items go to the service as they are (they have the fields BatchEncryptItem names).
         response = pb.BatchEncryptResponse()
-        for outcome in self._operations.batch_encrypt(request.tenant_id, items):
+        for outcome in self._operations.batch_encrypt(request.tenant_id, request.items):
             if isinstance(outcome, CryptoServiceError):
                 response.results.add(error=item_error(outcome))
             else:
@@ -80,9 +80,8 @@ class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
         return response
 
     def BatchDecrypt(self, request: pb.BatchDecryptRequest, context: grpc.ServicerContext) -> pb.BatchDecryptResponse:
-        items = [DecryptItem(item.ciphertext, item.aad, item.key_id) for item in request.items]
         response = pb.BatchDecryptResponse()
-        for outcome in self._operations.batch_decrypt(request.tenant_id, items):
+        for outcome in self._operations.batch_decrypt(request.tenant_id, request.items):
             if isinstance(outcome, CryptoServiceError):
                 response.results.add(error=item_error(outcome))
             else:

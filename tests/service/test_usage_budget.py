@@ -223,3 +223,27 @@ def test_a_version_no_longer_stored_is_refused(deployment: Deployment) -> None:
     with pytest.raises(KeyNotFound):
         budget.record(gone)
     assert budget.held() == {}
+
+
+def test_a_batch_takes_its_uses_in_one_call_and_never_past_the_hard_limit(deployment: Deployment) -> None:
+    budget, store = deployment.server(hard_limit=25, block=10)
+    budget.record(deployment.version)
+
+    assert budget.record_many(deployment.version, 9) == 9, "the rest of the first block, no store round trip"
+    assert store.reservations == 1
+    assert budget.record_many(deployment.version, 40) == 15, "two more blocks, the second cut to what was left"
+    assert deployment.stored() == 25
+    with pytest.raises(KeyVersionExhausted):
+        budget.record_many(deployment.version, 1)
+    with pytest.raises(KeyVersionExhausted):
+        budget.record(deployment.version)
+    assert budget.held() == {deployment.version: 0}
+
+
+def test_a_batch_shares_the_hard_limit_with_another_server_exactly(deployment: Deployment) -> None:
+    first, _ = deployment.server(hard_limit=30, block=8)
+    second, _ = deployment.server(hard_limit=30, block=8)
+    assert first.record_many(deployment.version, 5) == 5  # holds 3 more
+    assert second.record_many(deployment.version, 100) == 22, "all the store had left"
+    assert first.record_many(deployment.version, 10) == 3, "its own reservation, then refused"
+    assert deployment.stored() == 30

@@ -79,3 +79,50 @@ def test_a_batch_with_a_bad_tenant_fails_as_a_whole(server: ServerHandle) -> Non
         "ERROR_REASON_INVALID_FIELD",
         "tenant_id",
     )
+
+
+def test_a_batch_near_the_hard_limit_seals_exactly_the_uses_left_and_refuses_the_rest_per_item(
+    start_server: StartServer,
+) -> None:
+    server = start_server(usage_soft_limit=5, usage_hard_limit=5, usage_flush_every=2, usage_flush_interval_s=0)
+    limited = server.create_key("t1")
+    other = server.create_key("t1")
+    server.encrypt("t1", limited.key_id, b"first use")
+    items = [
+        crypto_pb.BatchEncryptRequest.Item(key_id=other.key_id if i % 3 == 0 else limited.key_id, plaintext=b"m%d" % i)
+        for i in range(9)
+    ]
+
+    results = server.crypto.BatchEncrypt(crypto_pb.BatchEncryptRequest(tenant_id="t1", items=items)).results
+
+    limited_results = [r for i, r in enumerate(results) if i % 3 != 0]
+    assert [r.HasField("error") for r in limited_results] == [False] * 4 + [True] * 2, "4 uses were left"
+    assert {r.error.reason for r in limited_results[4:]} == {"ERROR_REASON_KEY_VERSION_EXHAUSTED"}
+    assert all(not results[i].HasField("error") and results[i].key_id == other.key_id for i in (0, 3, 6))
+    opened = server.crypto.BatchDecrypt(
+        crypto_pb.BatchDecryptRequest(
+            tenant_id="t1",
+            items=[crypto_pb.BatchDecryptRequest.Item(ciphertext=r.ciphertext) for r in results if r.ciphertext],
+        )
+    ).results
+    assert [r.plaintext for r in opened] == [b"m%d" % i for i in (0, 1, 2, 3, 4, 5, 6)]
+
+
+def test_batch_decrypt_checks_each_item_against_its_own_header_and_aad(server: ServerHandle) -> None:
+    first = server.create_key("t1")
+    second = server.create_key("t1")
+    sealed = [server.encrypt("t1", k.key_id, b"x%d" % n, b"aad").ciphertext for n, k in enumerate((first, second))]
+    forged = sealed[0][:17] + sealed[1][17:]  # the first key's id on the second key's ciphertext
+    items = [
+        crypto_pb.BatchDecryptRequest.Item(ciphertext=sealed[0], aad=b"aad"),
+        crypto_pb.BatchDecryptRequest.Item(ciphertext=sealed[0], aad=b"other"),
+        crypto_pb.BatchDecryptRequest.Item(ciphertext=forged, aad=b"aad"),
+        crypto_pb.BatchDecryptRequest.Item(ciphertext=sealed[1], aad=b"aad", key_id=first.key_id),
+        crypto_pb.BatchDecryptRequest.Item(ciphertext=sealed[1], aad=b"aad", key_id=second.key_id),
+        crypto_pb.BatchDecryptRequest.Item(ciphertext=sealed[0], aad=b"a" * 70_000),
+    ]
+    results = server.crypto.BatchDecrypt(crypto_pb.BatchDecryptRequest(tenant_id="t1", items=items)).results
+    assert (results[0].plaintext, results[0].key_id) == (b"x0", first.key_id)
+    assert [r.error.reason for r in results[1:4]] == ["ERROR_REASON_DECRYPTION_FAILED"] * 3
+    assert (results[4].plaintext, results[4].key_id) == (b"x1", second.key_id)
+    assert (results[5].error.reason, results[5].error.metadata["field"]) == ("ERROR_REASON_INVALID_FIELD", "aad")

@@ -151,6 +151,10 @@ def _embedded_replica(launch: Launch, data_dir: Path) -> Replica:
 def test_a_full_disk_shows_in_health_and_writes_recover_when_space_returns(launch: Launch, small_disk: Path) -> None:
     replica = _embedded_replica(launch, small_disk / "data")
     key_id = _create(replica)
+    # Its first encryption reserves a block of uses (one store write): the usage budget's bound is exact, so
+    # encryptions without reserved uses wait for a writable store.
+    assert replica.encrypt(key_id).key_version == 1
+    unused_key_id = _create(replica)
     filler = _fill(small_disk)
     try:
         eventually(
@@ -164,6 +168,9 @@ def test_a_full_disk_shows_in_health_and_writes_recover_when_space_returns(launc
         with pytest.raises(grpc.RpcError) as refused:
             _create(replica)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError) as unreserved:
+            replica.encrypt(unused_key_id)
+        assert unreserved.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         filler.unlink()
     eventually(

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TextIO
 
+from crypto_server.domain.sampling import parse_sampling
+
 # Attributes every LogRecord has; anything else was passed with `extra=` and is logged as a field.
 _STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -43,17 +45,7 @@ class AccessLogMode:
     @classmethod
     def parse(cls, text: str) -> AccessLogMode:
         """Raises ValueError with a message naming the accepted forms."""
-        value = text.strip().lower()
-        if value in {"all", "errors"}:
-            return cls(value)
-        if value.startswith("sampled:"):
-            try:
-                every = int(value.removeprefix("sampled:"))
-            except ValueError:
-                every = 0
-            if every >= 1:
-                return cls("sampled", every)
-        raise ValueError(f"must be all, errors or sampled:N (N >= 1), got {text!r}")
+        return cls(*parse_sampling(text, ("all", "errors")))
 
     @property
     def successes_every(self) -> int:

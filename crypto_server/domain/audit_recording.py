@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from crypto_server.domain.sampling import parse_sampling
+
 
 @dataclass(frozen=True, slots=True)
 class CryptoRecording:
@@ -15,17 +17,7 @@ class CryptoRecording:
     @classmethod
     def parse(cls, text: str) -> CryptoRecording:
         """Raises ValueError with a message naming the accepted forms."""
-        value = text.strip().lower()
-        if value in {"all", "denied_only", "none"}:
-            return cls(value)
-        if value.startswith("sampled:"):
-            try:
-                every = int(value.removeprefix("sampled:"))
-            except ValueError:
-                every = 0
-            if every >= 1:
-                return cls("sampled", every)
-        raise ValueError(f"must be all, denied_only, sampled:N (N >= 1) or none, got {text!r}")
+        return cls(*parse_sampling(text, ("all", "denied_only", "none")))
 
     def __str__(self) -> str:
         return f"sampled:{self.every}" if self.mode == "sampled" else self.mode

@@ -19,6 +19,12 @@ from tenacity import AsyncRetrying
 from crypto_client import _convert
 from crypto_client._connectivity import AsyncChannelWatch
 from crypto_client._core import ClientCore
+from crypto_client._stream_messages import (
+    decrypt_chunk_request,
+    encrypt_chunk_request,
+    serialize_stream_request,
+    stream_response_deserializer,
+)
 from crypto_client.config import ClientConfig
 from crypto_client.errors import CryptoClientError, from_item_error, from_rpc_error
 from crypto_client.metrics import ClientStats
@@ -43,6 +49,8 @@ from crypto_client.models import (
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc
 from crypto_client.v1 import key_service_pb2 as key_pb
+
+_STREAM_METHOD = "/" + crypto_pb.DESCRIPTOR.services_by_name["CryptoService"].full_name + "/{}"
 
 _Response = TypeVar("_Response")
 _HEALTH_STATUS = {
@@ -80,6 +88,17 @@ class AsyncCryptoClient:
         self._keys = key_service_pb2_grpc.KeyServiceStub(self._channel)
         self._crypto = crypto_service_pb2_grpc.CryptoServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        # The streams send their chunk messages already encoded (crypto_client/_stream_messages.py).
+        self._encrypt_stream = self._channel.stream_stream(
+            _STREAM_METHOD.format("EncryptStream"),
+            request_serializer=serialize_stream_request,
+            response_deserializer=stream_response_deserializer(crypto_pb.EncryptStreamResponse),
+        )
+        self._decrypt_stream = self._channel.stream_stream(
+            _STREAM_METHOD.format("DecryptStream"),
+            request_serializer=serialize_stream_request,
+            response_deserializer=stream_response_deserializer(crypto_pb.DecryptStreamResponse),
+        )
 
     @property
     def tenant_id(self) -> str | None:
@@ -613,13 +632,13 @@ class AsyncCryptoClient:
         unless `timeout` is given: a large file takes as long as it takes."""
         first = crypto_pb.EncryptStreamRequest(tenant_id=self._core.tenant(tenant_id), key_id=key_id, aad=aad)
 
-        async def requests() -> AsyncIterator[crypto_pb.EncryptStreamRequest]:
+        async def requests() -> AsyncIterator[crypto_pb.EncryptStreamRequest | bytes]:
             yield first
             async for chunk in chunks:
                 if chunk:
-                    yield crypto_pb.EncryptStreamRequest(chunk=chunk)
+                    yield encrypt_chunk_request(chunk)
 
-        async for response in self._stream(self._crypto.EncryptStream, requests(), timeout):
+        async for response in self._stream(self._encrypt_stream, requests(), timeout):
             yield response.chunk
 
     async def decrypt_stream(
@@ -635,13 +654,13 @@ class AsyncCryptoClient:
         the iteration ends without error: truncation is detected only at the end."""
         first = crypto_pb.DecryptStreamRequest(tenant_id=self._core.tenant(tenant_id), aad=aad, key_id=key_id or "")
 
-        async def requests() -> AsyncIterator[crypto_pb.DecryptStreamRequest]:
+        async def requests() -> AsyncIterator[crypto_pb.DecryptStreamRequest | bytes]:
             yield first
             async for chunk in chunks:
                 if chunk:
-                    yield crypto_pb.DecryptStreamRequest(chunk=chunk)
+                    yield decrypt_chunk_request(chunk)
 
-        async for response in self._stream(self._crypto.DecryptStream, requests(), timeout):
+        async for response in self._stream(self._decrypt_stream, requests(), timeout):
             yield response.chunk
 
     # -- operations ----------------------------------------------------------------

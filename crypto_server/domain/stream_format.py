@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -72,6 +72,35 @@ def _nonce(prefix: bytes, index: int, last: bool) -> bytes:
     return prefix + index.to_bytes(4, "big") + (b"\x01" if last else b"\x00")
 
 
+def _whole_segments(
+    pending: bytearray,
+    chunk: bytes | memoryview,
+    size: int,
+    process: Callable[[bytes | bytearray | memoryview, bool], bytes],
+) -> list[bytes]:
+    """`process(segment, last=False)` of each whole segment that `pending` followed by `chunk` holds, except the
+    last whole one when nothing follows it (it may be the final segment); the rest is left in `pending`.
+
+    The segments are read from `chunk` in place: only what completes the pending segment and the tail are
+    copied (at most two segments per chunk), never the whole chunk.
+    """
+    done: list[bytes] = []
+    with memoryview(chunk) as view:
+        start = 0
+        if pending:
+            start = min(size - len(pending), len(view))
+            pending += view[:start]
+            if len(view) == start:  # nothing follows the pending segment yet: keep it back
+                return done
+            done.append(process(pending, False))
+            pending.clear()
+        while len(view) - start > size:
+            done.append(process(view[start : start + size], False))
+            start += size
+        pending += view[start:]
+    return done
+
+
 class StreamEncryptor:
     """Turns plaintext chunks into the stream: header, then sealed segments. Holds at most one
     segment of plaintext (the final one can only be sealed once the input has ended)."""
@@ -95,24 +124,19 @@ class StreamEncryptor:
         self._pending = bytearray()
         self._index = 0
 
-    def _seal(self, data: bytes | memoryview, last: bool) -> bytes:
+    def _seal(self, data: bytes | bytearray | memoryview, last: bool) -> bytes:
         sealed = self._aead.encrypt(_nonce(self._prefix, self._index, last), data, self._aad)
         self._index += 1
         return sealed
 
-    def update(self, chunk: bytes) -> bytes:
+    def update(self, chunk: bytes | memoryview) -> bytes:
         """The sealed segments that `chunk` completes, joined (possibly nothing). The last full
         segment is kept back: it may be the final one."""
-        self._pending += chunk
-        sealed = []
-        start = 0
-        with memoryview(self._pending) as pending:
-            while len(pending) - start > self._segment_bytes:
-                sealed.append(self._seal(pending[start : start + self._segment_bytes], last=False))
-                start += self._segment_bytes
-        # One move of the remainder per update, not one per segment.
-        del self._pending[:start]
-        return b"".join(sealed)
+        return b"".join(self.update_segments(chunk))
+
+    def update_segments(self, chunk: bytes | memoryview) -> list[bytes]:
+        """As update, one item per sealed segment (whoever sends them joins them once, with its framing)."""
+        return _whole_segments(self._pending, chunk, self._segment_bytes, self._seal)
 
     def finish(self) -> bytes:
         """The final segment (possibly of nothing), marked last."""
@@ -141,7 +165,7 @@ class StreamDecryptor:
         self._pending = bytearray()
         self._index = 0
 
-    def _open(self, sealed: bytes | memoryview, last: bool) -> bytes:
+    def _open(self, sealed: bytes | bytearray | memoryview, last: bool) -> bytes:
         try:
             opened = self._aead.decrypt(_nonce(self._prefix, self._index, last), sealed, self._aad)
         except (InvalidTag, ValueError):
@@ -149,17 +173,13 @@ class StreamDecryptor:
         self._index += 1
         return opened
 
-    def update(self, chunk: bytes) -> bytes:
+    def update(self, chunk: bytes | memoryview) -> bytes:
         """The plaintext of the segments `chunk` completes, joined (possibly nothing)."""
-        self._pending += chunk
-        opened = []
-        start = 0
-        with memoryview(self._pending) as pending:
-            while len(pending) - start > self._sealed_bytes:
-                opened.append(self._open(pending[start : start + self._sealed_bytes], last=False))
-                start += self._sealed_bytes
-        del self._pending[:start]
-        return b"".join(opened)
+        return b"".join(self.update_segments(chunk))
+
+    def update_segments(self, chunk: bytes | memoryview) -> list[bytes]:
+        """As update, one item per opened segment."""
+        return _whole_segments(self._pending, chunk, self._sealed_bytes, self._open)
 
     def finish(self) -> bytes:
         if len(self._pending) < TAG_BYTES:
@@ -169,11 +189,11 @@ class StreamDecryptor:
         return self._open(final, last=True)
 
 
-def encrypt_all(encryptor: StreamEncryptor, chunks: Iterable[bytes]) -> Iterator[bytes]:
-    """The header, then the sealed segments each input chunk completes (one piece per chunk), then the last."""
-    yield encryptor.header
+def encrypt_all(encryptor: StreamEncryptor, chunks: Iterable[bytes | memoryview]) -> Iterator[list[bytes]]:
+    """The header, then the sealed segments each input chunk completes (one list per chunk), then the last."""
+    yield [encryptor.header]
     for chunk in chunks:
-        sealed = encryptor.update(chunk)
+        sealed = encryptor.update_segments(chunk)
         if sealed:
             yield sealed
-    yield encryptor.finish()
+    yield [encryptor.finish()]

@@ -199,9 +199,10 @@ class CryptoOperations:
     # -- streams ---------------------------------------------------------------------
 
     def encrypt_stream(
-        self, tenant_id: str, key_id: str, aad: bytes, chunks: Iterator[bytes]
-    ) -> tuple[Encrypted, Iterator[bytes]]:
-        """The key and version used, and the stream: header, then segments as `chunks` arrive.
+        self, tenant_id: str, key_id: str, aad: bytes, chunks: Iterator[bytes | memoryview]
+    ) -> tuple[Encrypted, Iterator[list[bytes]]]:
+        """The key and version used, and the stream, in order: header, then segments as `chunks` arrive (a list
+        of pieces at a time, for the caller to send joined).
         Memory: at most one segment of plaintext, whatever the stream's length."""
         _check_aad(aad)
         loaded, version = self._encrypting_version(tenant_id, key_id, "EncryptStream", STREAMING_AEAD)
@@ -209,10 +210,11 @@ class CryptoOperations:
         return Encrypted(b"", key_id, version), stream_format.encrypt_all(encryptor, chunks)
 
     def decrypt_stream(
-        self, tenant_id: str, aad: bytes, key_id: str, chunks: Iterator[bytes]
-    ) -> tuple[Decrypted, Iterator[bytes]]:
-        """Read the header from `chunks`, then the plaintext segment by segment. Truncation is only
-        detected at the end: what came before is not to be trusted until the stream ends without error."""
+        self, tenant_id: str, aad: bytes, key_id: str, chunks: Iterator[bytes | memoryview]
+    ) -> tuple[Decrypted, Iterator[list[bytes]]]:
+        """Read the header from `chunks`, then the plaintext segment by segment (a list of segments at a time).
+        Truncation is only detected at the end: what came before is not to be trusted until the stream ends
+        without error."""
         validate_tenant_id(tenant_id)
         _check_aad(aad)
         named = self._keyring.lookup(tenant_id, key_id) if key_id else None
@@ -225,15 +227,15 @@ class CryptoOperations:
         loaded = self._decrypting_key(tenant_id, named, header.key_id, header.key_version, STREAMING_AEAD)
         decryptor = self._keyring.streaming_aead(loaded, header.key_version).decryptor(tenant_id, header, aad)
 
-        def plaintext() -> Iterator[bytes]:
-            opened = decryptor.update(bytes(start[stream_format.HEADER_BYTES :]))
+        def plaintext() -> Iterator[list[bytes]]:
+            opened = decryptor.update_segments(bytes(start[stream_format.HEADER_BYTES :]))
             if opened:
                 yield opened
             for chunk in chunks:
-                opened = decryptor.update(chunk)
+                opened = decryptor.update_segments(chunk)
                 if opened:
                     yield opened
-            yield decryptor.finish()
+            yield [decryptor.finish()]
 
         return Decrypted(b"", loaded.key.key_id, header.key_version), plaintext()
 

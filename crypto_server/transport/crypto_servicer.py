@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TypeVar
 
 import grpc
 
@@ -14,6 +13,7 @@ from crypto_server.service.crypto_operations import CryptoOperations
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.transport.errors import describe
 from crypto_server.transport.mapping import algorithm_to_proto
+from crypto_server.transport.stream_messages import EncodedResponse, encode_stream_response
 
 
 def item_error(error: CryptoServiceError) -> pb.ItemError:
@@ -126,38 +126,38 @@ class CryptoServicer(crypto_service_pb2_grpc.CryptoServiceServicer):
             key_version=public.key_version,
         )
 
-    def EncryptStream(
+    # Answers with each EncryptStreamResponse already encoded (_responses), which the generated base does not type.
+    def EncryptStream(  # type: ignore[override]
         self, request_iterator: Iterator[pb.EncryptStreamRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.EncryptStreamResponse]:
+    ) -> Iterator[EncodedResponse]:
         first = next(request_iterator, None)
         if first is None:
             raise InvalidArgument("request", "the stream ended before its first message")
         used, sealed = self._operations.encrypt_stream(
             first.tenant_id, first.key_id, first.aad, _chunks(first.chunk, request_iterator)
         )
-        yield from _responses(pb.EncryptStreamResponse, used.key_id, used.key_version, sealed)
+        yield from _responses(used.key_id, used.key_version, sealed)
 
-    def DecryptStream(
+    # Answers with each DecryptStreamResponse already encoded (_responses), which the generated base does not type.
+    def DecryptStream(  # type: ignore[override]
         self, request_iterator: Iterator[pb.DecryptStreamRequest], context: grpc.ServicerContext
-    ) -> Iterator[pb.DecryptStreamResponse]:
+    ) -> Iterator[EncodedResponse]:
         first = next(request_iterator, None)
         if first is None:
             raise InvalidArgument("request", "the stream ended before its first message")
         used, opened = self._operations.decrypt_stream(
             first.tenant_id, first.aad, first.key_id, _chunks(first.chunk, request_iterator)
         )
-        yield from _responses(pb.DecryptStreamResponse, used.key_id, used.key_version, opened)
+        yield from _responses(used.key_id, used.key_version, opened)
 
 
 def _chunks(
     first: bytes, rest: Iterator[pb.EncryptStreamRequest] | Iterator[pb.DecryptStreamRequest]
-) -> Iterator[bytes]:
+) -> Iterator[bytes | memoryview]:
+    # A chunk-only message arrives as a ChunkOnlyRequest whose chunk is a view (transport/stream_messages.py).
     yield first
     for message in rest:
         yield message.chunk
-
-
-_StreamResponse = TypeVar("_StreamResponse", pb.EncryptStreamResponse, pb.DecryptStreamResponse)
 
 
 # The most stream bytes in one response message: far under the send limit, whatever the size of the
@@ -167,25 +167,39 @@ _StreamResponse = TypeVar("_StreamResponse", pb.EncryptStreamResponse, pb.Decryp
 MAX_STREAM_RESPONSE_BYTES = 2 * 1024 * 1024
 
 
-def _pieces(chunk: bytes) -> Iterator[bytes]:
-    if len(chunk) <= MAX_STREAM_RESPONSE_BYTES:
-        yield chunk
-        return
-    with memoryview(chunk) as view:
-        for start in range(0, len(chunk), MAX_STREAM_RESPONSE_BYTES):
-            yield bytes(view[start : start + MAX_STREAM_RESPONSE_BYTES])
+def _batches(pieces: list[bytes]) -> Iterator[list[bytes | memoryview]]:
+    """`pieces` in order, grouped into batches of at most MAX_STREAM_RESPONSE_BYTES (a piece larger than that,
+    a segment of up to 4 MiB, is cut into views)."""
+    batch: list[bytes | memoryview] = []
+    size = 0
+    for piece in pieces:
+        if size + len(piece) > MAX_STREAM_RESPONSE_BYTES and batch:
+            yield batch
+            batch, size = [], 0
+        if len(piece) <= MAX_STREAM_RESPONSE_BYTES:
+            batch.append(piece)
+            size += len(piece)
+            continue
+        view = memoryview(piece)
+        for start in range(0, len(piece), MAX_STREAM_RESPONSE_BYTES):
+            part = view[start : start + MAX_STREAM_RESPONSE_BYTES]
+            if len(part) == MAX_STREAM_RESPONSE_BYTES:
+                yield [part]
+            else:
+                batch, size = [part], len(part)
+    if batch:
+        yield batch
 
 
-def _responses(
-    kind: type[_StreamResponse], key_id: str, key_version: int, chunks: Iterator[bytes]
-) -> Iterator[_StreamResponse]:
-    """Responses of at most MAX_STREAM_RESPONSE_BYTES each; the first also says which key and version
-    the stream uses."""
+def _responses(key_id: str, key_version: int, stream: Iterator[list[bytes]]) -> Iterator[EncodedResponse]:
+    """Responses (EncryptStreamResponse or DecryptStreamResponse, encoded: transport/stream_messages.py) of at
+    most MAX_STREAM_RESPONSE_BYTES each, in general one per request chunk; the first also says which key and
+    version the stream uses."""
     first = True
-    for chunk in chunks:
-        for piece in _pieces(chunk):
+    for pieces in stream:
+        for batch in _batches(pieces):
             if first:
-                yield kind(chunk=piece, key_id=key_id, key_version=key_version)
+                yield encode_stream_response(batch, key_id, key_version)
                 first = False
             else:
-                yield kind(chunk=piece)
+                yield encode_stream_response(batch)

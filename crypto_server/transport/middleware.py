@@ -44,6 +44,7 @@ from crypto_server.transport.call_audit import CallAudit
 from crypto_server.transport.call_deadline import enter_call, leave_call
 from crypto_server.transport.errors import REQUEST_ID_HEADER, internal_status, status_for
 from crypto_server.transport.metrics import NullRpcObserver, RpcObserver
+from crypto_server.transport.stream_messages import stream_request_deserializer, stream_response_serializer
 from crypto_server.transport.streams import (
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     IdleLimitedRequests,
@@ -399,8 +400,9 @@ def add_service(
                 name,
                 grpc.stream_stream_rpc_method_handler(
                     behaviour,
-                    request_deserializer=request_class.FromString,
-                    response_serializer=response_class.SerializeToString,
+                    request_deserializer=stream_request_deserializer(request_class),
+                    # The streaming handlers answer with responses already encoded (transport/stream_messages.py).
+                    response_serializer=stream_response_serializer(response_class.SerializeToString),
                 ),
             )
             continue

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from crypto_server.domain import stream_format as fmt
 from crypto_server.domain.errors import DecryptionFailed
@@ -96,3 +99,27 @@ def test_another_tenant_or_aad_or_header_fails() -> None:
 def test_malformed_headers_are_rejected(header: bytes) -> None:
     with pytest.raises(DecryptionFailed):
         fmt.read_header(header)
+
+
+@given(
+    plaintext=st.binary(max_size=4 * SEGMENT),
+    cuts=st.lists(st.integers(min_value=0, max_value=4 * SEGMENT), max_size=8),
+    views=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_any_chunking_of_either_side_gives_the_same_segments(plaintext: bytes, cuts: list[int], views: bool) -> None:
+    # Chunks are read in place (only a segment's completion and the tail are copied): however the input is cut,
+    # and whether the chunks are bytes or views of received messages, the segments and the plaintext are the same.
+    bounds = [0, *sorted(c for c in cuts if c <= len(plaintext)), len(plaintext)]
+    chunks: list[bytes | memoryview] = [plaintext[a:b] for a, b in itertools.pairwise(bounds)]
+    if views:
+        chunks = [memoryview(chunk) for chunk in chunks]
+    encryptor = fmt.StreamEncryptor(MATERIAL, "t1", KEY_ID, 3, b"aad", segment_bytes=SEGMENT)
+    sealed = b"".join(b"".join(encryptor.update_segments(chunk)) for chunk in chunks) + encryptor.finish()
+    full, last = divmod(len(plaintext), SEGMENT)
+    segments = full + 1 if last or not full else full
+    assert len(sealed) == len(plaintext) + segments * fmt.TAG_BYTES
+    decryptor = fmt.StreamDecryptor(MATERIAL, "t1", fmt.read_header(encryptor.header), b"aad")
+    cut_sealed = [memoryview(sealed)[a : a + 999] if views else sealed[a : a + 999] for a in range(0, len(sealed), 999)]
+    opened = b"".join(decryptor.update(chunk) for chunk in cut_sealed) + decryptor.finish()
+    assert opened == plaintext

@@ -19,36 +19,21 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from crypto_client.protowire import chunk_tag, read_varint, varint
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 
-_LENGTH_DELIMITED = 2
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _chunk_tag(message: Any) -> bytes:
-    return _varint(message.DESCRIPTOR.fields_by_name["chunk"].number << 3 | _LENGTH_DELIMITED)
-
-
-_ENCRYPT_CHUNK_TAG = _chunk_tag(crypto_pb.EncryptStreamRequest)
-_DECRYPT_CHUNK_TAG = _chunk_tag(crypto_pb.DecryptStreamRequest)
+_ENCRYPT_CHUNK_TAG = varint(chunk_tag(crypto_pb.EncryptStreamRequest))
+_DECRYPT_CHUNK_TAG = varint(chunk_tag(crypto_pb.DecryptStreamRequest))
 
 
 def encrypt_chunk_request(chunk: bytes) -> bytes:
     """An EncryptStreamRequest holding only `chunk`, serialized."""
-    return b"".join((_ENCRYPT_CHUNK_TAG, _varint(len(chunk)), chunk))
+    return b"".join((_ENCRYPT_CHUNK_TAG, varint(len(chunk)), chunk))
 
 
 def decrypt_chunk_request(chunk: bytes) -> bytes:
     """A DecryptStreamRequest holding only `chunk`, serialized."""
-    return b"".join((_DECRYPT_CHUNK_TAG, _varint(len(chunk)), chunk))
+    return b"".join((_DECRYPT_CHUNK_TAG, varint(len(chunk)), chunk))
 
 
 def serialize_stream_request(request: Any) -> bytes:
@@ -68,29 +53,15 @@ class ChunkOnlyResponse:
         self.chunk = chunk
 
 
-def _read_varint(data: bytes, position: int) -> tuple[int, int]:
-    """The varint at `position` and the position after it; (-1, position) when there is none (at most 10 bytes)."""
-    value = 0
-    for shift in range(0, 70, 7):
-        if position >= len(data):
-            break
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, position
-    return -1, position
-
-
 def stream_response_deserializer(response_class: type[Message]) -> Callable[[bytes], Any]:
     """Reads `response_class`: exactly one `chunk` field becomes a ChunkOnlyResponse (one copy of the chunk, where
     protobuf makes two); anything else is left to protobuf's own parser."""
-    chunk_tag = _varint(response_class.DESCRIPTOR.fields_by_name["chunk"].number << 3 | _LENGTH_DELIMITED)[0]
+    tag = varint(chunk_tag(response_class))
     parse = response_class.FromString
 
     def deserialize(data: bytes) -> Any:
-        if data[:1] == bytes((chunk_tag,)):
-            length, position = _read_varint(data, 1)
+        if data[: len(tag)] == tag:
+            length, position = read_varint(data, len(tag))
             if length >= 0 and position + length == len(data):
                 return ChunkOnlyResponse(data[position:])
         return parse(data)

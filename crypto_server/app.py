@@ -41,6 +41,7 @@ from crypto_server.service.key_destruction import KeyDestruction
 from crypto_server.service.key_lifecycle import KeyLifecycle
 from crypto_server.service.key_rotator import KeyRotator
 from crypto_server.service.keyring import Keyring
+from crypto_server.service.leased_passes import PassSchedule
 from crypto_server.service.macs_and_signatures import MacsAndSignatures
 from crypto_server.service.quotas import quotas_for
 from crypto_server.service.usage_budget import UsageBudget
@@ -455,25 +456,11 @@ def build_server(
             request_key_id_secret=authenticator.request_key_id_secret(),
             max_session_lifetime=timedelta(seconds=settings.max_session_key_lifetime_s),
         )
-        rotator = KeyRotator(
-            store,
-            lifecycle,
-            clock,
-            interval_s=settings.rotation_interval_s,
-            lease_ttl_s=settings.rotation_lease_s,
-            audit=audit,
-            usage_soft_limit=settings.usage_soft_limit,
-        )
+        # The destroyer runs on the rotator's interval and lease length, under a lease of its own.
+        passes = PassSchedule(interval_s=settings.rotation_interval_s, lease_ttl_s=settings.rotation_lease_s)
+        rotator = KeyRotator(store, lifecycle, clock, passes, audit=audit, usage_soft_limit=settings.usage_soft_limit)
         destruction = KeyDestruction(serving, clock, invalidation, fresh=fresh, listing=store)
-        # On the rotator's interval and lease length, under a lease of its own.
-        destroyer = KeyDestroyer(
-            store,
-            destruction,
-            clock,
-            interval_s=settings.rotation_interval_s,
-            lease_ttl_s=settings.rotation_lease_s,
-            audit=audit,
-        )
+        destroyer = KeyDestroyer(store, destruction, clock, passes, audit=audit)
         budget = UsageBudget(
             store if cache is None else cache.store,  # a soft-limit mark drops the cached copy
             clock,

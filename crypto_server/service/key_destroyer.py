@@ -19,7 +19,7 @@ from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError
 from crypto_server.service.audit import AuditTrail
 from crypto_server.service.key_destruction import KeyDestruction
-from crypto_server.service.leased_passes import SYSTEM_PRINCIPAL, LeasedPasses
+from crypto_server.service.leased_passes import SYSTEM_PRINCIPAL, LeasedPasses, PassSchedule
 from crypto_server.storage.port import DestructionSchedule, Leases
 
 log = logging.getLogger(__name__)
@@ -35,25 +35,17 @@ class DestroyerStore(DestructionSchedule, Leases, Protocol):
     KeyDestruction, over the key records' integrity check and cache)."""
 
 
-class KeyDestroyer(LeasedPasses):
-    lease_name = LEASE_NAME
-    work = "scheduled destruction"
-
+class KeyDestroyer(LeasedPasses, lease_name=LEASE_NAME, work="scheduled destruction", default_batch=DEFAULT_BATCH):
     def __init__(
         self,
         store: DestroyerStore,
         destruction: KeyDestruction,
         clock: Clock,
+        schedule: PassSchedule,
         *,
-        interval_s: float,
-        lease_ttl_s: float,
         audit: AuditTrail | None = None,
-        batch: int = DEFAULT_BATCH,
-        holder: str | None = None,
     ) -> None:
-        super().__init__(
-            store, clock, interval_s=interval_s, lease_ttl_s=lease_ttl_s, audit=audit, batch=batch, holder=holder
-        )
+        super().__init__(store, clock, schedule, audit)
         self._store = store
         self._destruction = destruction
 

@@ -28,7 +28,7 @@ from crypto_server.domain.clock import Clock
 from crypto_server.domain.errors import CryptoServiceError
 from crypto_server.service.audit import AuditTrail
 from crypto_server.service.key_lifecycle import KeyLifecycle
-from crypto_server.service.leased_passes import SYSTEM_PRINCIPAL, LeasedPasses
+from crypto_server.service.leased_passes import SYSTEM_PRINCIPAL, LeasedPasses, PassSchedule
 from crypto_server.storage.port import Leases, RotationSchedule
 
 log = logging.getLogger(__name__)
@@ -44,26 +44,18 @@ class RotatorStore(RotationSchedule, Leases, Protocol):
     lifecycle)."""
 
 
-class KeyRotator(LeasedPasses):
-    lease_name = LEASE_NAME
-    work = "automatic rotation"
-
+class KeyRotator(LeasedPasses, lease_name=LEASE_NAME, work="automatic rotation", default_batch=DEFAULT_BATCH):
     def __init__(
         self,
         store: RotatorStore,
         lifecycle: KeyLifecycle,
         clock: Clock,
+        schedule: PassSchedule,
         *,
-        interval_s: float,
-        lease_ttl_s: float,
         audit: AuditTrail | None = None,
-        batch: int = DEFAULT_BATCH,
-        holder: str | None = None,
         usage_soft_limit: int | None = None,
     ) -> None:
-        super().__init__(
-            store, clock, interval_s=interval_s, lease_ttl_s=lease_ttl_s, audit=audit, batch=batch, holder=holder
-        )
+        super().__init__(store, clock, schedule, audit)
         self._store = store
         self._lifecycle = lifecycle
         self._usage_soft_limit = usage_soft_limit

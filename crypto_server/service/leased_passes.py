@@ -17,6 +17,7 @@ import contextlib
 import logging
 import uuid
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from crypto_server.domain.clock import Clock
@@ -30,34 +31,42 @@ log = logging.getLogger(__name__)
 SYSTEM_PRINCIPAL = "system"
 
 
+@dataclass(frozen=True, slots=True)
+class PassSchedule:
+    """How often a server runs a pass (0: never), and how long a lease lasts: longer than the interval, or the
+    holder would lose it between two passes."""
+
+    interval_s: float
+    lease_ttl_s: float
+    batch: int | None = None  # keys handled per pass at most; None: the job's own default
+    holder: str | None = None  # the name this server holds the lease under; None: a random one
+
+    def __post_init__(self) -> None:
+        if self.interval_s > 0 and self.lease_ttl_s <= self.interval_s:
+            raise ValueError("a lease must last longer than the interval between passes")
+
+
 class LeasedPasses(ABC):
     """Subclasses name the lease and the work (`lease_name`, `work`), find the due keys and handle one."""
 
     lease_name: str
     work: str  # what the passes do, in log lines: "automatic rotation", "scheduled destruction"
+    default_batch: int
 
-    def __init__(
-        self,
-        leases: Leases,
-        clock: Clock,
-        *,
-        interval_s: float,
-        lease_ttl_s: float,
-        audit: AuditTrail | None,
-        batch: int,
-        holder: str | None,
-    ) -> None:
-        if interval_s > 0 and lease_ttl_s <= interval_s:
-            raise ValueError(f"the {self.lease_name} lease must last longer than the interval between passes")
+    def __init_subclass__(cls, *, lease_name: str, work: str, default_batch: int) -> None:
+        super().__init_subclass__()
+        cls.lease_name, cls.work, cls.default_batch = lease_name, work, default_batch
+
+    def __init__(self, leases: Leases, clock: Clock, schedule: PassSchedule, audit: AuditTrail | None) -> None:
         self._leases = leases
         self._clock = clock
-        self._lease_ttl = timedelta(seconds=lease_ttl_s)
+        self._lease_ttl = timedelta(seconds=schedule.lease_ttl_s)
         self._audit = audit
-        self._batch = batch
-        self.holder = holder or f"{self.lease_name.removeprefix('key-')}-{uuid.uuid4()}"
+        self._batch = schedule.batch or self.default_batch
+        self.holder = schedule.holder or f"{self.lease_name.removeprefix('key-')}-{uuid.uuid4()}"
         self._passes = Periodic(
             self.run_once,
-            interval_s,
+            schedule.interval_s,
             name=self.lease_name,
             skipped=f"{self.work} skipped a pass: the key store is unavailable",
         )

@@ -26,6 +26,8 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from crypto_client.protowire import chunk_tag, read_varint, varint
+
 _CHUNK_TAG = b"\x0a"
 _KEY_ID_TAG = b"\x12"
 _KEY_VERSION_TAG = b"\x18"
@@ -41,15 +43,6 @@ class EncodedResponse:
         self.wire = wire
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def encode_stream_response(
     pieces: Sequence[bytes | memoryview], key_id: str = "", key_version: int = 0
 ) -> EncodedResponse:
@@ -57,12 +50,12 @@ def encode_stream_response(
     parts: list[bytes | memoryview] = []
     size = sum(len(piece) for piece in pieces)
     if size:
-        parts += (_CHUNK_TAG, _varint(size), *pieces)
+        parts += (_CHUNK_TAG, varint(size), *pieces)
     if key_id:
         encoded_key_id = key_id.encode()
-        parts += (_KEY_ID_TAG, _varint(len(encoded_key_id)), encoded_key_id)
+        parts += (_KEY_ID_TAG, varint(len(encoded_key_id)), encoded_key_id)
     if key_version:
-        parts += (_KEY_VERSION_TAG, _varint(key_version))
+        parts += (_KEY_VERSION_TAG, varint(key_version))
     return EncodedResponse(b"".join(parts))
 
 
@@ -87,36 +80,21 @@ class ChunkOnlyRequest:
         self.chunk = chunk
 
 
-def _read_varint(data: bytes, position: int) -> tuple[int, int]:
-    """The varint at `position` and the position after it; (-1, position) when there is none (at most 10 bytes)."""
-    value = 0
-    for shift in range(0, 70, 7):
-        if position >= len(data):
-            break
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, position
-    return -1, position
-
-
 def stream_request_deserializer(request_class: type[Message]) -> Callable[[bytes], Any]:
     """Reads `request_class` (EncryptStreamRequest or DecryptStreamRequest): a message that is exactly one
     `chunk` field (tag, length, and that many bytes to the end) becomes a ChunkOnlyRequest whose chunk is a view
     of `data`, without a copy; anything else, well-formed or not, is left to protobuf's own parser."""
     descriptor = request_class.DESCRIPTOR
-    chunk_field = descriptor.fields_by_name["chunk"]
-    chunk_tag = chunk_field.number << 3 | 2  # wire type 2: length-delimited
+    tag_of_chunk = chunk_tag(request_class)
     # The stream requests have scalar fields only, so each default is an immutable value.
     defaults = {field.name: field.default_value for field in descriptor.fields if field.name != "chunk"}
     chunk_only = type(f"{descriptor.name}ChunkOnly", (ChunkOnlyRequest,), {"__slots__": (), **defaults})
     parse = request_class.FromString
 
     def deserialize(data: bytes) -> Any:
-        tag, position = _read_varint(data, 0)
-        if tag == chunk_tag:
-            length, position = _read_varint(data, position)
+        tag, position = read_varint(data, 0)
+        if tag == tag_of_chunk:
+            length, position = read_varint(data, position)
             if length >= 0 and position + length == len(data):
                 return chunk_only(memoryview(data)[position:])
         return parse(data)

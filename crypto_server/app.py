@@ -524,7 +524,7 @@ def build_server(
         add_service(
             server,
             _KEY_SERVICE_DESCRIPTOR,
-            KeyServicer(lifecycle, clock, audit, backups, destruction=destruction),
+            KeyServicer(lifecycle, clock, audit, backups, destruction),
             middleware,
         )
         signatures = MacsAndSignatures(keyring, clock, max_data_bytes=settings.max_plaintext_bytes)

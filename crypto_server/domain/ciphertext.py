@@ -54,10 +54,6 @@ def _tenant_part(tenant_id: str) -> bytes:
     return _AAD_DOMAIN + len(tenant).to_bytes(2, "big") + tenant
 
 
-def _associated_data(tenant_id: str, header: bytes, aad: bytes) -> bytes:
-    return b"".join((_tenant_part(tenant_id), header, aad))
-
-
 class Sealer:
     """`encrypt` for many plaintexts with one key version of one tenant (a batch): the header and the fixed
     part of the associated data are made once."""
@@ -98,9 +94,7 @@ class Opener:
 
 def encrypt(aead: Aead, tenant_id: str, key_id: uuid.UUID, key_version: int, plaintext: bytes, aad: bytes) -> bytes:
     """Encrypt `plaintext` with a fresh 96-bit random nonce into the v1 format."""
-    header = _FORMAT_BYTE + key_id.bytes + _VERSION.pack(key_version)
-    nonce = random_nonce()
-    return header + nonce + aead.encrypt(nonce, plaintext, _associated_data(tenant_id, header, aad))
+    return Sealer(aead, tenant_id, key_id, key_version).seal(plaintext, aad)
 
 
 def read_header(ciphertext: bytes) -> CiphertextHeader:
@@ -113,9 +107,4 @@ def read_header(ciphertext: bytes) -> CiphertextHeader:
 
 def decrypt(aead: Aead, tenant_id: str, ciphertext: bytes, aad: bytes) -> bytes:
     """Open a ciphertext whose header was read with `read_header`. Raises DecryptionFailed."""
-    header = ciphertext[:HEADER_BYTES]
-    nonce = ciphertext[HEADER_BYTES : HEADER_BYTES + NONCE_BYTES]
-    try:
-        return aead.decrypt(nonce, ciphertext[HEADER_BYTES + NONCE_BYTES :], _associated_data(tenant_id, header, aad))
-    except InvalidTag:
-        raise DecryptionFailed() from None
+    return Opener(aead, tenant_id).open(ciphertext, aad)

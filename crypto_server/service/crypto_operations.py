@@ -312,14 +312,13 @@ class CryptoOperations:
         sealer = codec.Sealer(self._keyring.aead(loaded, version), tenant_id, loaded.key_uuid, version)
         budget = self._budget
         ref = VersionRef(tenant_id, loaded.key.key_id, version)
-        counted = len(indexes) if budget is None else budget.record_many(ref, len(indexes))
+        counted, refusal = (len(indexes), None) if budget is None else budget.record_many(ref, len(indexes))
         for position, index in enumerate(indexes):
             if position >= counted:
-                assert budget is not None
-                refused = _outcome(partial(budget.record, ref))
-                if refused is not None:
-                    outcomes[index] = refused
-                    continue
+                # What stopped the count (the hard limit, the store) stops the rest of the key's items alike.
+                assert refusal is not None
+                outcomes[index] = refusal
+                continue
             item = items[index]
             outcomes[index] = Encrypted(sealer.seal(item.plaintext, item.aad), key_id, version)
 

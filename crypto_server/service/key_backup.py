@@ -107,25 +107,15 @@ class KeyBackups:
         # Read from the store for its current versions; used once, never kept in the keyring.
         loaded = self._keyring.transient(key)
         backup = KeyBackup(
-            metadata=_metadata_of(key, self._current_counts(key), to_key_precision(self._clock.now())),
+            # Read from the store, not the Redis cache (whose counts trail): the counts are the database's.
+            metadata=_metadata_of(
+                key, {v.version: v.encryptions for v in key.versions}, to_key_precision(self._clock.now())
+            ),
             materials=tuple(self._keyring.material(loaded, version.version) for version in key.versions),
         )
         if public_key is not None:
             return key, seal_for_public_key(backup, public_key)
         return key, seal_for_root_key(backup, self._keyring.root, self._root_fingerprint)
-
-    def _current_counts(self, key: Key) -> dict[int, int]:
-        """Each version's encryption count as the database holds it now. A key read through the Redis cache
-        carries the counts of when it was cached (counts change no revision, and fall when servers give unused
-        reservations back), and a backup must carry them all: an increment by zero is the store's one atomic
-        read of the totals."""
-        totals = self._counters.add_encryptions(
-            {VersionRef(key.tenant_id, key.key_id, version.version): 0 for version in key.versions}
-        )
-        return {
-            version.version: totals.get(VersionRef(key.tenant_id, key.key_id, version.version), version.encryptions)
-            for version in key.versions
-        }
 
     def import_key(self, tenant_id: str, blob: bytes) -> Key:
         """Restore the key a backup holds into `tenant_id` (the tenant it came from), as it was."""

@@ -172,8 +172,9 @@ class Keyring:
             if fill is not None and fill.stale:
                 return loaded
             previous = self._loaded.get(slot)
-            if previous is not None and previous.key.versions == key.versions:
-                # Same material: keep what was already unwrapped.
+            if previous is not None and _material_of(previous.key) == _material_of(key):
+                # Same material (counts and states may differ; they are checked per call, not kept in the
+                # primitives): keep what was already unwrapped.
                 loaded.primitives = previous.primitives
             self._loaded[slot] = loaded
             self._loaded.move_to_end(slot)
@@ -332,3 +333,9 @@ class Keyring:
 def unwrap_version(parent: WrappingKey, key: Key, record: KeyVersion) -> bytes:
     """One version's material, unwrapped under `parent` with the binding of that key and version."""
     return unwrap_key(parent, record.wrapped_material, WrappingContext.of(key, record))
+
+
+def _material_of(key: Key) -> list[tuple[int, int, bytes]]:
+    """What a key's unwrapped primitives depend on: each version's number, wrapping parent and wrapped bytes (an
+    erased version has none, so destroying one drops them)."""
+    return [(version.version, version.parent_version, version.wrapped_material) for version in key.versions]

@@ -38,8 +38,6 @@ class PassSchedule:
 
     interval_s: float
     lease_ttl_s: float
-    batch: int | None = None  # keys handled per pass at most; None: the job's own default
-    holder: str | None = None  # the name this server holds the lease under; None: a random one
 
     def __post_init__(self) -> None:
         if self.interval_s > 0 and self.lease_ttl_s <= self.interval_s:
@@ -62,8 +60,8 @@ class LeasedPasses(ABC):
         self._clock = clock
         self._lease_ttl = timedelta(seconds=schedule.lease_ttl_s)
         self._audit = audit
-        self._batch = schedule.batch or self.default_batch
-        self.holder = schedule.holder or f"{self.lease_name.removeprefix('key-')}-{uuid.uuid4()}"
+        self._batch = self.default_batch
+        self.holder = f"{self.lease_name.removeprefix('key-')}-{uuid.uuid4()}"
         self._passes = Periodic(
             self.run_once,
             schedule.interval_s,

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crypto_server.domain.clock import Clock
-from crypto_server.domain.errors import KeyNotFound, KeyVersionExhausted, StoreUnavailable
+from crypto_server.domain.errors import CryptoServiceError, KeyNotFound, KeyVersionExhausted, StoreUnavailable
 from crypto_server.domain.limits import GCM_RANDOM_NONCE_LIMIT
 from crypto_server.service.periodic import Periodic
 from crypto_server.storage.port import Reservation, UsageCounters, VersionRef
@@ -60,6 +60,7 @@ class _Counter:
     used: bool = True  # encrypted with (or reserved for) since the last pass; a version idle for a pass is dropped
     refused: bool = False  # granted nothing: refused from memory until the next pass drops this counter
     refilling: bool = False  # a reservation is under way: the pass leaves this counter alone
+    marked: bool = False  # marked due for rotation (soft limit) since the last pass
     # One reservation at a time per version: the others wait for it instead of reserving blocks of their own.
     refill: threading.Lock = field(default_factory=threading.Lock)
 
@@ -113,12 +114,12 @@ class UsageBudget:
                     raise KeyVersionExhausted(version.key_id, version.version)
             self._reserve(version, counter)
 
-    def record_many(self, version: VersionRef, count: int) -> int:
+    def record_many(self, version: VersionRef, count: int) -> tuple[int, CryptoServiceError | None]:
         """Count up to `count` encryptions with `version` (a batch's items that use it): how many were counted,
-        which is `count` unless the hard limit (or a failed reservation) stops it partway. Reserved uses are
-        taken in one step under the lock; blocks are reserved as `record` reserves them, so the bound stays
-        exact. Raises as `record` does only when it counted none; after a partial count, `record` per
-        remaining encryption says why each is refused."""
+        which is `count` unless the hard limit (or a failed reservation) stops it partway, and then the error
+        each remaining encryption gets. Reserved uses are taken in one step under the lock; blocks are
+        reserved as `record` reserves them, so the bound stays exact. Raises as `record` does only when it
+        counted none."""
         taken = 0
         while True:
             with self._lock:
@@ -131,17 +132,18 @@ class UsageBudget:
                     counter.used = True
                     taken += spent
                     if taken == count:
-                        return taken
+                        return taken, None
                 if counter.refused:
+                    exhausted = KeyVersionExhausted(version.key_id, version.version)
                     if taken:
-                        return taken
-                    raise KeyVersionExhausted(version.key_id, version.version)
+                        return taken, exhausted
+                    raise exhausted
             try:
                 self._reserve(version, counter)
-            except Exception:
+            except CryptoServiceError as error:
                 if not taken:
                     raise
-                return taken
+                return taken, error
 
     def held(self) -> dict[VersionRef, int]:
         """The versions this server keeps a counter for, with the uses it has reserved and not used yet."""
@@ -172,23 +174,29 @@ class UsageBudget:
                 counter.total = max(counter.total, reservation.total)
                 counter.used = bool(reservation.granted)  # a refused counter is dropped by the next pass
                 counter.refused = not reservation.granted
-                highest = max((c.total for c in self._counters.values()), default=0)
-        self._report(highest)
-        self._mark_if_over_soft_limit(version, reservation)
+        self._report()
+        self._mark_if_over_soft_limit(version, reservation, counter)
 
-    def _mark_if_over_soft_limit(self, version: VersionRef, reservation: Reservation) -> None:
-        if reservation.total < self.soft_limit:
+    def _mark_if_over_soft_limit(self, version: VersionRef, reservation: Reservation, counter: _Counter) -> None:
+        if reservation.total < self.soft_limit or counter.marked:
             return
         try:
-            # Repeated by every reservation until the key rotates (a no-op once `version` is not its primary).
+            # Repeated once per pass until the key rotates (a no-op once `version` is not its primary): each mark
+            # is a store write and drops the key's Redis copy, so not on every reservation.
             self._store.mark_rotation_due(version, self._clock.now())
         except StoreUnavailable:
             log.warning("a key at its usage soft limit not marked for rotation: the key store is unavailable")
+        else:
+            counter.marked = True
 
-    def _report(self, highest_total: int) -> None:
-        self.highest_fraction = highest_total / self.hard_limit
-        if self._on_fraction is not None:
-            self._on_fraction(self.highest_fraction)
+    def _report(self) -> None:
+        """Publish the highest fraction of the hard limit a version this server knows has reached (the budget
+        gauge), computed and published under the lock: a pass and a reservation cannot publish out of order."""
+        with self._lock:
+            highest = max((c.total for c in self._counters.values()), default=0)
+            self.highest_fraction = highest / self.hard_limit
+            if self._on_fraction is not None:
+                self._on_fraction(self.highest_fraction)
 
     def flush(self) -> None:
         """The periodic pass: give back (an atomic decrement per version, in one store call) the unused
@@ -201,8 +209,8 @@ class UsageBudget:
                 returned = self._take_unused(idle)
                 for counter in self._counters.values():
                     counter.used = False
-                highest = max((c.total for c in self._counters.values()), default=0)
-            self._report(highest)
+                    counter.marked = False
+            self._report()
             self._give_back(returned)
 
     def _take_unused(self, refs: list[VersionRef]) -> dict[VersionRef, int]:

@@ -31,9 +31,8 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
         self,
         lifecycle: KeyLifecycle,
         clock: Clock,
-        audit: AuditTrail | None = None,
-        backups: KeyBackups | None = None,
-        *,
+        audit: AuditTrail | None,
+        backups: KeyBackups,
         destruction: KeyDestruction,
     ) -> None:
         self._lifecycle = lifecycle
@@ -191,16 +190,11 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
         master = self._destruction.cancel_tenant_destruction(request.tenant_id)
         return pb.CancelTenantDestructionResponse(master_key=self._key(master))
 
-    def _key_backups(self) -> KeyBackups:
-        if self._backups is None:
-            raise NotImplementedError("this server was built without key backups")
-        return self._backups
-
     def ExportKey(self, request: pb.ExportKeyRequest, context: grpc.ServicerContext) -> pb.ExportKeyResponse:
-        key, backup = self._key_backups().export_key(
+        key, backup = self._backups.export_key(
             request.tenant_id, request.key_id, backup_public_key=request.backup_public_key
         )
         return pb.ExportKeyResponse(backup=backup, key=self._key(key))
 
     def ImportKey(self, request: pb.ImportKeyRequest, context: grpc.ServicerContext) -> pb.ImportKeyResponse:
-        return pb.ImportKeyResponse(key=self._key(self._key_backups().import_key(request.tenant_id, request.backup)))
+        return pb.ImportKeyResponse(key=self._key(self._backups.import_key(request.tenant_id, request.backup)))

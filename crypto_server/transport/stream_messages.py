@@ -26,11 +26,25 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from crypto_client.protowire import chunk_tag, read_varint, varint
+from crypto_client.protowire import LENGTH_DELIMITED, chunk_tag, read_varint, varint
+from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 
-_CHUNK_TAG = b"\x0a"
-_KEY_ID_TAG = b"\x12"
-_KEY_VERSION_TAG = b"\x18"
+_VARINT = 0  # the wire type of integer fields
+
+
+def _tag(field: str, wire_type: int) -> bytes:
+    """A response field's tag, from the generated descriptors (so it cannot drift from the protos); both stream
+    responses number their fields alike, so one encoder serves both."""
+    (number,) = {
+        response.DESCRIPTOR.fields_by_name[field].number
+        for response in (crypto_pb.EncryptStreamResponse, crypto_pb.DecryptStreamResponse)
+    }
+    return varint(number << 3 | wire_type)
+
+
+_CHUNK_TAG = _tag("chunk", LENGTH_DELIMITED)
+_KEY_ID_TAG = _tag("key_id", LENGTH_DELIMITED)
+_KEY_VERSION_TAG = _tag("key_version", _VARINT)
 
 
 class EncodedResponse:

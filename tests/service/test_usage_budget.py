@@ -29,6 +29,7 @@ class CountingStore:
         self.inner = inner
         self.reservations = 0
         self.give_backs = 0
+        self.marks = 0
         self.unavailable = False
 
     def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
@@ -42,6 +43,7 @@ class CountingStore:
         return self.inner.add_encryptions(counts)
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
+        self.marks += 1
         self.inner.mark_rotation_due(version, now)
 
 
@@ -229,9 +231,11 @@ def test_a_batch_takes_its_uses_in_one_call_and_never_past_the_hard_limit(deploy
     budget, store = deployment.server(hard_limit=25, block=10)
     budget.record(deployment.version)
 
-    assert budget.record_many(deployment.version, 9) == 9, "the rest of the first block, no store round trip"
+    assert budget.record_many(deployment.version, 9) == (9, None), "the rest of the first block, no store round trip"
     assert store.reservations == 1
-    assert budget.record_many(deployment.version, 40) == 15, "two more blocks, the second cut to what was left"
+    counted, refusal = budget.record_many(deployment.version, 40)
+    assert counted == 15, "two more blocks, the second cut to what was left"
+    assert isinstance(refusal, KeyVersionExhausted), "what the other 25 items of the batch get"
     assert deployment.stored() == 25
     with pytest.raises(KeyVersionExhausted):
         budget.record_many(deployment.version, 1)
@@ -243,7 +247,20 @@ def test_a_batch_takes_its_uses_in_one_call_and_never_past_the_hard_limit(deploy
 def test_a_batch_shares_the_hard_limit_with_another_server_exactly(deployment: Deployment) -> None:
     first, _ = deployment.server(hard_limit=30, block=8)
     second, _ = deployment.server(hard_limit=30, block=8)
-    assert first.record_many(deployment.version, 5) == 5  # holds 3 more
-    assert second.record_many(deployment.version, 100) == 22, "all the store had left"
-    assert first.record_many(deployment.version, 10) == 3, "its own reservation, then refused"
+    assert first.record_many(deployment.version, 5) == (5, None)  # holds 3 more
+    assert second.record_many(deployment.version, 100)[0] == 22, "all the store had left"
+    assert first.record_many(deployment.version, 10)[0] == 3, "its own reservation, then refused"
     assert deployment.stored() == 30
+
+
+def test_a_version_over_its_soft_limit_is_marked_once_per_pass_not_on_every_reservation(deployment: Deployment) -> None:
+    """Each mark is a store write and drops the key's Redis copy: repeated once per pass until the key rotates."""
+    budget, store = deployment.server(hard_limit=1000, block=10, soft_limit=20)
+    for _ in range(60):  # six blocks, four of them at or over the soft limit
+        budget.record(deployment.version)
+    assert store.reservations == 6
+    assert store.marks == 1
+    budget.flush()  # a pass: the key may have been rescheduled meanwhile, so the next reservation marks again
+    for _ in range(20):
+        budget.record(deployment.version)
+    assert store.marks == 2

@@ -146,9 +146,9 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
             security_scratch = Path(scratch) / "security"
             security_scratch.mkdir()
             results["security"] = scenarios.security_cost(backends, phases, security_scratch)
-            log("key lifecycle (usage counting, rotator): today's server against the one before issue 13")
-            results["lifecycle"] = scenarios.lifecycle_cost(backends, phases, Path(scratch))
-            if phases.batches:
+            if phases.against_history:
+                log("key lifecycle (usage counting, rotator): today's server against the one before issue 13")
+                results["lifecycle"] = scenarios.lifecycle_cost(backends, phases, Path(scratch))
                 log("batches of 100 x 1 KiB against unary Encrypt, today's server and the one before the rework")
                 results["batches"] = scenarios.batch_cost(backends, phases, Path(scratch))
         finally:

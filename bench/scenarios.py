@@ -55,11 +55,13 @@ class Phases:
     large_sizes_mib: tuple[int, int]
     key_management_ops: int
     backends_in_flight: tuple[int, ...]  # in-flight levels measured on MongoDB + Redis too
-    batches: bool = True  # the batch scenario (two servers, about a minute): full runs only
+    # The scenarios that compare today's server with an older one extracted from git history (batches, key
+    # lifecycle): two servers each, a minute or more; full runs only.
+    against_history: bool = True
 
 
 FULL = Phases(3, 6000, 1500, 1000, 1000, (16, 256), 300, (1, 16, 64))
-QUICK = Phases(3, 800, 250, 150, 100, (16, 32), 40, (16,), batches=False)
+QUICK = Phases(3, 800, 250, 150, 100, (16, 32), 40, (16,), against_history=False)
 
 
 def summary(values: list[float]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from crypto_server.service.change_poller import ChangePoller
 from crypto_server.storage.port import KeyQuery
 from crypto_server.storage.redis.guard import connect
 from crypto_server.storage.sqlite import SqliteKeyStore
-from tests.conftest import FakeClock, ServerHandle, StartServer, expect_error
+from tests.conftest import BACKENDS, FakeClock, ServerHandle, StartServer, expect_error
 
 TENANT = "acme"
 OTHER = "globex"
@@ -281,7 +281,7 @@ def test_the_primary_cannot_be_destroyed_until_another_version_is_primary(server
     expect_error(lambda: _schedule_version(server, key_id, 2), FAILED, STATE)
 
 
-@pytest.mark.parametrize("backend", ["embedded", "mongo", "mongo+redis"], indirect=True)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)  # the root key in a file or in an HSM
 def test_a_destroyed_version_is_gone_from_every_backend_and_decrypt_says_so(start_server: StartServer) -> None:
     clock = FakeClock()
     server = start_server(clock=clock)
@@ -365,7 +365,7 @@ def _schedule_tenant(server: ServerHandle) -> key_pb.ScheduleTenantDestructionRe
     return server.keys.ScheduleTenantDestruction(key_pb.ScheduleTenantDestructionRequest(tenant_id=TENANT))
 
 
-@pytest.mark.parametrize("backend", ["embedded", "mongo", "mongo+redis"], indirect=True)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)  # the root key in a file or in an HSM
 def test_a_shredded_tenant_can_decrypt_nothing_on_any_path(start_server: StartServer) -> None:
     clock = FakeClock()
     server = start_server(clock=clock)

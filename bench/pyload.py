@@ -73,7 +73,9 @@ def run(
 
 
 def run_calls(calls: list[Callable[[grpc.aio.Channel], Awaitable[object]]], address: str, *, in_flight: int) -> float:
-    """Run each call once (`in_flight` at a time); the calls per second. Any failure raises."""
+    """Run each call once (`in_flight` at a time); the calls per second, retries included. A call the server sheds
+    (UNAVAILABLE: more calls waiting for the key store than it admits) is retried after a short back-off, as
+    the client library does; any other failure, or a call still shed after `_SHED_RETRIES` tries, raises."""
 
     async def main() -> float:
         async with grpc.aio.insecure_channel(address) as channel:
@@ -82,9 +84,23 @@ def run_calls(calls: list[Callable[[grpc.aio.Channel], Awaitable[object]]], addr
 
             async def worker() -> None:
                 while pending:
-                    await pending.pop()(channel)
+                    await _retrying_shed(pending.pop(), channel)
 
             await asyncio.gather(*(worker() for _ in range(in_flight)))
             return len(calls) / (time.perf_counter() - started)
 
     return asyncio.run(main())
+
+
+_SHED_RETRIES = 8
+
+
+async def _retrying_shed(call: Callable[[grpc.aio.Channel], Awaitable[object]], channel: grpc.aio.Channel) -> None:
+    for attempt in range(_SHED_RETRIES):
+        try:
+            await call(channel)
+            return
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == _SHED_RETRIES - 1:
+                raise
+            await asyncio.sleep(0.02 * 2**attempt)

@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from crypto_server.domain.key_wrap import WrappingKey
 from crypto_server.domain.keys import Key
+from crypto_server.service.key_versions import with_every_version
 from crypto_server.service.keyring import unwrap_version
 from tests.conftest import ServerHandle
 
@@ -16,6 +17,7 @@ from tests.conftest import ServerHandle
 def unwrapped_material(server: ServerHandle, key: Key) -> list[bytes]:
     """Every version's raw bytes, unwrapped here from the root key down (not by the server's code path)."""
     store = server.running.store
+    key = with_every_version(store, key)
     parents: dict[int, WrappingKey]
     if key.parent_key_id is None:
         if server.settings.root_key is not None:

@@ -14,11 +14,24 @@ random bytes kept in the store only wrapped under the root key (like a master
 key), so whoever lacks the root key cannot compute a tag, and a root key
 rotation re-wraps one value instead of re-tagging every key.
 
+The tag is split so that its cost does not grow with a key's age (issue 17):
+the key's tag covers the key's own metadata, which version is primary, and the
+state of every version that has one (disabled, scheduled for destruction,
+destroyed; a key always holds those versions, see domain/keys.py); each version
+carries its own tag over its immutable metadata (number, times, parent version,
+request id) bound to its tenant and key. A version read on its own is checked
+by its tag, and having no state of its own is vouched for by its key's tag,
+which lists every version that has one. Keys tagged before the split (one tag
+over every version) are still accepted, checked whole, and re-tagged
+(storage/integrity.py).
+
 What it does not cover, by design: the wrapped material (its AEAD binding
-already refuses any swap), and the store's own bookkeeping (`revision`, used
-for compare-and-set). A whole earlier row, tag included, written back by
-someone with write access to the store is a consistent older state that a
-per-key MAC cannot tell from the current one (docs/security.md).
+already refuses any swap), the encryption counts (service/usage_budget.py), and
+the store's own bookkeeping (`revision`, used for compare-and-set). A whole
+earlier row, tag included, written back by someone with write access to the
+store is a consistent older state that a per-key MAC cannot tell from the
+current one (docs/security.md); with per-version tags this holds per version row
+too, and no more than that: a version's state lives in its key's tag.
 """
 
 from __future__ import annotations
@@ -27,15 +40,18 @@ import hashlib
 import hmac
 import json
 import os
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 
 from crypto_server.domain.key_wrap import KEY_BYTES, NONCE_BYTES, WrappingKey
-from crypto_server.domain.keys import Key
+from crypto_server.domain.keys import Key, KeyVersion
 
-_TAG_DOMAIN = b"caas.crypto.v1/key-metadata\x00"
+_TAG_DOMAIN = b"caas.crypto.v1/key-metadata\x00"  # the tag over every version, before the split
+_KEY_TAG_DOMAIN = b"caas.crypto.v2/key-metadata\x00"
+_VERSION_TAG_DOMAIN = b"caas.crypto.v2/key-version\x00"
 _METADATA_KEY_AAD = b"caas.crypto.v1/metadata-key\x00"
 _REQUEST_KEY_ID_LABEL = b"caas.crypto.v1/request-key-ids\x00"
 _AUDIT_CHAIN_LABEL = b"caas.crypto.v1/audit-chain\x00"
@@ -52,9 +68,12 @@ def _duration_ms(duration: timedelta | None) -> int | None:
     return None if duration is None else duration // timedelta(milliseconds=1)
 
 
-def canonical_metadata(key: Key) -> bytes:
-    """The bytes the tag is computed over: sorted-key JSON, times in milliseconds since the epoch."""
-    document: dict[str, Any] = {
+def _canonical(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _key_fields(key: Key) -> dict[str, Any]:
+    return {
         "tenant_id": key.tenant_id,
         "key_id": key.key_id,
         "key_type": key.key_type.value,
@@ -66,33 +85,54 @@ def canonical_metadata(key: Key) -> bytes:
         "rotation_period_ms": _duration_ms(key.policy.rotation_period),
         "labels": dict(key.labels),
         "parent_key_id": key.parent_key_id,
-        "versions": [
-            {
-                "version": v.version,
-                "created_at": _ms(v.created_at),
-                "expires_at": _ms(v.expires_at),
-                "parent_version": v.parent_version,
-                "request_id": v.request_id,
-            }
-            for v in key.versions
-        ],
     }
-    _add_destruction_fields(document, key)
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _add_destruction_fields(document: dict[str, Any], key: Key) -> None:
-    """Version states (domain/key_destruction.py), each only when it differs from the default: a key written
-    before they existed keeps its tag, and any non-default value (or its removal) changes the bytes."""
+def _version_fields(version: KeyVersion) -> dict[str, Any]:
+    return {
+        "version": version.version,
+        "created_at": _ms(version.created_at),
+        "expires_at": _ms(version.expires_at),
+        "parent_version": version.parent_version,
+        "request_id": version.request_id,
+    }
+
+
+def _state_fields(version: KeyVersion) -> dict[str, Any]:
+    """A version's states, each only when it differs from the default."""
+    state: dict[str, Any] = {}
+    if version.disabled:
+        state["disabled"] = True
+    if version.destroy_at is not None:
+        state["destroy_at"] = _ms(version.destroy_at)
+    if version.destroyed_at is not None:
+        state["destroyed_at"] = _ms(version.destroyed_at)
+    return state
+
+
+def canonical_key_metadata(key: Key) -> bytes:
+    """What a key's tag covers: its metadata and the states of the versions that have one (keyed by number)."""
+    document = _key_fields(key)
+    document["min_decryption_version"] = key.min_decryption_version
+    document["version_states"] = {str(v.version): _state_fields(v) for v in key.versions if v.has_state}
+    return _canonical(document)
+
+
+def canonical_version_metadata(tenant_id: str, key_id: str, version: KeyVersion) -> bytes:
+    """What a version's tag covers: its immutable metadata, bound to its tenant and key."""
+    return _canonical({"tenant_id": tenant_id, "key_id": key_id, **_version_fields(version)})
+
+
+def canonical_metadata(key: Key) -> bytes:
+    """The bytes of a tag from before the split, over the whole key with every version: sorted-key JSON, times in
+    milliseconds since the epoch. Only checked (a key written before), never written."""
+    document = _key_fields(key)
+    document["versions"] = [_version_fields(v) for v in key.versions]
     if key.min_decryption_version:
         document["min_decryption_version"] = key.min_decryption_version
     for entry, version in zip(document["versions"], key.versions, strict=True):
-        if version.disabled:
-            entry["disabled"] = True
-        if version.destroy_at is not None:
-            entry["destroy_at"] = _ms(version.destroy_at)
-        if version.destroyed_at is not None:
-            entry["destroyed_at"] = _ms(version.destroyed_at)
+        entry.update(_state_fields(version))
+    return _canonical(document)
 
 
 class MetadataAuthenticator:
@@ -103,12 +143,37 @@ class MetadataAuthenticator:
             raise ValueError(f"the metadata key is {KEY_BYTES} bytes")
         self._key = metadata_key
 
+    def _mac(self, domain: bytes, data: bytes) -> bytes:
+        return hmac.new(self._key, domain + data, hashlib.sha256).digest()
+
     def tag(self, key: Key) -> bytes:
-        return hmac.new(self._key, _TAG_DOMAIN + canonical_metadata(key), hashlib.sha256).digest()
+        """The key's own tag (its metadata and its versions' states)."""
+        return self._mac(_KEY_TAG_DOMAIN, canonical_key_metadata(key))
+
+    def version_tag(self, tenant_id: str, key_id: str, version: KeyVersion) -> bytes:
+        return self._mac(_VERSION_TAG_DOMAIN, canonical_version_metadata(tenant_id, key_id, version))
+
+    def tagged(self, key: Key) -> Key:
+        """`key` with its tag and a tag on every version it holds (tags are deterministic: an unchanged version
+        gets the tag it had)."""
+        versions = tuple(replace(v, integrity_tag=self.version_tag(key.tenant_id, key.key_id, v)) for v in key.versions)
+        tagged = replace(key, versions=versions)
+        return replace(tagged, integrity_tag=self.tag(tagged))
 
     def verify(self, key: Key) -> bool:
-        """Whether `key.integrity_tag` is the tag of its metadata (constant-time comparison)."""
-        return hmac.compare_digest(self.tag(key), key.integrity_tag)
+        """Whether `key.integrity_tag` is the tag of its metadata and each version it holds carries its own
+        (constant-time comparisons)."""
+        return hmac.compare_digest(self.tag(key), key.integrity_tag) and all(
+            self.verify_version(key.tenant_id, key.key_id, v) for v in key.versions
+        )
+
+    def verify_version(self, tenant_id: str, key_id: str, version: KeyVersion) -> bool:
+        return hmac.compare_digest(self.version_tag(tenant_id, key_id, version), version.integrity_tag)
+
+    def verify_before_split(self, key: Key) -> bool:
+        """Whether `key`, holding every version, carries a valid tag from before the split."""
+        tag = self._mac(_TAG_DOMAIN, canonical_metadata(key))
+        return key.holds_every_version and hmac.compare_digest(tag, key.integrity_tag)
 
     def request_key_id_secret(self) -> bytes:
         """A secret for deriving the key ids of idempotent creations, so that knowing a request id

@@ -22,7 +22,7 @@ import hashlib
 import hmac
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -254,6 +254,14 @@ class KeyVersion:
     destroy_at: datetime | None = None
     # When the version was destroyed: its wrapped material is then empty, everywhere it was stored.
     destroyed_at: datetime | None = None
+    # HMAC of the version's immutable metadata (key_integrity.py); its states are in its key's tag.
+    integrity_tag: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether the version is in a state of its own (disabled, scheduled for destruction or destroyed):
+        a key always holds those versions, and its integrity tag covers their states."""
+        return self.disabled or self.destroy_at is not None or self.destroyed_at is not None
 
     @property
     def destroyed(self) -> bool:
@@ -273,7 +281,14 @@ class KeyVersion:
 
 @dataclass(frozen=True, slots=True)
 class Key:
-    """A tenant's key with all its versions (material wrapped)."""
+    """A tenant's key (material wrapped) with the versions it holds.
+
+    A key read from a store holds its primary version and every version in a state of its own (disabled,
+    scheduled for destruction, destroyed): what deciding about the key needs, however many versions it has.
+    Any other version is read when it is used (the keyring, by the version a ciphertext names), and a use case
+    that needs them all (an export, destroying a whole key) reads them page by page
+    (service/key_versions.py). Versions are 1 to `primary_version`, ascending in `versions`.
+    """
 
     key_id: str
     tenant_id: str
@@ -307,9 +322,6 @@ class Key:
     @property
     def expires_at(self) -> datetime | None:
         return self.primary.expires_at
-
-    def version_for_request(self, request_id: str) -> KeyVersion | None:
-        return next((v for v in self.versions if v.request_id == request_id), None)
 
     def same_creation_as(
         self, key_type: KeyType, policy: KeyPolicy, labels: Mapping[str, str], algorithm: Algorithm
@@ -377,6 +389,21 @@ class Key:
         """When the earliest scheduled destruction of a version runs; None when none is scheduled."""
         due = [v.destroy_at for v in self.versions if v.destroy_at is not None and not v.destroyed]
         return min(due) if due else None
+
+    @property
+    def holds_every_version(self) -> bool:
+        return len(self.versions) == self.primary_version
+
+    def as_stored(self) -> Key:
+        """The key holding what a store read gives it: its primary and the versions with a state of their own."""
+        held = tuple(v for v in self.versions if v.version == self.primary_version or v.has_state)
+        return self if len(held) == len(self.versions) else replace(self, versions=held)
+
+    def with_versions(self, versions: Iterable[KeyVersion]) -> Key:
+        """The key holding `versions` too (a version already held is replaced by the one given)."""
+        merged = {v.version: v for v in self.versions}
+        merged.update((v.version, v) for v in versions)
+        return replace(self, versions=tuple(merged[number] for number in sorted(merged)))
 
     def with_new_primary(self, version: KeyVersion) -> Key:
         return replace(self, primary_version=version.version, versions=(*self.versions, version))

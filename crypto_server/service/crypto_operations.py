@@ -160,8 +160,10 @@ class CryptoOperations:
         except KeyNotFound:
             raise DecryptionFailed() from None
         key = loaded.key
-        record = key.version(version)
-        if key.key_type is KeyType.MASTER or not self._keyring.algorithms.builds(key.algorithm, kind) or record is None:
+        if key.key_type is KeyType.MASTER or not self._keyring.algorithms.builds(key.algorithm, kind):
+            raise DecryptionFailed()
+        record = self._keyring.version(loaded, version)
+        if record is None:
             raise DecryptionFailed()
         if key.disabled:
             raise KeyDisabled(key.key_id)

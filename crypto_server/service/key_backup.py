@@ -56,6 +56,7 @@ from crypto_server.domain.keys import (
     validate_tenant_id,
 )
 from crypto_server.service.key_lifecycle import KeyLifecycle
+from crypto_server.service.key_versions import with_every_version
 from crypto_server.service.keyring import Keyring
 from crypto_server.storage.port import DuplicateKeyId, DuplicateMasterKey, KeyServing, UsageCounters, VersionRef
 
@@ -104,6 +105,8 @@ class KeyBackups:
                 f"key {key_id} has versions destroyed or scheduled for destruction: a backup would keep what "
                 "destruction erases; cancel the destruction first, or back the key up before scheduling it",
             )
+        # A backup holds every version (the key held those with a state: none, as checked above).
+        key = with_every_version(self._keys, key)
         # Read from the store for its current versions; used once, never kept in the keyring.
         loaded = self._keyring.transient(key)
         backup = KeyBackup(

@@ -49,6 +49,7 @@ from crypto_server.domain.key_destruction import (
     with_versions_destroyed,
 )
 from crypto_server.domain.keys import Key, KeyType, parse_key_id, validate_tenant_id
+from crypto_server.service.key_versions import with_every_version, with_version
 from crypto_server.storage.port import Invalidation, KeyQuery, KeyReader, KeyServing, ListCursor
 
 log = logging.getLogger(__name__)
@@ -82,28 +83,42 @@ class KeyDestruction:
     # -- versions and keys ----------------------------------------------------------
 
     def disable_version(self, tenant_id: str, key_id: str, version: int) -> Key:
-        return self._change(tenant_id, key_id, lambda key: with_version_disabled(key, version, True))
+        return self._change(tenant_id, key_id, lambda key: with_version_disabled(key, version, True), version)
 
     def enable_version(self, tenant_id: str, key_id: str, version: int) -> Key:
-        return self._change(tenant_id, key_id, lambda key: with_version_disabled(key, version, False))
+        return self._change(tenant_id, key_id, lambda key: with_version_disabled(key, version, False), version)
 
     def schedule_version_destruction(
         self, tenant_id: str, key_id: str, version: int, waiting_period: timedelta | None = None
     ) -> Key:
         destroy_at = destruction_time(self._clock.now(), waiting_period)
-        return self._change(tenant_id, key_id, lambda key: with_version_destruction_scheduled(key, version, destroy_at))
+        return self._change(
+            tenant_id, key_id, lambda key: with_version_destruction_scheduled(key, version, destroy_at), version
+        )
 
     def schedule_key_destruction(self, tenant_id: str, key_id: str, waiting_period: timedelta | None = None) -> Key:
         destroy_at = destruction_time(self._clock.now(), waiting_period)
-        return self._change(tenant_id, key_id, lambda key: with_key_destruction_scheduled(key, destroy_at))
+        return self._change(
+            tenant_id, key_id, lambda key: with_key_destruction_scheduled(key, destroy_at), EVERY_VERSION
+        )
 
     def cancel_key_destruction(self, tenant_id: str, key_id: str, version: int = 0) -> Key:
-        """Cancel the destruction of `version` (0: of every scheduled version) before it runs."""
-        return self._change(tenant_id, key_id, lambda key: with_destruction_cancelled(key, version))
+        """Cancel the destruction of `version` (0: of every scheduled version, all of which the key holds) before
+        it runs."""
+        return self._change(tenant_id, key_id, lambda key: with_destruction_cancelled(key, version), version)
 
-    def _change(self, tenant_id: str, key_id: str, transform: Callable[[Key], Key]) -> Key:
+    def _change(self, tenant_id: str, key_id: str, transform: Callable[[Key], Key], version: int) -> Key:
+        """Apply `transform` to the key holding `version` too (EVERY_VERSION: all of them; 0: none more)."""
         validate_tenant_id(tenant_id)
         parse_key_id(key_id)
+
+        def load() -> Key | None:
+            key = self._fresh.get_key(tenant_id, key_id)
+            if key is None or version == 0:
+                return key
+            if version == EVERY_VERSION:
+                return with_every_version(self._fresh, key)
+            return with_version(self._fresh, key, version)
 
         def checked(key: Key) -> Key:
             if key.key_type is KeyType.MASTER:
@@ -114,7 +129,7 @@ class KeyDestruction:
                 )
             return transform(key)
 
-        return self._write(lambda: self._fresh.get_key(tenant_id, key_id), checked, key_id)
+        return self._write(load, checked, key_id)
 
     def _write(self, load: Callable[[], Key | None], transform: Callable[[Key], Key], key_id: str) -> Key:
         for _ in range(MAX_ATTEMPTS):
@@ -199,14 +214,19 @@ class KeyDestruction:
         self._destroy(key, lambda current: due_versions(current, now), now)
         return due
 
-    def _destroy(self, key: Key, choose: Callable[[Key], list[int] | None], now: datetime) -> bool:
+    def _destroy(
+        self, key: Key, choose: Callable[[Key], list[int] | None], now: datetime, *, every: bool = False
+    ) -> bool:
         """Destroy the versions `choose` picks from the key as it is at each attempt (None: nothing is to be
-        written any more, e.g. a cancellation won); whether the write was made."""
+        written any more, e.g. a cancellation won), from every version it has with `every` (else from those it
+        holds, which include every one scheduled); whether the write was made."""
         tenant_id, key_id = key.tenant_id, key.key_id
         current: Key | None = key
         for _ in range(MAX_ATTEMPTS):
             if current is None:
                 return False
+            if every:
+                current = with_every_version(self._fresh, current)
             chosen = choose(current)
             if chosen is None:
                 return False
@@ -247,8 +267,11 @@ class KeyDestruction:
         current = self._still_due(tenant_id, now)
         if current is None:
             return []
+        current = with_every_version(self._fresh, current)
         numbers = [v.version for v in current.versions if not v.destroyed]
-        if not self._destroy(current, lambda latest: _every_version(latest) if _tenant_due(latest, now) else None, now):
+        if not self._destroy(
+            current, lambda latest: _every_version(latest) if _tenant_due(latest, now) else None, now, every=True
+        ):
             log.warning("tenant destruction stopped: it was cancelled while running", extra={"tenant_id": tenant_id})
             return []
         self._invalidation.tenant_changed(tenant_id)
@@ -259,6 +282,8 @@ class KeyDestruction:
         """Destroy every version of one key of a tenant being destroyed; False if it had to be skipped."""
         try:
             key = self._fresh.get_key(tenant_id, key_id)
+            if key is not None and key.key_type is not KeyType.MASTER:
+                self._destroy(key, _every_version, now, every=True)
         except KeyIntegrityError:
             # Counted (caas_crypto_key_integrity_failures_total) by the integrity check. Its material is wrapped
             # under the master key, destroyed next: unrecoverable all the same, though still stored.
@@ -268,8 +293,6 @@ class KeyDestruction:
                 extra={"tenant_id": tenant_id, "key_id": key_id},
             )
             return False
-        if key is not None and key.key_type is not KeyType.MASTER:
-            self._destroy(key, _every_version, now)
         return True
 
 
@@ -280,4 +303,9 @@ def _tenant_due(master: Key, now: datetime) -> bool:
 
 
 def _every_version(key: Key) -> list[int] | None:
+    """Every version of `key`, which holds them all (read with `every`)."""
     return [v.version for v in key.versions]
+
+
+# _change's version for a change that decides about every version of the key.
+EVERY_VERSION = -1

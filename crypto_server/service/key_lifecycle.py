@@ -413,8 +413,8 @@ class KeyLifecycle:
             key = self._store.get_key(tenant_id, key_id)
             if key is None:
                 raise KeyNotFound(key_id)
-            if request_id and key.version_for_request(request_id) is not None:
-                return key
+            if request_id and self._store.version_for_request(tenant_id, key_id, request_id) is not None:
+                return key  # a repeat: that rotation made its version already
             if key.disabled:
                 raise KeyDisabled(key_id)
             check_can_rotate(key)

@@ -51,6 +51,8 @@ from crypto_server.domain.keys import Key, KeyVersion, parse_key_id, validate_te
 from crypto_server.storage.port import KeyReader
 
 _P = TypeVar("_P")
+# Versions read on their own kept per loaded key (old ciphertexts being decrypted); past it, they are read again.
+_MAX_READ_VERSIONS = 1024
 
 
 class _Fill:
@@ -72,6 +74,8 @@ class LoadedKey:
     loaded_at: float
     # Per version and kind, the primitive its key manager built from the unwrapped material.
     primitives: dict[tuple[int, PrimitiveKind[Any]], Any] = field(default_factory=dict)
+    # Versions the key does not hold (domain/keys.py), read when first used: kept while this entry is.
+    read_versions: dict[int, KeyVersion] = field(default_factory=dict)
 
 
 class Keyring:
@@ -193,6 +197,26 @@ class Keyring:
         self.forget_unless_current(key.tenant_id, key.key_id, key.revision + 1)
         return self.get(key.tenant_id, key.key_id)
 
+    def version(self, loaded: LoadedKey, number: int) -> KeyVersion | None:
+        """Version `number` of `loaded`: held by the key, or read from the store on first use (checked by its own
+        tag) and kept with the entry. None for a number the key has never had. A version the key does not hold
+        has no state of its own as of the key's read; one read later may have gained one (it is newer than the
+        key), and is used as read: a state only ever refuses more."""
+        key = loaded.key
+        record = key.version(number)
+        if record is not None or not 1 <= number <= key.primary_version:
+            return record
+        record = loaded.read_versions.get(number)
+        if record is None:
+            found = self._store.list_versions(key.tenant_id, key.key_id, number - 1, 1)
+            if not found or found[0].version != number:
+                raise KeyIntegrityError(f"key {key.key_id} has lost version {number} from the store")
+            record = found[0]
+            if len(loaded.read_versions) >= _MAX_READ_VERSIONS:
+                loaded.read_versions.clear()
+            loaded.read_versions[number] = record
+        return record
+
     def remember(self, key: Key) -> LoadedKey:
         """Hold `key`, just written by this server, in memory."""
         return self._keep(key, None)
@@ -280,7 +304,7 @@ class Keyring:
         """The raw bytes of one version, unwrapped through its parent. Only for RPCs whose purpose is
         to hand a key to its caller (session keys); everything else uses a typed primitive (`aead`, `mac`, ...)."""
         key = loaded.key
-        record = key.version(version)
+        record = self.version(loaded, version)
         if record is None:
             raise KeyError(version)
         if key.parent_key_id is None:

@@ -55,7 +55,7 @@ class MacsAndSignatures:
         if key.disabled:
             raise KeyDisabled(key.key_id)
         number = version or key.primary_version
-        record = key.version(number)
+        record = self._keyring.version(loaded, number)
         if record is None:
             raise InvalidArgument("key_version", f"key {key.key_id} has no version {number}")
         check_can_decrypt(key, record)

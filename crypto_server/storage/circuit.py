@@ -166,6 +166,15 @@ class StoreCircuit:
     def update_version_states(self, updated: Key, expected_revision: int) -> bool:
         return self._call(lambda: self._inner.update_version_states(updated, expected_revision))
 
+    def store_tags(self, updated: Key, expected_revision: int) -> bool:
+        return self._call(lambda: self._inner.store_tags(updated, expected_revision))
+
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        return self._call(lambda: self._inner.list_versions(tenant_id, key_id, after_version, limit))
+
+    def version_for_request(self, tenant_id: str, key_id: str, request_id: str) -> KeyVersion | None:
+        return self._call(lambda: self._inner.version_for_request(tenant_id, key_id, request_id))
+
     def keys_due_for_destruction(self, now: datetime, limit: int) -> list[tuple[str, str]]:
         return self._call(lambda: self._inner.keys_due_for_destruction(now, limit))
 

@@ -84,6 +84,14 @@ def _state_filter(state: KeyState, now: datetime) -> dict[str, Any]:
     return found
 
 
+def _matcher(wanted: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool]:
+    """`wanted` (a version number range or a request id, as _versions_in is given) applied to an embedded version."""
+    if "request_id" in wanted:
+        return lambda item: item.get("request_id") == wanted["request_id"]
+    after = wanted["version"]["$gt"]
+    return lambda item: item["version"] > after
+
+
 def _all_of_it(timeout_s: float) -> float:
     return timeout_s
 
@@ -214,6 +222,7 @@ class MongoKeyStore:
             "parent_version": version.parent_version,
             "wrapped_material": Binary(version.wrapped_material),
             "request_id": version.request_id,
+            "integrity_tag": Binary(version.integrity_tag),
         }
 
     @staticmethod
@@ -234,15 +243,25 @@ class MongoKeyStore:
             disabled=state.get("disabled", False),
             destroy_at=_utc(state.get("destroy_at")),
             destroyed_at=_utc(state.get("destroyed_at")),
+            integrity_tag=bytes(item.get("integrity_tag", b"")),
         )
 
-    def _with_versions(self, documents: Sequence[Mapping[str, Any]]) -> list[Key]:
+    @staticmethod
+    def _held(document: Mapping[str, Any]) -> set[int]:
+        """The versions a key document's key holds: its primary and those with a state of their own."""
+        return {document["primary_version"], *(int(number) for number in document.get("version_states") or {})}
+
+    def _with_versions(self, documents: Sequence[Mapping[str, Any]], *, every: bool = False) -> list[Key]:
+        """Keys holding their primary and the versions with a state of their own (with `every`, all of them)."""
         if not documents:
             return []
         versions: dict[str, dict[int, KeyVersion]] = {doc["_id"]: {} for doc in documents}
         states = {doc["_id"]: doc.get("version_states") or {} for doc in documents}
-        cursor = self._versions.find({"key_id": {"$in": list(versions)}})
-        for item in cursor:
+        held = {doc["_id"]: self._held(doc) for doc in documents}
+        wanted: dict[str, Any] = {"key_id": {"$in": list(versions)}}
+        if not every:
+            wanted["version"] = {"$in": sorted(set().union(*held.values()))}
+        for item in self._versions.find(wanted):
             key_id = item["key_id"]
             versions[key_id][item["version"]] = self._version(item, states[key_id].get(str(item["version"])))
         keys = []
@@ -255,6 +274,7 @@ class MongoKeyStore:
                 for item in doc.get("versions", ())
             )
             primary = doc["primary_version"]
+            keep = range(1, primary + 1) if every else held[doc["_id"]]
             keys.append(
                 Key(
                     key_id=doc["_id"],
@@ -263,7 +283,7 @@ class MongoKeyStore:
                     disabled=doc["disabled"],
                     primary_version=primary,
                     # A key is its versions up to the primary; a higher one is a pending rotation.
-                    versions=tuple(found[number] for number in sorted(found) if number <= primary),
+                    versions=tuple(found[number] for number in sorted(found) if number <= primary and number in keep),
                     created_at=_utc(doc["created_at"]),  # type: ignore[arg-type]
                     policy=KeyPolicy(_duration(doc["expire_after_ms"]), _duration(doc["rotation_period_ms"])),
                     labels=doc["labels"],
@@ -275,6 +295,68 @@ class MongoKeyStore:
                 )
             )
         return keys
+
+    def _versions_in(self, tenant_id: str, key_id: str, wanted: Mapping[str, Any], limit: int) -> list[KeyVersion]:
+        """Up to `limit` of the key's versions (at most its primary) that match `wanted`, ascending: from
+        `key_versions` and from the key document (a key's first version, or every version of an imported key)."""
+        document = self._keys.find_one(
+            {"_id": key_id, "tenant_id": tenant_id}, {"primary_version": 1, "version_states": 1, "versions": 1}
+        )
+        if document is None:
+            return []
+        states = document.get("version_states") or {}
+        primary = document["primary_version"]
+        found: dict[int, KeyVersion] = {}
+        query = {"key_id": key_id, **wanted}
+        for item in self._versions.find(query).sort("version", ASCENDING).limit(limit):
+            found[item["version"]] = self._version(item, states.get(str(item["version"])))
+        matches = _matcher(wanted)
+        for item in document.get("versions", ()):
+            if matches(item):
+                found[item["version"]] = self._version(item, states.get(str(item["version"])))
+        return [found[number] for number in sorted(found) if number <= primary][:limit]
+
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        with self._bounded():
+            return self._versions_in(tenant_id, key_id, {"version": {"$gt": after_version}}, limit)
+
+    def version_for_request(self, tenant_id: str, key_id: str, request_id: str) -> KeyVersion | None:
+        with self._bounded():
+            found = self._versions_in(tenant_id, key_id, {"request_id": request_id}, 1)
+        return found[0] if found else None
+
+    def store_tags(self, updated: Key, expected_revision: int) -> bool:
+        """The versions' tags first (each is the same whoever computes it, so writing it before the
+        compare-and-set is harmless if that fails), then the key's tag from the revision read."""
+        current = {"_id": updated.key_id, "tenant_id": updated.tenant_id, "revision": expected_revision}
+        tags = {v.version: Binary(v.integrity_tag) for v in updated.versions}
+        with self._bounded():
+            document = self._keys.find_one(current, {"versions.version": 1})
+            if document is None:
+                return False
+            embedded = {
+                f"versions.{index}.integrity_tag": tags[item["version"]]
+                for index, item in enumerate(document.get("versions", []))
+                if item["version"] in tags
+            }
+            outside = [number for number in tags if number not in {i["version"] for i in document.get("versions", [])}]
+            if outside:
+                self._versions.bulk_write(
+                    [
+                        pymongo.UpdateOne(
+                            {"key_id": updated.key_id, "version": n}, {"$set": {"integrity_tag": tags[n]}}
+                        )
+                        for n in outside
+                    ]
+                )
+            moved = self._keys.update_one(
+                current,
+                {
+                    "$set": {**embedded, "integrity_tag": Binary(updated.integrity_tag), "changed_at": _now()},
+                    "$inc": {"revision": 1},
+                },
+            )
+        return moved.matched_count == 1
 
     # -- reads -----------------------------------------------------------------
 
@@ -588,7 +670,8 @@ class MongoKeyStore:
                     .sort("_id", ASCENDING)
                     .limit(500)
                 )
-                keys = self._with_versions(documents)
+                # Every version: a root key rotation re-wraps them all.
+                keys = self._with_versions(documents, every=True)
             if not keys:
                 return
             yield from keys

@@ -76,7 +76,19 @@ class KeyReader(Protocol):
     """Reading keys: what serving a request needs (the keyring, the lifecycle)."""
 
     def get_key(self, tenant_id: str, key_id: str) -> Key | None:
-        """The key, or None when this tenant has no such key."""
+        """The key, or None when this tenant has no such key. It holds its primary version and every version in
+        a state of its own (`KeyVersion.has_state`), each with its tag, whatever else it has (domain/keys.py):
+        one read whose cost does not grow with the key's versions."""
+        ...
+
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        """Up to `limit` of the key's versions numbered above `after_version` and at most its primary (a pending
+        version is not part of the key), ascending, each as get_key would hold it; [] when the tenant has no
+        such key. One indexed range read."""
+        ...
+
+    def version_for_request(self, tenant_id: str, key_id: str, request_id: str) -> KeyVersion | None:
+        """The key's version made by the RotateKey with `request_id`, if there is one (at most the primary)."""
         ...
 
     def get_master_key(self, tenant_id: str) -> Key | None: ...
@@ -103,6 +115,12 @@ class KeyWriter(Protocol):
     def update_key(self, updated: Key, expected_revision: int) -> bool:
         """Store `updated`'s disabled flag, policy, labels, min_decryption_version and integrity tag, only if the
         key is still at `expected_revision`. Returns False when another writer changed the key first."""
+        ...
+
+    def store_tags(self, updated: Key, expected_revision: int) -> bool:
+        """Store the integrity tag of `updated` (holding every version) and of each of its versions, only if the
+        key is still at `expected_revision`: a key tagged before versions had tags of their own
+        (domain/key_integrity.py). Nothing else changes."""
         ...
 
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:

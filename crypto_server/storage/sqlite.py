@@ -102,7 +102,15 @@ _ADDED_VERSION_COLUMNS = {
     "disabled": "INTEGER NOT NULL DEFAULT 0",
     "destroy_us": "INTEGER",
     "destroyed_us": "INTEGER",
+    # The version's own tag (domain/key_integrity.py); empty on a version written before versions had one.
+    "integrity_tag": "BLOB NOT NULL DEFAULT x''",
 }
+_VERSION_COLUMNS = (
+    "key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id, encryptions, disabled, "
+    "destroy_us, destroyed_us, integrity_tag"
+)
+# The versions a key always holds besides its primary (KeyVersion.has_state), found through their own index.
+_HAS_STATE = "(disabled != 0 OR destroy_us IS NOT NULL OR destroyed_us IS NOT NULL)"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # How long the checkpoint that empties the write-ahead log after an erasure waits for readers (this server's own
 # reads take milliseconds). A reader holding a snapshot longer (a running `.backup`) makes it incomplete: the key
@@ -199,6 +207,8 @@ class SqliteKeyStore:
         db.execute("CREATE INDEX IF NOT EXISTS keys_by_change ON keys (changed_us)")
         db.execute("CREATE INDEX IF NOT EXISTS keys_by_next_destruction ON keys (next_destruction_us)")
         db.execute("CREATE INDEX IF NOT EXISTS keys_by_next_rotation ON keys (next_rotation_us)")
+        # Only this module's constant clause is interpolated.
+        db.execute(f"CREATE INDEX IF NOT EXISTS key_versions_with_state ON key_versions (key_id) WHERE {_HAS_STATE}")
 
     def _connection(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
@@ -262,49 +272,67 @@ class SqliteKeyStore:
 
     # -- reads -----------------------------------------------------------------
 
-    def _versions_of(self, db: sqlite3.Connection, key_ids: Sequence[str]) -> dict[str, list[KeyVersion]]:
-        found: dict[str, list[KeyVersion]] = {key_id: [] for key_id in key_ids}
-        if not key_ids:
-            return found
-        marks = ",".join("?" * len(key_ids))
-        # Only placeholders are interpolated; the values are bound.
-        rows = db.execute(
-            "SELECT key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id, "  # noqa: S608
-            "encryptions, disabled, destroy_us, destroyed_us "
-            f"FROM key_versions WHERE key_id IN ({marks}) ORDER BY key_id, version",
-            tuple(key_ids),
-        )
-        for (
-            key_id,
-            version,
+    @staticmethod
+    def _version_from_row(row: Sequence[Any]) -> KeyVersion:
+        (
+            _,
+            number,
             created_us,
             expires_us,
-            parent_version,
+            parent,
             wrapped,
             request_id,
-            encryptions,
+            count,
             disabled,
             destroy_us,
             destroyed_us,
-        ) in rows:
-            found[key_id].append(
-                KeyVersion(
-                    version=version,
-                    created_at=_from_us(created_us),
-                    expires_at=None if expires_us is None else _from_us(expires_us),
-                    parent_version=parent_version,
-                    wrapped_material=bytes(wrapped),
-                    request_id=request_id,
-                    encryptions=encryptions,
-                    disabled=bool(disabled),
-                    destroy_at=None if destroy_us is None else _from_us(destroy_us),
-                    destroyed_at=None if destroyed_us is None else _from_us(destroyed_us),
-                )
-            )
-        return found
+            tag,
+        ) = row
+        return KeyVersion(
+            version=number,
+            created_at=_from_us(created_us),
+            expires_at=None if expires_us is None else _from_us(expires_us),
+            parent_version=parent,
+            wrapped_material=bytes(wrapped),
+            request_id=request_id,
+            encryptions=count,
+            disabled=bool(disabled),
+            destroy_at=None if destroy_us is None else _from_us(destroy_us),
+            destroyed_at=None if destroyed_us is None else _from_us(destroyed_us),
+            integrity_tag=bytes(tag),
+        )
 
-    def _keys_from_rows(self, db: sqlite3.Connection, rows: list[Any]) -> list[Key]:
-        versions = self._versions_of(db, [row[0] for row in rows])
+    def _versions_of(
+        self, db: sqlite3.Connection, primaries: Mapping[str, int], *, every: bool = False
+    ) -> dict[str, list[KeyVersion]]:
+        """The versions each key holds (its primary and those with a state of their own; with `every`, all of
+        them), up to its primary, ascending."""
+        found: dict[str, dict[int, KeyVersion]] = {key_id: {} for key_id in primaries}
+        if not primaries:
+            return {}
+        marks = ",".join("?" * len(primaries))
+        key_ids: tuple[Any, ...] = tuple(primaries)
+        queries: list[tuple[str, tuple[Any, ...]]]
+        # Only placeholders and this module's constant clauses are interpolated; the values are bound.
+        if every:
+            queries = [(f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id IN ({marks})", key_ids)]  # noqa: S608
+        else:
+            pairs = ",".join("(?, ?)" for _ in primaries)
+            queries = [
+                (
+                    f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE (key_id, version) IN (VALUES {pairs})",  # noqa: S608
+                    tuple(value for pair in primaries.items() for value in pair),
+                ),
+                (f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id IN ({marks}) AND {_HAS_STATE}", key_ids),  # noqa: S608
+            ]
+        for sql, params in queries:
+            for row in db.execute(sql, params):
+                if row[1] <= primaries[row[0]]:  # a version above the primary is a pending rotation
+                    found[row[0]][row[1]] = self._version_from_row(row)
+        return {key_id: [versions[n] for n in sorted(versions)] for key_id, versions in found.items()}
+
+    def _keys_from_rows(self, db: sqlite3.Connection, rows: list[Any], *, every: bool = False) -> list[Key]:
+        versions = self._versions_of(db, {row[0]: row[4] for row in rows}, every=every)
         return [
             Key(
                 key_id=key_id,
@@ -312,8 +340,7 @@ class SqliteKeyStore:
                 key_type=KeyType(key_type),
                 disabled=bool(disabled),
                 primary_version=primary_version,
-                # A key is the versions up to its primary, as its integrity tag says.
-                versions=tuple(v for v in versions[key_id] if v.version <= primary_version),
+                versions=tuple(versions[key_id]),
                 created_at=_from_us(created_us),
                 policy=KeyPolicy(_opt_duration(expire_after_us), _opt_duration(rotation_period_us)),
                 labels=json.loads(labels),
@@ -388,6 +415,25 @@ class SqliteKeyStore:
             finally:
                 db.execute("COMMIT")
 
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        with self._read() as db:
+            rows = db.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id = ? AND version > ? "  # noqa: S608
+                "AND version <= (SELECT primary_version FROM keys WHERE key_id = ? AND tenant_id = ?) "
+                "ORDER BY version LIMIT ?",
+                (key_id, after_version, key_id, tenant_id, limit),
+            ).fetchall()
+        return [self._version_from_row(row) for row in rows]
+
+    def version_for_request(self, tenant_id: str, key_id: str, request_id: str) -> KeyVersion | None:
+        with self._read() as db:
+            row = db.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id = ? AND request_id = ? "  # noqa: S608
+                "AND version <= (SELECT primary_version FROM keys WHERE key_id = ? AND tenant_id = ?)",
+                (key_id, request_id, key_id, tenant_id),
+            ).fetchone()
+        return None if row is None else self._version_from_row(row)
+
     # -- writes ----------------------------------------------------------------
 
     @staticmethod
@@ -395,7 +441,7 @@ class SqliteKeyStore:
         db.execute(
             "INSERT INTO key_versions "
             "(key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id, "
-            "disabled, destroy_us, destroyed_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "disabled, destroy_us, destroyed_us, integrity_tag) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 key_id,
                 version.version,
@@ -407,6 +453,7 @@ class SqliteKeyStore:
                 int(version.disabled),
                 _opt_to_us(version.destroy_at),
                 _opt_to_us(version.destroyed_at),
+                version.integrity_tag,
             ),
         )
 
@@ -542,6 +589,21 @@ class SqliteKeyStore:
         owed = erased or (scheduled is not None and scheduled[0] is not None)
         if destroyed and owed and not self._flush_erased_pages():
             self._keep_due(updated, min(destroyed))
+        return True
+
+    def store_tags(self, updated: Key, expected_revision: int) -> bool:
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE keys SET integrity_tag = ?, revision = revision + 1, changed_us = ? "
+                "WHERE key_id = ? AND tenant_id = ? AND revision = ?",
+                (updated.integrity_tag, _now_us(), updated.key_id, updated.tenant_id, expected_revision),
+            ).rowcount
+            if changed != 1:
+                return False
+            db.executemany(
+                "UPDATE key_versions SET integrity_tag = ? WHERE key_id = ? AND version = ?",
+                [(v.integrity_tag, updated.key_id, v.version) for v in updated.versions],
+            )
         return True
 
     def _flush_erased_pages(self) -> bool:
@@ -703,7 +765,8 @@ class SqliteKeyStore:
                     "ORDER BY key_id LIMIT 500",
                     (after,),
                 ).fetchall()
-                keys = self._keys_from_rows(db, rows)
+                # Every version: a root key rotation re-wraps them all.
+                keys = self._keys_from_rows(db, rows, every=True)
             if not keys:
                 return
             yield from keys

@@ -112,6 +112,11 @@ def _key(
     )
 
 
+def _every_version(stores: Stores, key: Key) -> list[KeyVersion]:
+    """Every version of the key as the database holds it now (a read holds only some: domain/keys.py)."""
+    return stores.store.list_versions(key.tenant_id, key.key_id, 0, 1000)
+
+
 def _stored(stores: Stores, key: Key) -> Key:
     """The key as the database holds it now (not the cache)."""
     found = stores.store.get_key(key.tenant_id, key.key_id)
@@ -182,7 +187,8 @@ def test_add_version_is_a_compare_and_set_on_the_revision(stores: Stores) -> Non
     assert stores.serving.add_version(rotated, read.revision)
     after = stores.serving.get_key("t1", key.key_id)
     assert after is not None
-    assert after.primary_version == 2 and [v.version for v in after.versions] == [1, 2]
+    assert after.primary_version == 2 and [v.version for v in after.versions] == [2], "a read holds the primary"
+    assert [v.version for v in _every_version(stores, key)] == [1, 2]
     assert after.revision == read.revision + 1
     # A writer that read the old revision loses, whichever version it brings.
     assert not stores.serving.add_version(read.with_new_primary(_version(2)), read.revision)
@@ -198,6 +204,63 @@ def test_a_rotation_with_a_request_id_already_used_by_the_key_is_refused(stores:
     assert stores.serving.add_version(key.with_new_primary(first), key.revision)
     again = _stored(stores, key)
     assert not stores.serving.add_version(again.with_new_primary(replace(_version(3), request_id="rotate-1")), 1)
+
+
+def test_a_read_holds_the_primary_and_every_version_with_a_state_of_its_own(stores: Stores) -> None:
+    key = _key()
+    stores.serving.insert_key(key)
+    current = _stored(stores, key)
+    for number in range(2, 8):
+        version = replace(_version(number), request_id=f"rotate-{number}")
+        assert stores.serving.add_version(current.with_new_primary(version), current.revision)
+        current = _stored(stores, key)
+    whole = current.with_versions(_every_version(stores, key))
+    assert whole.holds_every_version and [v.version for v in whole.versions] == list(range(1, 8))
+    later = NOW + 30 * 24 * HOUR
+    states = {
+        2: {"disabled": True},
+        3: {"destroy_at": later},
+        4: {"destroyed_at": NOW, "wrapped_material": b""},
+    }
+    changed = replace(
+        whole,
+        versions=tuple(replace(v, **states.get(v.version, {})) for v in whole.versions),  # type: ignore[arg-type]
+    )
+    assert stores.serving.update_version_states(changed, whole.revision)
+    for read in (stores.serving.get_key("t1", key.key_id), _stored(stores, key)):
+        assert read is not None
+        assert [v.version for v in read.versions] == [2, 3, 4, 7], "the stated versions and the primary"
+        held = {v.version: v for v in read.versions}
+        assert held[2].disabled and held[3].destroy_at == later and held[4].destroyed
+        assert held[4].wrapped_material == b"" and held[7].request_id == "rotate-7"
+    assert [v.version for v in stores.serving.list_versions("t1", key.key_id, 4, 2)] == [5, 6]
+    assert stores.serving.list_versions("t2", key.key_id, 0, 10) == [], "another tenant's key"
+
+    found = stores.serving.version_for_request("t1", key.key_id, "rotate-5")
+    assert found is not None and found.version == 5
+    assert stores.serving.version_for_request("t1", key.key_id, "rotate-99") is None
+    assert stores.serving.version_for_request("t2", key.key_id, "rotate-5") is None, "another tenant's key"
+
+
+def test_store_tags_writes_every_tag_at_the_revision_read(stores: Stores) -> None:
+    key = _key()
+    stores.serving.insert_key(key)
+    current = _stored(stores, key)
+    assert stores.serving.add_version(current.with_new_primary(_version(2)), current.revision)
+    current = _stored(stores, key)
+    whole = current.with_versions(_every_version(stores, key))
+    tagged = replace(
+        whole,
+        integrity_tag=b"key-tag",
+        versions=tuple(replace(v, integrity_tag=f"tag-{v.version}".encode()) for v in whole.versions),
+    )
+    assert not stores.serving.store_tags(tagged, current.revision - 1), "only from the revision read"
+    assert stores.serving.store_tags(tagged, current.revision)
+    after = _stored(stores, key)
+    assert after.integrity_tag == b"key-tag" and after.revision == current.revision + 1
+    assert [v.integrity_tag for v in _every_version(stores, key)] == [b"tag-1", b"tag-2"]
+    cached = stores.serving.get_key("t1", key.key_id)
+    assert cached is not None and cached.integrity_tag == b"key-tag" and cached.primary.integrity_tag == b"tag-2"
 
 
 def test_update_key_is_a_compare_and_set_on_the_revision(stores: Stores) -> None:
@@ -307,7 +370,7 @@ def test_concurrent_encryption_counts_all_land(stores: Stores) -> None:
         worker.join()
     totals = stores.store.add_encryptions({first: 1, second: 1, gone: 5})
     assert totals == {first: threads * flushes + 1, second: 2 * threads * flushes + 1}
-    assert [v.encryptions for v in _stored(stores, key).versions] == [threads * flushes + 1, 2 * threads * flushes + 1]
+    assert [v.encryptions for v in _every_version(stores, key)] == [threads * flushes + 1, 2 * threads * flushes + 1]
     assert stores.store.add_encryptions({VersionRef("t2", key.key_id, 1): 1}) == {}, "another tenant's key"
 
 
@@ -340,7 +403,7 @@ def test_reservations_grant_exactly_the_limit_however_many_reserve_at_once(store
     for ref in refs:
         assert sum(granted[ref]) == limit, "every use granted once, none past the limit"
         assert sorted(granted[ref])[0] == limit % block, "only the last block is cut short"
-    assert [v.encryptions for v in _stored(stores, key).versions] == [limit, limit]
+    assert [v.encryptions for v in _every_version(stores, key)] == [limit, limit]
 
     # Unused uses given back (a negative count) can be reserved again, and only they.
     assert stores.store.add_encryptions({refs[0]: -5}) == {refs[0]: limit - 5}
@@ -457,8 +520,14 @@ def test_master_keys_are_rewrapped_one_version_at_a_time_only_from_the_old_bytes
         assert stores.rewrap.replace_wrapped_material("t1", rotated.key_id, number, version.wrapped_material, b"new")
         got = stores.serving.get_key("t1", rotated.key_id)
         assert got is not None
-        assert got.versions[number - 1].wrapped_material == b"new", "a reader never sees the old wrapping"
+        (read,) = stores.serving.list_versions("t1", rotated.key_id, number - 1, 1)
+        assert read.wrapped_material == b"new", "a reader never sees the old wrapping"
+        if number == got.primary_version:
+            assert got.primary.wrapped_material == b"new"
         assert got.revision > before, "a re-wrap is a change other servers hear of"
+    assert [len(key.versions) for key in stores.rewrap.master_keys() if key.key_id == rotated.key_id] == [2], (
+        "master_keys holds every version: a root key rotation re-wraps them all"
+    )
 
 
 class _SlowReads:

@@ -20,6 +20,7 @@ from pymongo.database import Database
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from crypto_server.domain.errors import KeyIntegrityError
+from crypto_server.service.key_versions import with_every_version
 from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import ServerHandle, StartServer, expect_error
 from tests.servers import MongoServer
@@ -40,8 +41,12 @@ def prepared(server: ServerHandle) -> tuple[ServerHandle, str, str]:
 
 
 def _load_is_refused(server: ServerHandle, where: Where) -> None:
+    """Reading the key with every version (as the server does for an export or a destruction, and version by
+    version for decryption: test_an_edited_version_refuses_the_decryption_that_reads_it) is refused."""
     with pytest.raises(KeyIntegrityError):
-        server.running.serving.get_key(*where)
+        key = server.running.serving.get_key(*where)
+        assert key is not None
+        with_every_version(server.running.serving, key)
 
 
 # -- SQLite ---------------------------------------------------------------------------------------------------
@@ -114,6 +119,29 @@ def test_an_edit_of_the_master_key_in_sqlite_is_refused_on_load(
         db.execute(f"UPDATE keys SET {column} = ? WHERE key_id = ?", (value, master_id))
     with pytest.raises(KeyIntegrityError):
         server.running.serving.get_master_key("t1")
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE key_versions SET expires_us = 1 WHERE key_id = ? AND version = 1",
+        "UPDATE key_versions SET parent_version = 2 WHERE key_id = ? AND version = 1",
+        "DELETE FROM key_versions WHERE key_id = ? AND version = 1",
+    ],
+    ids=["expiry moved", "parent changed", "deleted"],
+)
+def test_an_edited_version_refuses_the_decryption_that_reads_it(server: ServerHandle, statement: str) -> None:
+    """A version the key does not hold (not its primary, no state of its own) is read when a ciphertext names it,
+    and checked by its own tag then."""
+    key = server.create_key("t1")
+    old = server.encrypt("t1", key.key_id, b"made with version 1").ciphertext
+    server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id))
+    with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+        assert db.execute(statement, (key.key_id,)).rowcount == 1
+    server.running.keyring.forget_all()  # as after a restart, or the keyring TTL
+    assert server.encrypt("t1", key.key_id, b"the primary is intact").key_version == 2
+    expect_error(lambda: server.decrypt("t1", old), grpc.StatusCode.DATA_LOSS, "ERROR_REASON_KEY_INTEGRITY")
 
 
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)

@@ -16,6 +16,7 @@ from pymongo.database import Database
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from crypto_server.domain.keys import KeyVersion
+from crypto_server.service.key_versions import with_every_version
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import DuplicateMasterKey, VersionRef
 from tests.conftest import ServerHandle
@@ -120,7 +121,7 @@ def test_two_stores_racing_for_the_same_version_let_exactly_one_win(
         assert sorted(results) == [False, True]
         after = stores[1].get_key("t1", key.key_id)
         assert after is not None
-        assert [v.version for v in after.versions] == [1, 2]
+        assert [v.version for v in stores[1].list_versions("t1", key.key_id, 0, 10)] == [1, 2]
         assert after.primary_version == 2
     finally:
         for store in stores:
@@ -176,14 +177,17 @@ def test_erasing_or_rewrapping_an_embedded_version_keeps_the_counts_reserved_mea
     writer, other = (MongoKeyStore(mongo_server.uri, server.settings.mongodb_database) for _ in range(2))
     first = VersionRef("t1", key.key_id, 1)
     try:
-        stored = writer.get_key("t1", key.key_id)
-        assert stored is not None
+        read = writer.get_key("t1", key.key_id)
+        assert read is not None
+        stored = with_every_version(writer, read)
         writer._keys = _ReservingAfterReads(writer._keys, lambda: other.reserve_encryptions(first, 10, 1000))  # type: ignore[assignment]
 
         old = stored.versions[0].wrapped_material
         assert writer.replace_wrapped_material("t1", key.key_id, 1, old, b"\1" * 60)
-        rewrapped = other.get_key("t1", key.key_id)
-        assert rewrapped is not None and rewrapped.versions[0].wrapped_material == b"\1" * 60
+        read_again = other.get_key("t1", key.key_id)
+        assert read_again is not None
+        rewrapped = with_every_version(other, read_again)
+        assert rewrapped.versions[0].wrapped_material == b"\1" * 60
         assert rewrapped.versions[0].encryptions == 10
 
         erased = replace(rewrapped.versions[0], wrapped_material=b"", destroyed_at=rewrapped.created_at)

@@ -72,6 +72,7 @@ class RedisCachedKeyStore:
 
     def _put(self, key: Key) -> None:
         name = self._name(key.tenant_id, key.key_id)
+        key = key.as_stored()  # a whole key (an export, a destruction) is cached as a read would give it
 
         def put() -> bool:
             self._put_if_newer(keys=[name], args=[key.revision, encode_key(key), self._ttl_ms])
@@ -144,6 +145,9 @@ class RedisCachedKeyStore:
     def update_version_states(self, updated: Key, expected_revision: int) -> bool:
         return self._written(self._inner.update_version_states, updated, expected_revision)
 
+    def store_tags(self, updated: Key, expected_revision: int) -> bool:
+        return self._written(self._inner.store_tags, updated, expected_revision)
+
     def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
         return self._inner.reserve_encryptions(version, wanted, limit)
 
@@ -188,7 +192,7 @@ class RedisCachedKeyStore:
     def update_key(self, updated: Key, expected_revision: int) -> bool:
         return self._written(self._inner.update_key, updated, expected_revision)
 
-    # -- not cached (listings, master keys by tenant, pending versions): answered by the store ------------
+    # -- not cached (listings, master keys by tenant, versions read on their own): answered by the store ------------
 
     def get_master_key(self, tenant_id: str) -> Key | None:
         return self._inner.get_master_key(tenant_id)
@@ -201,6 +205,12 @@ class RedisCachedKeyStore:
 
     def pending_version(self, tenant_id: str, key_id: str, number: int) -> KeyVersion | None:
         return self._inner.pending_version(tenant_id, key_id, number)
+
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        return self._inner.list_versions(tenant_id, key_id, after_version, limit)
+
+    def version_for_request(self, tenant_id: str, key_id: str, request_id: str) -> KeyVersion | None:
+        return self._inner.version_for_request(tenant_id, key_id, request_id)
 
     def master_keys(self) -> Iterator[Key]:
         return self._inner.master_keys()

@@ -44,6 +44,7 @@ def encode_key(key: Key) -> str:
                     "disabled": v.disabled,
                     "destroy_at": moment(v.destroy_at),
                     "destroyed_at": moment(v.destroyed_at),
+                    "integrity_tag": base64.b64encode(v.integrity_tag).decode(),
                 }
                 for v in key.versions
             ],
@@ -80,6 +81,7 @@ def decode_key(text: bytes) -> Key:
                 disabled=v.get("disabled", False),
                 destroy_at=moment(v.get("destroy_at")),
                 destroyed_at=moment(v.get("destroyed_at")),
+                integrity_tag=base64.b64decode(v.get("integrity_tag", "")),
             )
             for v in data["versions"]
         ),

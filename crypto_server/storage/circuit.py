@@ -227,3 +227,6 @@ class StoreCircuit:
 
     def close(self) -> None:
         self._inner.close()
+
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        return self._call(lambda: self._inner.list_versions(tenant_id, key_id, after_version, limit))

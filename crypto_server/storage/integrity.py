@@ -81,3 +81,8 @@ class AuthenticatedKeyStore:
 
     def update_version_states(self, updated: Key, expected_revision: int) -> bool:
         return self._inner.update_version_states(self._tagged(updated), expected_revision)
+
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        # Passed through for now: the caller (KeyLifecycle.list_key_versions) has checked the key's tag with
+        # get_key first. Each version gets a tag of its own, checked here, when versions are tagged one by one.
+        return self._inner.list_versions(tenant_id, key_id, after_version, limit)

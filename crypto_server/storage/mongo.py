@@ -700,3 +700,30 @@ class MongoKeyStore:
 
     def close(self) -> None:
         self._client.close()
+
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        """The key document (its primary, its version states, and only the embedded versions in the range), then
+        the range of `key_versions` through its `one_version_per_number` index; merged as _with_versions merges
+        them (an embedded version is the one read)."""
+        in_range = {
+            "$and": [{"$gt": ["$$item.version", after_version]}, {"$lte": ["$$item.version", "$primary_version"]}]
+        }
+        projection = {
+            "primary_version": 1,
+            "version_states": 1,
+            "versions": {"$filter": {"input": {"$ifNull": ["$versions", []]}, "as": "item", "cond": in_range}},
+        }
+        with self._bounded():
+            document = self._keys.find_one({"_id": key_id, "tenant_id": tenant_id}, projection)
+            if document is None:
+                return []
+            primary = document["primary_version"]
+            items = list(
+                self._versions.find({"key_id": key_id, "version": {"$gt": after_version, "$lte": primary}})
+                .sort("version", ASCENDING)
+                .limit(limit)
+            )
+        states = document.get("version_states") or {}
+        found = {item["version"]: item for item in items}
+        found.update((item["version"], item) for item in document.get("versions") or ())
+        return [self._version(found[number], states.get(str(number))) for number in sorted(found)[:limit]]

@@ -85,6 +85,13 @@ class KeyReader(Protocol):
         """One page of keys; `query.state` is matched as domain/keys.py KEY_STATE_RULE says."""
         ...
 
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        """Up to `limit` versions of the key numbered above `after_version` and at most its primary (a pending
+        version above the primary is not part of the key), ascending, each with its states and encryptions as
+        get_key builds them; [] when this tenant has no such key. One indexed range read: the cost does not
+        grow with the number of versions the key has."""
+        ...
+
 
 class KeyWriter(Protocol):
     """Writing keys: creation, rotation and settings, each a compare-and-set on the key's revision."""

@@ -210,3 +210,7 @@ class RedisCachedKeyStore:
             return False
         self._refresh(tenant_id, key_id)
         return True
+
+    def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
+        # A page of versions is not cached: answered by the store, like the key listings.
+        return self._inner.list_versions(tenant_id, key_id, after_version, limit)

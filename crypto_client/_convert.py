@@ -70,18 +70,7 @@ def key_from_proto(message: resources_pb2.Key) -> Key:
         key_type=_KEY_TYPE_FROM_PROTO[message.key_type],
         state=_KEY_STATE_FROM_PROTO[message.state],
         primary_version=message.primary_version,
-        versions=tuple(
-            KeyVersion(
-                version=v.version,
-                state=_VERSION_STATE_FROM_PROTO[v.state],
-                created_at=_moment(v.created_at),
-                expires_at=_moment(v.expires_at) if v.HasField("expires_at") else None,
-                encryptions=v.encryptions,
-                destroy_at=_moment(v.destroy_at) if v.HasField("destroy_at") else None,
-                destroyed_at=_moment(v.destroyed_at) if v.HasField("destroyed_at") else None,
-            )
-            for v in message.versions
-        ),
+        versions=tuple(key_version_from_proto(v) for v in message.versions),
         created_at=_moment(message.created_at),
         expires_at=_moment(message.expires_at) if message.HasField("expires_at") else None,
         rotation_period=message.rotation_period.ToTimedelta() if message.HasField("rotation_period") else None,
@@ -89,6 +78,19 @@ def key_from_proto(message: resources_pb2.Key) -> Key:
         algorithm=ALGORITHM_FROM_PROTO.get(message.algorithm, Algorithm.AES_256_GCM),
         next_rotation_at=_moment(message.next_rotation_at) if message.HasField("next_rotation_at") else None,
         min_decryption_version=message.min_decryption_version,
+        version_count=message.version_count,
+    )
+
+
+def key_version_from_proto(message: resources_pb2.KeyVersion) -> KeyVersion:
+    return KeyVersion(
+        version=message.version,
+        state=_VERSION_STATE_FROM_PROTO[message.state],
+        created_at=_moment(message.created_at),
+        expires_at=_moment(message.expires_at) if message.HasField("expires_at") else None,
+        encryptions=message.encryptions,
+        destroy_at=_moment(message.destroy_at) if message.HasField("destroy_at") else None,
+        destroyed_at=_moment(message.destroyed_at) if message.HasField("destroyed_at") else None,
     )
 
 

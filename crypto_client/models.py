@@ -78,6 +78,9 @@ class Key:
     next_rotation_at: datetime | None = None
     # Versions below it refuse to decrypt; 0: none do.
     min_decryption_version: int = 0
+    # How many versions the key has (1 to primary_version); `versions` may hold fewer:
+    # list_key_versions / iter_key_versions page through them all.
+    version_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +179,14 @@ class PublicKey:
     algorithm: Algorithm
     key_id: str
     key_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyVersionPage:
+    """One page of a key's versions (list_key_versions), ascending; `next_page_token` is empty on the last."""
+
+    versions: tuple[KeyVersion, ...]
+    next_page_token: str
 
 
 class Progress(Protocol):

@@ -41,6 +41,8 @@ from crypto_client.models import (
     Key,
     KeyState,
     KeyType,
+    KeyVersion,
+    KeyVersionPage,
     MacResult,
     PublicKey,
     ReEncryptResult,
@@ -196,6 +198,41 @@ class CryptoClient:
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token
+
+    def list_key_versions(
+        self,
+        key_id: str,
+        *,
+        page_size: int = 100,
+        page_token: str = "",
+        tenant_id: str | None = None,
+        timeout: float | None = None,
+    ) -> KeyVersionPage:
+        """One page of the key's versions (oldest first); pass its `next_page_token` for the next page. A key's
+        `versions` (get_key) may hold only some of them; `version_count` says how many there are."""
+        request = key_pb.ListKeyVersionsRequest(
+            tenant_id=self._core.tenant(tenant_id), key_id=key_id, page_size=page_size, page_token=page_token
+        )
+        page = self._call("ListKeyVersions", self._keys.ListKeyVersions, request, timeout)
+        return KeyVersionPage(
+            versions=tuple(_convert.key_version_from_proto(v) for v in page.versions),
+            next_page_token=page.next_page_token,
+        )
+
+    def iter_key_versions(
+        self, key_id: str, *, page_size: int = 100, tenant_id: str | None = None, timeout: float | None = None
+    ) -> Iterator[KeyVersion]:
+        """Every version of the key (oldest first), fetching pages as the iteration goes."""
+        token = ""
+        while True:
+            page = self.list_key_versions(
+                key_id, page_size=page_size, page_token=token, tenant_id=tenant_id, timeout=timeout
+            )
+            for version in page.versions:
+                yield version
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
 
     def read_audit_log(
         self, *, page_size: int = 100, tenant_id: str | None = None, timeout: float | None = None

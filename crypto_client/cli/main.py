@@ -50,6 +50,7 @@ from crypto_client import (
     KeyNotFoundError,
     KeyState,
     KeyType,
+    KeyVersion,
     ServiceUnavailableError,
     tls_credentials,
 )
@@ -123,6 +124,21 @@ def _key_row(key: Key) -> dict[str, Any]:
     }
 
 
+def _version_row(version: KeyVersion) -> dict[str, Any]:
+    def moment(value: datetime | None) -> str:
+        return value.isoformat(timespec="seconds") if value else ""
+
+    return {
+        "version": version.version,
+        "state": version.state.value,
+        "created_at": moment(version.created_at),
+        "expires_at": moment(version.expires_at),
+        "encryptions": version.encryptions,
+        "destroy_at": moment(version.destroy_at),
+        "destroyed_at": moment(version.destroyed_at),
+    }
+
+
 def _table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "(none)"
@@ -173,6 +189,16 @@ class Output:
             print(json.dumps([_key_fields(k) for k in keys], indent=2))
         else:
             print(_table([_key_row(k) for k in keys]))
+
+    def versions(self, versions: Sequence[KeyVersion]) -> None:
+        if self.field:
+            self._check_field([f.name for f in dataclass_fields(KeyVersion)])  # also for an empty list
+            for version in versions:
+                print(self._pick(_plain(asdict(version))))
+        elif self.as_json:
+            print(json.dumps([_plain(asdict(v)) for v in versions], indent=2))
+        else:
+            print(_table([_version_row(v) for v in versions]))
 
     def records(self, rows: Sequence[dict[str, Any]], names: Sequence[str]) -> None:
         """A list of records of the given field names (a JSON list, a table, or one field per line)."""
@@ -290,6 +316,8 @@ def _keys(args: argparse.Namespace, client: CryptoClient, out: Output) -> None:
         key_type = KeyType[args.type.upper()] if args.type else None
         state = KeyState[args.state.upper()] if args.state else None
         out.keys(list(client.list_keys(key_type=key_type, state=state)))
+    elif args.action == "versions":
+        out.versions(list(client.iter_key_versions(args.key_id)))
     elif args.action == "schedule-destruction":
         waiting = timedelta(days=args.waiting_days) if args.waiting_days is not None else None
         out.key(client.schedule_key_destruction(args.key_id, version=args.version, waiting_period=waiting))
@@ -504,6 +532,8 @@ def parser() -> argparse.ArgumentParser:
     )
     restore = command(keys, "import", "restore a key from a backup file (needs admin)")
     restore.add_argument("--in", dest="input", required=True, metavar="FILE", help="a backup from keys export")
+    versions = command(keys, "versions", "list every version of a key, oldest first, with its state")
+    versions.add_argument("key_id", help="the key's id")
 
     for name, help_text in (
         ("encrypt", "encrypt a value (--value) or a file (--in/--out, stdin/stdout by default)"),

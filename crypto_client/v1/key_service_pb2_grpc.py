@@ -132,6 +132,11 @@ class KeyServiceStub:
                 request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyRequest.SerializeToString,
                 response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyResponse.FromString,
                 _registered_method=True)
+        self.ListKeyVersions = channel.unary_unary(
+                '/caas.crypto.v1.KeyService/ListKeyVersions',
+                request_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ListKeyVersionsRequest.SerializeToString,
+                response_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ListKeyVersionsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -295,6 +300,16 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeyVersions(self, request, context):
+        """Pages through every version of a key (1 to primary_version), oldest
+        first, each with its effective state (as Key.versions shows it): what
+        GetKey's summary leaves out of a key with many versions. Needs
+        read_keys, like GetKey, and sees the same keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -392,6 +407,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.ImportKey,
                     request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyRequest.FromString,
                     response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyResponse.SerializeToString,
+            ),
+            'ListKeyVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeyVersions,
+                    request_deserializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ListKeyVersionsRequest.FromString,
+                    response_serializer=caas_dot_crypto_dot_v1_dot_key__service__pb2.ListKeyVersionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -910,6 +930,33 @@ class KeyService:
             '/caas.crypto.v1.KeyService/ImportKey',
             caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyRequest.SerializeToString,
             caas_dot_crypto_dot_v1_dot_key__service__pb2.ImportKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeyVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caas.crypto.v1.KeyService/ListKeyVersions',
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ListKeyVersionsRequest.SerializeToString,
+            caas_dot_crypto_dot_v1_dot_key__service__pb2.ListKeyVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

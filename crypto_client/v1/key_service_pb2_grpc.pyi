@@ -106,6 +106,12 @@ class KeyServiceStub:
     key. A public-key backup opens with the server's
     CRYPTO_BACKUP_PRIVATE_KEY_FILE. Needs the admin permission.
     """
+    ListKeyVersions: _grpc.UnaryUnaryMultiCallable[_key_service_pb2.ListKeyVersionsRequest, _key_service_pb2.ListKeyVersionsResponse]
+    """Pages through every version of a key (1 to primary_version), oldest
+    first, each with its effective state (as Key.versions shows it): what
+    GetKey's summary leaves out of a key with many versions. Needs
+    read_keys, like GetKey, and sees the same keys.
+    """
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -184,6 +190,12 @@ class KeyServiceAsyncStub(KeyServiceStub):
     ciphertexts made before the backup decrypt. Never replaces an existing
     key. A public-key backup opens with the server's
     CRYPTO_BACKUP_PRIVATE_KEY_FILE. Needs the admin permission.
+    """
+    ListKeyVersions: _aio.UnaryUnaryMultiCallable[_key_service_pb2.ListKeyVersionsRequest, _key_service_pb2.ListKeyVersionsResponse]  # type: ignore[assignment]
+    """Pages through every version of a key (1 to primary_version), oldest
+    first, each with its effective state (as Key.versions shows it): what
+    GetKey's summary leaves out of a key with many versions. Needs
+    read_keys, like GetKey, and sees the same keys.
     """
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -374,6 +386,18 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         ciphertexts made before the backup decrypt. Never replaces an existing
         key. A public-key backup opens with the server's
         CRYPTO_BACKUP_PRIVATE_KEY_FILE. Needs the admin permission.
+        """
+
+    @_abc_1.abstractmethod
+    def ListKeyVersions(
+        self,
+        request: _key_service_pb2.ListKeyVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_key_service_pb2.ListKeyVersionsResponse, _abc.Awaitable[_key_service_pb2.ListKeyVersionsResponse]]:
+        """Pages through every version of a key (1 to primary_version), oldest
+        first, each with its effective state (as Key.versions shows it): what
+        GetKey's summary leaves out of a key with many versions. Needs
+        read_keys, like GetKey, and sees the same keys.
         """
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x61\x61s/crypto/v1/resources.proto\x12\x0e\x63\x61\x61s.crypto.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x02\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.caas.crypto.v1.KeyVersionState\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65ncryptions\x18\x05 \x01(\x04\x12.\n\ndestroy_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroyed_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbb\x04\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12)\n\x08key_type\x18\x03 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.caas.crypto.v1.KeyState\x12\x17\n\x0fprimary_version\x18\x05 \x01(\r\x12,\n\x08versions\x18\x06 \x03(\x0b\x32\x1a.caas.crypto.v1.KeyVersion\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0frotation_period\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x06labels\x18\n \x03(\x0b\x32\x1f.caas.crypto.v1.Key.LabelsEntry\x12,\n\talgorithm\x18\x0b \x01(\x0e\x32\x19.caas.crypto.v1.Algorithm\x12\x34\n\x10next_rotation_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16min_decryption_version\x18\r \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*a\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fKEY_TYPE_MASTER\x10\x01\x12\x11\n\rKEY_TYPE_DATA\x10\x02\x12\x14\n\x10KEY_TYPE_SESSION\x10\x03*\x94\x01\n\tAlgorithm\x12\x19\n\x15\x41LGORITHM_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41LGORITHM_AES_256_GCM\x10\x01\x12\x19\n\x15\x41LGORITHM_HMAC_SHA256\x10\x02\x12\x15\n\x11\x41LGORITHM_ED25519\x10\x03\x12\x1f\n\x1b\x41LGORITHM_ECDSA_P256_SHA256\x10\x04*\xa5\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n\x12KEY_STATE_DISABLED\x10\x02\x12\x15\n\x11KEY_STATE_EXPIRED\x10\x03\x12\x1f\n\x1bKEY_STATE_DESTROY_SCHEDULED\x10\x04\x12\x17\n\x13KEY_STATE_DESTROYED\x10\x05*\xdc\x01\n\x0fKeyVersionState\x12!\n\x1dKEY_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19KEY_VERSION_STATE_ENABLED\x10\x01\x12\x1e\n\x1aKEY_VERSION_STATE_DISABLED\x10\x02\x12\x1d\n\x19KEY_VERSION_STATE_EXPIRED\x10\x03\x12\'\n#KEY_VERSION_STATE_DESTROY_SCHEDULED\x10\x04\x12\x1f\n\x1bKEY_VERSION_STATE_DESTROYED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63\x61\x61s/crypto/v1/resources.proto\x12\x0e\x63\x61\x61s.crypto.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\x02\n\nKeyVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.caas.crypto.v1.KeyVersionState\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65ncryptions\x18\x05 \x01(\x04\x12.\n\ndestroy_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65stroyed_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x04\n\x03Key\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12)\n\x08key_type\x18\x03 \x01(\x0e\x32\x17.caas.crypto.v1.KeyType\x12\'\n\x05state\x18\x04 \x01(\x0e\x32\x18.caas.crypto.v1.KeyState\x12\x17\n\x0fprimary_version\x18\x05 \x01(\r\x12,\n\x08versions\x18\x06 \x03(\x0b\x32\x1a.caas.crypto.v1.KeyVersion\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0frotation_period\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x06labels\x18\n \x03(\x0b\x32\x1f.caas.crypto.v1.Key.LabelsEntry\x12,\n\talgorithm\x18\x0b \x01(\x0e\x32\x19.caas.crypto.v1.Algorithm\x12\x34\n\x10next_rotation_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16min_decryption_version\x18\r \x01(\r\x12\x15\n\rversion_count\x18\x0e \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*a\n\x07KeyType\x12\x18\n\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0fKEY_TYPE_MASTER\x10\x01\x12\x11\n\rKEY_TYPE_DATA\x10\x02\x12\x14\n\x10KEY_TYPE_SESSION\x10\x03*\x94\x01\n\tAlgorithm\x12\x19\n\x15\x41LGORITHM_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41LGORITHM_AES_256_GCM\x10\x01\x12\x19\n\x15\x41LGORITHM_HMAC_SHA256\x10\x02\x12\x15\n\x11\x41LGORITHM_ED25519\x10\x03\x12\x1f\n\x1b\x41LGORITHM_ECDSA_P256_SHA256\x10\x04*\xa5\x01\n\x08KeyState\x12\x19\n\x15KEY_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11KEY_STATE_ENABLED\x10\x01\x12\x16\n\x12KEY_STATE_DISABLED\x10\x02\x12\x15\n\x11KEY_STATE_EXPIRED\x10\x03\x12\x1f\n\x1bKEY_STATE_DESTROY_SCHEDULED\x10\x04\x12\x17\n\x13KEY_STATE_DESTROYED\x10\x05*\xdc\x01\n\x0fKeyVersionState\x12!\n\x1dKEY_VERSION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19KEY_VERSION_STATE_ENABLED\x10\x01\x12\x1e\n\x1aKEY_VERSION_STATE_DISABLED\x10\x02\x12\x1d\n\x19KEY_VERSION_STATE_EXPIRED\x10\x03\x12\'\n#KEY_VERSION_STATE_DESTROY_SCHEDULED\x10\x04\x12\x1f\n\x1bKEY_VERSION_STATE_DESTROYED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,18 +35,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KEY_LABELSENTRY']._loaded_options = None
   _globals['_KEY_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_KEYTYPE']._serialized_start=984
-  _globals['_KEYTYPE']._serialized_end=1081
-  _globals['_ALGORITHM']._serialized_start=1084
-  _globals['_ALGORITHM']._serialized_end=1232
-  _globals['_KEYSTATE']._serialized_start=1235
-  _globals['_KEYSTATE']._serialized_end=1400
-  _globals['_KEYVERSIONSTATE']._serialized_start=1403
-  _globals['_KEYVERSIONSTATE']._serialized_end=1623
+  _globals['_KEYTYPE']._serialized_start=1007
+  _globals['_KEYTYPE']._serialized_end=1104
+  _globals['_ALGORITHM']._serialized_start=1107
+  _globals['_ALGORITHM']._serialized_end=1255
+  _globals['_KEYSTATE']._serialized_start=1258
+  _globals['_KEYSTATE']._serialized_end=1423
+  _globals['_KEYVERSIONSTATE']._serialized_start=1426
+  _globals['_KEYVERSIONSTATE']._serialized_end=1646
   _globals['_KEYVERSION']._serialized_start=116
   _globals['_KEYVERSION']._serialized_end=408
   _globals['_KEY']._serialized_start=411
-  _globals['_KEY']._serialized_end=982
-  _globals['_KEY_LABELSENTRY']._serialized_start=937
-  _globals['_KEY_LABELSENTRY']._serialized_end=982
+  _globals['_KEY']._serialized_end=1005
+  _globals['_KEY_LABELSENTRY']._serialized_start=960
+  _globals['_KEY_LABELSENTRY']._serialized_end=1005
 # @@protoc_insertion_point(module_scope)

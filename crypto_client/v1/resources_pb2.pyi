@@ -270,6 +270,7 @@ class Key(_message.Message):
     ALGORITHM_FIELD_NUMBER: _builtins.int
     NEXT_ROTATION_AT_FIELD_NUMBER: _builtins.int
     MIN_DECRYPTION_VERSION_FIELD_NUMBER: _builtins.int
+    VERSION_COUNT_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Server-generated UUID (RFC 4122 text form)."""
     tenant_id: _builtins.str
@@ -281,6 +282,10 @@ class Key(_message.Message):
     min_decryption_version: _builtins.int
     """Versions below this refuse to decrypt (state DISABLED); 0 or 1: none do.
     Set with UpdateKey; at most the primary version.
+    """
+    version_count: _builtins.int
+    """How many versions the key has: 1 to primary_version. ListKeyVersions
+    pages through them.
     """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyVersion]:
@@ -323,10 +328,11 @@ class Key(_message.Message):
         algorithm: Global___Algorithm.ValueType = ...,
         next_rotation_at: _timestamp_pb2.Timestamp | None = ...,
         min_decryption_version: _builtins.int = ...,
+        version_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "next_rotation_at", b"next_rotation_at", "rotation_period", b"rotation_period"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "min_decryption_version", b"min_decryption_version", "next_rotation_at", b"next_rotation_at", "primary_version", b"primary_version", "rotation_period", b"rotation_period", "state", b"state", "tenant_id", b"tenant_id", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "created_at", b"created_at", "expires_at", b"expires_at", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "min_decryption_version", b"min_decryption_version", "next_rotation_at", b"next_rotation_at", "primary_version", b"primary_version", "rotation_period", b"rotation_period", "state", b"state", "tenant_id", b"tenant_id", "version_count", b"version_count", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

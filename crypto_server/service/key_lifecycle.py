@@ -48,7 +48,12 @@ from crypto_server.domain.keys import (
     validate_tenant_id,
 )
 from crypto_server.service.keyring import Keyring
-from crypto_server.service.page_token import decode_page_token, encode_page_token
+from crypto_server.service.page_token import (
+    decode_page_token,
+    decode_version_page_token,
+    encode_page_token,
+    encode_version_page_token,
+)
 from crypto_server.storage.port import (
     DuplicateKeyId,
     DuplicateMasterKey,
@@ -75,6 +80,16 @@ UPDATABLE_FIELDS = ("expire_after", "rotation_period", "labels", "min_decryption
 @dataclass(frozen=True, slots=True)
 class KeyPage:
     keys: list[Key]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class VersionPage:
+    """One page of a key's versions, ascending. `key` is the key as get_key read it: its
+    min_decryption_version decides each version's effective state (Key.version_state_at)."""
+
+    key: Key
+    versions: list[KeyVersion]
     next_page_token: str
 
 
@@ -397,6 +412,31 @@ class KeyLifecycle:
         keys = keys[:limit]
         last = keys[-1]
         return KeyPage(keys=keys, next_page_token=encode_page_token(query, ListCursor(last.created_at, last.key_id)))
+
+    def list_key_versions(
+        self, tenant_id: str, key_id: str, *, page_size: int = 0, page_token: str = ""
+    ) -> VersionPage:
+        """One page of the key's versions (1 to its primary), ascending: what a key with many versions shows
+        beyond what get_key holds. Costs one key read and one range read, however many versions the key has."""
+        validate_tenant_id(tenant_id)
+        parse_key_id(key_id)
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(
+                "page_size", f"must be between 0 (the default, {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}"
+            )
+        limit = page_size or DEFAULT_PAGE_SIZE
+        after = decode_version_page_token(page_token, tenant_id, key_id) if page_token else 0
+        key = self.get_key(tenant_id, key_id)
+        # One more than the page: whether another page follows, without a second read.
+        versions = self._store.list_versions(tenant_id, key_id, after, limit + 1)
+        if len(versions) <= limit:
+            return VersionPage(key=key, versions=versions, next_page_token="")
+        versions = versions[:limit]
+        return VersionPage(
+            key=key,
+            versions=versions,
+            next_page_token=encode_version_page_token(tenant_id, key_id, versions[-1].version),
+        )
 
     # -- change ----------------------------------------------------------------
 

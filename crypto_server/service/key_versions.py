@@ -26,9 +26,10 @@ def with_version(reader: KeyReader, key: Key, number: int) -> Key:
 
 
 def with_every_version(reader: KeyReader, key: Key) -> Key:
-    """`key` holding every version it has (KeyIntegrityError when the store has lost one). The versions it held already keep the state they have in it (the
-    state its tag vouches for); a version read here that shows a state is newer than `key`, which a write based
-    on it then finds out (every write is a compare-and-set on the key's revision)."""
+    """`key` holding every version it has (KeyIntegrityError when the store has lost one). The versions it
+    held already keep the state they have in it (the state its tag vouches for); a version read here that shows
+    a state is newer than `key`, which a write based on it then finds out (every write is a compare-and-set on
+    the key's revision)."""
     if key.holds_every_version:
         return key
     held = {v.version for v in key.versions}

@@ -1,4 +1,4 @@
-"""ListKeys page tokens: opaque to callers, checked when they come back.
+"""ListKeys and ListKeyVersions page tokens: opaque to callers, checked when they come back.
 
 A token records where the previous page ended and which tenant and filters it
 was for; a token replayed with another tenant or other filters, or altered,
@@ -56,3 +56,39 @@ def decode_page_token(token: str, query: KeyQuery) -> ListCursor:
     except OverflowError:
         raise invalid from None
     return ListCursor(created_at=created_at, key_id=body["key_id"])
+
+
+# ListKeyVersions tokens: the same encoding, bound to the tenant and the key, holding the last version number of
+# the page. The highest version number the API can name (KeyVersion.version is a uint32): a larger one is no
+# token this server issued, and would not fit the stores' integers.
+_MAX_VERSION = 2**32 - 1
+
+
+def _version_scope(tenant_id: str, key_id: str) -> list[str]:
+    return ["versions", tenant_id, key_id]
+
+
+def encode_version_page_token(tenant_id: str, key_id: str, after_version: int) -> str:
+    body = {"v": 1, "scope": _version_scope(tenant_id, key_id), "after": after_version}
+    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def decode_version_page_token(token: str, tenant_id: str, key_id: str) -> int:
+    """The last version number of the previous page, from `token`, which must have been issued for the same
+    tenant and key."""
+    invalid = InvalidArgument("page_token", "is not a page token from a previous ListKeyVersions call")
+    if len(token) > _MAX_TOKEN_CHARS:
+        raise invalid
+    try:
+        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError):
+        raise invalid from None
+    if not isinstance(body, dict) or body.get("v") != 1 or not isinstance(body.get("scope"), list):
+        raise invalid
+    after = body.get("after")
+    # type(), not isinstance: JSON true is a bool, which isinstance counts as an int.
+    if type(after) is not int or not 0 <= after <= _MAX_VERSION:
+        raise invalid
+    if body["scope"] != _version_scope(tenant_id, key_id):
+        raise InvalidArgument("page_token", "was issued for another tenant or key")
+    return after

@@ -70,6 +70,8 @@ REQUIRED_PERMISSIONS: Mapping[str, tuple[Permission, ...]] = {
     "CancelKeyDestruction": (P.MANAGE_KEYS,),
     "ScheduleTenantDestruction": (P.ADMIN,),
     "CancelTenantDestruction": (P.ADMIN,),
+    # Names one key, like GetKey: a label-narrowed grant sees the versions of exactly the keys GetKey shows it.
+    "ListKeyVersions": (P.READ_KEYS,),
 }
 
 

@@ -21,6 +21,7 @@ from crypto_server.transport.mapping import (
     key_to_proto,
     key_type_filter_from_proto,
     key_type_from_proto,
+    key_version_to_proto,
     optional_duration_from_proto,
     timestamp,
 )
@@ -198,3 +199,15 @@ class KeyServicer(key_service_pb2_grpc.KeyServiceServicer):
 
     def ImportKey(self, request: pb.ImportKeyRequest, context: grpc.ServicerContext) -> pb.ImportKeyResponse:
         return pb.ImportKeyResponse(key=self._key(self._backups.import_key(request.tenant_id, request.backup)))
+
+    def ListKeyVersions(
+        self, request: pb.ListKeyVersionsRequest, context: grpc.ServicerContext
+    ) -> pb.ListKeyVersionsResponse:
+        page = self._lifecycle.list_key_versions(
+            request.tenant_id, request.key_id, page_size=request.page_size, page_token=request.page_token
+        )
+        now = self._clock.now()
+        return pb.ListKeyVersionsResponse(
+            versions=[key_version_to_proto(page.key, version, now) for version in page.versions],
+            next_page_token=page.next_page_token,
+        )

@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from crypto_client.v1 import key_service_pb2, resources_pb2
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import InvalidArgument
-from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersionState
+from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersion, KeyVersionState
 
 _KEY_TYPE_TO_PROTO = {
     KeyType.MASTER: resources_pb2.KEY_TYPE_MASTER,
@@ -125,6 +125,8 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
         labels=dict(key.labels),
         algorithm=algorithm_to_proto(key.algorithm),
         min_decryption_version=key.min_decryption_version,
+        # Versions are numbered 1 to the primary, one per rotation (a pending one above it is not the key's).
+        version_count=key.primary_version,
     )
     if key.expires_at is not None:
         message.expires_at.CopyFrom(_timestamp(key.expires_at))
@@ -132,20 +134,25 @@ def key_to_proto(key: Key, now: datetime) -> resources_pb2.Key:
         message.rotation_period.FromTimedelta(key.policy.rotation_period)
     if key.next_rotation_at is not None:
         message.next_rotation_at.CopyFrom(_timestamp(key.next_rotation_at))
-    for version in key.versions:
-        item = message.versions.add(
-            version=version.version,
-            state=_VERSION_STATE_TO_PROTO[key.version_state_at(version, now)],
-            created_at=_timestamp(version.created_at),
-            encryptions=version.encryptions,
-        )
-        if version.expires_at is not None:
-            item.expires_at.CopyFrom(_timestamp(version.expires_at))
-        if version.destroy_at is not None:
-            item.destroy_at.CopyFrom(_timestamp(version.destroy_at))
-        if version.destroyed_at is not None:
-            item.destroyed_at.CopyFrom(_timestamp(version.destroyed_at))
+    message.versions.extend(key_version_to_proto(key, version, now) for version in key.versions)
     return message
+
+
+def key_version_to_proto(key: Key, version: KeyVersion, now: datetime) -> resources_pb2.KeyVersion:
+    """One of `key`'s versions as seen at `now`, in its effective state (Key.version_state_at). Never material."""
+    item = resources_pb2.KeyVersion(
+        version=version.version,
+        state=_VERSION_STATE_TO_PROTO[key.version_state_at(version, now)],
+        created_at=_timestamp(version.created_at),
+        encryptions=version.encryptions,
+    )
+    if version.expires_at is not None:
+        item.expires_at.CopyFrom(_timestamp(version.expires_at))
+    if version.destroy_at is not None:
+        item.destroy_at.CopyFrom(_timestamp(version.destroy_at))
+    if version.destroyed_at is not None:
+        item.destroyed_at.CopyFrom(_timestamp(version.destroyed_at))
+    return item
 
 
 def optional_duration_from_proto(message: Any, field: str) -> timedelta | None:

@@ -51,11 +51,11 @@ class AsyncDriven:
 
     def __getattr__(self, name: str) -> Any:
         attribute = getattr(self.client, name)
-        if name == "list_keys":
+        if name in ("list_keys", "iter_key_versions"):  # async iterators
 
-            def collect(**kwargs: Any) -> Iterator[Any]:
+            def collect(*args: Any, **kwargs: Any) -> Iterator[Any]:
                 async def gather() -> list[Any]:
-                    return [key async for key in attribute(**kwargs)]
+                    return [key async for key in attribute(*args, **kwargs)]
 
                 return iter(self._loop.run(gather()))
 

@@ -109,6 +109,7 @@ def test_the_page_has_examples_of_every_command() -> None:
     commands = " ".join(e.command for block in _examples() for e in block)
     for command in ("keys create", "keys list", "keys get", "keys rotate", "keys disable", "keys enable"):
         assert f"cryptoctl {command}" in commands or f"--json {command}" in commands
+    assert "cryptoctl keys versions" in commands
     for command in ("encrypt", "decrypt", "health", "--field", "-f", "--raw", "--text", "--in", "--out"):
         assert command in commands
 

@@ -224,7 +224,7 @@ def test_a_read_holds_the_primary_and_every_version_with_a_state_of_its_own(stor
     }
     changed = replace(
         whole,
-        versions=tuple(replace(v, **states.get(v.version, {})) for v in whole.versions),  # type: ignore[arg-type]
+        versions=tuple(replace(v, **states.get(v.version, {})) for v in whole.versions),
     )
     assert stores.serving.update_version_states(changed, whole.revision)
     for read in (stores.serving.get_key("t1", key.key_id), _stored(stores, key)):

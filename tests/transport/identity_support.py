@@ -382,4 +382,7 @@ RPC_CALLS: dict[str, Call] = {
     "CancelKeyDestruction": lambda s, k, m: _schedule_and_cancel(s, k, m, version=0),
     "ScheduleTenantDestruction": lambda s, k, m: _schedule_and_cancel_tenant(s, m),
     "CancelTenantDestruction": lambda s, k, m: _schedule_and_cancel_tenant(s, m),
+    "ListKeyVersions": lambda s, k, m: s.keys.ListKeyVersions(
+        key_pb.ListKeyVersionsRequest(tenant_id=TENANT, key_id=k.data), metadata=m
+    ),
 }

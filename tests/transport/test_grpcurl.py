@@ -100,6 +100,7 @@ def test_the_readme_grpcurl_reference_runs_as_written(server: ServerHandle) -> N
         "CreateKey", "GetKey", "ListKeys", "RotateKey", "DisableKey", "EnableKey", "GenerateSessionKey",
         "GetSessionKey", "Encrypt", "Decrypt", "ReEncrypt", "GenerateDataKey", "BatchEncrypt", "BatchDecrypt",
         "EncryptStream", "DecryptStream", "ComputeMac", "VerifyMac", "Sign", "Verify", "GetPublicKey",
+        "ListKeyVersions",
     ):  # fmt: skip
         assert f"/{rpc}" in block, f"the README has no grpcurl command for {rpc}"
     env = {**os.environ, "T": server.address, "PATH": f"{Path(_grpcurl_command()[0]).parent}:{os.environ['PATH']}"}

@@ -94,9 +94,29 @@ class ServerHandle:
             crypto_pb.DecryptRequest(tenant_id=tenant_id, ciphertext=ciphertext, aad=aad, key_id=key_id)
         )
 
+    def versions(self, tenant_id: str, key_id: str) -> list[resources_pb2.KeyVersion]:
+        return every_version(self.keys, tenant_id, key_id)
+
     def stop(self) -> None:
         self.channel.close()
         self.running.stop(0)
+
+
+def every_version(
+    keys: key_service_pb2_grpc.KeyServiceStub, tenant_id: str, key_id: str
+) -> list[resources_pb2.KeyVersion]:
+    """Every version of a key, oldest first, through ListKeyVersions (GetKey's key holds only its primary and the
+    versions with a state of their own)."""
+    versions: list[resources_pb2.KeyVersion] = []
+    token = ""
+    while True:
+        page = keys.ListKeyVersions(
+            key_pb.ListKeyVersionsRequest(tenant_id=tenant_id, key_id=key_id, page_size=1000, page_token=token)
+        )
+        versions.extend(page.versions)
+        token = page.next_page_token
+        if not token:
+            return versions
 
 
 StartServer = Callable[..., ServerHandle]

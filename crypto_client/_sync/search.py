@@ -66,8 +66,8 @@ class BlindIndex:
 
     def query_tokens(self, term: str) -> list[str]:
         """Every token the term may have been indexed under (one per unexpired key version, newest first)."""
-        key = self._client.get_key(self._key_id, tenant_id=self._tenant_id)
-        versions = sorted((v.version for v in key.versions if v.state is not KeyVersionState.EXPIRED), reverse=True)
+        listed = self._client.iter_key_versions(self._key_id, page_size=1000, tenant_id=self._tenant_id)
+        versions = sorted([v.version for v in listed if v.state is not KeyVersionState.EXPIRED], reverse=True)
         data = self._data(term)
         tokens = []
         for version in versions:

@@ -160,7 +160,7 @@ class _PublicKeyCache:
             key = self._client.get_key(self._key_id, use_cache=False, tenant_id=self._tenant_id)
         except CryptoClientError:
             return None  # the refusal alone still proved `version` and above absent
-        return max((v.version for v in key.versions), default=0)
+        return key.primary_version  # versions are 1 to the primary
 
 
 class TokenSigner:

@@ -354,7 +354,7 @@ def _export_key(args: argparse.Namespace, client: CryptoClient, out: Output) -> 
         write_atomically(destination, lambda file: file.write(backup))
     except OSError as error:
         raise FileError(f"cannot write --out {args.output}: {error.strerror}") from None
-    out.one({"key_id": key.key_id, "versions": len(key.versions), "backup": str(destination), "bytes": len(backup)})
+    out.one({"key_id": key.key_id, "versions": key.version_count, "backup": str(destination), "bytes": len(backup)})
 
 
 def _encrypt_value(args: argparse.Namespace, client: CryptoClient, out: Output) -> None:

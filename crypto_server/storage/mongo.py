@@ -424,7 +424,11 @@ class MongoKeyStore:
                 existing = self._versions.find_one({"key_id": updated.key_id, "version": version.version})
                 if existing is None or bytes(existing["wrapped_material"]) != version.wrapped_material:
                     return False  # another writer's version has that number or this request id
-                # Our own version, written by an attempt that stopped before the second write.
+                # Our own version, written by an attempt that stopped before the second write (tagged now,
+                # if that attempt wrote it without: the tag is the same whoever computes it).
+                self._versions.update_one(
+                    {"_id": existing["_id"]}, {"$set": {"integrity_tag": Binary(version.integrity_tag)}}
+                )
             # Only from the revision the caller read: a concurrent change (another rotation, a
             # disable) makes this match nothing, and the version stays pending for the next rotation.
             moved = self._keys.update_one(

@@ -7,6 +7,8 @@ disabled key, rolls the primary back, drops a version, moves an expiry — and t
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -19,7 +21,9 @@ from pymongo.database import Database
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
+from crypto_server.app import load_metadata_authenticator
 from crypto_server.domain.errors import KeyIntegrityError
+from crypto_server.domain.key_integrity import canonical_metadata
 from crypto_server.service.key_versions import with_every_version
 from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import ServerHandle, StartServer, expect_error
@@ -295,3 +299,56 @@ def test_unedited_keys_load_and_work(prepared: tuple[ServerHandle, str, str]) ->
     server.running.keyring.forget_all()
     assert server.encrypt("t1", key_id, b"fine").key_version == 2
     assert server.create_key("t1", resources_pb2.KEY_TYPE_SESSION).key_id
+
+
+# -- keys tagged before versions had tags of their own ------------------------------------------------------
+
+
+def _tag_as_before_the_split(server: ServerHandle, key_id: str, *, edit: str = "") -> None:
+    """Rewrite a key's tags as a server before per-version tags wrote them: one tag over the whole key with every
+    version (domain/key_integrity.py canonical_metadata), none on the versions. With `edit`, version 1's
+    creation time is then moved in the database (an edit made while the key was tagged the old way)."""
+    store = server.running.store
+    authenticator = load_metadata_authenticator(store, (server.running.keyring.root,))
+    read = store.get_key("t1", key_id)
+    assert read is not None
+    whole = with_every_version(store, read)
+    tag = hmac.new(
+        authenticator._key,  # the metadata key, as the old server held it
+        b"caas.crypto.v1/key-metadata\x00" + canonical_metadata(whole),
+        hashlib.sha256,
+    ).digest()
+    with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+        db.execute("UPDATE keys SET integrity_tag = ? WHERE key_id = ?", (tag, key_id))
+        db.execute("UPDATE key_versions SET integrity_tag = x'' WHERE key_id = ?", (key_id,))
+        if edit:
+            moved = "UPDATE key_versions SET created_us = created_us + 1000000 WHERE key_id = ? AND version = 1"
+            assert db.execute(moved, (key_id,)).rowcount == 1
+    server.running.keyring.forget_all()
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_key_tagged_before_the_split_is_checked_whole_then_re_tagged(server: ServerHandle) -> None:
+    key = server.create_key("t1")
+    old = server.encrypt("t1", key.key_id, b"version 1").ciphertext
+    for _ in range(3):
+        server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id))
+    _tag_as_before_the_split(server, key.key_id)
+
+    assert server.decrypt("t1", old).plaintext == b"version 1"
+    assert server.encrypt("t1", key.key_id, b"new").key_version == 4
+    with sqlite3.connect(server.settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+        tags = [row[0] for row in db.execute("SELECT integrity_tag FROM key_versions WHERE key_id = ?", (key.key_id,))]
+    assert len(tags) == 4 and all(len(tag) == 32 for tag in tags), "every version tagged on the first read"
+    server.running.keyring.forget_all()
+    assert server.decrypt("t1", old).plaintext == b"version 1", "and read with the new tags afterwards"
+
+
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)
+def test_a_key_tagged_before_the_split_and_edited_is_refused(server: ServerHandle) -> None:
+    key = server.create_key("t1")
+    server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id))
+    _tag_as_before_the_split(server, key.key_id, edit="version 1 created")
+    expect_error(
+        lambda: server.encrypt("t1", key.key_id, b"x"), grpc.StatusCode.DATA_LOSS, "ERROR_REASON_KEY_INTEGRITY"
+    )

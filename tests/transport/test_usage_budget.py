@@ -107,7 +107,7 @@ def test_the_soft_limit_makes_the_rotator_rotate_whatever_the_rotation_period(st
     assert _rotate_pass(server) == 0  # rotated once: the new primary starts from zero
     got = server.keys.GetKey(key_pb.GetKeyRequest(tenant_id=TENANT, key_id=key.key_id)).key
     assert got.primary_version == 2
-    assert [v.encryptions for v in got.versions] == [6, 0]
+    assert [v.encryptions for v in server.versions(TENANT, key.key_id)] == [6, 0]
     assert server.encrypt(TENANT, key.key_id, b"x").key_version == 2
     _give_back_idle(server)
     assert _stored_counts(server, key.key_id) == {1: 4, 2: 1}

@@ -3,14 +3,18 @@
 make bench        -> full phases, bench/results/latest.json
 make bench-quick  -> shorter phases (under a minute), bench/results/quick.json
 python -m bench --access-log [--quick] -> only the access log modes' cost, bench/results/access-log.json
+python -m bench --only key_aging [--only key_count] [--quick] [--aging-versions embedded=10,1000,10000]
+                  -> only those scenarios, bench/results/key_aging.json (names joined by "+")
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,16 @@ TARGETS = (
         for level in ("16", "64")
     ),
     ("HSM root: warm keys within 10% of file root", ("cold_tenants", "hsm_to_file_warm_ratio"), ">=", 0.90),
+    *(
+        (
+            f"{backend} {label}: most / fewest versions",
+            ("key_aging", backend, "largest_to_baseline", figure),
+            "<=",
+            1.5,
+        )
+        for backend in ("embedded", "mongo_redis")
+        for label, figure in (("RotateKey", "rotate_ms"), ("GetKey", "get_key_ms"), ("cold Encrypt", "cold_encrypt_ms"))
+    ),
 )
 
 
@@ -151,6 +165,14 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
                 results["lifecycle"] = scenarios.lifecycle_cost(backends, phases, Path(scratch))
                 log("batches of 100 x 1 KiB against unary Encrypt, today's server and the one before the rework")
                 results["batches"] = scenarios.batch_cost(backends, phases, Path(scratch))
+            if (
+                phases.aging_versions and phases is not scenarios.QUICK
+            ):  # ~9 s: python -m bench --only key_aging --quick
+                log("key aging: RotateKey, GetKey and a cold Encrypt at each version count")
+                results["key_aging"] = scenarios.key_aging(backends, phases)
+            if phases.key_counts:
+                log("key count: CreateKey/s and a ListKeys page at each number of keys in a tenant")
+                results["key_count"] = scenarios.key_count(backends, phases)
         finally:
             backends.stop()
     results["targets"] = _targets(results)
@@ -172,6 +194,85 @@ def run_access_log(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
             backends.stop()
     results["finished"] = time.time()
     return results
+
+
+# The scenarios `--only` runs alone: each takes (backends, phases).
+ONLY: dict[str, Callable[[scenarios.Backends, scenarios.Phases], dict[str, Any]]] = {
+    "key_aging": scenarios.key_aging,
+    "key_count": scenarios.key_count,
+}
+
+
+def run_only(names: list[str], phases: scenarios.Phases, log: Any) -> dict[str, Any]:
+    """Only the scenarios named (`ONLY`), and the targets they measure."""
+    results: dict[str, Any] = {"machine": _machine(), "phases": phases.__dict__, "started": time.time()}
+    with scenarios.with_scratch() as scratch:
+        backends = scenarios.Backends(Path(scratch))
+        try:
+            for name in names:
+                log(name)
+                results[name] = ONLY[name](backends, phases)
+        finally:
+            backends.stop()
+    results["targets"] = [target for target in _targets(results) if target["value"] is not None]
+    results["finished"] = time.time()
+    return results
+
+
+def only_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"{'scenario':<44} {'median':>12} {'min':>10} {'max':>10}",
+        *key_aging_table(results),
+        *key_count_table(results),
+    ]
+    lines.extend(["", *targets_table(results)])
+    return "\n".join(lines)
+
+
+def _stat_line(name: str, stat: dict[str, Any]) -> str:
+    return f"{name:<44} {stat['median']:>12.2f} {stat['min']:>10.2f} {stat['max']:>10.2f}"
+
+
+def key_aging_table(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for backend, figures in results.get("key_aging", {}).items():
+        if not isinstance(figures, dict):
+            continue
+        for count, at in figures.items():
+            if not isinstance(at, dict) or "versions" not in at:
+                continue
+            label = f"{backend} {int(count):,} versions:"
+            lines.append(f"{label + ' RotateKey/s':<44} {at['rotate_per_s']:>12.2f}")
+            lines.append(f"{label + ' RotateKey/s @8':<44} {at['rotate_per_s_8_in_flight']:>12.2f}")
+            lines.append(_stat_line(f"{label} GetKey ms", at["get_key_ms"]))
+            lines.append(f"{label + ' GetKey bytes':<44} {at['get_key_bytes']:>12,}")
+            lines.append(_stat_line(f"{label} cold Encrypt ms", at["cold_encrypt_ms"]))
+        most, fewest = figures["largest_versions"], figures["baseline_versions"]
+        for figure, ratio in figures["largest_to_baseline"].items():
+            label = f"{backend} {figure} {most:,} / {fewest:,}"
+            lines.append(f"{label:<44} {ratio:>12.2f}")
+    return lines
+
+
+def key_count_table(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for backend, figures in results.get("key_count", {}).items():
+        if not isinstance(figures, dict):
+            continue
+        for count, at in figures.items():
+            label = f"{backend} {int(count):,} keys:"
+            lines.append(f"{label + ' CreateKey/s':<44} {at['create_per_s']:>12.2f}")
+            lines.append(_stat_line(f"{label} ListKeys first ms", at["list_first_page_ms"]))
+            lines.append(_stat_line(f"{label} ListKeys 90% ms", at["list_deep_page_ms"]))
+    return lines
+
+
+def targets_table(results: dict[str, Any]) -> list[str]:
+    lines = [f"{'target':<48} {'value':>10}  {'bound':<8} met"]
+    for target in results["targets"]:
+        value = "n/a" if target["value"] is None else f"{target['value']:.3f}"
+        lines.append(f"{target['target']:<48} {value:>10}  {target['bound']:<8} {target['met']}")
+    return lines
 
 
 def access_log_table(results: dict[str, Any]) -> list[str]:
@@ -250,12 +351,28 @@ def table(results: dict[str, Any]) -> str:
                 row(f"batches {name}: {call} @{level} items/s", figures[f"{call}_items_per_s"])
                 ratio = figures[f"{call}_ratio_to_encrypt"]
                 lines.append(f"{'batches ' + name + ': ' + call + ' / encrypt @' + level:<44} {ratio:>12.2f}")
+    lines.extend(key_aging_table(results))
+    lines.extend(key_count_table(results))
     lines.append("")
-    lines.append(f"{'target':<48} {'value':>10}  {'bound':<8} met")
-    for target in results["targets"]:
-        value = "n/a" if target["value"] is None else f"{target['value']:.3f}"
-        lines.append(f"{target['target']:<48} {value:>10}  {target['bound']:<8} {target['met']}")
+    lines.extend(targets_table(results))
     return "\n".join(lines)
+
+
+def _aging_versions(value: str) -> tuple[str, tuple[int, ...]]:
+    """`embedded=10,1000,10000`: a backend and its version counts, the smallest first."""
+    backend, _, counts = value.partition("=")
+    try:
+        parsed = tuple(int(count) for count in counts.split(","))
+    except ValueError:
+        parsed = ()
+    if (
+        backend not in ("embedded", "mongo_redis")
+        or len(parsed) < 2
+        or list(parsed) != sorted(set(parsed))
+        or parsed[0] < 1
+    ):
+        raise argparse.ArgumentTypeError(f"{value!r}: want embedded|mongo_redis=N,N,... (at least two, increasing)")
+    return backend, parsed
 
 
 def main() -> int:
@@ -263,8 +380,22 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="shorter phases (under a minute)")
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
     parser.add_argument("--access-log", action="store_true", help="only the access log modes' cost")
+    parser.add_argument("--only", action="append", choices=sorted(ONLY), help="only this scenario (repeatable)")
+    parser.add_argument(
+        "--aging-versions",
+        action="append",
+        type=_aging_versions,
+        metavar="BACKEND=N,N,...",
+        help="key_aging's version counts on a backend (repeatable); only these backends are measured",
+    )
     args = parser.parse_args()
     phases = scenarios.QUICK if args.quick else scenarios.FULL
+    if args.aging_versions:
+        phases = dataclasses.replace(phases, aging_versions=tuple(args.aging_versions))
+    if args.only:
+        names = list(dict.fromkeys(args.only))
+        out = args.out or Path("bench/results") / f"{'+'.join(names)}.json"
+        return run_and_report(lambda p, log: run_only(names, p, log), only_table, phases, out)
     default_name = "quick.json" if args.quick else "latest.json"
     out = args.out or Path("bench/results") / ("access-log.json" if args.access_log else default_name)
     if args.access_log:

@@ -58,10 +58,52 @@ class Phases:
     # The scenarios that compare today's server with an older one extracted from git history (batches, key
     # lifecycle): two servers each, a minute or more; full runs only.
     against_history: bool = True
+    # key_aging: per backend, the version counts one key each is brought to (with RotateKey) and measured at; the
+    # first is the baseline every ratio is taken to. () skips the scenario.
+    aging_versions: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    aging_rotations: int = 50  # RotateKey calls per closed loop, sequential and at 8 in flight
+    aging_restarts: int = 3  # server restarts, each giving one cold Encrypt per aged key
+    # key_count: per backend, the numbers of keys in one tenant at which CreateKey/s and a ListKeys page are
+    # measured. () skips the scenario.
+    key_counts: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
-FULL = Phases(3, 6000, 1500, 1000, 1000, (16, 256), 300, (1, 16, 64))
-QUICK = Phases(3, 800, 250, 150, 100, (16, 32), 40, (16,), against_history=False)
+# Seeding a key with RotateKey costs O(n^2) on a server whose every rotation reads and rewrites all the key's
+# versions (issue 17, target 6): on the shared 2-core machine 3,000 versions took 128 s on the embedded store and
+# 1,000 took 36 s on MongoDB + Redis (SecantusDB); 10,000 would take about 20 minutes embedded. So the full run
+# stops at 3,000 and 1,000 (key_aging: about 4.5 minutes in all); once a rotation costs the same at any age, raise
+# these to 10,000. Any counts: `python -m bench --only key_aging --aging-versions embedded=10,1000,10000`.
+FULL_AGING_VERSIONS = (("embedded", (10, 1_000, 3_000)), ("mongo_redis", (10, 1_000)))
+# CreateKey on SecantusDB runs at about 60/s: 100,000 keys would take half an hour, so MongoDB + Redis stops at 10,000.
+FULL_KEY_COUNTS = (("embedded", (1_000, 10_000, 100_000)), ("mongo_redis", (1_000, 10_000)))
+FULL = Phases(
+    3,
+    6000,
+    1500,
+    1000,
+    1000,
+    (16, 256),
+    300,
+    (1, 16, 64),
+    aging_versions=FULL_AGING_VERSIONS,
+    key_counts=FULL_KEY_COUNTS,
+)
+# The quick run leaves key_aging out (even these counts cost about 9 s, and bench-quick must stay under a minute);
+# they are what `python -m bench --quick --only key_aging` measures.
+QUICK = Phases(
+    3,
+    800,
+    250,
+    150,
+    100,
+    (16, 32),
+    40,
+    (16,),
+    against_history=False,
+    aging_versions=(("embedded", (10, 300)),),
+    aging_rotations=20,
+    aging_restarts=2,
+)
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -316,6 +358,202 @@ def key_management(address: str, phases: Phases) -> dict[str, Any]:
     return {
         "create_per_s": repeat(phases.repetitions, creates),
         "rotate_per_s": repeat(phases.repetitions, rotations),
+    }
+
+
+CREATE_KEY = "/caas.crypto.v1.KeyService/CreateKey"
+GET_KEY = "/caas.crypto.v1.KeyService/GetKey"
+LIST_KEYS = "/caas.crypto.v1.KeyService/ListKeys"
+ROTATE_KEY = "/caas.crypto.v1.KeyService/RotateKey"
+AGING_TENANT = "bench-aging"
+COUNT_TENANT = "bench-count"
+LIST_PAGE_SIZE = 100
+
+
+def _raw_call(method: str, message: bytes) -> Callable[[grpc.aio.Channel], Any]:
+    """One call of `method` with a serialized request, for pyload.run_calls."""
+
+    async def call(channel: grpc.aio.Channel) -> object:
+        stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            method, request_serializer=None, response_deserializer=None
+        )
+        return await stub(message, timeout=60)
+
+    return call
+
+
+def _timed_calls(channel: grpc.Channel, method: str, message: bytes, times: int) -> tuple[list[float], bytes]:
+    """`times` sequential calls: each one's latency in ms, and the last response's bytes."""
+    stub: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+        method, request_serializer=None, response_deserializer=None
+    )
+    latencies = []
+    response = b""
+    for _ in range(times):
+        started = time.perf_counter()
+        response = stub(message, timeout=60)
+        latencies.append((time.perf_counter() - started) * 1000)
+    return latencies, response
+
+
+def _aged_key(keys: key_service_pb2_grpc.KeyServiceStub, versions: int) -> str:
+    """A new data key brought to `versions` versions with RotateKey, one call at a time."""
+    key = keys.CreateKey(key_pb.CreateKeyRequest(tenant_id=AGING_TENANT, key_type=resources_pb2.KEY_TYPE_DATA)).key
+    for _ in range(versions - 1):
+        key = keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=AGING_TENANT, key_id=key.key_id), timeout=60).key
+    if key.primary_version != versions:
+        raise RuntimeError(f"seeding reached version {key.primary_version}, not {versions}")
+    return key.key_id
+
+
+def key_aging(backends: Backends, phases: Phases) -> dict[str, Any]:
+    """Issue 17, target 6: what a key's age costs. On each backend, one key per count in `phases.aging_versions`
+    brought to that many versions with RotateKey (not measured), then at each count: GetKey (median of 50 calls,
+    response bytes), a cold Encrypt (the key's first Encrypt after a server restart, the tenant's master key
+    already unwrapped by an Encrypt with another key; median over `aging_restarts` restarts), and RotateKey/s in a
+    closed loop of `aging_rotations` calls, sequential, then at 8 in flight. Each figure also as a ratio to the
+    first (smallest) count's: time per call, so the target (issue 17) is <= 1.5 for each."""
+    results: dict[str, Any] = {"rotations_per_run": phases.aging_rotations, "restarts": phases.aging_restarts}
+    for backend, counts in phases.aging_versions:
+        results[backend] = _key_aging_on(backends.env(backend, f"aging-{backend}"), counts, phases)
+    return results
+
+
+def _key_aging_on(env: dict[str, str], counts: tuple[int, ...], phases: Phases) -> dict[str, Any]:
+    figures: dict[str, dict[str, Any]] = {str(count): {"versions": count} for count in counts}
+    with bench_server(env) as (server,), grpc.insecure_channel(server.address) as channel:
+        keys = key_service_pb2_grpc.KeyServiceStub(channel)
+        warm_key = _aged_key(keys, 1)
+        aged: dict[int, str] = {}
+        for count in counts:
+            started = time.perf_counter()
+            aged[count] = _aged_key(keys, count)
+            figures[str(count)]["seed_s"] = time.perf_counter() - started
+        for count, key_id in aged.items():
+            get = key_pb.GetKeyRequest(tenant_id=AGING_TENANT, key_id=key_id).SerializeToString()
+            latencies, response = _timed_calls(channel, GET_KEY, get, 50)
+            figures[str(count)].update(get_key_ms=summary(latencies), get_key_bytes=len(response))
+    cold: dict[int, list[float]] = {count: [] for count in counts}
+    for restart in range(phases.aging_restarts):
+        with bench_server(env) as (server,), grpc.insecure_channel(server.address) as channel:  # nothing in memory
+            _timed_calls(channel, ENCRYPT, _encrypt_request(warm_key), 1)  # the connection and the master key
+            # Every other restart in reverse order, so whatever the first call after the warm one still pays is
+            # shared between counts.
+            for count, key_id in sorted(aged.items(), reverse=restart % 2 == 1):
+                cold[count].extend(_timed_calls(channel, ENCRYPT, _encrypt_request(key_id), 1)[0])
+            if restart == phases.aging_restarts - 1:
+                for count, key_id in aged.items():
+                    figures[str(count)].update(
+                        _rotations(server.address, keys_at=count, aged_key=key_id, phases=phases)
+                    )
+    for count in counts:
+        figures[str(count)]["cold_encrypt_ms"] = summary(cold[count])
+    baseline, largest = figures[str(counts[0])], figures[str(counts[-1])]
+    results: dict[str, Any] = {
+        **figures,
+        "baseline_versions": counts[0],
+        "largest_versions": counts[-1],
+        "largest_to_baseline": {
+            "rotate_ms": largest["rotate_ms"] / baseline["rotate_ms"],
+            "rotate_ms_8_in_flight": largest["rotate_ms_8_in_flight"] / baseline["rotate_ms_8_in_flight"],
+            "get_key_ms": largest["get_key_ms"]["median"] / baseline["get_key_ms"]["median"],
+            "get_key_bytes": largest["get_key_bytes"] / baseline["get_key_bytes"],
+            "cold_encrypt_ms": largest["cold_encrypt_ms"]["median"] / baseline["cold_encrypt_ms"]["median"],
+        },
+    }
+    return results
+
+
+def _encrypt_request(key_id: str) -> bytes:
+    return crypto_pb.EncryptRequest(tenant_id=AGING_TENANT, key_id=key_id, plaintext=b"aged").SerializeToString()
+
+
+def _rotations(address: str, *, keys_at: int, aged_key: str, phases: Phases) -> dict[str, Any]:
+    """RotateKey/s on a key at `keys_at` versions, sequential and at 8 in flight. The loops add versions: a count
+    no larger than one loop is cheap to seed, so each loop there gets a fresh key; a larger one continues the aged
+    key, whose count the two loops raise by 2 x `aging_rotations` (10 % at 1,000)."""
+    rotations = phases.aging_rotations
+    figures: dict[str, Any] = {}
+    with grpc.insecure_channel(address) as channel:
+        keys = key_service_pb2_grpc.KeyServiceStub(channel)
+        for in_flight, suffix in ((1, ""), (8, "_8_in_flight")):
+            key_id = _aged_key(keys, keys_at) if keys_at <= rotations else aged_key
+            first = keys.GetKey(key_pb.GetKeyRequest(tenant_id=AGING_TENANT, key_id=key_id)).key.primary_version
+            rotate = key_pb.RotateKeyRequest(tenant_id=AGING_TENANT, key_id=key_id).SerializeToString()
+            per_s = pyload.run_calls([_raw_call(ROTATE_KEY, rotate)] * rotations, address, in_flight=in_flight)
+            figures[f"rotate_per_s{suffix}"] = per_s
+            figures[f"rotate_ms{suffix}"] = 1000 / per_s
+            figures[f"rotate_versions{suffix}"] = [first, first + rotations]
+    return figures
+
+
+def key_count(backends: Backends, phases: Phases) -> dict[str, Any]:
+    """Issue 17, target 6: what the number of keys in a tenant costs. On each backend, one tenant filled with
+    CreateKey (16 in flight) up to each count in `phases.key_counts`; at each: CreateKey/s over the last
+    min(1,000, count) keys created, and the latency of one ListKeys page of 100 (median of 20), the first page and
+    one 90 % deep in the list, reached by walking the page tokens (that walk's pages/s too)."""
+    results: dict[str, Any] = {"page_size": LIST_PAGE_SIZE}
+    for backend, counts in phases.key_counts:
+        figures: dict[str, Any] = {}
+        with bench_server(backends.env(backend, f"count-{backend}")) as (server,):
+            address = server.address
+            create = _raw_call(
+                CREATE_KEY,
+                key_pb.CreateKeyRequest(
+                    tenant_id=COUNT_TENANT, key_type=resources_pb2.KEY_TYPE_DATA
+                ).SerializeToString(),
+            )
+            created = 0
+            for count in counts:
+                sample = min(1_000, count - created)
+                started = time.perf_counter()
+                if count - sample > created:
+                    pyload.run_calls([create] * (count - sample - created), address, in_flight=16)
+                create_per_s = pyload.run_calls([create] * sample, address, in_flight=16)
+                fill_s = time.perf_counter() - started
+                created = count
+                figures[str(count)] = {
+                    "create_per_s": create_per_s,
+                    "fill_s": fill_s,
+                    **_list_pages(address, count),
+                }
+        results[backend] = figures
+    return results
+
+
+def _list_pages(address: str, keys: int) -> dict[str, Any]:
+    first = key_pb.ListKeysRequest(tenant_id=COUNT_TENANT, page_size=LIST_PAGE_SIZE)
+    with grpc.insecure_channel(address) as channel:
+        stub = key_service_pb2_grpc.KeyServiceStub(channel)
+        deep_at = int(keys * 0.9) // LIST_PAGE_SIZE
+        deep_token = ""
+        started = time.perf_counter()
+        page, pages = stub.ListKeys(first, timeout=60), 1
+        while page.next_page_token:
+            if pages == deep_at:
+                deep_token = page.next_page_token
+            page = stub.ListKeys(
+                key_pb.ListKeysRequest(
+                    tenant_id=COUNT_TENANT, page_size=LIST_PAGE_SIZE, page_token=page.next_page_token
+                ),
+                timeout=60,
+            )
+            pages += 1
+        walk_s = time.perf_counter() - started
+        if pages * LIST_PAGE_SIZE < keys:
+            raise RuntimeError(f"ListKeys walked {pages} pages of {LIST_PAGE_SIZE}, fewer than {keys} keys")
+        deep = (
+            first
+            if not deep_token
+            else key_pb.ListKeysRequest(tenant_id=COUNT_TENANT, page_size=LIST_PAGE_SIZE, page_token=deep_token)
+        )
+        first_ms, _ = _timed_calls(channel, LIST_KEYS, first.SerializeToString(), 20)
+        deep_ms, _ = _timed_calls(channel, LIST_KEYS, deep.SerializeToString(), 20)
+    return {
+        "list_first_page_ms": summary(first_ms),
+        "list_deep_page_ms": summary(deep_ms),
+        "list_deep_page_index": deep_at,
+        "list_walk_pages_per_s": pages / walk_s,
     }
 
 

@@ -336,7 +336,7 @@ def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
                 except CryptoClientError:
                     lost_keys += 1
                     continue
-                numbers = [v.version for v in key.versions]
+                numbers = [v.version for v in client.iter_key_versions(key_id)]
                 if numbers != list(range(1, len(numbers) + 1)) or key.primary_version != len(numbers):
                     bad_versions += 1
             # In batches: a run confirms tens of thousands of ciphertexts.

@@ -54,7 +54,8 @@ def test_pages_hold_every_version_once_in_order_as_get_key_holds_them(stores: St
     key = _key_with_versions(stores, 12)
     pages = _all_pages(stores, key, limit=5)
     assert [[v.version for v in page] for page in pages] == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10], [11, 12]]
-    assert [v for page in pages for v in page] == list(key.versions)
+    listed = {v.version: v for page in pages for v in page}
+    assert key.versions and all(listed[v.version] == v for v in key.versions), "a version read as get_key holds it"
 
 
 def test_the_range_is_bounded_by_after_version_the_limit_and_the_primary(stores: Stores) -> None:
@@ -105,6 +106,7 @@ def test_another_tenant_and_an_unknown_key_get_nothing(stores: Stores) -> None:
 
 def test_states_and_encryptions_come_back_and_destroyed_material_is_empty(stores: Stores) -> None:
     key = _key_with_versions(stores, 7)
+    key = key.with_versions(stores.serving.list_versions("t1", key.key_id, 0, 10))
     v1, v2, v3, v4, v5, v6, v7 = key.versions
     versions = (
         replace(v1, destroy_at=NOW, destroyed_at=NOW),  # embedded on MongoDB
@@ -120,7 +122,9 @@ def test_states_and_encryptions_come_back_and_destroyed_material_is_empty(stores
 
     listed = [v for page in _all_pages(stores, key, limit=3) for v in page]
     stored = _stored(stores, key)
-    assert listed == list(stored.versions), "exactly what get_key holds, read from the database"
+    held = {v.version for v in stored.versions}
+    assert held == {1, 2, 3, 5, 7}, "get_key holds the primary and the versions with a state"
+    assert [v for v in listed if v.version in held] == list(stored.versions), "as get_key holds them"
     by_number = {v.version: v for v in listed}
     assert by_number[2].disabled
     assert by_number[3].destroy_at == NOW + 24 * HOUR and not by_number[3].destroyed

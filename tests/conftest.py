@@ -154,15 +154,22 @@ def mongo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MongoServ
     yield from _running(MongoServer(tmp_path_factory.mktemp("mongo")))
 
 
-# A test's own Redis and MongoDB, for tests that stop, freeze or kill them (the session's are shared).
+def _discarded(server: _Server) -> Iterator[_Server]:
+    server.start()
+    yield server
+    server.discard()
+
+
+# A test's own Redis and MongoDB, for tests that stop, freeze or kill them (the session's are shared). Their data
+# dies with the test: killed at the end, not shut down.
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    yield from _running(RedisServer(tmp_path / "own-redis"))
+    yield from _discarded(RedisServer(tmp_path / "own-redis"))
 
 
 @pytest.fixture
 def own_mongo(tmp_path: Path) -> Iterator[MongoServer]:
-    yield from _running(MongoServer(tmp_path / "own-mongo"))
+    yield from _discarded(MongoServer(tmp_path / "own-mongo"))
 
 
 # The stores (and cache), with the root key from a file (the fixture `root_key`).
@@ -174,8 +181,9 @@ BACKENDS = FILE_ROOT_BACKENDS + HSM_BACKENDS
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """Which store (and cache) the server under test uses, and where its root key is; every behaviour test
-    runs on each."""
+    """Which store (and cache) the server under test uses, and where its root key is; a behaviour test runs on
+    each unless it does not depend on the store: then its module narrows `backend` (to one store, usually the
+    embedded one) and says where the store's part is proven (tests/storage/test_contract*.py)."""
     name: str = request.param
     return name
 

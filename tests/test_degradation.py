@@ -1,6 +1,8 @@
 """Fault tests: Redis or MongoDB goes away under load; nothing is lost and recovery is automatic.
 
-Each test owns its Redis and MongoDB processes (so it may stop them), on 127.0.0.1 only.
+Each test owns its Redis and MongoDB processes (so it may stop them), on 127.0.0.1 only. Each asks for them before
+`start_server`: fixtures are torn down in the reverse order, so the server stops while its stores still run (else
+every stop waits out the store's timeouts, seconds each).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def _key_service_health(server: ServerHandle) -> int:
 
 
 def test_redis_going_away_during_encryption_fails_no_call_and_caching_resumes(
-    start_server: StartServer, own_redis: RedisServer, own_mongo: MongoServer, caplog: pytest.LogCaptureFixture
+    own_redis: RedisServer, own_mongo: MongoServer, start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A keyring TTL of 0 sends every call through Redis, so the outage is felt on every call.
     server = start_server(
@@ -74,7 +76,7 @@ def _encrypt_and_check_cached(server: ServerHandle, key_id: str, redis: RedisSer
 
 
 def test_mongo_going_away_keeps_cached_keys_working_and_refuses_writes_in_time(
-    start_server: StartServer, own_mongo: MongoServer
+    own_mongo: MongoServer, start_server: StartServer
 ) -> None:
     server = start_server(
         mongodb_uri=own_mongo.uri, mongodb_database="outage", store_timeout_s=1.0, health_interval_s=0.2
@@ -119,7 +121,7 @@ def test_mongo_going_away_keeps_cached_keys_working_and_refuses_writes_in_time(
 
 
 def test_a_key_not_refreshed_during_a_mongo_outage_is_served_from_memory(
-    start_server: StartServer, own_mongo: MongoServer
+    own_mongo: MongoServer, start_server: StartServer
 ) -> None:
     # Past its TTL, an entry nothing invalidated keeps serving while the store cannot answer.
     server = start_server(mongodb_uri=own_mongo.uri, mongodb_database="stale", store_timeout_s=0.5, keyring_ttl_s=0.0)
@@ -127,3 +129,4 @@ def test_a_key_not_refreshed_during_a_mongo_outage_is_served_from_memory(
     server.encrypt("t1", key.key_id, b"warm")
     own_mongo.stop()
     assert server.encrypt("t1", key.key_id, b"still works").key_version == 1
+    own_mongo.start()  # back, so the server's shutdown (its last audit checkpoint) does not wait out timeouts

@@ -1,8 +1,9 @@
 """The root key in a PKCS#11 token (SoftHSM2): never readable, refused settings, crypto-init-hsm, and a token that
 goes away while the server runs.
 
-The behaviour suite also runs with the HSM root key (the "embedded+hsm" and "mongo+redis+hsm" backends), and the
-migration file -> HSM -> file is in tests/test_root_key_rotation.py.
+The behaviour tests where the root key takes part also run with the HSM root key (the "embedded+hsm" and
+"mongo+redis+hsm" backends: the round trip, rotation across a restart, the key hierarchy, destruction, backups), and
+the migration file -> HSM -> file is in tests/test_root_key_rotation.py.
 """
 
 from __future__ import annotations

@@ -351,7 +351,13 @@ def test_both_workers_audit_into_one_file_each_in_a_chain_that_verifies(
 
 def test_a_worker_that_keeps_failing_at_start_after_a_crash_stops_the_server(tmp_path: Path) -> None:
     fail_file = tmp_path / "fail"
-    env = {"CRYPTO_PROCESSES": "2", "CRYPTO_DATA_DIR": str(tmp_path / "data"), "STUB_FAIL_FILE": str(fail_file)}
+    first_backoff_s = 0.025  # production's is 0.25 s: its five back-offs would wait 7.75 s
+    env = {
+        "CRYPTO_PROCESSES": "2",
+        "CRYPTO_DATA_DIR": str(tmp_path / "data"),
+        "STUB_FAIL_FILE": str(fail_file),
+        "STUB_FIRST_BACKOFF_S": str(first_backoff_s),
+    }
     server = CryptoServerProcess.launch(env, module="tests.supervised_stub")
     try:
         pids = server.wait_for_log("serving")["worker_pids"]
@@ -362,6 +368,6 @@ def test_a_worker_that_keeps_failing_at_start_after_a_crash_stops_the_server(tmp
         server.kill()
     restarts = [e for e in server.logs() if e.get("msg") == "worker exited unexpectedly; restarting it"]
     # After the crash, then after each of 4 failed starts, a doubling back-off; the 5th failed start ends it.
-    assert [e["restart_in_s"] for e in restarts] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert [e["restart_in_s"] for e in restarts] == [first_backoff_s * 2**n for n in range(5)]
     gave_up = server.wait_for_log("cannot start: a worker failed before serving; stopping the others")
     assert gave_up["failures"] == 5 and gave_up["exit_code"] == 2

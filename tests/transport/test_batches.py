@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from tests.conftest import ServerHandle, StartServer, expect_error
+
+
+@pytest.fixture
+def backend() -> str:
+    """One store: a batch is its items, each through the same use cases as Encrypt and Decrypt (which run on every
+    backend in tests/transport/test_round_trip.py and test_rotation_matrix.py); the budget's reservations are
+    proven on every store by tests/storage/test_contract.py and across replicas in test_usage_budget.py."""
+    return "embedded"
 
 
 def test_a_batch_of_1000_with_3_malformed_items_has_997_successes_and_3_invalid_arguments(

@@ -15,6 +15,13 @@ from crypto_server.domain.errors import DecryptionFailed
 from tests.conftest import ServerHandle, expect_error
 
 
+@pytest.fixture
+def backend() -> str:
+    """One store: data keys and re-encryption use keys the keyring loaded, as Encrypt and Decrypt do (which run
+    on every backend in tests/transport/test_round_trip.py and test_rotation_matrix.py)."""
+    return "embedded"
+
+
 def test_a_data_key_encrypts_locally_and_its_wrapped_copy_decrypts_through_the_service(server: ServerHandle) -> None:
     key = server.create_key("t1")
     generated = server.crypto.GenerateDataKey(

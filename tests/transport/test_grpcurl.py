@@ -15,6 +15,13 @@ import pytest
 from tests.conftest import ServerHandle
 
 
+@pytest.fixture
+def backend() -> str:
+    """One store: reflection, JSON transcoding and health are the transport's; the RPCs' store behaviour runs on
+    every backend elsewhere (tests/storage/test_contract.py, test_round_trip.py, test_rotation_matrix.py)."""
+    return "embedded"
+
+
 def _grpcurl_command() -> list[str]:
     beside_python = Path(sys.executable).parent / "grpcurl"
     found = str(beside_python) if beside_python.exists() else shutil.which("grpcurl")

@@ -120,6 +120,7 @@ def test_concurrent_repeats_of_one_rotation_add_one_version(server: ServerHandle
     assert [v.version for v in server.versions("t1", key.key_id)] == [1, 2]
 
 
+@pytest.mark.parametrize("backend", ["embedded"], indirect=True)  # validated before any store is asked
 @pytest.mark.parametrize("request_id", ["has space", "x" * 129, "slash/y", "ünï"])
 def test_malformed_request_id_is_rejected(server: ServerHandle, request_id: str) -> None:
     key = server.create_key("t1")

@@ -25,6 +25,15 @@ ED25519 = resources_pb2.ALGORITHM_ED25519
 ECDSA = resources_pb2.ALGORITHM_ECDSA_P256_SHA256
 
 
+@pytest.fixture
+def backend() -> str:
+    """One store: MACs and signatures are computed from the key's material once loaded, whatever store held it;
+    each store keeps a key's algorithm, versions and state as written (tests/storage/test_contract.py,
+    test_contract_extra.py), and the key hierarchy under a file or HSM root key runs on every backend in
+    tests/transport/test_round_trip.py and test_key_hierarchy.py."""
+    return "embedded"
+
+
 def _mac(server: ServerHandle, key_id: str, data: bytes, version: int = 0) -> crypto_pb.ComputeMacResponse:
     return server.crypto.ComputeMac(
         crypto_pb.ComputeMacRequest(tenant_id="t1", key_id=key_id, data=data, key_version=version)

@@ -25,6 +25,13 @@ def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 
 @pytest.fixture
+def backend() -> str:
+    """One store: the series are the transport's and the keyring's; the key and tenant gauges come from the
+    store's key_counts, proven on every store by tests/storage/test_contract.py."""
+    return "embedded"
+
+
+@pytest.fixture
 def server(start_server: StartServer) -> ServerHandle:
     return start_server(metrics_port=0)
 

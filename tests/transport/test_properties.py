@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from crypto_client.v1 import resources_pb2
 from tests.conftest import ServerHandle
+
+
+@pytest.fixture
+def backend() -> str:
+    """One store: sealing and opening random bytes never reach the store, which only holds the key created per
+    example (written and read back as written on every store: tests/storage/test_contract.py); the round trip on
+    every backend, HSM root key included, is tests/transport/test_round_trip.py."""
+    return "embedded"
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -5,11 +5,22 @@ from __future__ import annotations
 from datetime import timedelta
 
 import grpc
+import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
-from tests.conftest import ServerHandle, StartServer, expect_error
+from tests.conftest import BACKENDS, ServerHandle, StartServer, expect_error
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """One store unless a test names more: the matrix is the service's rules over versions and states, and each
+    store's part (a version added by compare-and-set, a disabled flag written, the effective state) is proven on
+    every store by tests/storage/test_contract.py. What needs the store end to end runs on more: the matrix across
+    a restart on every backend, and a change to a cached key where the Redis cache holds a copy too."""
+    name: str = getattr(request, "param", "embedded")
+    return name
 
 
 def _rotate(server: ServerHandle, tenant: str, key_id: str) -> resources_pb2.Key:
@@ -88,6 +99,7 @@ def test_data_keys_default_to_365_days_and_a_90_day_rotation_period(server: Serv
     assert key.versions[0].expires_at == key.expires_at
 
 
+@pytest.mark.parametrize("backend", ["embedded", "mongo+redis"], indirect=True)
 def test_disable_and_rotation_take_effect_immediately_for_a_cached_key(server: ServerHandle) -> None:
     key = server.create_key("t1")
     server.encrypt("t1", key.key_id, b"warm the cache")
@@ -99,6 +111,7 @@ def test_disable_and_rotation_take_effect_immediately_for_a_cached_key(server: S
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_rotation_matrix_holds_across_a_restart(start_server: StartServer) -> None:
     first = start_server()
     key = first.create_key("t1")

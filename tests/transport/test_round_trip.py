@@ -9,11 +9,20 @@ import pytest
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
-from tests.conftest import ServerHandle, StartServer, expect_error
+from tests.conftest import BACKENDS, ServerHandle, StartServer, expect_error
 
 MIB = 1024 * 1024
 
 
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """The round trip runs on every backend (each store, a file or an HSM root key); the limits and the master
+    key's refusal are the service's and run on one store."""
+    name: str = getattr(request, "param", "embedded")
+    return name
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("key_type", [resources_pb2.KEY_TYPE_DATA, resources_pb2.KEY_TYPE_SESSION])
 def test_encrypt_then_decrypt_returns_the_plaintext(server: ServerHandle, key_type: int) -> None:
     key = server.create_key("tenant-a", key_type)

@@ -7,12 +7,21 @@ import uuid
 from datetime import timedelta
 
 import grpc
+import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.duration_pb2 import Duration
 
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from tests.conftest import ServerHandle, StartServer, expect_error
+
+
+@pytest.fixture
+def backend() -> str:
+    """One store: the rules (lifetime, retry window, disabled and expired keys, who gets material) are the
+    service's; each store's part (a session key read back as written and only for its tenant, a repeated key id
+    refused, the effective state) is proven on every store by tests/storage/test_contract.py."""
+    return "embedded"
 
 
 def test_a_session_key_is_handed_out_once_created_and_fetched_while_valid(server: ServerHandle) -> None:

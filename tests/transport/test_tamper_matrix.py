@@ -13,6 +13,14 @@ AAD = b"conversation-42"
 
 
 @pytest.fixture
+def backend() -> str:
+    """One store: a damaged ciphertext is refused by the ciphertext codec and AES-GCM, whatever store holds its
+    key; the store's only part, a key id that names no key (or another key) when a bit flips, is a lookup that
+    answers None or that key on every store (tests/storage/test_contract.py)."""
+    return "embedded"
+
+
+@pytest.fixture
 def sealed(server: ServerHandle) -> tuple[ServerHandle, bytes]:
     key = server.create_key("t1")
     server.create_key("t1")  # a second key, so a key id bit flip can land on nothing or on another key

@@ -13,6 +13,15 @@ from crypto_server.domain.errors import DecryptionFailed
 from tests.conftest import ServerHandle, expect_error
 
 
+@pytest.fixture
+def backend() -> str:
+    """One store: the service asks the store for (tenant, key id), and every store answers None for another
+    tenant's key, refuses to change it and lists only the tenant's keys, the Redis cache included
+    (tests/storage/test_contract.py, test_contract_extra.py); this file checks that the RPCs answer exactly as for
+    a missing key."""
+    return "embedded"
+
+
 def _key_calls(server: ServerHandle, tenant: str, key_id: str) -> dict[str, Callable[[], object]]:
     return {
         "GetKey": lambda: server.keys.GetKey(key_pb.GetKeyRequest(tenant_id=tenant, key_id=key_id)),

@@ -289,7 +289,11 @@ class Key(_message.Message):
     """
     @_builtins.property
     def versions(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyVersion]:
-        """Every version, oldest first."""
+        """The primary version and every version in a state of its own (DISABLED,
+        DESTROY_SCHEDULED, DESTROYED), oldest first: what deciding about the key
+        needs, the same size at 10 versions as at 10,000. version_count says how
+        many versions the key has; ListKeyVersions lists them all.
+        """
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...

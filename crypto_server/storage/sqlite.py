@@ -402,9 +402,9 @@ class SqliteKeyStore:
             where.append(clause)
             params.extend(values)
         if query.after is not None:
-            where.append("(created_us > ? OR (created_us = ? AND key_id > ?))")
-            after_us = _to_us(query.after.created_at)
-            params.extend((after_us, after_us, query.after.key_id))
+            # A row value: a range on keys_by_tenant_created (the OR form scanned the tenant from its first key).
+            where.append("(created_us, key_id) > (?, ?)")
+            params.extend((_to_us(query.after.created_at), query.after.key_id))
         # Only this method's constant clauses are joined; the values are bound.
         sql = f"SELECT {_KEY_COLUMNS} FROM keys WHERE {' AND '.join(where)} ORDER BY created_us, key_id LIMIT ?"  # noqa: S608
         params.append(query.limit)

@@ -164,7 +164,7 @@ class KeyDestruction:
                 raise TenantDestroyed(tenant_id)
             return with_key_destruction_scheduled(master, destroy_at)
 
-        return self._write(lambda: self._master(tenant_id), schedule, tenant_id)
+        return self._write(lambda: with_every_version(self._fresh, self._master(tenant_id)), schedule, tenant_id)
 
     def cancel_tenant_destruction(self, tenant_id: str) -> Key:
         validate_tenant_id(tenant_id)

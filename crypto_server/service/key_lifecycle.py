@@ -47,6 +47,7 @@ from crypto_server.domain.keys import (
     validate_request_id,
     validate_tenant_id,
 )
+from crypto_server.service.key_versions import vouched_versions
 from crypto_server.service.keyring import Keyring
 from crypto_server.service.page_token import (
     decode_page_token,
@@ -426,9 +427,13 @@ class KeyLifecycle:
             )
         limit = page_size or DEFAULT_PAGE_SIZE
         after = decode_version_page_token(page_token, tenant_id, key_id) if page_token else 0
-        key = self.get_key(tenant_id, key_id)
-        # One more than the page: whether another page follows, without a second read.
-        versions = self._store.list_versions(tenant_id, key_id, after, limit + 1)
+        # One more than the page: whether another page follows, without a second read. Each version as the key
+        # vouches for it (service/key_versions.py): the states shown are the authenticated ones.
+        key, versions = vouched_versions(
+            self._store,
+            self.get_key(tenant_id, key_id),
+            lambda k: self._store.list_versions(tenant_id, key_id, after, limit + 1),
+        )
         if len(versions) <= limit:
             return VersionPage(key=key, versions=versions, next_page_token="")
         versions = versions[:limit]

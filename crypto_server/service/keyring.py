@@ -213,7 +213,7 @@ class Keyring:
                 raise KeyIntegrityError(f"key {key.key_id} has lost version {number} from the store")
             record = found[0]
             if len(loaded.read_versions) >= _MAX_READ_VERSIONS:
-                loaded.read_versions.clear()
+                del loaded.read_versions[next(iter(loaded.read_versions))]  # the one read first
             loaded.read_versions[number] = record
         return record
 

@@ -94,6 +94,13 @@ class LeasedPasses(ABC):
                     f"{self.work} failed; retried on the next pass",
                     extra={"tenant_id": tenant_id, "key_id": key_id, "error": type(error).__name__},
                 )
+            except Exception:
+                # One key's unexpected failure (a defect, a row no check foresaw) must not stop the pass for the
+                # keys after it; this one stays due.
+                log.exception(
+                    f"{self.work} failed unexpectedly; retried on the next pass",
+                    extra={"tenant_id": tenant_id, "key_id": key_id},
+                )
         return changes
 
     def _record(

@@ -48,7 +48,13 @@ class AuthenticatedKeyStore:
         )
 
     def _checked(self, key: Key | None) -> Key | None:
-        if key is None or self._authenticator.verify(key):
+        if key is None:
+            return None
+        if not _held_as_read(key):
+            # The tags cannot tell: a primary with no state of its own is vouched for only by its own tag, which a
+            # deleted row takes with it.
+            raise self._refused(key.tenant_id, key.key_id, "versions")
+        if self._authenticator.verify(key):
             return key
         upgraded = self._tagged_before_split(key)
         if upgraded is not None:
@@ -65,8 +71,9 @@ class AuthenticatedKeyStore:
         if not self._authenticator.verify_before_split(whole):
             return None
         tagged = self._authenticator.tagged(whole)
-        self._inner.store_tags(tagged, key.revision)
-        log.info("key metadata re-tagged per version", extra={"tenant_id": key.tenant_id, "key_id": key.key_id})
+        if self._inner.store_tags(tagged, key.revision):
+            log.info("key metadata re-tagged per version", extra={"tenant_id": key.tenant_id, "key_id": key.key_id})
+            tagged = replace(tagged, revision=key.revision + 1)
         return replace(tagged, versions=tuple(v for v in tagged.versions if v.version in _numbers(key)))
 
     @staticmethod
@@ -96,12 +103,13 @@ class AuthenticatedKeyStore:
         return [key for key in map(self._checked, self._inner.list_keys(query)) if key is not None]
 
     def list_versions(self, tenant_id: str, key_id: str, after_version: int, limit: int) -> list[KeyVersion]:
-        """Each version checked by its own tag. Their states are vouched for by the key's tag, which the caller
-        checks on the key it read (service/key_versions.py): a version with a state its key does not list is
-        newer than that key, or altered."""
-        return self._checked_versions(
-            tenant_id, key_id, self._inner.list_versions(tenant_id, key_id, after_version, limit)
-        )
+        """Each version checked by its own tag, and the page checked for a gap (versions are 1 to the primary,
+        each stored: a page that skips a number lost a version). Their states are vouched for by the key's tag,
+        which the caller checks on the key it read (service/key_versions.py)."""
+        versions = self._inner.list_versions(tenant_id, key_id, after_version, limit)
+        if [v.version for v in versions] != list(range(after_version + 1, after_version + 1 + len(versions))):
+            raise self._refused(tenant_id, key_id, "versions")
+        return self._checked_versions(tenant_id, key_id, versions)
 
     def version_for_request(self, tenant_id: str, key_id: str, request_id: str) -> KeyVersion | None:
         version = self._inner.version_for_request(tenant_id, key_id, request_id)
@@ -137,3 +145,10 @@ _PAGE = 1000
 
 def _numbers(key: Key) -> set[int]:
     return {v.version for v in key.versions}
+
+
+def _held_as_read(key: Key) -> bool:
+    """Whether `key` holds its primary, each version once, ascending, none above the primary, as a store read
+    gives it."""
+    numbers = [v.version for v in key.versions]
+    return bool(numbers) and numbers == sorted(set(numbers)) and numbers[0] >= 1 and numbers[-1] == key.primary_version

@@ -249,7 +249,10 @@ class MongoKeyStore:
     @staticmethod
     def _held(document: Mapping[str, Any]) -> set[int]:
         """The versions a key document's key holds: its primary and those with a state of their own."""
-        return {document["primary_version"], *(int(number) for number in document.get("version_states") or {})}
+        # A name that is not a number (an edit) names no version: the key's tag, which lists the states of its
+        # versions by number, tells whether one is missing.
+        states = document.get("version_states") or {}
+        return {document["primary_version"], *(int(name) for name in states if name.isdecimal())}
 
     def _with_versions(self, documents: Sequence[Mapping[str, Any]], *, every: bool = False) -> list[Key]:
         """Keys holding their primary and the versions with a state of their own (with `every`, all of them)."""

@@ -93,6 +93,10 @@ _SQLITE_EDITS: dict[str, tuple[str, Callable[[str, str], Where]]] = {
         lambda k, m: ("t1", k),
     ),
     "version deleted": ("DELETE FROM key_versions WHERE key_id = ? AND version = 1", lambda k, m: ("t1", k)),
+    "primary version deleted": (
+        "DELETE FROM key_versions WHERE key_id = ? AND version = 2",
+        lambda k, m: ("t1", k),
+    ),
     "version renumbered": (
         "UPDATE key_versions SET version = 9 WHERE key_id = ? AND version = 1",
         lambda k, m: ("t1", k),

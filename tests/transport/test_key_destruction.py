@@ -415,6 +415,18 @@ def test_a_shredded_tenant_can_decrypt_nothing_on_any_path(start_server: StartSe
     assert fresh.decrypt(OTHER, kept).plaintext == b"theirs"
 
 
+@pytest.mark.parametrize("backend", ["embedded", "mongo+redis"], indirect=True)
+def test_scheduling_a_tenant_schedules_every_version_of_its_master_key(server: ServerHandle) -> None:
+    """Not only the versions the master key holds when read (its primary): every one, 1 to the primary."""
+    server.create_key(TENANT)
+    master = server.running.store.get_master_key(TENANT)
+    assert master is not None
+    for _ in range(2):
+        server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=master.key_id))
+    _schedule_tenant(server)
+    assert _states(server, master.key_id) == [V.KEY_VERSION_STATE_DESTROY_SCHEDULED] * 3
+
+
 @pytest.mark.parametrize("backend", ["embedded"], indirect=True)
 def test_a_tenant_without_keys_cannot_be_scheduled(server: ServerHandle) -> None:
     expect_error(lambda: _schedule_tenant(server), grpc.StatusCode.NOT_FOUND, "ERROR_REASON_KEY_NOT_FOUND")

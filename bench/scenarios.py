@@ -73,7 +73,7 @@ class Phases:
 # 1,000 took 36 s on MongoDB + Redis (SecantusDB); 10,000 would take about 20 minutes embedded. So the full run
 # stops at 3,000 and 1,000 (key_aging: about 4.5 minutes in all); once a rotation costs the same at any age, raise
 # these to 10,000. Any counts: `python -m bench --only key_aging --aging-versions embedded=10,1000,10000`.
-FULL_AGING_VERSIONS = (("embedded", (10, 1_000, 3_000)), ("mongo_redis", (10, 1_000)))
+FULL_AGING_VERSIONS = (("embedded", (10, 1_000, 10_000)), ("mongo_redis", (10, 1_000, 10_000)))
 # CreateKey on SecantusDB runs at about 60/s: 100,000 keys would take half an hour, so MongoDB + Redis stops at 10,000.
 FULL_KEY_COUNTS = (("embedded", (1_000, 10_000, 100_000)), ("mongo_redis", (1_000, 10_000)))
 FULL = Phases(

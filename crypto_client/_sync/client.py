@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tenacity import Retrying
 
-from crypto_client import _convert
+from crypto_client import _convert, models
 from crypto_client._connectivity import ChannelWatch
 from crypto_client._core import ClientCore
 from crypto_client._stream_messages import (
@@ -29,26 +29,6 @@ from crypto_client._stream_messages import (
 from crypto_client.config import ClientConfig
 from crypto_client.errors import CryptoClientError, from_item_error, from_rpc_error
 from crypto_client.metrics import ClientStats
-from crypto_client.models import (
-    Algorithm,
-    AuditRecord,
-    DataKey,
-    DecryptItem,
-    DecryptResult,
-    EncryptItem,
-    EncryptResult,
-    HealthStatus,
-    Key,
-    KeyState,
-    KeyType,
-    KeyVersion,
-    KeyVersionPage,
-    MacResult,
-    PublicKey,
-    ReEncryptResult,
-    SessionKey,
-    SignResult,
-)
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc, key_service_pb2_grpc
 from crypto_client.v1 import key_service_pb2 as key_pb
@@ -57,9 +37,9 @@ _STREAM_METHOD = "/" + crypto_pb.DESCRIPTOR.services_by_name["CryptoService"].fu
 
 _Response = TypeVar("_Response")
 _HEALTH_STATUS = {
-    health_pb2.HealthCheckResponse.SERVING: HealthStatus.SERVING,
-    health_pb2.HealthCheckResponse.NOT_SERVING: HealthStatus.NOT_SERVING,
-    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: HealthStatus.SERVICE_UNKNOWN,
+    health_pb2.HealthCheckResponse.SERVING: models.HealthStatus.SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING: models.HealthStatus.NOT_SERVING,
+    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: models.HealthStatus.SERVICE_UNKNOWN,
 }
 
 
@@ -138,16 +118,16 @@ class CryptoClient:
 
     def create_key(
         self,
-        key_type: KeyType = KeyType.DATA,
+        key_type: models.KeyType = models.KeyType.DATA,
         *,
         expire_after: timedelta | None = None,
         rotation_period: timedelta | None = None,
         labels: Mapping[str, str] | None = None,
         request_id: str | None = None,
-        algorithm: Algorithm = Algorithm.AES_256_GCM,
+        algorithm: models.Algorithm = models.Algorithm.AES_256_GCM,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> Key:
+    ) -> models.Key:
         """Create a key. Retries are safe: the request id (generated unless given) makes a repeat create nothing."""
         tenant = self._core.tenant(tenant_id)
         request = key_pb.CreateKeyRequest(
@@ -166,7 +146,7 @@ class CryptoClient:
 
     def get_key(
         self, key_id: str, *, use_cache: bool = True, tenant_id: str | None = None, timeout: float | None = None
-    ) -> Key:
+    ) -> models.Key:
         """A key's metadata; served from a short-lived cache unless `use_cache` is False."""
         tenant = self._core.tenant(tenant_id)
         cached = self._core.cached_key(tenant, key_id) if use_cache else None
@@ -179,12 +159,12 @@ class CryptoClient:
     def list_keys(
         self,
         *,
-        key_type: KeyType | None = None,
-        state: KeyState | None = None,
+        key_type: models.KeyType | None = None,
+        state: models.KeyState | None = None,
         page_size: int = 100,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> Iterator[Key]:
+    ) -> Iterator[models.Key]:
         """Every key of the tenant (oldest first), fetching pages as the iteration goes."""
         request = key_pb.ListKeysRequest(tenant_id=self._core.tenant(tenant_id), page_size=page_size)
         if key_type is not None:
@@ -207,21 +187,21 @@ class CryptoClient:
         page_token: str = "",
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> KeyVersionPage:
+    ) -> models.KeyVersionPage:
         """One page of the key's versions (oldest first); pass its `next_page_token` for the next page. A key's
         `versions` (get_key) may hold only some of them; `version_count` says how many there are."""
         request = key_pb.ListKeyVersionsRequest(
             tenant_id=self._core.tenant(tenant_id), key_id=key_id, page_size=page_size, page_token=page_token
         )
         page = self._call("ListKeyVersions", self._keys.ListKeyVersions, request, timeout)
-        return KeyVersionPage(
+        return models.KeyVersionPage(
             versions=tuple(_convert.key_version_from_proto(v) for v in page.versions),
             next_page_token=page.next_page_token,
         )
 
     def iter_key_versions(
         self, key_id: str, *, page_size: int = 100, tenant_id: str | None = None, timeout: float | None = None
-    ) -> Iterator[KeyVersion]:
+    ) -> Iterator[models.KeyVersion]:
         """Every version of the key (oldest first), fetching pages as the iteration goes."""
         token = ""
         while True:
@@ -236,7 +216,7 @@ class CryptoClient:
 
     def read_audit_log(
         self, *, page_size: int = 100, tenant_id: str | None = None, timeout: float | None = None
-    ) -> Iterator[AuditRecord]:
+    ) -> Iterator[models.AuditRecord]:
         """The tenant's audit records (oldest first), fetching pages as the iteration goes; needs audit_read."""
         request = key_pb.ReadAuditLogRequest(tenant_id=self._core.tenant(tenant_id), page_size=page_size)
         while True:
@@ -249,7 +229,7 @@ class CryptoClient:
 
     def rotate_key(
         self, key_id: str, *, request_id: str | None = None, tenant_id: str | None = None, timeout: float | None = None
-    ) -> Key:
+    ) -> models.Key:
         """Add a version and make it primary. Retries are safe: a repeat of the request id adds nothing."""
         tenant = self._core.tenant(tenant_id)
         request = key_pb.RotateKeyRequest(
@@ -268,7 +248,7 @@ class CryptoClient:
         min_decryption_version: int | EllipsisType = ...,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> Key:
+    ) -> models.Key:
         """Change the settings given (left out: unchanged; None: cleared — no automatic rotation, versions
         that never expire, no labels). `expire_after` applies to versions created from now on;
         `min_decryption_version` (0: none) makes older versions refuse to decrypt. Safe to retry: it sets values."""
@@ -291,13 +271,13 @@ class CryptoClient:
         response = self._call("UpdateKey", self._keys.UpdateKey, request, timeout)
         return self._core.key_changed(tenant, response.key)
 
-    def disable_key(self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:
+    def disable_key(self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None) -> models.Key:
         tenant = self._core.tenant(tenant_id)
         request = key_pb.DisableKeyRequest(tenant_id=tenant, key_id=key_id)
         response = self._call("DisableKey", self._keys.DisableKey, request, timeout)
         return self._core.key_changed(tenant, response.key)
 
-    def enable_key(self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:
+    def enable_key(self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None) -> models.Key:
         tenant = self._core.tenant(tenant_id)
         request = key_pb.EnableKeyRequest(tenant_id=tenant, key_id=key_id)
         response = self._call("EnableKey", self._keys.EnableKey, request, timeout)
@@ -307,7 +287,7 @@ class CryptoClient:
 
     def disable_key_version(
         self, key_id: str, version: int, *, tenant_id: str | None = None, timeout: float | None = None
-    ) -> Key:
+    ) -> models.Key:
         """Stop one version (not the primary) from encrypting and decrypting until enabled again."""
         tenant = self._core.tenant(tenant_id)
         request = key_pb.DisableKeyVersionRequest(tenant_id=tenant, key_id=key_id, version=version)
@@ -316,7 +296,7 @@ class CryptoClient:
 
     def enable_key_version(
         self, key_id: str, version: int, *, tenant_id: str | None = None, timeout: float | None = None
-    ) -> Key:
+    ) -> models.Key:
         tenant = self._core.tenant(tenant_id)
         request = key_pb.EnableKeyVersionRequest(tenant_id=tenant, key_id=key_id, version=version)
         response = self._call("EnableKeyVersion", self._keys.EnableKeyVersion, request, timeout)
@@ -330,7 +310,7 @@ class CryptoClient:
         waiting_period: timedelta | None = None,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> Key:
+    ) -> models.Key:
         """Schedule the destruction of one version (not the primary), or with `version` 0 of the whole key, after
         `waiting_period` (1-30 days; None: 7). Until then it refuses every use and can be cancelled. Safe to
         retry: a version already scheduled keeps its time."""
@@ -352,7 +332,7 @@ class CryptoClient:
 
     def cancel_key_destruction(
         self, key_id: str, *, version: int = 0, tenant_id: str | None = None, timeout: float | None = None
-    ) -> Key:
+    ) -> models.Key:
         """Cancel the scheduled destruction of `version` (0: every scheduled version) before it runs."""
         tenant = self._core.tenant(tenant_id)
         request = key_pb.CancelKeyDestructionRequest(tenant_id=tenant, key_id=key_id, version=version)
@@ -361,7 +341,7 @@ class CryptoClient:
 
     def schedule_tenant_destruction(
         self, *, waiting_period: timedelta | None = None, tenant_id: str | None = None, timeout: float | None = None
-    ) -> Key:
+    ) -> models.Key:
         """Crypto-shred the tenant after `waiting_period` (1-30 days; None: 7): its master key and every key under
         it are destroyed, and nothing it encrypted can be decrypted again. Needs the admin permission. Returns
         the master key, every version scheduled."""
@@ -372,7 +352,7 @@ class CryptoClient:
         response = self._call("ScheduleTenantDestruction", self._keys.ScheduleTenantDestruction, request, timeout)
         return self._core.key_changed(tenant, response.master_key)
 
-    def cancel_tenant_destruction(self, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:
+    def cancel_tenant_destruction(self, *, tenant_id: str | None = None, timeout: float | None = None) -> models.Key:
         tenant = self._core.tenant(tenant_id)
         request = key_pb.CancelTenantDestructionRequest(tenant_id=tenant)
         response = self._call("CancelTenantDestruction", self._keys.CancelTenantDestruction, request, timeout)
@@ -385,7 +365,7 @@ class CryptoClient:
         backup_public_key: str | bytes | None = None,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> tuple[Key, bytes]:
+    ) -> tuple[models.Key, bytes]:
         """The key and a backup of it with all its versions (docs/backup.md): encrypted for `backup_public_key`
         (PEM, RSA 3072 or X25519) when given, else under the server's root key. Needs `admin`."""
         pem = backup_public_key.decode() if isinstance(backup_public_key, bytes) else backup_public_key
@@ -395,7 +375,7 @@ class CryptoClient:
         response = self._call("ExportKey", self._keys.ExportKey, request, timeout)
         return _convert.key_from_proto(response.key), response.backup
 
-    def import_key(self, backup: bytes, *, tenant_id: str | None = None, timeout: float | None = None) -> Key:
+    def import_key(self, backup: bytes, *, tenant_id: str | None = None, timeout: float | None = None) -> models.Key:
         """Restore a key from an export_key backup into the tenant it came from; never over an existing key
         (KeyAlreadyExistsError, also when a retry finds its own first attempt done). Needs `admin`."""
         tenant = self._core.tenant(tenant_id)
@@ -413,12 +393,14 @@ class CryptoClient:
         aad: bytes = b"",
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> EncryptResult:
+    ) -> models.EncryptResult:
         request = crypto_pb.EncryptRequest(
             tenant_id=self._core.tenant(tenant_id), key_id=key_id, plaintext=plaintext, aad=aad
         )
         response = self._call("Encrypt", self._crypto.Encrypt, request, timeout)
-        return EncryptResult(ciphertext=response.ciphertext, key_id=response.key_id, key_version=response.key_version)
+        return models.EncryptResult(
+            ciphertext=response.ciphertext, key_id=response.key_id, key_version=response.key_version
+        )
 
     def decrypt(
         self,
@@ -428,12 +410,14 @@ class CryptoClient:
         key_id: str | None = None,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> DecryptResult:
+    ) -> models.DecryptResult:
         request = crypto_pb.DecryptRequest(
             tenant_id=self._core.tenant(tenant_id), ciphertext=ciphertext, aad=aad, key_id=key_id or ""
         )
         response = self._call("Decrypt", self._crypto.Decrypt, request, timeout)
-        return DecryptResult(plaintext=response.plaintext, key_id=response.key_id, key_version=response.key_version)
+        return models.DecryptResult(
+            plaintext=response.plaintext, key_id=response.key_id, key_version=response.key_version
+        )
 
     # -- envelope encryption, migration, batches -----------------------------------------
 
@@ -445,13 +429,13 @@ class CryptoClient:
         without_plaintext: bool = False,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> DataKey:
+    ) -> models.DataKey:
         """A fresh 256-bit data key and its copy wrapped under `key_id` (decrypt() unwraps it)."""
         request = crypto_pb.GenerateDataKeyRequest(
             tenant_id=self._core.tenant(tenant_id), key_id=key_id, aad=aad, without_plaintext=without_plaintext
         )
         response = self._call("GenerateDataKey", self._crypto.GenerateDataKey, request, timeout)
-        return DataKey(
+        return models.DataKey(
             plaintext=None if without_plaintext else response.plaintext,
             ciphertext=response.ciphertext,
             key_id=response.key_id,
@@ -467,7 +451,7 @@ class CryptoClient:
         destination_key_id: str | None = None,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> ReEncryptResult:
+    ) -> models.ReEncryptResult:
         """The plaintext under the primary version (or another key), without it leaving the service."""
         request = crypto_pb.ReEncryptRequest(
             tenant_id=self._core.tenant(tenant_id),
@@ -477,7 +461,7 @@ class CryptoClient:
             destination_key_id=destination_key_id or "",
         )
         response = self._call("ReEncrypt", self._crypto.ReEncrypt, request, timeout)
-        return ReEncryptResult(
+        return models.ReEncryptResult(
             ciphertext=response.ciphertext,
             key_id=response.key_id,
             key_version=response.key_version,
@@ -486,8 +470,8 @@ class CryptoClient:
         )
 
     def batch_encrypt(
-        self, items: Sequence[EncryptItem], *, tenant_id: str | None = None, timeout: float | None = None
-    ) -> list[EncryptResult | CryptoClientError]:
+        self, items: Sequence[models.EncryptItem], *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> list[models.EncryptResult | CryptoClientError]:
         """One result per item, in order: the ciphertext, or the typed error of that item alone."""
         request = crypto_pb.BatchEncryptRequest(
             tenant_id=self._core.tenant(tenant_id),
@@ -499,13 +483,13 @@ class CryptoClient:
         return [
             _item_error(r.error)
             if r.HasField("error")
-            else EncryptResult(ciphertext=r.ciphertext, key_id=r.key_id, key_version=r.key_version)
+            else models.EncryptResult(ciphertext=r.ciphertext, key_id=r.key_id, key_version=r.key_version)
             for r in response.results
         ]
 
     def batch_decrypt(
-        self, items: Sequence[DecryptItem], *, tenant_id: str | None = None, timeout: float | None = None
-    ) -> list[DecryptResult | CryptoClientError]:
+        self, items: Sequence[models.DecryptItem], *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> list[models.DecryptResult | CryptoClientError]:
         request = crypto_pb.BatchDecryptRequest(
             tenant_id=self._core.tenant(tenant_id),
             items=[
@@ -517,7 +501,7 @@ class CryptoClient:
         return [
             _item_error(r.error)
             if r.HasField("error")
-            else DecryptResult(plaintext=r.plaintext, key_id=r.key_id, key_version=r.key_version)
+            else models.DecryptResult(plaintext=r.plaintext, key_id=r.key_id, key_version=r.key_version)
             for r in response.results
         ]
 
@@ -531,7 +515,7 @@ class CryptoClient:
         request_id: str | None = None,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> SessionKey:
+    ) -> models.SessionKey:
         """A new short-lived key and its material (a repeated `request_id` returns the same key)."""
         request = key_pb.GenerateSessionKeyRequest(
             tenant_id=self._core.tenant(tenant_id),
@@ -543,7 +527,9 @@ class CryptoClient:
         response = self._call("GenerateSessionKey", self._keys.GenerateSessionKey, request, timeout)
         return _convert.session_key(response.key, response.key_material, version=0)
 
-    def get_session_key(self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None) -> SessionKey:
+    def get_session_key(
+        self, key_id: str, *, tenant_id: str | None = None, timeout: float | None = None
+    ) -> models.SessionKey:
         """A session key's material while it is enabled and unexpired."""
         request = key_pb.GetSessionKeyRequest(tenant_id=self._core.tenant(tenant_id), key_id=key_id)
         response = self._call("GetSessionKey", self._keys.GetSessionKey, request, timeout)
@@ -559,13 +545,13 @@ class CryptoClient:
         key_version: int = 0,
         tenant_id: str | None = None,
         timeout: float | None = None,
-    ) -> MacResult:
+    ) -> models.MacResult:
         """HMAC-SHA256 under an HMAC key (its primary version unless `key_version` is given)."""
         request = crypto_pb.ComputeMacRequest(
             tenant_id=self._core.tenant(tenant_id), key_id=key_id, data=data, key_version=key_version
         )
         response = self._call("ComputeMac", self._crypto.ComputeMac, request, timeout)
-        return MacResult(mac=response.mac, key_id=response.key_id, key_version=response.key_version)
+        return models.MacResult(mac=response.mac, key_id=response.key_id, key_version=response.key_version)
 
     def verify_mac(
         self,
@@ -584,11 +570,11 @@ class CryptoClient:
 
     def sign(
         self, key_id: str, message: bytes, *, tenant_id: str | None = None, timeout: float | None = None
-    ) -> SignResult:
+    ) -> models.SignResult:
         """Sign with an Ed25519 or ECDSA P-256 key; the private key never leaves the service."""
         request = crypto_pb.SignRequest(tenant_id=self._core.tenant(tenant_id), key_id=key_id, message=message)
         response = self._call("Sign", self._crypto.Sign, request, timeout)
-        return SignResult(
+        return models.SignResult(
             signature=response.signature,
             key_id=response.key_id,
             key_version=response.key_version,
@@ -616,12 +602,12 @@ class CryptoClient:
 
     def get_public_key(
         self, key_id: str, *, key_version: int = 0, tenant_id: str | None = None, timeout: float | None = None
-    ) -> PublicKey:
+    ) -> models.PublicKey:
         request = crypto_pb.GetPublicKeyRequest(
             tenant_id=self._core.tenant(tenant_id), key_id=key_id, key_version=key_version
         )
         response = self._call("GetPublicKey", self._crypto.GetPublicKey, request, timeout)
-        return PublicKey(
+        return models.PublicKey(
             pem=response.pem,
             algorithm=_convert.ALGORITHM_FROM_PROTO[response.algorithm],
             key_id=response.key_id,
@@ -697,14 +683,14 @@ class CryptoClient:
 
     # -- operations ----------------------------------------------------------------
 
-    def health(self, service: str = "", *, timeout: float | None = None) -> HealthStatus:
+    def health(self, service: str = "", *, timeout: float | None = None) -> models.HealthStatus:
         """One health check, outside retries and the circuit breaker (it is how you look past them)."""
         request = health_pb2.HealthCheckRequest(service=service)
         try:
             response = self._health.Check(request, timeout=self._core.attempt_timeout(self._core.deadline(timeout)))
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
-        return _HEALTH_STATUS.get(response.status, HealthStatus.UNKNOWN)
+        return _HEALTH_STATUS.get(response.status, models.HealthStatus.UNKNOWN)
 
     def stats(self) -> ClientStats:
         return self._core.stats()

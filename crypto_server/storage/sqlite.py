@@ -323,7 +323,8 @@ class SqliteKeyStore:
                     # A join, so that each (key, primary) is one primary-key lookup: `(key_id, version) IN (VALUES
                     # ...)` made SQLite search by key_id alone, through every version of the key.
                     f"SELECT {_VERSION_COLUMNS} FROM (VALUES {pairs}) AS wanted "  # noqa: S608
-                    "JOIN key_versions ON key_versions.key_id = wanted.column1 AND key_versions.version = wanted.column2",
+                    "JOIN key_versions "
+                    "ON key_versions.key_id = wanted.column1 AND key_versions.version = wanted.column2",
                     tuple(value for pair in primaries.items() for value in pair),
                 ),
                 (f"SELECT {_VERSION_COLUMNS} FROM key_versions WHERE key_id IN ({marks}) AND {_HAS_STATE}", key_ids),  # noqa: S608

@@ -22,7 +22,7 @@ NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 def _version(number: int, **state: object) -> KeyVersion:
-    return replace(KeyVersion(number, NOW, None, 1, os.urandom(60)), **state)  # type: ignore[arg-type]
+    return replace(KeyVersion(number, NOW, None, 1, os.urandom(60)), **state)
 
 
 def _key(versions: tuple[KeyVersion, ...], primary: int) -> Key:

@@ -27,21 +27,29 @@ def _scope(query: KeyQuery) -> list[str | None]:
     ]
 
 
+def _encoded(body: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def _decoded(token: str, invalid: InvalidArgument) -> object:
+    """The JSON value in `token`; `invalid` when it is none."""
+    if len(token) > _MAX_TOKEN_CHARS:
+        raise invalid
+    try:
+        return json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError):
+        raise invalid from None
+
+
 def encode_page_token(query: KeyQuery, cursor: ListCursor) -> str:
     created_us = (cursor.created_at - _EPOCH) // timedelta(microseconds=1)
-    body = {"v": 1, "scope": _scope(query), "created_us": created_us, "key_id": cursor.key_id}
-    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
+    return _encoded({"v": 1, "scope": _scope(query), "created_us": created_us, "key_id": cursor.key_id})
 
 
 def decode_page_token(token: str, query: KeyQuery) -> ListCursor:
     """Return the cursor in `token`, which must have been issued for the same tenant and filters."""
     invalid = InvalidArgument("page_token", "is not a page token from a previous ListKeys call")
-    if len(token) > _MAX_TOKEN_CHARS:
-        raise invalid
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError):
-        raise invalid from None
+    body = _decoded(token, invalid)
     if (
         not isinstance(body, dict)
         or body.get("v") != 1
@@ -69,20 +77,14 @@ def _version_scope(tenant_id: str, key_id: str) -> list[str]:
 
 
 def encode_version_page_token(tenant_id: str, key_id: str, after_version: int) -> str:
-    body = {"v": 1, "scope": _version_scope(tenant_id, key_id), "after": after_version}
-    return base64.urlsafe_b64encode(json.dumps(body, separators=(",", ":")).encode()).decode().rstrip("=")
+    return _encoded({"v": 1, "scope": _version_scope(tenant_id, key_id), "after": after_version})
 
 
 def decode_version_page_token(token: str, tenant_id: str, key_id: str) -> int:
     """The last version number of the previous page, from `token`, which must have been issued for the same
     tenant and key."""
     invalid = InvalidArgument("page_token", "is not a page token from a previous ListKeyVersions call")
-    if len(token) > _MAX_TOKEN_CHARS:
-        raise invalid
-    try:
-        body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-    except (binascii.Error, ValueError):
-        raise invalid from None
+    body = _decoded(token, invalid)
     if not isinstance(body, dict) or body.get("v") != 1 or not isinstance(body.get("scope"), list):
         raise invalid
     after = body.get("after")

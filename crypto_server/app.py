@@ -453,6 +453,7 @@ def build_server(
             clock,
             invalidation,
             schedule=store,
+            fresh=fresh,
             request_key_id_secret=authenticator.request_key_id_secret(),
             max_session_lifetime=timedelta(seconds=settings.max_session_key_lifetime_s),
         )

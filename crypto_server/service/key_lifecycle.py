@@ -60,6 +60,7 @@ from crypto_server.storage.port import (
     DuplicateMasterKey,
     Invalidation,
     KeyQuery,
+    KeyReader,
     KeyServing,
     ListCursor,
     RotationSchedule,
@@ -106,10 +107,15 @@ class KeyLifecycle:
         request_key_id_secret: bytes,
         max_session_lifetime: timedelta = MAX_SESSION_KEY_LIFETIME,
         session_key_replay_window: timedelta = SESSION_KEY_REPLAY_WINDOW,
+        fresh: KeyReader | None = None,
     ) -> None:
+        """`fresh`: the key records read from the database itself, still integrity-checked (defaults to `store`):
+        what a change is made from. A cached copy carries its revision outside the integrity tag, so an older
+        copy given the current revision would pass the store's compare-and-set and be written back."""
         self._request_key_id_secret = request_key_id_secret
         self._session_key_replay_window = session_key_replay_window
         self._store = store
+        self._fresh = fresh or store
         # Outside the key records (and so outside the cache and the integrity check): the store itself.
         self._schedule = schedule
         self._keyring = keyring
@@ -455,7 +461,7 @@ class KeyLifecycle:
         parse_key_id(key_id)
         validate_request_id(request_id)
         for _ in range(MAX_ROTATION_ATTEMPTS):
-            key = self._store.get_key(tenant_id, key_id)
+            key = self._fresh.get_key(tenant_id, key_id)
             if key is None:
                 raise KeyNotFound(key_id)
             if request_id and self._store.version_for_request(tenant_id, key_id, request_id) is not None:
@@ -486,7 +492,7 @@ class KeyLifecycle:
                 self._invalidation.key_changed(tenant_id, key_id)
                 return key.with_new_primary(version)
             # Lost the race, unless whoever won finished this very version (see above).
-            now_stored = self._store.get_key(tenant_id, key_id)
+            now_stored = self._fresh.get_key(tenant_id, key_id)
             mine = None if now_stored is None else now_stored.version(version.version)
             if now_stored is not None and mine is not None and mine.wrapped_material == version.wrapped_material:
                 self._invalidation.key_changed(tenant_id, key_id)
@@ -555,7 +561,7 @@ class KeyLifecycle:
             )
         checked_labels = validate_labels(labels or {}) if "labels" in fields else None
         for _ in range(MAX_ROTATION_ATTEMPTS):
-            key = self._store.get_key(tenant_id, key_id)
+            key = self._fresh.get_key(tenant_id, key_id)
             if key is None:
                 raise KeyNotFound(key_id)
             policy = key.policy.updated(
@@ -584,7 +590,7 @@ class KeyLifecycle:
         validate_tenant_id(tenant_id)
         parse_key_id(key_id)
         for _ in range(MAX_ROTATION_ATTEMPTS):
-            key = self._store.get_key(tenant_id, key_id)
+            key = self._fresh.get_key(tenant_id, key_id)
             if key is None:
                 raise KeyNotFound(key_id)
             changed = key.with_disabled(disabled)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import sqlite3
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -17,6 +18,7 @@ from typing import Any
 import grpc
 import pytest
 import redis
+from google.protobuf.field_mask_pb2 import FieldMask
 from pymongo.database import Database
 
 from crypto_client.v1 import key_service_pb2 as key_pb
@@ -355,4 +357,45 @@ def test_a_key_tagged_before_the_split_and_edited_is_refused(server: ServerHandl
     _tag_as_before_the_split(server, key.key_id, edit="version 1 created")
     expect_error(
         lambda: server.encrypt("t1", key.key_id, b"x"), grpc.StatusCode.DATA_LOSS, "ERROR_REASON_KEY_INTEGRITY"
+    )
+
+
+@pytest.mark.parametrize("backend", ["mongo+redis"], indirect=True)
+@pytest.mark.parametrize("change", ["UpdateKey", "RotateKey"])
+def test_an_older_redis_entry_given_the_current_revision_is_never_written_back(
+    server: ServerHandle, request: pytest.FixtureRequest, change: str
+) -> None:
+    """The attack: someone who can write Redis keeps a key's cached entry from before a DisableKey (its tag is
+    valid: it was true then), and after the DisableKey writes it back with the current revision, which the tag does
+    not cover. A change that read the key from that entry would pass the store's compare-and-set on the revision
+    and write the old state back with a fresh tag: re-enabled. Changes read the key from the database."""
+    key = server.create_key("t1", labels={"team": "messaging"})
+    server.keys.GetKey(key_pb.GetKeyRequest(tenant_id="t1", key_id=key.key_id))  # cached, enabled
+    redis_client = request.getfixturevalue("redis_server").client()
+    (name,) = [n for n in redis_client.keys("caas:crypto:*:key:*") if key.key_id.encode() in n]
+    enabled = json.loads(redis_client.hget(name, "key"))
+    server.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id="t1", key_id=key.key_id))
+    current = json.loads(redis_client.hget(name, "key"))
+    assert current["disabled"] and current["revision"] > enabled["revision"]
+    redis_client.hset(
+        name, mapping={"key": json.dumps({**enabled, "revision": current["revision"]}), "revision": current["revision"]}
+    )
+
+    if change == "UpdateKey":
+        update = key_pb.UpdateKeyRequest(
+            tenant_id="t1", key_id=key.key_id, update_mask=FieldMask(paths=["labels"]), labels={"team": "media"}
+        )
+        assert server.keys.UpdateKey(update).key.state == resources_pb2.KEY_STATE_DISABLED
+    else:
+        expect_error(
+            lambda: server.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="t1", key_id=key.key_id)),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ERROR_REASON_KEY_DISABLED",
+        )
+    stored = server.running.store.get_key("t1", key.key_id)
+    assert stored is not None and stored.disabled, "the database still holds the key disabled"
+    _bypass_redis(server)
+    server.running.keyring.forget_all()
+    expect_error(
+        lambda: server.encrypt("t1", key.key_id, b"x"), grpc.StatusCode.FAILED_PRECONDITION, "ERROR_REASON_KEY_DISABLED"
     )

@@ -38,6 +38,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from bench.processes import cpu_seconds_of_tree, process_tree
 from bench.reporting import run_and_report
 from bench.scenarios import KIB, TENANT, Backends, summary, with_scratch
 from crypto_client import ClientConfig, CryptoClient, CryptoClientError, KeyType
@@ -82,39 +83,6 @@ class Sample:
 Call = Callable[[], object]
 
 
-def _cpu_seconds_of_tree(root_pid: int) -> float:
-    """CPU time (user + system) of `root_pid` and every live descendant, from /proc (Linux)."""
-    return sum(_cpu_seconds(pid) for pid in _process_tree(root_pid))
-
-
-def _process_tree(root_pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parent = int(_stat_fields(int(entry.name))[1])
-                children.setdefault(parent, []).append(int(entry.name))
-    tree = [root_pid]
-    for pid in tree:  # grows while iterating: a breadth-first walk
-        tree.extend(children.get(pid, ()))
-    return tree
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/PID/stat after the command name (which may hold spaces): fields 3 onwards, so index 0 is `state`."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = _stat_fields(pid)
-    except (OSError, ValueError):
-        return 0.0  # exited meanwhile
-    utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
 def _harness_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -152,7 +120,7 @@ def closed_loop(calls: list[Call], seconds: float, *, failures: tuple[type[Excep
     threads = [threading.Thread(target=worker, args=(i,), name=f"peers-load-{i}") for i in range(len(calls))]
     for thread in threads:
         thread.start()
-    server_cpu = _cpu_seconds_of_tree(server_pid)
+    server_cpu = cpu_seconds_of_tree(server_pid)
     harness_cpu = _harness_cpu_seconds()
     began = time.perf_counter()
     deadline = began + seconds
@@ -161,7 +129,7 @@ def closed_loop(calls: list[Call], seconds: float, *, failures: tuple[type[Excep
         thread.join()
     elapsed = time.perf_counter() - began
     harness_cpu = _harness_cpu_seconds() - harness_cpu
-    server_cpu = _cpu_seconds_of_tree(server_pid) - server_cpu
+    server_cpu = cpu_seconds_of_tree(server_pid) - server_cpu
     if errors:
         raise RuntimeError("the load generator failed") from errors[0]
     every = sorted(latency for measured in latencies for latency in measured)
@@ -324,7 +292,7 @@ def _settings(phases: PeerPhases, server: CryptoServerProcess, env: dict[str, st
         "harness": "closed loop, one thread per client, one client (and connection) per thread, fixed time per run",
         "ours": {
             "CRYPTO_PROCESSES": os.environ.get("CRYPTO_PROCESSES"),
-            "server_processes_seen": len(_process_tree(server.process.pid)),
+            "server_processes_seen": len(process_tree(server.process.pid)),
             "CRYPTO_WORKERS": env.get("CRYPTO_WORKERS"),
             "store": "embedded",
             "client": "crypto_client.CryptoClient (blocking), default retries and breaker",
@@ -395,17 +363,25 @@ def measure(targets: dict[str, Target], phases: PeerPhases, log: Callable[[str],
     return results
 
 
-def ratios(measured: dict[str, Any], phases: PeerPhases) -> dict[str, Any]:
-    """Ours / moto's, of the medians: rps (higher is better for us), p50 and server CPU per call (lower is)."""
+def ratios(measured: dict[str, Any], phases: PeerPhases, cores: int) -> dict[str, Any]:
+    """Ours / moto's, of the medians: rps (higher is better for us), p50 and server CPU per call (lower is).
+
+    And the ceiling of this machine: the client and the server share its `cores`, so our calls cannot go faster
+    than `cores` ÷ (the harness's CPU per call + the server's), however many server processes run; its ratio to
+    moto's rate is the most this harness could show here."""
     out: dict[str, Any] = {}
     for operation in OPERATIONS:
         for threads in map(str, phases.threads):
             ours, theirs = measured["ours"][operation][threads], measured["moto"][operation][threads]
+            cpu_ms_per_call = ours["harness_cpu_ms_per_call"]["median"] + ours["server_cpu_ms_per_call"]["median"]
+            ceiling_rps = cores * 1000 / cpu_ms_per_call
             out.setdefault(operation, {})[threads] = {
                 "rps_ratio": ours["rps"]["median"] / theirs["rps"]["median"],
                 "p50_ratio": ours["p50_ms"]["median"] / theirs["p50_ms"]["median"],
                 "server_cpu_per_call_ratio": ours["server_cpu_ms_per_call"]["median"]
                 / theirs["server_cpu_ms_per_call"]["median"],
+                "machine_ceiling_rps": ceiling_rps,
+                "machine_ceiling_rps_ratio": ceiling_rps / theirs["rps"]["median"],
             }
     return out
 
@@ -422,6 +398,9 @@ def targets_met(ratio: dict[str, Any], phases: PeerPhases) -> list[dict[str, Any
                 "rps_ratio": encrypt["rps_ratio"],
                 "p50_ratio": encrypt["p50_ratio"],
                 "met": encrypt["rps_ratio"] >= TARGET_RPS_RATIO and encrypt["p50_ratio"] <= TARGET_P50_RATIO,
+                # Whether this machine could show it at all (client and server on the same cores).
+                "machine_ceiling_rps_ratio": encrypt["machine_ceiling_rps_ratio"],
+                "reachable_on_this_machine": encrypt["machine_ceiling_rps_ratio"] >= TARGET_RPS_RATIO,
                 "CRYPTO_PROCESSES": processes,
                 "as_the_target_states": processes == "auto",
             }
@@ -443,7 +422,7 @@ def run(phases: PeerPhases, log: Callable[[str], None]) -> dict[str, Any]:
         }
         results["settings"] = _settings(phases, server, backends.env("embedded", "peers"))
         results.update(measure(targets, phases, log))
-    results["ratios"] = ratios(results, phases)
+    results["ratios"] = ratios(results, phases, os.cpu_count() or 1)
     results["targets"] = targets_met(results["ratios"], phases)
     results["finished"] = time.time()
     return results
@@ -470,11 +449,13 @@ def table(results: dict[str, Any]) -> str:
         setting = target["CRYPTO_PROCESSES"] or "unset"
         lines.append(
             f"{target['target']}: rps x{target['rps_ratio']:.2f}, p50 x{target['p50_ratio']:.3f} -> "
-            f"met={target['met']} (CRYPTO_PROCESSES={setting})"
+            f"met={target['met']} (CRYPTO_PROCESSES={setting}); this machine's ceiling: "
+            f"x{target['machine_ceiling_rps_ratio']:.2f} (reachable here: {target['reachable_on_this_machine']})"
         )
     lines.append(
         "harness cores: the load generator's CPU seconds / wall seconds (it must stay below 1: one Python process); "
-        "server cpu: the server's CPU per call; m/o = moto/ours"
+        "server cpu: the server's CPU per call; m/o = moto/ours; ceiling: cores / (harness + server CPU per call), "
+        "as a multiple of moto's rate"
     )
     return "\n".join(lines)
 

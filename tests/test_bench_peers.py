@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import peers
+from bench import peers, processes
 
 
 def test_closed_loop_counts_expected_failures_and_keeps_going() -> None:
@@ -41,8 +41,8 @@ def test_closed_loop_stops_on_an_error_it_was_not_told_to_expect() -> None:
 def test_process_tree_includes_the_children_of_a_server() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        assert child.pid in peers._process_tree(os.getpid())
-        assert peers._process_tree(child.pid) == [child.pid]
+        assert child.pid in processes.process_tree(os.getpid())
+        assert processes.process_tree(child.pid) == [child.pid]
     finally:
         child.kill()
         child.wait()
@@ -50,7 +50,12 @@ def test_process_tree_includes_the_children_of_a_server() -> None:
 
 def test_ratios_are_ours_over_moto() -> None:
     def figures(rps: float, p50_ms: float, cpu_ms: float) -> dict[str, object]:
-        return {"rps": {"median": rps}, "p50_ms": {"median": p50_ms}, "server_cpu_ms_per_call": {"median": cpu_ms}}
+        return {
+            "rps": {"median": rps},
+            "p50_ms": {"median": p50_ms},
+            "server_cpu_ms_per_call": {"median": cpu_ms},
+            "harness_cpu_ms_per_call": {"median": cpu_ms},
+        }
 
     phases = peers.PeerPhases(repetitions=1, seconds=1.0, threads=(1,))
     measured = {
@@ -58,10 +63,20 @@ def test_ratios_are_ours_over_moto() -> None:
         "moto": {operation: {"1": figures(100, 10.0, 2.0)} for operation in peers.OPERATIONS},
     }
 
-    ratio = peers.ratios(measured, phases)["encrypt"]["1"]
-    assert ratio == {"rps_ratio": 10.0, "p50_ratio": 0.1, "server_cpu_per_call_ratio": 0.25}
-    (target,) = peers.targets_met(peers.ratios(measured, phases), phases)
+    ratio = peers.ratios(measured, phases, cores=2)["encrypt"]["1"]
+    # 2 cores at 0.5 + 0.5 ms of CPU per call (harness + server): at most 2,000 calls/s, 20 x moto's 100.
+    assert ratio == {
+        "rps_ratio": 10.0,
+        "p50_ratio": 0.1,
+        "server_cpu_per_call_ratio": 0.25,
+        "machine_ceiling_rps": 2000.0,
+        "machine_ceiling_rps_ratio": 20.0,
+    }
+    (target,) = peers.targets_met(peers.ratios(measured, phases, cores=2), phases)
     assert target["met"] is False  # 10 x the rate is short of 15 x
+    assert target["reachable_on_this_machine"] is True  # though the machine's ceiling is above it
+    (target,) = peers.targets_met(peers.ratios(measured, phases, cores=1), phases)
+    assert target["reachable_on_this_machine"] is False  # one core: 1,000 calls/s at most, 10 x
 
 
 def test_moto_kms_emulation_answers_every_measured_operation(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ generated from them (`make unasync`). Everything here is free of I/O, so both fl
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
+import secrets
 import time
-import uuid
 from typing import Any
 
 import grpc
@@ -25,6 +27,26 @@ from crypto_client.models import Key
 from crypto_client.v1 import resources_pb2
 
 log = logging.getLogger("crypto_client")
+
+
+class _RequestIds:
+    """Request ids for the server's log: a random prefix per process and a counter. Unique without a system call
+    per call (os.urandom, behind uuid4, releases the GIL: a thread hand-off per call when threads share a client).
+    They only correlate log lines, so they need not be unpredictable; a forked child takes a prefix of its own."""
+
+    def __init__(self) -> None:
+        self.renew()
+
+    def renew(self) -> None:
+        self._prefix = secrets.token_hex(8)
+        self._numbers = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._numbers)}"
+
+
+_request_ids = _RequestIds()
+os.register_at_fork(after_in_child=_request_ids.renew)
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -90,7 +112,7 @@ class ClientCore:
     @staticmethod
     def call_metadata() -> tuple[tuple[str, str], ...]:
         """One request id per call, the same on every attempt, for the server's log."""
-        return ((REQUEST_ID_HEADER, uuid.uuid4().hex),)
+        return ((REQUEST_ID_HEADER, _request_ids.next()),)
 
     def attempt_metadata(self, call_metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
         """The call's metadata plus, with a token provider, a token fetched now (it may have been refreshed)."""

@@ -26,6 +26,7 @@ class Fault:
 class FaultInjector(grpc.ServerInterceptor):
     def __init__(self) -> None:
         self.attempts: Counter[str] = Counter()
+        self.request_ids: defaultdict[str, list[str]] = defaultdict(list)  # per method, each attempt's x-request-id
         self.held = 0  # calls answering only once their Fault's `hold` is set
         self._planned: defaultdict[str, deque[Fault]] = defaultdict(deque)
         self._lock = threading.Lock()
@@ -57,6 +58,7 @@ class FaultInjector(grpc.ServerInterceptor):
         behaviour = handler.unary_unary
 
         def faulty(request: Any, context: grpc.ServicerContext) -> Any:
+            self.request_ids[method].append(dict(context.invocation_metadata()).get("x-request-id", ""))
             fault = self._next_fault(method)
             if fault is None:
                 return behaviour(request, context)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from datetime import timedelta
 
@@ -25,6 +26,7 @@ from crypto_client import (
     RetryPolicy,
     ServiceUnavailableError,
 )
+from crypto_client._core import ClientCore
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from tests.client.conftest import MakeClient
@@ -80,6 +82,35 @@ def test_two_transient_unavailable_then_success_takes_three_attempts(
     assert crypto.encrypt(key.key_id, b"x").key_version == 1
     assert faults.attempts["Encrypt"] - before == 3
     assert crypto.stats().retries == 2
+
+
+def test_a_call_has_one_request_id_on_every_attempt_and_each_call_its_own(
+    faulty_server: ServerHandle, faults: FaultInjector, make_client: MakeClient
+) -> None:
+    crypto = make_client(faulty_server.address)
+    key = crypto.create_key()
+    faults.plan("Encrypt", UNAVAILABLE, UNAVAILABLE)  # the first attempt fails outside tenacity, the second in it
+    crypto.encrypt(key.key_id, b"x")
+    crypto.encrypt(key.key_id, b"y")
+    first, second, third, other = faults.request_ids["Encrypt"][-4:]
+    assert first == second == third != other
+    assert first and other
+
+
+def test_request_ids_differ_in_a_forked_child() -> None:
+    parent = ClientCore.call_metadata()[0][1]
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.write(writer, ClientCore.call_metadata()[0][1].encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    with os.fdopen(reader) as pipe:
+        in_child = pipe.read()
+    # A prefix per process and a counter: the child's first id shares neither with the parent's ids.
+    assert in_child.rsplit("-", 1)[0] != parent.rsplit("-", 1)[0]
+    assert ClientCore.call_metadata()[0][1] != parent
 
 
 def test_retries_stop_at_max_attempts_with_the_typed_error(

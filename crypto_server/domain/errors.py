@@ -10,6 +10,9 @@ from __future__ import annotations
 class CryptoServiceError(Exception):
     """Base of every error the service reports to a caller on purpose."""
 
+    # How long the caller should wait before trying again, when the service knows (sent as a RetryInfo).
+    retry_after_s: float | None = None
+
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
@@ -87,7 +90,12 @@ class ConcurrentModification(CryptoServiceError):
 
 
 class StoreUnavailable(CryptoServiceError):
-    """The key store cannot be reached or did not answer in time."""
+    """The key store cannot be reached or did not answer in time; `retry_after_s`: when it is worth trying again,
+    if known (the next probe of an open circuit)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class StoreWriteRefused(StoreUnavailable):

@@ -50,6 +50,7 @@ class StoreCircuit:
         max_waiting: int = 0,
         open_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        place_wait_s: float = _PLACE_WAIT_S,
     ) -> None:
         if max_concurrent < 1 or open_s <= 0:
             raise ValueError("max_concurrent must be >= 1 and open_s > 0")
@@ -59,6 +60,7 @@ class StoreCircuit:
         self._max_waiting = max_waiting
         self._waiting = 0
         self._open_s = open_s
+        self._place_wait_s = place_wait_s
         self._clock = clock
         self._lock = threading.Lock()
         self._open_until: float | None = None  # None: closed
@@ -75,10 +77,13 @@ class StoreCircuit:
             if self._open_until is None:
                 return False
             if self._probing or self._clock() < self._open_until:
-                wait = max(0.0, self._open_until - self._clock())
+                # Until the next probe (or, while one is under way, a moment): a RetryInfo, so a client waits for
+                # the probe instead of spending its attempts on refusals.
+                wait = max(_PLACE_WAIT_S, self._open_until - self._clock())
                 raise StoreUnavailable(
                     f"the key store is unreachable; calls that need it fail at once (next try in {wait:.1f}s); "
-                    "retry later"
+                    "retry later",
+                    retry_after_s=wait,
                 )
             self._probing = True
             return True
@@ -104,11 +109,14 @@ class StoreCircuit:
 
     def _call(self, operation: Callable[[], _T]) -> _T:
         probe = self._admit()
-        if not self._places.acquire(timeout=_PLACE_WAIT_S):
+        if not (self._places.acquire(blocking=False) or self._wait_for_place()):
             if probe:
                 with self._lock:
                     self._probing = False
-            raise StoreUnavailable(f"{self._max_concurrent} calls are already waiting for the key store; retry later")
+            raise StoreUnavailable(
+                f"{self._max_concurrent} calls are already in the key store; retry later",
+                retry_after_s=self._place_wait_s,
+            )
         try:
             result = operation()
         except StoreUnavailable as error:
@@ -121,12 +129,13 @@ class StoreCircuit:
         return result
 
     def _wait_for_place(self) -> bool:
+        """Wait for a place in the store, unless `max_waiting` calls already do: then refuse at once."""
         with self._lock:
             if self._waiting >= self._max_waiting:
                 return False
             self._waiting += 1
         try:
-            return self._places.acquire(timeout=_PLACE_WAIT_S)
+            return self._places.acquire(timeout=self._place_wait_s)
         finally:
             with self._lock:
                 self._waiting -= 1

@@ -87,16 +87,13 @@ def describe(error: errors.CryptoServiceError) -> ErrorDescription:
     key_id = getattr(error, "key_id", None)
     if isinstance(key_id, str):
         metadata["key_id"] = key_id
-    retry_delay_s = None
-    if isinstance(error, errors.QuotaExceeded):
-        retry_delay_s = error.retry_after_s
-    elif isinstance(error, errors.StreamIdle):
+    if isinstance(error, errors.StreamIdle):
         metadata["idle_timeout_s"] = f"{error.idle_timeout_s:g}"
     elif isinstance(error, errors.StreamLimitReached):
         metadata["limit"] = str(error.limit)
     elif isinstance(error, errors.PermissionDenied):
         metadata["permission"] = error.permission
-    return ErrorDescription(code, reason, error.message, metadata, retry_delay_s)
+    return ErrorDescription(code, reason, error.message, metadata, error.retry_after_s)
 
 
 class _RpcStatus(collections.namedtuple("_RpcStatus", ("code", "details", "trailing_metadata")), grpc.Status):

@@ -1,0 +1,127 @@
+"""The store's circuit breaker and bulkhead tell a caller when to try again (a RetryInfo), so a client waits for
+the next probe instead of spending its attempts on refusals (the failure seen in `make bench`: a store stall
+under load opened the circuit and a setup call gave up 4 attempts later, while the circuit was about to probe)."""
+
+from __future__ import annotations
+
+import threading
+from typing import cast
+
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from crypto_server.domain.errors import StoreUnavailable
+from crypto_server.storage.circuit import StoreCircuit
+from crypto_server.storage.port import KeyStore
+from crypto_server.transport.errors import status_for
+from tests.waiting import eventually
+
+
+class _Store:
+    """The one KeyStore method these tests call, `get_key`: failing or held as the test says."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.hold: threading.Event | None = None
+        self.inside = threading.Event()
+
+    def get_key(self, tenant_id: str, key_id: str) -> None:
+        self.inside.set()
+        if self.hold is not None:
+            self.hold.wait(timeout=10)
+        if self.down:
+            raise StoreUnavailable("the database did not answer")
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _retry_delay_s(error: StoreUnavailable) -> float:
+    _, status = status_for(error, "request-1")
+    rich = dict(status.trailing_metadata)["grpc-status-details-bin"]
+    assert isinstance(rich, bytes)
+    for detail in status_pb2.Status.FromString(rich).details:
+        retry = error_details_pb2.RetryInfo()
+        if detail.Unpack(retry):
+            return float(retry.retry_delay.ToNanoseconds()) / 1e9
+    raise AssertionError("no RetryInfo detail")
+
+
+def test_an_open_circuit_tells_callers_when_the_store_is_next_tried() -> None:
+    store, clock = _Store(), _Clock()
+    circuit = StoreCircuit(cast(KeyStore, store), max_concurrent=2, open_s=1.0, clock=clock)
+    store.down = True
+    with pytest.raises(StoreUnavailable) as first:
+        circuit.get_key("t1", "k1")
+    assert first.value.retry_after_s is None  # the store's own failure: nobody knows when it is back
+
+    with pytest.raises(StoreUnavailable) as refused:
+        circuit.get_key("t1", "k1")
+    assert refused.value.retry_after_s == pytest.approx(1.0)
+    assert _retry_delay_s(refused.value) == pytest.approx(1.0)
+
+    clock.now += 0.6
+    with pytest.raises(StoreUnavailable) as later:
+        circuit.get_key("t1", "k1")
+    assert later.value.retry_after_s == pytest.approx(0.4)
+    assert _retry_delay_s(later.value) == pytest.approx(0.4)
+    assert "next try in 0.4s" in later.value.message
+
+    clock.now += 0.5  # past the wait: this call is the probe, and the store answers again
+    store.down = False
+    circuit.get_key("t1", "k1")
+    circuit.get_key("t1", "k1")
+
+
+def test_a_call_refused_by_the_bulkhead_is_told_to_retry_shortly() -> None:
+    store = _Store()
+    store.hold = threading.Event()
+    circuit = StoreCircuit(cast(KeyStore, store), max_concurrent=1, max_waiting=1)
+    holder = threading.Thread(target=circuit.get_key, args=("t1", "k1"))
+    holder.start()
+    try:
+        assert store.inside.wait(timeout=5)
+        with pytest.raises(StoreUnavailable) as refused:
+            circuit.get_key("t1", "k1")  # waits a quarter of a second for the one place, then is refused
+        assert refused.value.retry_after_s is not None and 0 < refused.value.retry_after_s <= 1.0
+        assert _retry_delay_s(refused.value) == pytest.approx(refused.value.retry_after_s)
+    finally:
+        store.hold.set()
+        holder.join(timeout=5)
+
+
+def test_only_max_waiting_calls_wait_for_a_place_and_the_rest_are_refused_at_once() -> None:
+    store = _Store()
+    store.hold = threading.Event()
+    # A long wait for a place: a call that waited it out would still be waiting when the test ends.
+    circuit = StoreCircuit(cast(KeyStore, store), max_concurrent=1, max_waiting=1, place_wait_s=30)
+    outcomes: list[str] = []
+
+    def call() -> None:
+        try:
+            circuit.get_key("t1", "k1")
+            outcomes.append("answered")
+        except StoreUnavailable:
+            outcomes.append("refused")
+
+    holder = threading.Thread(target=call)
+    holder.start()
+    assert store.inside.wait(timeout=5)
+    waiter = threading.Thread(target=call)
+    waiter.start()
+    try:
+        # The waiter takes the one waiting place, so this call is refused without waiting its 30 s.
+        eventually(lambda: circuit._waiting == 1, timeout_s=5, what="the second call waiting for the place")
+        with pytest.raises(StoreUnavailable):
+            circuit.get_key("t1", "k1")
+        assert waiter.is_alive()
+    finally:
+        store.hold.set()
+        holder.join(timeout=5)
+        waiter.join(timeout=5)
+    assert outcomes == ["answered", "answered"]  # the holder, then the waiter, once the place was free

@@ -392,9 +392,7 @@ def build_server(
     other_root = load_other_root_key(settings)
     raw_store, namespace = _open_store(settings)
     # Fail fast while the database is down, and never let it hold more than its share of the workers.
-    store: KeyStore = StoreCircuit(
-        raw_store, max_concurrent=settings.store_call_limit, max_waiting=max(1, settings.workers // 4)
-    )
+    store: KeyStore = StoreCircuit(raw_store, max_concurrent=settings.store_call_limit)
     # Root keys let go of their HSM sessions last, after the last call.
     background: list[_Stoppable] = [root] if other_root is None else [root, other_root]
     in_flight = InFlightCalls()

@@ -7,9 +7,11 @@ health checks — a liveness probe then restarts the process and throws away the
 keys in memory that kept encryption working. Two guards prevent that:
 
 - **Bulkhead.** At most `max_concurrent` calls are inside the store at once
-  (default: half the workers), and at most `max_waiting` more wait for a place
-  (up to a quarter of a second); any further call fails `StoreUnavailable` at
-  once. So however the store behaves, the remaining workers stay free.
+  (default: half the workers); a call finding no place waits up to a quarter
+  of a second for one, then fails `StoreUnavailable` (with a RetryInfo of that
+  wait). So however the store behaves, the remaining workers stay free. Every
+  caller may wait, background work included (the change poller, usage-budget
+  flushes): a store that is merely busy must not make them skip their turn.
 - **Circuit breaker.** Once a call finds the store unreachable (not merely
   unable to write: a full disk still serves reads), calls fail at once
   (`StoreUnavailable`, naming the wait) for `open_s`; then one call at a time
@@ -47,7 +49,6 @@ class StoreCircuit:
         inner: KeyStore,
         *,
         max_concurrent: int,
-        max_waiting: int = 0,
         open_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         place_wait_s: float = _PLACE_WAIT_S,
@@ -57,8 +58,6 @@ class StoreCircuit:
         self._inner = inner
         self._places = threading.BoundedSemaphore(max_concurrent)
         self._max_concurrent = max_concurrent
-        self._max_waiting = max_waiting
-        self._waiting = 0
         self._open_s = open_s
         self._place_wait_s = place_wait_s
         self._clock = clock
@@ -79,9 +78,9 @@ class StoreCircuit:
             if self._probing or self._clock() < self._open_until:
                 # Until the next probe (or, while one is under way, a moment): a RetryInfo, so a client waits for
                 # the probe instead of spending its attempts on refusals.
-                wait = max(_PLACE_WAIT_S, self._open_until - self._clock())
+                wait = max(self._place_wait_s, self._open_until - self._clock())
                 raise StoreUnavailable(
-                    f"the key store is unreachable; calls that need it fail at once (next try in {wait:.1f}s); "
+                    f"the key store is unreachable; calls that need it fail at once (next try in {wait:.2f}s); "
                     "retry later",
                     retry_after_s=wait,
                 )
@@ -109,36 +108,27 @@ class StoreCircuit:
 
     def _call(self, operation: Callable[[], _T]) -> _T:
         probe = self._admit()
-        if not (self._places.acquire(blocking=False) or self._wait_for_place()):
+        try:
+            if not self._places.acquire(timeout=self._place_wait_s):
+                raise StoreUnavailable(
+                    f"{self._max_concurrent} calls are already in the key store; retry later",
+                    retry_after_s=self._place_wait_s,
+                )
+            try:
+                result = operation()
+            except StoreUnavailable as error:
+                self._failed(error)
+                raise
+            finally:
+                self._places.release()
+        finally:
             if probe:
+                # However the probe ended (refused a place, the store unwritable, a bug): the next call may probe.
                 with self._lock:
                     self._probing = False
-            raise StoreUnavailable(
-                f"{self._max_concurrent} calls are already in the key store; retry later",
-                retry_after_s=self._place_wait_s,
-            )
-        try:
-            result = operation()
-        except StoreUnavailable as error:
-            self._failed(error)
-            raise
-        finally:
-            self._places.release()
         if probe or self._open_until is not None:
             self._succeeded()
         return result
-
-    def _wait_for_place(self) -> bool:
-        """Wait for a place in the store, unless `max_waiting` calls already do: then refuse at once."""
-        with self._lock:
-            if self._waiting >= self._max_waiting:
-                return False
-            self._waiting += 1
-        try:
-            return self._places.acquire(timeout=self._place_wait_s)
-        finally:
-            with self._lock:
-                self._waiting -= 1
 
     def ping(self) -> None:
         """Always asks the store (the health monitor's probe), and opens or closes the circuit by the answer."""

@@ -101,13 +101,17 @@ def test_request_ids_differ_in_a_forked_child() -> None:
     parent = ClientCore.call_metadata()[0][1]
     reader, writer = os.pipe()
     child = os.fork()
-    if child == 0:  # pragma: no cover - the child process
-        os.write(writer, ClientCore.call_metadata()[0][1].encode())
-        os._exit(0)
+    if child == 0:  # pragma: no cover - the child process: write its id, then leave whatever happens
+        try:
+            os.write(writer, ClientCore.call_metadata()[0][1].encode())
+        finally:
+            os._exit(0)
     os.close(writer)
-    os.waitpid(child, 0)
+    _, wait_status = os.waitpid(child, 0)
     with os.fdopen(reader) as pipe:
         in_child = pipe.read()
+    assert os.waitstatus_to_exitcode(wait_status) == 0
+    assert in_child, "the child wrote no request id"
     # A prefix per process and a counter: the child's first id shares neither with the parent's ids.
     assert in_child.rsplit("-", 1)[0] != parent.rsplit("-", 1)[0]
     assert ClientCore.call_metadata()[0][1] != parent

@@ -10,11 +10,10 @@ from typing import cast
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from crypto_server.domain.errors import StoreUnavailable
+from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
 from crypto_server.storage.circuit import StoreCircuit
 from crypto_server.storage.port import KeyStore
 from crypto_server.transport.errors import status_for
-from tests.waiting import eventually
 
 
 class _Store:
@@ -22,6 +21,8 @@ class _Store:
 
     def __init__(self) -> None:
         self.down = False
+        self.unwritable = False
+        self.broken = False
         self.hold: threading.Event | None = None
         self.inside = threading.Event()
 
@@ -31,6 +32,10 @@ class _Store:
             self.hold.wait(timeout=10)
         if self.down:
             raise StoreUnavailable("the database did not answer")
+        if self.unwritable:
+            raise StoreWriteRefused("the disk is full")
+        if self.broken:
+            raise RuntimeError("a bug in the adapter")
 
 
 class _Clock:
@@ -70,7 +75,7 @@ def test_an_open_circuit_tells_callers_when_the_store_is_next_tried() -> None:
         circuit.get_key("t1", "k1")
     assert later.value.retry_after_s == pytest.approx(0.4)
     assert _retry_delay_s(later.value) == pytest.approx(0.4)
-    assert "next try in 0.4s" in later.value.message
+    assert "next try in 0.40s" in later.value.message
 
     clock.now += 0.5  # past the wait: this call is the probe, and the store answers again
     store.down = False
@@ -81,7 +86,7 @@ def test_an_open_circuit_tells_callers_when_the_store_is_next_tried() -> None:
 def test_a_call_refused_by_the_bulkhead_is_told_to_retry_shortly() -> None:
     store = _Store()
     store.hold = threading.Event()
-    circuit = StoreCircuit(cast(KeyStore, store), max_concurrent=1, max_waiting=1)
+    circuit = StoreCircuit(cast(KeyStore, store), max_concurrent=1)
     holder = threading.Thread(target=circuit.get_key, args=("t1", "k1"))
     holder.start()
     try:
@@ -95,33 +100,33 @@ def test_a_call_refused_by_the_bulkhead_is_told_to_retry_shortly() -> None:
         holder.join(timeout=5)
 
 
-def test_only_max_waiting_calls_wait_for_a_place_and_the_rest_are_refused_at_once() -> None:
-    store = _Store()
-    store.hold = threading.Event()
-    # A long wait for a place: a call that waited it out would still be waiting when the test ends.
-    circuit = StoreCircuit(cast(KeyStore, store), max_concurrent=1, max_waiting=1, place_wait_s=30)
-    outcomes: list[str] = []
+def test_a_probe_that_finds_the_store_unwritable_lets_the_next_call_probe() -> None:
+    # A full disk refuses writes (StoreWriteRefused) but serves reads: it must not leave the circuit "probing"
+    # for ever, refusing every later call (found by review: only a successful health ping cleared the flag).
+    store, clock = _Store(), _Clock()
+    circuit = StoreCircuit(cast(KeyStore, store), max_concurrent=2, open_s=1.0, clock=clock)
+    store.down = True
+    with pytest.raises(StoreUnavailable):
+        circuit.get_key("t1", "k1")  # opens the circuit
+    clock.now += 1.5
+    store.down, store.unwritable = False, True
+    with pytest.raises(StoreWriteRefused):
+        circuit.get_key("t1", "k1")  # the probe: the store answers, but cannot write
+    store.unwritable = False
+    assert circuit.get_key("t1", "k1") is None  # the next call probes (not refused as "probing"), and closes it
+    assert not circuit.is_open
 
-    def call() -> None:
-        try:
-            circuit.get_key("t1", "k1")
-            outcomes.append("answered")
-        except StoreUnavailable:
-            outcomes.append("refused")
 
-    holder = threading.Thread(target=call)
-    holder.start()
-    assert store.inside.wait(timeout=5)
-    waiter = threading.Thread(target=call)
-    waiter.start()
-    try:
-        # The waiter takes the one waiting place, so this call is refused without waiting its 30 s.
-        eventually(lambda: circuit._waiting == 1, timeout_s=5, what="the second call waiting for the place")
-        with pytest.raises(StoreUnavailable):
-            circuit.get_key("t1", "k1")
-        assert waiter.is_alive()
-    finally:
-        store.hold.set()
-        holder.join(timeout=5)
-        waiter.join(timeout=5)
-    assert outcomes == ["answered", "answered"]  # the holder, then the waiter, once the place was free
+def test_a_probe_that_fails_unexpectedly_lets_the_next_call_probe() -> None:
+    store, clock = _Store(), _Clock()
+    circuit = StoreCircuit(cast(KeyStore, store), max_concurrent=2, open_s=1.0, clock=clock)
+    store.down = True
+    with pytest.raises(StoreUnavailable):
+        circuit.get_key("t1", "k1")
+    clock.now += 1.5
+    store.down, store.broken = False, True
+    with pytest.raises(RuntimeError):
+        circuit.get_key("t1", "k1")
+    store.broken = False
+    assert circuit.get_key("t1", "k1") is None
+    assert not circuit.is_open

@@ -4,6 +4,7 @@ make bench        -> full phases, bench/results/latest.json
 make bench-quick  -> shorter phases (under a minute), bench/results/quick.json
 python -m bench --access-log [--quick] -> only the access log modes' cost, bench/results/access-log.json
 python -m bench --only key_aging [--only key_count] [--quick] [--aging-versions embedded=10,1000,10000]
+python -m bench --only unary [--only large_data] [--quick]
                   -> only those scenarios, bench/results/key_aging.json (names joined by "+")
 """
 
@@ -154,15 +155,7 @@ def run(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
             log("cold tenants after a restart, file vs HSM root key")
             results["cold_tenants"] = scenarios.cold_tenants(backends, phases)
             log("large data")
-            with (
-                scenarios.in_memory_files(Path(scratch)) as files,
-                scenarios.bench_server(backends.env("embedded", "large")) as servers,
-            ):
-                results["large_data"] = scenarios.large_data(servers, phases, files)
-            largest = results["large_data"][f"{phases.large_sizes_mib[-1]}MiB"]
-            for call in ("encrypt", "decrypt", "encrypt_file", "decrypt_file"):
-                results["large_data"][f"largest_{call}_ratio_to_echo"] = largest[f"{call}_ratio_to_echo"]
-            results["large_data"]["largest_ratio_to_echo"] = largest["ratio_to_echo"]
+            results["large_data"] = _large_data(backends, phases)
             log("scale-out")
             results["scale_out"] = scenarios.scale_out(backends, phases)
             log("audit trail cost")
@@ -210,8 +203,34 @@ def run_access_log(phases: scenarios.Phases, log: Any) -> dict[str, Any]:
     return results
 
 
+def _unary(backends: scenarios.Backends, phases: scenarios.Phases) -> dict[str, Any]:
+    """Scenario 1/2 alone: the unary calls and their floor, embedded (1, 16, 64 in flight) and MongoDB + Redis."""
+    results: dict[str, Any] = {}
+    for backend, levels in (("embedded", (1, 16, 64)), ("mongo_redis", phases.backends_in_flight)):
+        with scenarios.bench_server(backends.env(backend, f"unary-{backend}")) as (server,):
+            results[backend] = scenarios.unary(server.address, phases, levels)
+    return results
+
+
+def _large_data(backends: scenarios.Backends, phases: scenarios.Phases) -> dict[str, Any]:
+    """Scenario 4: streams and files through the client against the echo stream; the largest size's ratios."""
+    with (
+        scenarios.with_scratch() as scratch,
+        scenarios.in_memory_files(Path(scratch)) as files,
+        scenarios.bench_server(backends.env("embedded", "large")) as servers,
+    ):
+        results = scenarios.large_data(servers, phases, files)
+    largest = results[f"{phases.large_sizes_mib[-1]}MiB"]
+    for call in ("encrypt", "decrypt", "encrypt_file", "decrypt_file"):
+        results[f"largest_{call}_ratio_to_echo"] = largest[f"{call}_ratio_to_echo"]
+    results["largest_ratio_to_echo"] = largest["ratio_to_echo"]
+    return results
+
+
 # The scenarios `--only` runs alone: each takes (backends, phases).
 ONLY: dict[str, Callable[[scenarios.Backends, scenarios.Phases], dict[str, Any]]] = {
+    "unary": _unary,
+    "large_data": _large_data,
     "key_aging": scenarios.key_aging,
     "key_count": scenarios.key_count,
 }
@@ -236,6 +255,8 @@ def run_only(names: list[str], phases: scenarios.Phases, log: Any) -> dict[str, 
 def only_table(results: dict[str, Any]) -> str:
     lines = [
         f"{'scenario':<44} {'median':>12} {'min':>10} {'max':>10}",
+        *unary_table(results),
+        *large_data_table(results),
         *key_aging_table(results),
         *key_count_table(results),
     ]
@@ -245,6 +266,32 @@ def only_table(results: dict[str, Any]) -> str:
 
 def _stat_line(name: str, stat: dict[str, Any]) -> str:
     return f"{name:<44} {stat['median']:>12.2f} {stat['min']:>10.2f} {stat['max']:>10.2f}"
+
+
+def unary_table(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for backend, levels in results.get("unary", {}).items():
+        for level, calls in levels.items():
+            for name in ("empty", "floor", "encrypt", "decrypt"):
+                lines.append(_stat_line(f"{backend} {name} @{level} rps", calls[name]["rps"]))
+                lines.append(_stat_line(f"{backend} {name} @{level} p50 ms", calls[name]["p50_ms"]))
+                lines.append(_stat_line(f"{backend} {name} @{level} p99 ms", calls[name]["p99_ms"]))
+            for name in ("floor", "encrypt", "decrypt"):
+                label = f"{backend} {name} / empty rps @{level}"
+                lines.append(f"{label:<44} {calls[name]['rps_ratio_to_empty']:>12.2f}")
+            label = f"{backend} encrypt / floor rps @{level}"
+            lines.append(f"{label:<44} {calls['encrypt']['rps_ratio_to_floor']:>12.2f}")
+    return lines
+
+
+def large_data_table(results: dict[str, Any]) -> list[str]:
+    lines = []
+    for size, figures in results.get("large_data", {}).items():
+        if isinstance(figures, dict):
+            for call in ("echo", "encrypt", "decrypt", "encrypt_file", "decrypt_file"):
+                lines.append(_stat_line(f"large {size} {call} MB/s", figures[f"{call}_mb_s"]))
+                lines.append(_stat_line(f"large {size} {call} server ms/MiB", figures[f"{call}_server_ms_per_mib"]))
+    return lines
 
 
 def key_aging_table(results: dict[str, Any]) -> list[str]:
@@ -257,14 +304,16 @@ def key_aging_table(results: dict[str, Any]) -> list[str]:
                 continue
             label = f"{backend} {int(count):,} versions:"
             lines.append(f"{label + ' RotateKey/s':<44} {at['rotate_per_s']:>12.2f}")
-            lines.append(f"{label + ' RotateKey/s @8':<44} {at['rotate_per_s_8_in_flight']:>12.2f}")
+            at_8 = at["rotate_per_s_8_in_flight"]
+            at_8_text = f"{at_8:>12.2f}" if at_8 is not None else f"{at.get('rotate_error_8_in_flight', 'n/a'):>12}"
+            lines.append(f"{label + ' RotateKey/s @8':<44} {at_8_text}")
             lines.append(_stat_line(f"{label} GetKey ms", at["get_key_ms"]))
             lines.append(f"{label + ' GetKey bytes':<44} {at['get_key_bytes']:>12,}")
             lines.append(_stat_line(f"{label} cold Encrypt ms", at["cold_encrypt_ms"]))
         most, fewest = figures["largest_versions"], figures["baseline_versions"]
         for figure, ratio in figures["largest_to_baseline"].items():
             label = f"{backend} {figure} {most:,} / {fewest:,}"
-            lines.append(f"{label:<44} {ratio:>12.2f}")
+            lines.append(f"{label:<44} {ratio:>12.2f}" if ratio is not None else f"{label:<44} {'n/a':>12}")
     return lines
 
 
@@ -312,17 +361,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"{name:<44} {stat['median']:>12.2f} {stat['min']:>10.2f} {stat['max']:>10.2f} {unit}")
 
     row("AES-GCM 1 KiB in process (ops/s)", results["aesgcm_1kib"]["ops_per_s"])
-    for backend, levels in results["unary"].items():
-        for level, calls in levels.items():
-            for name in ("empty", "floor", "encrypt", "decrypt"):
-                row(f"{backend} {name} @{level} rps", calls[name]["rps"])
-                row(f"{backend} {name} @{level} p50 ms", calls[name]["p50_ms"])
-                row(f"{backend} {name} @{level} p99 ms", calls[name]["p99_ms"])
-            for name in ("floor", "encrypt", "decrypt"):
-                label = f"{backend} {name} / empty rps @{level}"
-                lines.append(f"{label:<44} {calls[name]['rps_ratio_to_empty']:>12.2f}")
-            label = f"{backend} encrypt / floor rps @{level}"
-            lines.append(f"{label:<44} {calls['encrypt']['rps_ratio_to_floor']:>12.2f}")
+    lines.extend(unary_table(results))
     check = results["python_client_cross_check"]
     row("python client: empty @16 rps", check["empty_rps"])
     row("python client: encrypt @16 rps", check["encrypt_rps"])
@@ -340,11 +379,7 @@ def table(results: dict[str, Any]) -> str:
     for backend, management in results["key_management"].items():
         row(f"{backend} CreateKey/s", management["create_per_s"])
         row(f"{backend} RotateKey/s", management["rotate_per_s"])
-    for size, figures in results["large_data"].items():
-        if isinstance(figures, dict):
-            for call in ("echo", "encrypt", "decrypt", "encrypt_file", "decrypt_file"):
-                row(f"large {size} {call} MB/s", figures[f"{call}_mb_s"])
-                row(f"large {size} {call} server ms/MiB", figures[f"{call}_server_ms_per_mib"])
+    lines.extend(large_data_table(results))
     for processes in ("1_process", "2_process"):
         row(f"scale-out {processes} encrypt rps", results["scale_out"][processes]["encrypt_rps"])
     for mode in scenarios.AUDIT_MODES:

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import trustme
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.protobuf.message import Message
 
 from bench import h2load, pyload
 from bench.echo_server import ECHO_METHOD, ECHO_STREAM_METHOD, SEAL_METHOD
@@ -263,6 +264,29 @@ def python_cross_check(address: str, phases: Phases) -> dict[str, Any]:
     }
 
 
+CREATE_KEY = "/caas.crypto.v1.KeyService/CreateKey"
+GET_KEY = "/caas.crypto.v1.KeyService/GetKey"
+LIST_KEYS = "/caas.crypto.v1.KeyService/ListKeys"
+ROTATE_KEY = "/caas.crypto.v1.KeyService/RotateKey"
+AGING_TENANT = "bench-aging"
+COUNT_TENANT = "bench-count"
+LIST_PAGE_SIZE = 100
+
+
+def _raw_call(method: str, message: bytes | Message) -> Callable[[grpc.aio.Channel], Any]:
+    """One call of `method` with a request (serialized here if it is a message), for pyload.run_calls."""
+    if isinstance(message, Message):
+        message = message.SerializeToString()
+
+    async def call(channel: grpc.aio.Channel) -> object:
+        stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            method, request_serializer=None, response_deserializer=None
+        )
+        return await stub(message, timeout=60)
+
+    return call
+
+
 def cold_path(address: str, phases: Phases) -> dict[str, Any]:
     """Scenario 3: the first Encrypt with each of many new keys (store read + unwrap), keys per second."""
 
@@ -270,35 +294,16 @@ def cold_path(address: str, phases: Phases) -> dict[str, Any]:
         with CryptoClient(address, TENANT) as client:
             key_ids = [client.create_key().key_id for _ in range(phases.cold_keys)]
 
-        def first_use(key_id: str) -> Callable[[grpc.aio.Channel], Any]:
-            request = crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=key_id, plaintext=b"first use")
-
-            async def call(channel: grpc.aio.Channel) -> object:
-                stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-                    ENCRYPT, request_serializer=None, response_deserializer=None
-                )
-                return await stub(request.SerializeToString(), timeout=30)
-
-            return call
-
-        return pyload.run_calls([first_use(k) for k in key_ids], address, in_flight=16)
+        return pyload.run_calls(_first_encrypts([(TENANT, k) for k in key_ids]), address, in_flight=16)
 
     return {"keys_per_s": repeat(phases.repetitions, measure), "keys_per_run": phases.cold_keys}
 
 
 def _first_encrypts(tenants: list[tuple[str, str]]) -> list[Callable[[grpc.aio.Channel], Any]]:
-    def first_use(tenant: str, key_id: str) -> Callable[[grpc.aio.Channel], Any]:
-        request = crypto_pb.EncryptRequest(tenant_id=tenant, key_id=key_id, plaintext=b"first use").SerializeToString()
-
-        async def call(channel: grpc.aio.Channel) -> object:
-            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-                ENCRYPT, request_serializer=None, response_deserializer=None
-            )
-            return await stub(request, timeout=30)
-
-        return call
-
-    return [first_use(tenant, key_id) for tenant, key_id in tenants]
+    return [
+        _raw_call(ENCRYPT, crypto_pb.EncryptRequest(tenant_id=tenant, key_id=key_id, plaintext=b"first use"))
+        for tenant, key_id in tenants
+    ]
 
 
 def cold_tenants(backends: Backends, phases: Phases) -> dict[str, Any]:
@@ -339,57 +344,23 @@ def cold_tenants(backends: Backends, phases: Phases) -> dict[str, Any]:
 
 def key_management(address: str, phases: Phases) -> dict[str, Any]:
     """Scenario 6: CreateKey and RotateKey per second (8 in flight)."""
-    create_method = "/caas.crypto.v1.KeyService/CreateKey"
-    rotate_method = "/caas.crypto.v1.KeyService/RotateKey"
-
-    def unary_call(method: str, message: bytes) -> Callable[[grpc.aio.Channel], Any]:
-        async def call(channel: grpc.aio.Channel) -> object:
-            stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-                method, request_serializer=None, response_deserializer=None
-            )
-            return await stub(message, timeout=30)
-
-        return call
-
-    create = key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=resources_pb2.KEY_TYPE_DATA).SerializeToString()
+    create = key_pb.CreateKeyRequest(tenant_id=TENANT, key_type=resources_pb2.KEY_TYPE_DATA)
 
     def creates() -> float:
-        return pyload.run_calls([unary_call(create_method, create)] * phases.key_management_ops, address, in_flight=8)
+        return pyload.run_calls([_raw_call(CREATE_KEY, create)] * phases.key_management_ops, address, in_flight=8)
 
     def rotations() -> float:
         with CryptoClient(address, TENANT) as client:
             key_ids = [client.create_key().key_id for _ in range(8)]
         requests = [
-            key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=key_ids[i % 8]).SerializeToString()
-            for i in range(phases.key_management_ops)
+            key_pb.RotateKeyRequest(tenant_id=TENANT, key_id=key_ids[i % 8]) for i in range(phases.key_management_ops)
         ]
-        return pyload.run_calls([unary_call(rotate_method, r) for r in requests], address, in_flight=8)
+        return pyload.run_calls([_raw_call(ROTATE_KEY, r) for r in requests], address, in_flight=8)
 
     return {
         "create_per_s": repeat(phases.repetitions, creates),
         "rotate_per_s": repeat(phases.repetitions, rotations),
     }
-
-
-CREATE_KEY = "/caas.crypto.v1.KeyService/CreateKey"
-GET_KEY = "/caas.crypto.v1.KeyService/GetKey"
-LIST_KEYS = "/caas.crypto.v1.KeyService/ListKeys"
-ROTATE_KEY = "/caas.crypto.v1.KeyService/RotateKey"
-AGING_TENANT = "bench-aging"
-COUNT_TENANT = "bench-count"
-LIST_PAGE_SIZE = 100
-
-
-def _raw_call(method: str, message: bytes) -> Callable[[grpc.aio.Channel], Any]:
-    """One call of `method` with a serialized request, for pyload.run_calls."""
-
-    async def call(channel: grpc.aio.Channel) -> object:
-        stub: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
-            method, request_serializer=None, response_deserializer=None
-        )
-        return await stub(message, timeout=60)
-
-    return call
 
 
 def _timed_calls(channel: grpc.Channel, method: str, message: bytes, times: int) -> tuple[list[float], bytes]:

@@ -10,10 +10,17 @@ encryptions plus their unused reservations, and since no reservation takes it pa
 - the bound is exact: a version never makes more than `hard_limit` encryptions, however many replicas encrypt
   with it, crashes included (a crashed server's unused reservation stays counted: it is never used);
 - the stored count (`KeyVersion.encryptions`) is never below the true count, and above it by at most the
-  unused reservations of running servers (at most `flush_every` each). A server gives back, with an atomic
-  decrement, the unused reservation of each version it has not used for a whole pass (every
-  `flush_interval_s`), and all of them at a clean shutdown: once every server has stopped cleanly the stored
-  counts are exact.
+  unused reservations of running servers (at most `flush_every` each). A server gives back the unused
+  reservation of each version it has not used for a whole pass (every `flush_interval_s`), and all of them at
+  a clean shutdown: once every server has stopped cleanly the stored counts are exact.
+
+Giving back. The uses given back leave this server's memory before the store call and are never spent again,
+whatever its outcome: a give-back that fails may still have landed (a timeout after the write, or a store that
+applied part of a batch), so using them again could take the stored count below the true one. Instead the
+same give-back is repeated, with the same id, on every later pass (and at shutdown) until the store confirms
+it; the store applies an id at most once per version (`UsageCounters.give_back_encryptions`), so a give-back
+is applied once whichever attempt lands. One that never lands (a crash, a shutdown during an outage) leaves
+those uses counted as used: the stored count stays above the true one, never below.
 
 - Soft limit: a reservation that takes the stored count to or over it marks the key due for rotation
   (`UsageCounters.mark_rotation_due`: a no-op unless the version is still primary); the rotator rotates it
@@ -31,7 +38,9 @@ was subtracted. Whoever can write the store can already disable or delete keys.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,6 +97,11 @@ class UsageBudget:
         self._counters: dict[VersionRef, _Counter] = {}
         self._lock = threading.Lock()
         self._pass_lock = threading.Lock()
+        # Give-backs the store has not confirmed, by id, repeated on every pass (under the pass lock).
+        self._unconfirmed: dict[str, dict[VersionRef, int]] = {}
+        # Give-back ids unique across servers and restarts: a random prefix per budget, then a sequence.
+        self._give_back_prefix = secrets.token_hex(8)
+        self._give_back_sequence = itertools.count(1)
         self._passes = Periodic(
             self.flush,
             flush_interval_s,
@@ -199,40 +213,54 @@ class UsageBudget:
                 self._on_fraction(self.highest_fraction)
 
     def flush(self) -> None:
-        """The periodic pass: give back (an atomic decrement per version, in one store call) the unused
-        reservations of the versions not used since the last pass, and forget them, so that memory holds only
-        the versions in use and the stored counts come back to the true ones. A refused version is asked about
-        again."""
+        """The periodic pass: give back the unused reservations of the versions not used since the last pass
+        (one store call), and forget them, so that memory holds only the versions in use and the stored counts
+        come back to the true ones; repeat every give-back not confirmed yet. A refused version is asked about
+        again. Raises StoreUnavailable (after trying every give-back) if any give-back was not confirmed."""
         with self._pass_lock:
             with self._lock:
                 idle = [ref for ref, c in self._counters.items() if not c.used and not c.refilling]
-                returned = self._take_unused(idle)
+                self._take_unused(idle)
                 for counter in self._counters.values():
                     counter.used = False
                     counter.marked = False
             self._report()
-            self._give_back(returned)
+            self._give_back()
 
-    def _take_unused(self, refs: list[VersionRef]) -> dict[VersionRef, int]:
-        """Drop the counters of `refs` (under the lock); their unused reservations, negated for the store."""
+    def unconfirmed(self) -> dict[VersionRef, int]:
+        """The uses this server has given back without the store's confirmation yet, per version: never spent
+        again, repeated on every pass until confirmed."""
+        with self._pass_lock:
+            totals: dict[VersionRef, int] = {}
+            for counts in self._unconfirmed.values():
+                for ref, count in counts.items():
+                    totals[ref] = totals.get(ref, 0) + count
+            return totals
+
+    def _take_unused(self, refs: list[VersionRef]) -> None:
+        """Drop the counters of `refs` (under both locks): their unused reservations become a give-back with
+        an id of its own, sent by _give_back and repeated until confirmed; never spent again."""
         returned: dict[VersionRef, int] = {}
         for ref in refs:
             counter = self._counters.pop(ref)
             if counter.reserved:
-                returned[ref] = -counter.reserved
-        return returned
+                returned[ref] = counter.reserved
+        if returned:
+            self._unconfirmed[f"{self._give_back_prefix}-{next(self._give_back_sequence)}"] = returned
 
-    def _give_back(self, returned: dict[VersionRef, int]) -> None:
-        if not returned:
-            return
-        try:
-            self._store.add_encryptions(returned)
-        except StoreUnavailable:
-            # Still reserved in the store: still ours to use, or to give back on the next pass.
-            with self._lock:
-                for ref, negated in returned.items():
-                    self._counters.setdefault(ref, _Counter(used=False)).reserved -= negated
-            raise
+    def _give_back(self) -> None:
+        """Send every unconfirmed give-back (under the pass lock); each one the store confirms is forgotten.
+        Raises the first failure once all were tried."""
+        failure: Exception | None = None
+        for give_back_id, counts in list(self._unconfirmed.items()):
+            try:
+                self._store.give_back_encryptions(give_back_id, counts)
+            except Exception as error:
+                failure = failure or error
+            else:
+                del self._unconfirmed[give_back_id]
+        if failure is not None:
+            raise failure
 
     # -- the background thread ---------------------------------------------------
 
@@ -247,11 +275,12 @@ class UsageBudget:
         with self._pass_lock:
             with self._lock:
                 self._block = 1
-                returned = self._take_unused([ref for ref, c in self._counters.items() if not c.refilling])
+                self._take_unused([ref for ref, c in self._counters.items() if not c.refilling])
             try:
-                self._give_back(returned)
-            except StoreUnavailable:
+                self._give_back()
+            except Exception:
                 log.warning(
-                    "unused encryption reservations not given back at shutdown: the key store is unavailable; "
-                    "they stay counted as used"
+                    "unused encryption reservations not given back at shutdown (the key store is unavailable or "
+                    "refused the write): they stay counted as used",
+                    exc_info=True,
                 )

@@ -37,6 +37,7 @@ from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
 from crypto_server.storage.port import (
+    GIVE_BACK_IDS_KEPT,
     DuplicateKeyId,
     DuplicateMasterKey,
     KeyChange,
@@ -44,9 +45,22 @@ from crypto_server.storage.port import (
     KeyQuery,
     Reservation,
     VersionRef,
+    stored_encryption_count,
 )
 
 _ROOT_KEY_CHECK_ID = "root_key_check"
+
+
+def _embedded_version_set(number: int, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """An update-pipeline expression for a key document's `versions` array with `fields` set on version `number`
+    (computed from `$$item`, that version as it was) and every other version as it was."""
+    return {
+        "$map": {
+            "input": "$versions",
+            "as": "item",
+            "in": {"$cond": [{"$eq": ["$$item.version", number]}, {"$mergeObjects": ["$$item", fields]}, "$$item"]},
+        }
+    }
 
 
 def _ms(duration: timedelta | None) -> int | None:
@@ -239,7 +253,7 @@ class MongoKeyStore:
             parent_version=item["parent_version"],
             wrapped_material=bytes(item["wrapped_material"]),
             request_id=item.get("request_id"),
-            encryptions=item.get("encryptions", 0),
+            encryptions=stored_encryption_count(item.get("encryptions"), item.get("key_id"), item["version"]),
             disabled=state.get("disabled", False),
             destroy_at=_utc(state.get("destroy_at")),
             destroyed_at=_utc(state.get("destroyed_at")),
@@ -563,22 +577,9 @@ class MongoKeyStore:
             return {"encryptions": {"$add": [count, grant]}, "last_reservation": grant}
 
         def in_key_document() -> Mapping[str, Any] | None:
-            embedded = {
-                "$map": {
-                    "input": "$versions",
-                    "as": "item",
-                    "in": {
-                        "$cond": [
-                            {"$eq": ["$$item.version", version.version]},
-                            {"$mergeObjects": ["$$item", reserved("$$item.encryptions")]},
-                            "$$item",
-                        ]
-                    },
-                }
-            }
             key = self._keys.find_one_and_update(
                 {"_id": version.key_id, "tenant_id": version.tenant_id, "versions.version": version.version},
-                [{"$set": {"versions": embedded}}],
+                [{"$set": {"versions": _embedded_version_set(version.version, reserved("$$item.encryptions"))}}],
                 projection={"versions.version": 1, "versions.encryptions": 1, "versions.last_reservation": 1},
                 return_document=pymongo.ReturnDocument.AFTER,
             )
@@ -632,6 +633,45 @@ class MongoKeyStore:
                     if embedded["version"] == ref.version:
                         totals[ref] = embedded["encryptions"]
         return totals
+
+    def give_back_encryptions(self, give_back_id: str, counts: Mapping[VersionRef, int]) -> None:
+        """One conditional update per version: an update pipeline that subtracts the count and appends the id
+        to `given_back` unless the id is already there, both computed from the same document inside the atomic
+        update; so repeating it after an unknown outcome changes nothing where it landed. A flush is not atomic
+        across versions, and need not be: each version is given back once, whichever attempt lands it."""
+
+        def given_back(count_field: str, ids_field: str, count: int) -> dict[str, Any]:
+            # Both fields of one $set see the document before it: the id check and the subtraction agree.
+            ids = {"$ifNull": [ids_field, []]}
+            landed = {"$in": [give_back_id, ids]}
+            stored = {"$ifNull": [count_field, 0]}
+            return {
+                "encryptions": {"$cond": [landed, stored, {"$max": [0, {"$subtract": [stored, count]}]}]},
+                "given_back": {
+                    "$cond": [landed, ids, {"$slice": [{"$concatArrays": [ids, [give_back_id]]}, -GIVE_BACK_IDS_KEPT]}]
+                },
+            }
+
+        with self._bounded():
+            for ref, count in counts.items():
+                in_versions = (
+                    self._versions,
+                    {"key_id": ref.key_id, "version": ref.version},
+                    given_back("$encryptions", "$given_back", count),
+                )
+                in_key_document = (
+                    self._keys,
+                    {"_id": ref.key_id, "tenant_id": ref.tenant_id, "versions.version": ref.version},
+                    {
+                        "versions": _embedded_version_set(
+                            ref.version, given_back("$$item.encryptions", "$$item.given_back", count)
+                        )
+                    },
+                )
+                places = (in_key_document, in_versions) if ref.version == 1 else (in_versions, in_key_document)
+                for collection, where, fields in places:
+                    if collection.update_one(where, [{"$set": fields}]).matched_count:
+                        break
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
         with self._bounded():

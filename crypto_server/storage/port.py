@@ -7,12 +7,15 @@ StoreUnavailable when the store cannot be reached, never a driver exception.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple, Protocol
 
 from crypto_server.domain.keys import Key, KeyState, KeyType, KeyVersion
+
+log = logging.getLogger(__name__)
 
 
 class DuplicateMasterKey(Exception):
@@ -171,6 +174,31 @@ class DestructionSchedule(Protocol):
         ...
 
 
+# How many give-back ids a version remembers (UsageCounters.give_back_encryptions). A server repeats an
+# unconfirmed give-back on its next pass; it would be applied twice only if this many other give-backs of the
+# same version landed in between, which takes that many servers giving back the same version within one pass.
+GIVE_BACK_IDS_KEPT = 32
+
+
+# The largest encryption count a version can report (the API's count is a uint64).
+_MAX_COUNT = 2**64 - 1
+
+
+def stored_encryption_count(stored: int | None, key_id: str | None, version: int) -> int:
+    """A version's encryption count as the adapters read it: a count outside 0..2^64-1 (written by a bug, or by
+    someone with access to the store) is read as the nearest bound, logged, rather than failing every reading of
+    the key, and with it every listing of its tenant. A count read as 0 lets the version go past its limit by
+    what was lost; the count is outside the integrity tag (service/usage_budget.py says what that allows)."""
+    count = stored or 0
+    if 0 <= count <= _MAX_COUNT:
+        return count
+    log.error(
+        "a key version's stored encryption count is out of range; read as the nearest bound",
+        extra={"key_id": key_id, "version": version, "count": count},
+    )
+    return min(max(count, 0), _MAX_COUNT)
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """What reserve_encryptions granted: `granted` uses, and the version's stored total after it (every
@@ -191,11 +219,19 @@ class UsageCounters(Protocol):
         ...
 
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
-        """Add each count to its version's stored `encryptions` as an atomic increment (several servers write
-        at once: none may lose another's counts), all in one round trip where the store allows; return the new
-        totals. A negative count gives back the unused part of a reservation; zero reads the totals. A version
-        no longer stored is left out. Counts are outside the integrity tag and the revision: nothing a reader
-        caches changes (service/usage_budget.py)."""
+        """Add each count (>= 0) to its version's stored `encryptions` as an atomic increment (several servers
+        write at once: none may lose another's counts), all in one round trip where the store allows; return the
+        new totals. Zero reads the totals. A version no longer stored is left out. Counts are outside the
+        integrity tag and the revision: nothing a reader caches changes (service/usage_budget.py)."""
+        ...
+
+    def give_back_encryptions(self, give_back_id: str, counts: Mapping[VersionRef, int]) -> None:
+        """Subtract each count (> 0), the unused part of a reservation, from its version's stored `encryptions`
+        at most once per `give_back_id`, never below zero. Each version is one atomic conditional step that
+        records the id beside the count (the last GIVE_BACK_IDS_KEPT ids per version), so the call can be
+        repeated with the same id after any failure, a timeout whose write landed included, and a version where
+        it already landed is left alone: a reservation is never given back twice (the stored count never falls
+        below what servers used). A version no longer stored is left out."""
         ...
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:

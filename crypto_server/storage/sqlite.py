@@ -25,6 +25,7 @@ from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
 from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
 from crypto_server.storage.port import (
+    GIVE_BACK_IDS_KEPT,
     DuplicateKeyId,
     DuplicateMasterKey,
     KeyChange,
@@ -32,6 +33,7 @@ from crypto_server.storage.port import (
     KeyQuery,
     Reservation,
     VersionRef,
+    stored_encryption_count,
 )
 from crypto_server.storage.private_files import ensure_private_directory, ensure_private_file, restrict_to_owner
 
@@ -104,6 +106,9 @@ _ADDED_VERSION_COLUMNS = {
     "destroyed_us": "INTEGER",
     # The version's own tag (domain/key_integrity.py); empty on a version written before versions had one.
     "integrity_tag": "BLOB NOT NULL DEFAULT x''",
+    # The ids of the last give-backs of unused reservations applied to `encryptions`, space-separated
+    # (UsageCounters.give_back_encryptions): a give-back repeated after an unknown outcome is applied once.
+    "given_back": "TEXT NOT NULL DEFAULT ''",
 }
 _VERSION_COLUMNS = (
     "key_id, version, created_us, expires_us, parent_version, wrapped_material, request_id, encryptions, disabled, "
@@ -275,7 +280,7 @@ class SqliteKeyStore:
     @staticmethod
     def _version_from_row(row: Sequence[Any]) -> KeyVersion:
         (
-            _,
+            key_id,
             number,
             created_us,
             expires_us,
@@ -295,7 +300,7 @@ class SqliteKeyStore:
             parent_version=parent,
             wrapped_material=bytes(wrapped),
             request_id=request_id,
-            encryptions=count,
+            encryptions=stored_encryption_count(count, key_id, number),
             disabled=bool(disabled),
             destroy_at=None if destroy_us is None else _from_us(destroy_us),
             destroyed_at=None if destroyed_us is None else _from_us(destroyed_us),
@@ -705,6 +710,25 @@ class SqliteKeyStore:
                 if row is not None:
                     totals[ref] = row[0]
         return totals
+
+    def give_back_encryptions(self, give_back_id: str, counts: Mapping[VersionRef, int]) -> None:
+        with self._write() as db:  # BEGIN IMMEDIATE: the id check and the subtraction see the same row
+            for ref, count in counts.items():
+                row = db.execute(
+                    "SELECT given_back FROM key_versions WHERE key_id = ? AND version = ? "
+                    "AND EXISTS (SELECT 1 FROM keys WHERE keys.key_id = ? AND keys.tenant_id = ?)",
+                    (ref.key_id, ref.version, ref.key_id, ref.tenant_id),
+                ).fetchone()
+                if row is None:
+                    continue
+                applied = row[0].split()
+                if give_back_id in applied:
+                    continue
+                db.execute(
+                    "UPDATE key_versions SET encryptions = max(0, encryptions - ?), given_back = ? "
+                    "WHERE key_id = ? AND version = ?",
+                    (count, " ".join([*applied, give_back_id][-GIVE_BACK_IDS_KEPT:]), ref.key_id, ref.version),
+                )
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
         with self._write() as db:

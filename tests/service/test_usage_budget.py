@@ -31,6 +31,9 @@ class CountingStore:
         self.give_backs = 0
         self.marks = 0
         self.unavailable = False
+        # A give-back that lands and is then reported failed (a timeout after the write).
+        self.fail_after_writing = False
+        self.give_back_ids: list[str] = []
 
     def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
         self.reservations += 1
@@ -41,6 +44,15 @@ class CountingStore:
         if self.unavailable:
             raise StoreUnavailable("the store is down (test)")
         return self.inner.add_encryptions(counts)
+
+    def give_back_encryptions(self, give_back_id: str, counts: Mapping[VersionRef, int]) -> None:
+        self.give_backs += 1
+        self.give_back_ids.append(give_back_id)
+        if self.unavailable:
+            raise StoreUnavailable("the store is down (test)")
+        self.inner.give_back_encryptions(give_back_id, counts)
+        if self.fail_after_writing:
+            raise StoreUnavailable("the store did not answer in time (test)")
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
         self.marks += 1
@@ -205,17 +217,66 @@ def test_a_refused_version_is_refused_from_memory_until_the_next_pass(deployment
     assert deployment.stored() == 6
 
 
-def test_a_give_back_the_store_refuses_keeps_the_reservation(deployment: Deployment) -> None:
+def test_a_give_back_the_store_refuses_is_repeated_until_confirmed_and_never_spent(deployment: Deployment) -> None:
     budget, store = deployment.server(hard_limit=100, block=10)
     budget.record(deployment.version)
     budget.flush()
     store.unavailable = True
     with pytest.raises(StoreUnavailable):
         budget.flush()
-    assert budget.held() == {deployment.version: 9}, "still reserved in the store, so still this server's"
+    assert budget.held() == {}, "given back, whatever the outcome: never spent again"
+    assert budget.unconfirmed() == {deployment.version: 9}
+    with pytest.raises(StoreUnavailable):
+        budget.flush()
     store.unavailable = False
     budget.flush()
-    assert budget.held() == {}
+    assert budget.unconfirmed() == {}
+    assert deployment.stored() == 1
+    assert len(set(store.give_back_ids)) == 1, "every attempt of one give-back under one id"
+
+
+def test_a_give_back_that_landed_but_was_reported_failed_is_applied_once(deployment: Deployment) -> None:
+    """Issue 22: a give-back that timed out after the write kept its uses in memory and gave them back again on
+    the next pass, taking the stored count below the true one and then below zero."""
+    budget, store = deployment.server(hard_limit=100, block=10)
+    for _ in range(3):
+        budget.record(deployment.version)
+    budget.flush()
+    store.fail_after_writing = True
+    with pytest.raises(StoreUnavailable):
+        budget.flush()
+    assert deployment.stored() == 3, "the give-back landed"
+    with pytest.raises(StoreUnavailable):
+        budget.flush()  # repeated, still reported failed: applied nothing more
+    store.fail_after_writing = False
+    budget.flush()
+    assert deployment.stored() == 3, "never below the 3 encryptions made"
+    assert budget.unconfirmed() == {}
+
+    # The version used again after an unconfirmed give-back takes a fresh block; what was given back stays given.
+    store.fail_after_writing = True
+    budget.record(deployment.version)
+    budget.flush()
+    with pytest.raises(StoreUnavailable):
+        budget.flush()
+    budget.record(deployment.version)  # a new block, not the 9 given back
+    assert budget.held() == {deployment.version: 9}
+    store.fail_after_writing = False
+    budget.flush()
+    budget.flush()
+    budget.flush()
+    assert deployment.stored() == 5
+
+
+def test_a_stop_gives_back_what_is_unconfirmed(deployment: Deployment) -> None:
+    budget, store = deployment.server(hard_limit=100, block=10)
+    budget.record(deployment.version)
+    budget.flush()
+    store.unavailable = True
+    with pytest.raises(StoreUnavailable):
+        budget.flush()
+    store.unavailable = False
+    budget.stop()
     assert deployment.stored() == 1
 
 

@@ -24,6 +24,7 @@ import pytest
 from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import (
+    GIVE_BACK_IDS_KEPT,
     DuplicateKeyId,
     DuplicateMasterKey,
     KeyQuery,
@@ -406,11 +407,63 @@ def test_reservations_grant_exactly_the_limit_however_many_reserve_at_once(store
     assert [v.encryptions for v in _every_version(stores, key)] == [limit, limit]
 
     # Unused uses given back (a negative count) can be reserved again, and only they.
-    assert stores.store.add_encryptions({refs[0]: -5}) == {refs[0]: limit - 5}
+    stores.store.give_back_encryptions("g1", {refs[0]: 5})
+    assert stores.store.add_encryptions({refs[0]: 0}) == {refs[0]: limit - 5}
     assert stores.store.reserve_encryptions(refs[0], block, limit) == Reservation(5, limit)
     assert stores.store.reserve_encryptions(refs[1], block, limit + 3) == Reservation(3, limit + 3)
     assert stores.store.reserve_encryptions(VersionRef("t1", key.key_id, 9), block, limit) is None
     assert stores.store.reserve_encryptions(VersionRef("t1", str(uuid.uuid4()), 1), block, limit) is None
+
+
+def test_a_give_back_repeated_with_its_id_is_applied_once_per_version(stores: Stores) -> None:
+    """A give-back whose outcome was unknown (a timeout after the write, a batch cut part-way) is sent again
+    with the same id: where it landed it changes nothing, so a reservation is never given back twice."""
+    key = _key()
+    stores.serving.insert_key(key)
+    assert stores.serving.add_version(key.with_new_primary(_version(2)), key.revision)
+    # Version 1 in the key document (MongoDB), version 2 beside it: both places the store keeps counts.
+    first, second = VersionRef("t1", key.key_id, 1), VersionRef("t1", key.key_id, 2)
+    for ref in (first, second):
+        assert stores.store.reserve_encryptions(ref, 100, 1000) == Reservation(100, 100)
+
+    stores.store.give_back_encryptions("server-a-1", {first: 30})  # landed, say, then reported as failed
+    stores.store.give_back_encryptions("server-a-1", {first: 30, second: 40})  # the whole batch again
+    stores.store.give_back_encryptions("server-a-1", {first: 30, second: 40})
+    assert stores.store.add_encryptions({first: 0, second: 0}) == {first: 70, second: 60}
+    stores.store.give_back_encryptions("server-b-1", {first: 20})  # another id is another give-back
+    assert stores.store.add_encryptions({first: 0}) == {first: 50}
+    assert [v.encryptions for v in _every_version(stores, key)] == [50, 60]
+
+
+def test_a_give_back_never_takes_a_count_below_zero_and_skips_what_is_not_stored(stores: Stores) -> None:
+    key = _key()
+    stores.serving.insert_key(key)
+    ref = VersionRef("t1", key.key_id, 1)
+    assert stores.store.reserve_encryptions(ref, 10, 1000) == Reservation(10, 10)
+    stores.store.give_back_encryptions(
+        "g1",
+        {
+            ref: 25,
+            VersionRef("t1", key.key_id, 9): 5,
+            VersionRef("t1", str(uuid.uuid4()), 1): 5,
+            VersionRef("t2", key.key_id, 1): 5,  # another tenant's key: left alone
+        },
+    )
+    assert stores.store.add_encryptions({ref: 0}) == {ref: 0}
+    assert stores.store.reserve_encryptions(ref, 10, 1000) == Reservation(10, 10)
+
+
+def test_a_version_remembers_its_last_give_back_ids(stores: Stores) -> None:
+    key = _key()
+    stores.serving.insert_key(key)
+    ref = VersionRef("t1", key.key_id, 1)
+    stores.store.reserve_encryptions(ref, 1000, 1000)
+    for number in range(GIVE_BACK_IDS_KEPT + 5):
+        stores.store.give_back_encryptions(f"g{number}", {ref: 1})
+    kept = range(5, GIVE_BACK_IDS_KEPT + 5)
+    for number in kept:  # the last ones, each applied once
+        stores.store.give_back_encryptions(f"g{number}", {ref: 1})
+    assert stores.store.add_encryptions({ref: 0}) == {ref: 1000 - GIVE_BACK_IDS_KEPT - 5}
 
 
 def test_a_reservation_on_a_fresh_version_starts_from_zero(stores: Stores) -> None:

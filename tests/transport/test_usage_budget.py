@@ -171,3 +171,37 @@ def test_unused_reservations_are_given_back_at_shutdown(start_server: StartServe
     assert _stored_counts(server, key.key_id) == {1: 4096}, "one block of the default size"
     server.stop()
     assert _stored_counts(server, key.key_id) == {1: 3}
+
+
+def _write_stored_count(server: ServerHandle, key_id: str, count: int) -> None:
+    """Set version 1's stored count straight in the database, as a bug or someone with write access could."""
+    settings = server.settings
+    if settings.mongodb_uri is None:
+        with sqlite3.connect(settings.data_dir / SqliteKeyStore.FILE_NAME) as db:
+            db.execute("UPDATE key_versions SET encryptions = ? WHERE key_id = ? AND version = 1", (count, key_id))
+        return
+    client: MongoClient[dict[str, Any]] = MongoClient(settings.mongodb_uri)
+    try:
+        client[settings.mongodb_database]["keys"].update_one(
+            {"_id": key_id}, {"$set": {"versions.$[first].encryptions": count}}, array_filters=[{"first.version": 1}]
+        )
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("backend", ["embedded", "mongo"], indirect=True)
+def test_a_stored_count_below_zero_does_not_break_the_key_or_its_tenants_listings(start_server: StartServer) -> None:
+    """Counts fell below zero when reservations were given back twice (issue 22): the count is a uint64 on the
+    wire, and every reading of the key, ListKeys of the whole tenant included, answered INTERNAL."""
+    server = start_server(**MANUAL_FLUSH)
+    broken, other = server.create_key(TENANT), server.create_key(TENANT)
+    _write_stored_count(server, broken.key_id, -2933)
+    server.running.keyring.forget(TENANT, broken.key_id)  # read from the store again
+
+    listed = server.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=TENANT))
+    assert {broken.key_id, other.key_id} <= {k.key_id for k in listed.keys}
+    got = server.keys.GetKey(key_pb.GetKeyRequest(tenant_id=TENANT, key_id=broken.key_id))
+    assert [v.encryptions for v in got.key.versions] == [0], "read as the nearest bound"
+    versions = server.keys.ListKeyVersions(key_pb.ListKeyVersionsRequest(tenant_id=TENANT, key_id=broken.key_id))
+    assert [v.encryptions for v in versions.versions] == [0]
+    assert server.encrypt(TENANT, broken.key_id, b"still usable").key_version == 1

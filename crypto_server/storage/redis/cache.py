@@ -154,6 +154,9 @@ class RedisCachedKeyStore:
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
         return self._inner.add_encryptions(counts)
 
+    def give_back_encryptions(self, give_back_id: str, counts: Mapping[VersionRef, int]) -> None:
+        self._inner.give_back_encryptions(give_back_id, counts)
+
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
         self._inner.mark_rotation_due(version, now)
         # The rotator decides by the primary's count in the key it loads, and a cached copy's counts trail the

@@ -12,9 +12,17 @@ At the end the invariants of issue 10 are checked and a JSON report is written:
 - calls that reached a caller with a non-retriable error caused by a fault: 0 (after the client's retries, a
   caller may see only errors it can retry: UNAVAILABLE / DEADLINE_EXCEEDED);
 - versions unique and contiguous (1..n, primary n) for every key;
+- usage counts never below the truth: every version's stored encryption count (read from the database) is at
+  least the encryptions the load saw confirmed with it (Encrypt, GenerateDataKey), and never negative;
+- a load thread that meets anything but a client error records it as a violation (it never dies silently);
 - a disabled key refused on every replica within the stated bound (CRYPTO_INVALIDATION_INTERVAL + margin),
   counted separately when the database itself was down at the time (the bound needs the store);
 - health answered within 100 ms at every sample of a replica that was up (reported; 1 s is asserted).
+
+Faults: Redis killed, frozen, or killed and restarted from a snapshot taken earlier in the run (a failover to a
+lagging replica, a restore); MongoDB killed, frozen, or frozen and thawed in short cycles (what made usage
+counts go negative: give-backs timed out after they landed); a replica killed or frozen; and, some of the time,
+two of these at once on different processes.
 
 Run: `make chaos` (or `python -m tests.reliability.chaos --seed 7 --duration 120`).
 """
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import random
@@ -31,30 +40,35 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import pymongo
+import redis
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from crypto_client import ClientConfig, CryptoClient, DecryptItem, RetryPolicy
 from crypto_client.errors import (
     CryptoClientError,
     DeadlineExceededError,
-    KeyDisabledError,
     ServiceUnavailableError,
 )
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import crypto_service_pb2_grpc
-from tests.servers import CryptoServerProcess, MongoServer, RedisServer, free_port
+from tests.servers import CryptoServerProcess, MongoServer, RedisServer, ServerProcess, free_port
 
 TENANT = "chaos"
+DATABASE = "chaos"
 # What a caller may see after the client's retries when a fault hit its call: it retries those itself.
 RETRIABLE = (ServiceUnavailableError, DeadlineExceededError)
 DISABLE_BOUND_S = 2.0
+STORE_TIMEOUT_S = 1.0
 HEALTH_TARGET_S = 0.1
 HEALTH_LIMIT_S = 1.0
 
@@ -66,7 +80,12 @@ class Record:
     lock: threading.Lock = field(default_factory=threading.Lock)
     keys: list[str] = field(default_factory=list)
     toggled_keys: list[str] = field(default_factory=list)
+    # (key id, ciphertext, plaintext): Encrypt results and wrapped data keys.
     ciphertexts: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    # (key id, sealed stream, its body's SHA-256), a bounded sample of the streams: each is up to 300 KB.
+    streams: list[tuple[str, bytes, bytes]] = field(default_factory=list)
+    # Encryptions confirmed per (key id, version): the floor of the stored usage count.
+    encryptions: Counter[tuple[str, int]] = field(default_factory=Counter)
     calls: Counter[str] = field(default_factory=Counter)
     retriable: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
@@ -84,9 +103,15 @@ class Record:
     def failed(self, name: str, error: Exception) -> None:
         with self.lock:
             if isinstance(error, RETRIABLE):
-                self.retriable[f"{name}:{type(error).__name__}"] += 1
+                # With its reason: a run of refusals after a fault is told apart by it (STORE_UNAVAILABLE, ...).
+                reason = getattr(error, "reason", "") or "no reason"
+                self.retriable[f"{name}:{type(error).__name__}:{reason}"] += 1
             else:
                 self.violations.append(f"{name}: {type(error).__name__}: {error}")
+
+    def violation(self, text: str) -> None:
+        with self.lock:
+            self.violations.append(text)
 
 
 class Deployment:
@@ -97,13 +122,25 @@ class Deployment:
         self.redis = RedisServer(directory / "redis")
         self.ports = [free_port(), free_port()]
         self.env = {
-            "MONGODB_DATABASE": "chaos",
+            "MONGODB_DATABASE": DATABASE,
             "CRYPTO_ROOT_KEY": base64.b64encode(os.urandom(32)).decode(),
             "CRYPTO_HEALTH_INTERVAL": "0.5",
             "CRYPTO_SHUTDOWN_GRACE": "5",
+            # Shorter than the default 5 s, so that database freezes outlast it: store calls then time out,
+            # and some of them land once the database thaws (a write whose outcome the server cannot know).
+            "CRYPTO_STORE_TIMEOUT": str(STORE_TIMEOUT_S),
         }
         self.replicas: list[CryptoServerProcess | None] = [None, None]
         self.frozen_replica = False
+        self.redis_dump = directory / "redis" / "dump.rdb"  # what redis-server loads when it starts
+
+    def redis_snapshot(self) -> Path:
+        """Redis's data now, in a file of its own (SAVE writes the dump file; it is moved aside)."""
+        with redis.Redis(host="127.0.0.1", port=self.redis.port, socket_timeout=10) as client:
+            client.save()
+        snapshot = self.redis_dump.with_name("snapshot.rdb")
+        self.redis_dump.rename(snapshot)
+        return snapshot
 
     def start(self) -> None:
         self.mongo.start()
@@ -148,6 +185,28 @@ def _call(record: Record, name: str, action: Callable[..., Any], *args: Any) -> 
     return result
 
 
+def _recording_failures(target: Callable[..., None]) -> Callable[..., None]:
+    """A load thread that meets anything but a client error (a bug in the client, a malformed answer) records
+    it as a violation and goes on, instead of ending silently and taking its share of the load with it."""
+
+    def guarded(*args: Any) -> None:
+        record: Record = args[1]
+        stop: threading.Event = args[2]
+        while not stop.is_set():
+            try:
+                target(*args)
+                return
+            except Exception as error:
+                record.violation(f"{target.__name__} thread: {type(error).__name__}: {error}")
+                stop.wait(0.5)  # the pace of a restarted load thread's traffic to the real deployment
+
+    return guarded
+
+
+STREAMS_KEPT = 200
+
+
+@_recording_failures
 def _load(deployment: Deployment, record: Record, stop: threading.Event, seed: int, role: str) -> None:
     rng = random.Random(seed)
     with _client(deployment) as client:
@@ -168,6 +227,7 @@ def _load(deployment: Deployment, record: Record, stop: threading.Event, seed: i
                 if result is not None:
                     with record.lock:
                         record.ciphertexts.append((key_id, result.ciphertext, plaintext))
+                        record.encryptions[(result.key_id, result.key_version)] += 1
             elif role == "decrypt" and sealed:
                 key_id, ciphertext, plaintext = rng.choice(sealed)
                 opened = _call(record, "Decrypt", client.decrypt, ciphertext)
@@ -180,6 +240,10 @@ def _load(deployment: Deployment, record: Record, stop: threading.Event, seed: i
             elif role == "datakey":
                 data_key = _call(record, "GenerateDataKey", client.generate_data_key, rng.choice(keys))
                 if data_key is not None:
+                    assert data_key.plaintext is not None
+                    with record.lock:
+                        record.ciphertexts.append((data_key.key_id, data_key.ciphertext, data_key.plaintext))
+                        record.encryptions[(data_key.key_id, data_key.key_version)] += 1
                     opened = _call(record, "Decrypt", client.decrypt, data_key.ciphertext)
                     if opened is not None and opened.plaintext != data_key.plaintext:
                         with record.lock:
@@ -194,13 +258,16 @@ def _load(deployment: Deployment, record: Record, stop: threading.Event, seed: i
                     record.failed("Stream", error)
                     continue
                 record.count("Stream")
-                if opened_stream != body:
-                    with record.lock:
+                with record.lock:
+                    if opened_stream != body:
                         record.violations.append("a stream did not round-trip")
+                    elif len(record.streams) < STREAMS_KEPT:
+                        record.streams.append((key_id, sealed_stream, hashlib.sha256(body).digest()))
             else:
                 stop.wait(0.01)  # nothing to decrypt yet: the other callers are making it
 
 
+@_recording_failures
 def _toggler(deployment: Deployment, record: Record, stop: threading.Event) -> None:
     """Disable a key, then watch every live replica refuse it directly; then enable it again."""
     with _client(deployment) as client:
@@ -221,7 +288,8 @@ def _toggler(deployment: Deployment, record: Record, stop: threading.Event) -> N
             for index, replica in enumerate(list(deployment.replicas)):
                 if replica is None or deployment.frozen_replica:
                     continue
-                while time.monotonic() - disabled_at < 10 and _direct_encrypt(replica, key.key_id) == "OK":
+                # Only the disabled key's own refusal counts: UNAVAILABLE (a fault) says nothing either way.
+                while time.monotonic() - disabled_at < 10 and _direct_encrypt(replica, key.key_id) != KEY_DISABLED:
                     stop.wait(0.02)  # measuring how long the real replica takes to hear of the disable
                 took = time.monotonic() - disabled_at
                 with record.lock:
@@ -233,16 +301,30 @@ def _toggler(deployment: Deployment, record: Record, stop: threading.Event) -> N
             stop.wait(1.0)  # the pace of the toggles
 
 
+KEY_DISABLED = "FAILED_PRECONDITION:ERROR_REASON_KEY_DISABLED"
+
+
 def _direct_encrypt(replica: CryptoServerProcess, key_id: str) -> str:
+    """ "OK", or the refusal as "CODE:REASON" (the ErrorInfo reason, when the answer carries one)."""
     with grpc.insecure_channel(replica.address) as channel:
         stub = crypto_service_pb2_grpc.CryptoServiceStub(channel)
         try:
             stub.Encrypt(crypto_pb.EncryptRequest(tenant_id=TENANT, key_id=key_id, plaintext=b"p"), timeout=2)
         except grpc.RpcError as error:
-            return error.code().name
+            return f"{error.code().name}:{_reason(error)}"
     return "OK"
 
 
+def _reason(error: grpc.RpcError) -> str:
+    status = rpc_status.from_call(error)
+    for detail in status.details if status is not None else []:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
+
+
+@_recording_failures
 def _health(deployment: Deployment, record: Record, stop: threading.Event) -> None:
     channels: dict[int, grpc.Channel] = {}
     while not stop.is_set():
@@ -265,20 +347,78 @@ def _health(deployment: Deployment, record: Record, stop: threading.Event) -> No
         channel.close()
 
 
-def _faults(deployment: Deployment, record: Record, stop: threading.Event, rng: random.Random) -> None:
-    """One fault at a time, at random moments; each is healed before the next."""
-    kinds = ["kill redis", "freeze redis", "freeze mongo", "kill mongo", "kill replica", "freeze replica"]
+FAULT_KINDS = [
+    "kill redis",
+    "freeze redis",
+    "rewind redis",
+    "freeze mongo",
+    "kill mongo",
+    "freeze mongo cycles",
+    "kill replica",
+    "freeze replica",
+]
+# Which process a fault acts on: two faults at once act on two different processes.
+_TARGET = {kind: kind.split()[1] for kind in FAULT_KINDS}
+OVERLAP_CHANCE = 0.3
+
+
+def _faults(
+    deployment: Deployment,
+    record: Record,
+    stop: threading.Event,
+    rng: random.Random,
+    opening: Sequence[tuple[str, float]],
+) -> None:
+    """The `opening` faults (kind, seconds) one after the other, then faults at random moments; some of the time
+    a second one on another process starts while the first is on, and the two end in either order. Each round
+    is healed before the next."""
+    planned = list(opening)
     while not stop.wait(rng.uniform(2.0, 5.0)):
-        kind = rng.choice(kinds)
-        length = rng.uniform(1.0, 4.0)
-        started = time.monotonic()
-        with _fault(deployment, kind):
-            stop.wait(length)
-        ended = time.monotonic()
-        with record.lock:
-            record.faults.append({"fault": kind, "from": round(started, 1), "to": round(ended, 1)})
-            if "mongo" in kind:
-                record.store_down.append((started, ended + 2.0))
+        second = None
+        if planned:
+            kind, length = planned.pop(0)
+        else:
+            kind, length = rng.choice(FAULT_KINDS), rng.uniform(1.0, 4.0)
+            if rng.random() < OVERLAP_CHANCE:
+                second = rng.choice([k for k in FAULT_KINDS if _TARGET[k] != _TARGET[kind]])
+        second_from, second_length = rng.uniform(0.0, length), rng.uniform(0.5, 4.0)
+        with ExitStack() as first_fault:
+            started = _begin(deployment, first_fault, kind)
+            if second is None:
+                stop.wait(length)
+                first_fault.close()
+                _ended(record, kind, started)
+                continue
+            stop.wait(second_from)
+            with ExitStack() as second_fault:
+                second_started = _begin(deployment, second_fault, second)
+                # The two end in the order their lengths say: the second inside the first, or after it.
+                ends = sorted(
+                    [
+                        (length, kind, started, first_fault),
+                        (second_from + second_length, second, second_started, second_fault),
+                    ],
+                    key=lambda end: end[0],
+                )
+                waited = second_from
+                for at, ending, began, fault in ends:
+                    stop.wait(max(0.0, at - waited))
+                    waited = at
+                    fault.close()
+                    _ended(record, ending, began)
+
+
+def _begin(deployment: Deployment, faults: ExitStack, kind: str) -> float:
+    faults.enter_context(_fault(deployment, kind))
+    return time.monotonic()
+
+
+def _ended(record: Record, kind: str, started: float) -> None:
+    ended = time.monotonic()
+    with record.lock:
+        record.faults.append({"fault": kind, "from": round(started, 1), "to": round(ended, 1)})
+        if "mongo" in kind:
+            record.store_down.append((started, ended + 2.0))
 
 
 @contextmanager
@@ -292,8 +432,22 @@ def _fault(deployment: Deployment, kind: str) -> Iterator[None]:
     elif kind == "freeze redis":
         with deployment.redis.frozen():
             yield
+    elif kind == "rewind redis":
+        # A snapshot now; at the end of the fault Redis dies and comes back from it, having lost every write
+        # made in between (a failover to a lagging replica, a restore from backup).
+        snapshot = deployment.redis_snapshot()
+        try:
+            yield
+        finally:
+            deployment.redis.kill()
+            snapshot.rename(deployment.redis_dump)
+            deployment.redis.start()
+            deployment.redis_dump.unlink(missing_ok=True)  # a later kill restarts from nothing, as before
     elif kind == "freeze mongo":
         with deployment.mongo.frozen():
+            yield
+    elif kind == "freeze mongo cycles":
+        with _freeze_cycles(deployment.mongo):
             yield
     elif kind == "kill mongo":
         deployment.mongo.kill()
@@ -322,36 +476,122 @@ def _fault(deployment: Deployment, kind: str) -> Iterator[None]:
             deployment.frozen_replica = False
 
 
+@contextmanager
+def _freeze_cycles(server: ServerProcess) -> Iterator[None]:
+    """The process frozen a little longer than the store timeout, then running 0.3 s, over and over while the
+    fault lasts: calls time out, and the writes among them land when it thaws (what made usage counts go
+    negative: give-backs timed out after they landed, and were given back again)."""
+    done = threading.Event()
+
+    def cycle() -> None:
+        while not done.is_set():
+            with server.frozen():
+                done.wait(STORE_TIMEOUT_S + 0.3)
+            done.wait(0.3)
+
+    cycler = threading.Thread(target=cycle, daemon=True)
+    cycler.start()
+    try:
+        yield
+    finally:
+        done.set()
+        cycler.join()
+
+
 def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
-    """With every fault healed: keys, ciphertexts and versions, checked through each replica alone."""
-    lost_keys = undecryptable = bad_versions = 0
+    """With every fault healed: keys, their state, ciphertexts, streams and versions, checked through each
+    replica alone against the database; and the usage counts in the database against the confirmed load."""
+    undecryptable = bad_versions = 0
+    stale_states: list[str] = []
+    unreadable: list[str] = []  # keys a replica could not read: lost, or broken by a bad record
     with record.lock:
-        keys = list(record.keys) + list(record.toggled_keys)
+        keys = list(record.keys)
+        toggled = list(record.toggled_keys)
         sealed = list(record.ciphertexts)
+        streams = list(record.streams)
+        confirmed = Counter(record.encryptions)
+    stored = _stored_keys(deployment)
     for port in deployment.ports:
         with CryptoClient(f"127.0.0.1:{port}", TENANT, ClientConfig(timeout_s=10.0)) as client:
-            for key_id in keys:
+            for key_id in toggled:  # left enabled: every ciphertext must then decrypt
+                client.enable_key(key_id)
+            for key_id in keys + toggled:
                 try:
                     key = client.get_key(key_id, use_cache=False)
-                except CryptoClientError:
-                    lost_keys += 1
+                    numbers = [v.version for v in client.iter_key_versions(key_id)]
+                except CryptoClientError as error:
+                    unreadable.append(f"port {port}: {key_id}: {error}")
                     continue
-                numbers = [v.version for v in client.iter_key_versions(key_id)]
                 if numbers != list(range(1, len(numbers) + 1)) or key.primary_version != len(numbers):
                     bad_versions += 1
+                in_database = stored.get(key_id)
+                if in_database is not None and (key.primary_version, key.state.name == "DISABLED") != in_database:
+                    stale_states.append(f"port {port}: {key_id} shown as {key.primary_version}/{key.state.name}")
             # In batches: a run confirms tens of thousands of ciphertexts.
             for start in range(0, len(sealed), 500):
                 chunk = sealed[start : start + 500]
                 results = client.batch_decrypt([DecryptItem(ciphertext) for _, ciphertext, _ in chunk])
                 for (_, _, plaintext), result in zip(chunk, results, strict=True):
-                    if isinstance(result, KeyDisabledError):
-                        continue  # a toggled key caught disabled: not a lost ciphertext
                     if isinstance(result, CryptoClientError) or result.plaintext != plaintext:
                         undecryptable += 1
-    return {"confirmed_keys_lost": lost_keys, "ciphertexts_not_decrypting": undecryptable, "bad_versions": bad_versions}
+            for _, sealed_stream, digest in streams:
+                try:
+                    opened = b"".join(client.decrypt_stream([sealed_stream], timeout=30))
+                except CryptoClientError:
+                    undecryptable += 1
+                    continue
+                if hashlib.sha256(opened).digest() != digest:
+                    undecryptable += 1
+    counts = _stored_counts(deployment)
+    below = [
+        f"{key_id} v{version}: stored {counts.get((key_id, version))}, confirmed {made}"
+        for (key_id, version), made in sorted(confirmed.items())
+        if counts.get((key_id, version), 0) < made
+    ]
+    negative = [f"{key_id} v{version}: {count}" for (key_id, version), count in sorted(counts.items()) if count < 0]
+    return {
+        "confirmed_keys_unreadable": unreadable[:20],
+        "ciphertexts_not_decrypting": undecryptable,
+        "ciphertexts_checked": len(sealed),
+        "streams_checked": len(streams),
+        "bad_versions": bad_versions,
+        "states_unlike_the_database": stale_states[:20],
+        "usage_counts": {
+            "versions_checked": len(confirmed),
+            "encryptions_confirmed": sum(confirmed.values()),
+            "stored_below_confirmed": below[:20],
+            "stored_negative": negative[:20],
+        },
+    }
 
 
-def run(seed: int, duration_s: float, workdir: Path) -> dict[str, Any]:
+def _database(deployment: Deployment) -> Any:
+    return pymongo.MongoClient(deployment.mongo.uri, serverSelectionTimeoutMS=10_000)
+
+
+def _stored_keys(deployment: Deployment) -> dict[str, tuple[int, bool]]:
+    """(primary version, disabled) of every key, as the database holds it."""
+    with _database(deployment) as client:
+        keys = client[DATABASE]["keys"].find({"tenant_id": TENANT}, {"primary_version": 1, "disabled": 1})
+        return {key["_id"]: (int(key["primary_version"]), bool(key["disabled"])) for key in keys}
+
+
+def _stored_counts(deployment: Deployment) -> dict[tuple[str, int], int]:
+    """Every version's encryption count as the database holds it: in the key document (a key's first version)
+    or in `key_versions` (the ones rotations made)."""
+    counts: dict[tuple[str, int], int] = {}
+    with _database(deployment) as client:
+        database = client[DATABASE]
+        for key in database["keys"].find({"tenant_id": TENANT}, {"versions.version": 1, "versions.encryptions": 1}):
+            for version in key.get("versions", []):
+                counts[(key["_id"], int(version["version"]))] = int(version.get("encryptions", 0))
+        for version in database["key_versions"].find({}, {"key_id": 1, "version": 1, "encryptions": 1}):
+            counts[(version["key_id"], int(version["version"]))] = int(version.get("encryptions", 0))
+    return counts
+
+
+def run(seed: int, duration_s: float, workdir: Path, opening: Sequence[tuple[str, float]] = ()) -> dict[str, Any]:
+    """One chaos run: `opening` faults (kind, seconds) first, then the seeded schedule, for `duration_s`."""
     rng = random.Random(seed)
     deployment = Deployment(workdir)
     record = Record()
@@ -365,7 +605,7 @@ def run(seed: int, duration_s: float, workdir: Path) -> dict[str, Any]:
         threading.Thread(target=_toggler, args=(deployment, record, stop_load), daemon=True),
         threading.Thread(target=_health, args=(deployment, record, stop_load), daemon=True),
     ]
-    fault_thread = threading.Thread(target=_faults, args=(deployment, record, stop_faults, rng), daemon=True)
+    fault_thread = threading.Thread(target=_faults, args=(deployment, record, stop_faults, rng, opening), daemon=True)
     started = time.monotonic()
     try:
         deployment.start()
@@ -421,9 +661,17 @@ def run(seed: int, duration_s: float, workdir: Path) -> dict[str, Any]:
 def violations(report: dict[str, Any]) -> list[str]:
     """The invariants that failed, as sentences (empty when the run kept every promise)."""
     found = []
-    for name in ("confirmed_keys_lost", "ciphertexts_not_decrypting", "bad_versions"):
+    for name in (
+        "confirmed_keys_unreadable",
+        "ciphertexts_not_decrypting",
+        "bad_versions",
+        "states_unlike_the_database",
+    ):
         if report[name]:
             found.append(f"{name}: {report[name]}")
+    for name in ("stored_below_confirmed", "stored_negative"):
+        if report["usage_counts"][name]:
+            found.append(f"usage counts {name}: {report['usage_counts'][name]}")
     if report["non_retriable_errors_caused_by_faults"]:
         found.append(f"non-retriable errors: {report['non_retriable_errors_caused_by_faults'][:5]}")
     if report["disable_refused_within_s"]["late_while_store_up"]:

@@ -92,7 +92,8 @@ class Record:
     health_samples: list[float] = field(default_factory=list)
     health_failures: list[str] = field(default_factory=list)
     disable_latencies: list[float] = field(default_factory=list)
-    disable_late: list[str] = field(default_factory=list)
+    # (replica, disabled at, seconds until refused) for every disable refused later than the bound.
+    disable_late: list[tuple[int, float, float]] = field(default_factory=list)
     faults: list[dict[str, Any]] = field(default_factory=list)
     store_down: list[tuple[float, float]] = field(default_factory=list)
 
@@ -295,7 +296,7 @@ def _toggler(deployment: Deployment, record: Record, stop: threading.Event) -> N
                 with record.lock:
                     record.disable_latencies.append(took)
                     if took > DISABLE_BOUND_S:
-                        record.disable_late.append(f"replica {index}: {took:.2f}s at {disabled_at:.1f}")
+                        record.disable_late.append((index, disabled_at, took))
             while _call(record, "EnableKey", client.enable_key, key.key_id) is None and not stop.is_set():
                 stop.wait(0.2)  # the deployment refused (a fault): try again shortly
             stop.wait(1.0)  # the pace of the toggles
@@ -565,6 +566,50 @@ def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
     }
 
 
+RECOVERY_BOUND_S = 30.0
+
+
+def _recovery(deployment: Deployment) -> float | None:
+    """Seconds, once every fault is healed, until both replicas answer KeyService SERVING and take a key change
+    (None: not within RECOVERY_BOUND_S, without a restart)."""
+    started = time.monotonic()
+    while time.monotonic() - started < RECOVERY_BOUND_S:
+        if all(_takes_key_changes(port) for port in deployment.ports):
+            return round(time.monotonic() - started, 2)
+        time.sleep(0.2)  # the pace of the real replicas' recovery checks
+    return None
+
+
+def _takes_key_changes(port: int) -> bool:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="caas.crypto.v1.KeyService"), timeout=2
+            )
+            if health.status != health_pb2.HealthCheckResponse.SERVING:
+                return False
+        except grpc.RpcError:
+            return False
+    with CryptoClient(
+        f"127.0.0.1:{port}", TENANT, ClientConfig(timeout_s=5.0, retry=RetryPolicy(max_attempts=1))
+    ) as client:
+        try:
+            client.create_key()
+        except CryptoClientError:
+            return False
+    return True
+
+
+def _server_errors(deployment: Deployment) -> dict[str, int]:
+    """The error lines the running replicas logged, counted by message and error: what a failed run is read by."""
+    found: Counter[str] = Counter()
+    for replica in deployment.replicas:
+        for entry in replica.logs() if replica is not None else []:
+            if entry.get("level") in ("error", "critical"):
+                found[f"{entry.get('msg')}: {entry.get('error', entry.get('exc_info', ''))}"[:300]] += 1
+    return dict(found.most_common(30))
+
+
 def _database(deployment: Deployment) -> Any:
     return pymongo.MongoClient(deployment.mongo.uri, serverSelectionTimeoutMS=10_000)
 
@@ -619,7 +664,9 @@ def run(seed: int, duration_s: float, workdir: Path, opening: Sequence[tuple[str
         stop_load.set()
         for thread in threads:
             thread.join(timeout=30)
+        recovered_in = _recovery(deployment)
         final = _final_checks(deployment, record)
+        server_errors = _server_errors(deployment)
     finally:
         deployment.stop()
     samples = sorted(record.health_samples)
@@ -627,10 +674,11 @@ def run(seed: int, duration_s: float, workdir: Path, opening: Sequence[tuple[str
     def percentile(q: float) -> float:
         return round(samples[min(len(samples) - 1, int(q * len(samples)))] * 1000, 1) if samples else 0.0
 
+    # The bound needs the store: a disable whose wait for the refusal overlapped a database fault is not held to it.
     late_while_store_up = [
-        late
-        for late in record.disable_late
-        if not any(a <= float(late.rsplit(" ", 1)[1]) <= b for a, b in record.store_down)
+        f"replica {index}: {took:.2f}s at {at:.1f}"
+        for index, at, took in record.disable_late
+        if not any(a <= at + took and at <= b for a, b in record.store_down)
     ]
     return {
         "seed": seed,
@@ -639,7 +687,9 @@ def run(seed: int, duration_s: float, workdir: Path, opening: Sequence[tuple[str
         "calls_ok": dict(record.calls),
         "retriable_errors_seen_by_callers": dict(record.retriable),
         "non_retriable_errors_caused_by_faults": record.violations[:50],
+        "recovered_in_s": recovered_in,
         **final,
+        "server_errors": server_errors,
         "disable_refused_within_s": {
             "bound_s": DISABLE_BOUND_S,
             "max": round(max(record.disable_latencies, default=0.0), 2),
@@ -676,6 +726,8 @@ def violations(report: dict[str, Any]) -> list[str]:
         found.append(f"non-retriable errors: {report['non_retriable_errors_caused_by_faults'][:5]}")
     if report["disable_refused_within_s"]["late_while_store_up"]:
         found.append(f"disabled key served too long: {report['disable_refused_within_s']['late_while_store_up']}")
+    if report["recovered_in_s"] is None:
+        found.append(f"the replicas did not take key changes within {RECOVERY_BOUND_S}s of the last fault's end")
     if report["health_ms"]["failures"]:
         found.append(f"health did not answer within {HEALTH_LIMIT_S}s: {report['health_ms']['failures']}")
     return found

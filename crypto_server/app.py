@@ -30,6 +30,7 @@ from crypto_server.domain.key_integrity import (
     wrap_metadata_key,
 )
 from crypto_server.domain.key_wrap import WrappingKey, make_root_key_check, root_key_matches
+from crypto_server.domain.keys import KeyType
 from crypto_server.log_format import AccessLogMode
 from crypto_server.root_key import RootKey, load_other_root_key, load_root_key
 from crypto_server.service.audit import AuditTrail
@@ -248,9 +249,10 @@ def build_access_control(settings: Settings, keyring: Keyring) -> AccessControl 
 
     def key_labels(tenant_id: str, key_id: str) -> dict[str, str] | None:
         try:
-            return dict(keyring.lookup(tenant_id, key_id).key.labels)
+            key = keyring.lookup(tenant_id, key_id).key
         except (KeyNotFound, InvalidArgument):
             return None
+        return None if key.key_type is KeyType.MASTER else dict(key.labels)
 
     return AccessControl(tokens=tokens, policy=policy, key_labels=key_labels)
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import grpc
 import yaml
 
-from crypto_client.v1 import key_service_pb2
+from crypto_client.v1 import key_service_pb2, resources_pb2
 from crypto_server.call_context import Principal
 from crypto_server.domain import ciphertext as codec
 from crypto_server.domain import stream_format
@@ -75,13 +75,15 @@ REQUIRED_PERMISSIONS: Mapping[str, tuple[Permission, ...]] = {
 }
 
 
-# Calls on the whole tenant: a label-narrowed grant does not allow them.
-TENANT_WIDE = frozenset({"ScheduleTenantDestruction", "CancelTenantDestruction"})
+# Calls on the whole tenant: a label-narrowed grant does not allow them. The audit trail is the tenant's,
+# whatever keys its records name.
+TENANT_WIDE = frozenset({"ScheduleTenantDestruction", "CancelTenantDestruction", "ReadAuditLog"})
 
 
 class KeyLabels(Protocol):
     def __call__(self, tenant_id: str, key_id: str) -> Mapping[str, str] | None:
-        """The labels of the tenant's key, or None when it has no such key."""
+        """The labels of the tenant's key; None when it has no such key, or when the key belongs to the whole
+        tenant (its master key, which wraps every other key: only a grant without labels may use it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +107,10 @@ def _key_uses(method: str, request: Any) -> list[_KeyUse]:
     if method == "DecryptStream":
         return [_named(P.DECRYPT, request.key_id, request.chunk, stream=True)]
     if method == "ReEncrypt":
+        # Without a destination the ciphertext is sealed again under the key it names: encrypt is checked on it.
         return [
             _named(P.DECRYPT, request.source_key_id, request.ciphertext),
-            _named(P.ENCRYPT, request.destination_key_id),
+            _named(P.ENCRYPT, request.destination_key_id or request.source_key_id, request.ciphertext),
         ]
     if method == "BatchEncrypt":
         return [_named(P.ENCRYPT, item.key_id) for item in request.items]
@@ -142,7 +145,10 @@ ResponseFilter = Callable[[Any], Any]
 
 def _listed_keys_filter(access: KeyAccess) -> ResponseFilter:
     def visible(response: key_service_pb2.ListKeysResponse) -> key_service_pb2.ListKeysResponse:
-        kept = [key for key in response.keys if access.allows(key.labels)]
+        # As GetKey answers: the master key is the whole tenant's, outside every narrowed grant.
+        kept = [
+            key for key in response.keys if key.key_type != resources_pb2.KEY_TYPE_MASTER and access.allows(key.labels)
+        ]
         if len(kept) != len(response.keys):
             del response.keys[:]
             response.keys.extend(kept)
@@ -191,7 +197,10 @@ class AccessControl:
             return None
         if method in ("CreateKey", "GenerateSessionKey"):
             (access,) = granted.values()
-            if not access.allows(request.labels):
+            # A tenant's master key wraps every key of the tenant, whatever their labels: whoever made it
+            # could disable or export the whole tenant.
+            creates_master = method == "CreateKey" and request.key_type == resources_pb2.KEY_TYPE_MASTER
+            if creates_master or not access.allows(request.labels):
                 raise PermissionDenied(REQUIRED_PERMISSIONS[method][0].value)
             return None
         if method == "ListKeys":

@@ -44,6 +44,12 @@ NO_RPC_PERMISSION = "spiffe://caas/test/audit-reader"
 OPERATOR = "spiffe://caas/test/operator"
 OTHER_TENANT_OPERATOR = "spiffe://caas/test/globex-operator"
 MESSAGING = "spiffe://caas/ns/messaging/sa/chat"
+# Every permission, admin and audit_read included, narrowed to team=messaging, in TENANT and a tenant with no
+# keys yet (FRESH_TENANT): what a narrowed grant may do to the objects of a whole tenant.
+NARROWED_ADMIN = "spiffe://caas/test/narrowed-admin"
+FRESH_TENANT = "initech"
+# decrypt on every key, encrypt only on team=messaging keys.
+DECRYPTS_ALL_ENCRYPTS_MESSAGING = "spiffe://caas/test/decrypt-all-encrypt-messaging"
 ALL_PERMISSIONS = [
     "encrypt", "decrypt", "generate_data_key", "mac", "sign", "session_keys", "manage_keys", "read_keys",
 ]  # fmt: skip
@@ -82,6 +88,19 @@ def matrix_policy() -> dict[str, Any]:
             "principals": ["spiffe://caas/ns/messaging/*"],
             "tenants": [TENANT],
             "permissions": ALL_PERMISSIONS,
+            "labels": {"team": "messaging"},
+        },
+        {
+            "principals": [NARROWED_ADMIN],
+            "tenants": [TENANT, FRESH_TENANT],
+            "permissions": [*ALL_PERMISSIONS, "admin", "audit_read"],
+            "labels": {"team": "messaging"},
+        },
+        {"principals": [DECRYPTS_ALL_ENCRYPTS_MESSAGING], "tenants": [TENANT], "permissions": ["decrypt"]},
+        {
+            "principals": [DECRYPTS_ALL_ENCRYPTS_MESSAGING],
+            "tenants": [TENANT],
+            "permissions": ["encrypt"],
             "labels": {"team": "messaging"},
         },
     ]

@@ -22,12 +22,16 @@ from crypto_client import ClientConfig, CryptoClient, tls_credentials
 from crypto_client.cli.main import main as cryptoctl
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
+from crypto_client.v1 import resources_pb2
 from crypto_server.app import CryptoServer, build_server
 from crypto_server.config import Settings
 from crypto_server.transport.authorization import REQUIRED_PERMISSIONS, TENANT_WIDE
 from tests.conftest import FakeClock, error_info
 from tests.transport.identity_support import (
+    DECRYPTS_ALL_ENCRYPTS_MESSAGING,
+    FRESH_TENANT,
     MESSAGING,
+    NARROWED_ADMIN,
     OPERATOR,
     OTHER_TENANT_OPERATOR,
     RPC_CALLS,
@@ -232,6 +236,69 @@ def test_label_narrowed_principal_uses_only_keys_with_its_labels(mtls: MtlsServe
     with pytest.raises(grpc.RpcError) as caught:
         messaging.crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id=TENANT, ciphertext=media.ciphertext))
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_reencrypt_without_a_destination_needs_encrypt_on_the_key_the_ciphertext_names(mtls: MtlsServer) -> None:
+    """Issue 23 item 6: with no destination_key_id the ciphertext is sealed again under its own key, and a grant
+    to decrypt with that key was enough to encrypt with it."""
+    caller = mtls.stubs(DECRYPTS_ALL_ENCRYPTS_MESSAGING)
+    media = mtls.keys  # unlabelled: the caller may decrypt with it, not encrypt
+    for request in (
+        crypto_pb.ReEncryptRequest(tenant_id=TENANT, ciphertext=media.ciphertext),
+        crypto_pb.ReEncryptRequest(tenant_id=TENANT, ciphertext=media.ciphertext, source_key_id=media.data),
+    ):
+        assert _code(lambda request=request: caller.crypto.ReEncrypt(request)) == grpc.StatusCode.PERMISSION_DENIED
+    own = TenantKeys.create(mtls.stubs(MESSAGING), labels={"team": "messaging"})
+    resealed = caller.crypto.ReEncrypt(crypto_pb.ReEncryptRequest(tenant_id=TENANT, ciphertext=own.ciphertext))
+    assert resealed.key_id == own.data
+    # Into one of its own keys: allowed, as before.
+    caller.crypto.ReEncrypt(
+        crypto_pb.ReEncryptRequest(tenant_id=TENANT, ciphertext=media.ciphertext, destination_key_id=own.data)
+    )
+
+
+def test_a_label_narrowed_grant_cannot_read_the_tenants_audit_trail(mtls: MtlsServer) -> None:
+    """Issue 23 item 7: it raised INTERNAL (AttributeError in the authorization) and was not audited."""
+    narrowed = mtls.stubs(NARROWED_ADMIN)
+    read = lambda: narrowed.keys.ReadAuditLog(key_pb.ReadAuditLogRequest(tenant_id=TENANT))  # noqa: E731
+    assert _code(read) == grpc.StatusCode.PERMISSION_DENIED
+    assert mtls.running.audit is not None
+    mtls.running.audit.flush()
+    denied = [
+        record
+        for _, record in mtls.running.audit.sink.records()
+        if record is not None and record.get("rpc") == "ReadAuditLog" and record.get("principal") == NARROWED_ADMIN
+    ]
+    assert denied and denied[-1]["outcome"] == "PERMISSION_DENIED", "the attempt is in the audit trail"
+
+
+def test_a_label_narrowed_grant_cannot_take_the_tenants_master_key(mtls: MtlsServer) -> None:
+    """Issue 23 item 8: a team=messaging grant created a fresh tenant's master key with its own labels, then
+    could disable it (every other team's key in the tenant stops) and export it."""
+    narrowed = mtls.stubs(NARROWED_ADMIN)
+    master = key_pb.CreateKeyRequest(
+        tenant_id=FRESH_TENANT, key_type=resources_pb2.KEY_TYPE_MASTER, labels={"team": "messaging"}
+    )
+    assert _code(lambda: narrowed.keys.CreateKey(master)) == grpc.StatusCode.PERMISSION_DENIED
+    # A master key that carries its labels (made by an operator) is still the whole tenant's.
+    operator = mtls.stubs(OPERATOR)
+    made = operator.keys.CreateKey(master).key
+    for call in (
+        lambda: narrowed.keys.DisableKey(key_pb.DisableKeyRequest(tenant_id=FRESH_TENANT, key_id=made.key_id)),
+        lambda: narrowed.keys.ExportKey(key_pb.ExportKeyRequest(tenant_id=FRESH_TENANT, key_id=made.key_id)),
+        lambda: narrowed.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id=FRESH_TENANT, key_id=made.key_id)),
+        lambda: narrowed.keys.GetKey(key_pb.GetKeyRequest(tenant_id=FRESH_TENANT, key_id=made.key_id)),
+    ):
+        assert _code(call) == grpc.StatusCode.PERMISSION_DENIED
+    listed = narrowed.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=FRESH_TENANT)).keys
+    assert made.key_id not in [key.key_id for key in listed]
+    # Its own data keys under that master key work as before.
+    data = narrowed.keys.CreateKey(
+        key_pb.CreateKeyRequest(
+            tenant_id=FRESH_TENANT, key_type=resources_pb2.KEY_TYPE_DATA, labels={"team": "messaging"}
+        )
+    ).key
+    narrowed.crypto.Encrypt(crypto_pb.EncryptRequest(tenant_id=FRESH_TENANT, key_id=data.key_id, plaintext=b"p"))
 
 
 def test_policy_is_reloaded_and_an_invalid_version_is_refused(mtls: MtlsServer) -> None:

@@ -442,6 +442,7 @@ def build_server(
             interval_s=settings.invalidation_interval_s,
             margin_s=change_margin(settings.store_timeout_s).total_seconds(),
             cache_fixes=[cache.store.drop_if_older] if cache is not None else [],
+            served_copies=[cache.store.take_served_copies] if cache is not None else [],
         )
         poller.start()
         background.append(poller)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -203,6 +203,9 @@ class StoreCircuit:
 
     def changed_keys(self, since: datetime) -> list[KeyChange]:
         return self._call(lambda: self._inner.changed_keys(since))
+
+    def latest_changes(self, keys: Sequence[tuple[str, str]]) -> list[KeyChange]:
+        return self._call(lambda: self._inner.latest_changes(keys))
 
     def keys_due_for_rotation(self, now: datetime, limit: int) -> list[tuple[str, str]]:
         return self._call(lambda: self._inner.keys_due_for_rotation(now, limit))

@@ -71,6 +71,12 @@ def _duration(ms: int | None) -> timedelta | None:
     return None if ms is None else timedelta(milliseconds=ms)
 
 
+# Keys per read of latest_changes (one `$in` on the primary key).
+_LATEST_CHANGES_BATCH = 500
+# The changed_at of a key written before writes recorded one.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _now() -> datetime:
     # Bookkeeping for the change feed: real time, not the service's (injectable) clock.
     return datetime.now(UTC)
@@ -785,6 +791,29 @@ class MongoKeyStore:
                 )
                 for doc in documents
             ]
+
+    def latest_changes(self, keys: Sequence[tuple[str, str]]) -> list[KeyChange]:
+        wanted = set(keys)
+        ids = list(dict.fromkeys(key_id for _, key_id in keys))
+        changes: list[KeyChange] = []
+        with self._bounded():
+            for start in range(0, len(ids), _LATEST_CHANGES_BATCH):
+                documents = self._keys.find(
+                    {"_id": {"$in": ids[start : start + _LATEST_CHANGES_BATCH]}},
+                    {"tenant_id": 1, "key_type": 1, "revision": 1, "changed_at": 1},
+                )
+                changes.extend(
+                    KeyChange(
+                        doc["tenant_id"],
+                        doc["_id"],
+                        KeyType(doc["key_type"]),
+                        doc["revision"],
+                        doc.get("changed_at", _EPOCH).astimezone(UTC),
+                    )
+                    for doc in documents
+                    if (doc["tenant_id"], doc["_id"]) in wanted
+                )
+        return changes
 
     def has_keys(self) -> bool:
         with self._bounded():

@@ -8,7 +8,7 @@ StoreUnavailable when the store cannot be reached, never a driver exception.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple, Protocol
@@ -59,6 +59,17 @@ class KeyChange:
     key_type: KeyType
     revision: int
     changed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCopy:
+    """A copy of a key that a cache shared by the servers (Redis) served, at `revision`: checked against the
+    store's latest change of the key by the change poller (service/change_poller.py)."""
+
+    tenant_id: str
+    key_id: str
+    key_type: KeyType
+    revision: int
 
 
 class VersionRef(NamedTuple):
@@ -257,6 +268,12 @@ class ChangeFeed(Protocol):
     def changed_keys(self, since: datetime) -> list[KeyChange]:
         """Keys written at or after `since` (every write records when): how each server learns of changes
         made by others, whatever happens to Redis. Cheap: an indexed range of a few recent keys."""
+        ...
+
+    def latest_changes(self, keys: Sequence[tuple[str, str]]) -> list[KeyChange]:
+        """The latest change (revision, when) of each key named by (tenant_id, key_id) that the store holds:
+        what a copy of a key served by a cache is checked against. Cheap: reads by primary key, a few hundred
+        at a time, only the fields of a KeyChange."""
         ...
 
 

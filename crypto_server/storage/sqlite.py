@@ -37,6 +37,9 @@ from crypto_server.storage.port import (
 )
 from crypto_server.storage.private_files import ensure_private_directory, ensure_private_file, restrict_to_owner
 
+# Keys per read of latest_changes (one `IN` on the primary key; below SQLite's limit on parameters).
+_LATEST_CHANGES_BATCH = 500
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     key_id             TEXT PRIMARY KEY,
@@ -778,6 +781,26 @@ class SqliteKeyStore:
         return [
             KeyChange(tenant, key_id, KeyType(kind), revision, _from_us(us))
             for tenant, key_id, kind, revision, us in rows
+        ]
+
+    def latest_changes(self, keys: Sequence[tuple[str, str]]) -> list[KeyChange]:
+        wanted = set(keys)
+        ids = list(dict.fromkeys(key_id for _, key_id in keys))
+        rows: list[tuple[str, str, str, int, int]] = []
+        with self._read() as db:
+            for start in range(0, len(ids), _LATEST_CHANGES_BATCH):
+                batch = ids[start : start + _LATEST_CHANGES_BATCH]
+                rows.extend(
+                    db.execute(
+                        "SELECT tenant_id, key_id, key_type, revision, changed_us FROM keys "  # noqa: S608
+                        f"WHERE key_id IN ({','.join('?' * len(batch))})",
+                        batch,
+                    ).fetchall()
+                )
+        return [
+            KeyChange(tenant, key_id, KeyType(kind), revision, _from_us(us))
+            for tenant, key_id, kind, revision, us in rows
+            if (tenant, key_id) in wanted
         ]
 
     def has_keys(self) -> bool:

@@ -25,6 +25,7 @@ from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, 
 from crypto_server.storage.mongo import MongoKeyStore
 from crypto_server.storage.port import (
     GIVE_BACK_IDS_KEPT,
+    CachedCopy,
     DuplicateKeyId,
     DuplicateMasterKey,
     KeyQuery,
@@ -553,6 +554,20 @@ def test_changed_keys_lists_each_write_with_its_revision(stores: Stores) -> None
     assert stores.store.changed_keys(datetime.now(UTC) + timedelta(minutes=1)) == []
 
 
+def test_latest_changes_gives_the_revision_of_each_key_named_under_its_tenant(stores: Stores) -> None:
+    key, master = _key(), _key("t2", KeyType.MASTER)
+    for each in (key, master):
+        stores.serving.insert_key(each)
+    assert stores.serving.update_key(key.with_disabled(True), key.revision)
+    named = [("t1", key.key_id), ("t2", master.key_id), ("t9", key.key_id), ("t1", str(uuid.uuid4()))]
+    latest = {(change.tenant_id, change.key_id): change for change in stores.store.latest_changes(named)}
+    assert set(latest) == {("t1", key.key_id), ("t2", master.key_id)}, "another tenant's key or none: nothing"
+    assert latest[("t1", key.key_id)].revision == key.revision + 1
+    assert latest[("t2", master.key_id)].key_type is KeyType.MASTER
+    assert latest[("t2", master.key_id)] in stores.store.changed_keys(datetime.now(UTC) - timedelta(minutes=1))
+    assert stores.store.latest_changes([]) == []
+
+
 # -- MasterKeyRewrap --------------------------------------------------------------------------------------
 
 
@@ -629,6 +644,28 @@ def test_a_slow_readers_older_copy_never_replaces_a_version_state_change_in_redi
             value for name in client.scan_iter(match=f"*{namespace}*") for value in client.hgetall(name).values()
         ]
         assert entries and not any(base64.b64encode(read.versions[0].wrapped_material) in value for value in entries)
+    finally:
+        client.close()
+        store.close()
+
+
+def test_every_copy_the_redis_cache_serves_is_noted_once_for_checking(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """Redis may have lost writes (restarted from an older snapshot): each copy served from it is noted, the lowest
+    revision per key, for the change poller to check against the store; a copy read from the store is not."""
+    store = SqliteKeyStore(tmp_path)
+    client = connect(redis_server.url, timeout_s=1.0)
+    cache = RedisCachedKeyStore(store, client, f"served:{uuid.uuid4()}", ttl_s=60, guard=RedisGuard())
+    try:
+        key = _key()
+        store.insert_key(key)
+        assert cache.get_key(key.tenant_id, key.key_id) is not None  # from the store, into Redis
+        assert cache.take_served_copies() == []
+        for _ in range(3):
+            assert cache.get_key(key.tenant_id, key.key_id) is not None  # from Redis
+        assert cache.take_served_copies() == [CachedCopy(key.tenant_id, key.key_id, KeyType.DATA, key.revision)]
+        assert cache.take_served_copies() == [], "taken once"
     finally:
         client.close()
         store.close()

@@ -1,4 +1,13 @@
-"""The Redis cache (cache-aside, write-through) around the store's key reading and writing roles."""
+"""The Redis cache (cache-aside, write-through) around the store's key reading and writing roles.
+
+Redis can lose writes it acknowledged: restarted from an RDB snapshot or an AOF that trails it, a failover to a
+replica that lagged, a restore from a backup. It then serves older states of keys — a disabled key enabled, an
+old primary — at the revision they had, with their full TTL, and nothing in Redis says so. So no copy is served
+on trust alone: every copy read from Redis is noted (`take_served_copies`) and checked against the store's
+revision of the key at the next change poll, which drops it from memory and deletes it from Redis if the store
+has moved on (service/change_poller.py explains the choice). The copy is used meanwhile: at most
+CRYPTO_INVALIDATION_INTERVAL plus a store round trip.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ from redis.exceptions import RedisError
 
 from crypto_server.domain.keys import Key, KeyVersion
 from crypto_server.storage.port import (
+    CachedCopy,
     KeyChange,
     KeyQuery,
     KeyServing,
@@ -42,6 +52,10 @@ if current and tonumber(current) < tonumber(ARGV[1]) then redis.call('DEL', KEYS
 return 1
 """
 
+# Copies served and not yet taken for checking, at most: past it (nothing takes them: a tool without a change
+# poller), Redis is not read, as a copy that will not be checked must not be served.
+MAX_UNCHECKED_COPIES = 100_000
+
 
 class CachedRoles(KeyServing, MasterKeyRewrap, UsageCounters, Protocol):
     """The roles that read or write key records, and the usage counters (whose soft-limit mark must drop the
@@ -66,6 +80,9 @@ class RedisCachedKeyStore:
         # deleted as soon as Redis answers again.
         self._suspect: set[str] = set()
         self._suspect_lock = threading.Lock()
+        # Copies served from Redis since the change poller last took them, per key: the lowest revision served.
+        self._served: dict[tuple[str, str], CachedCopy] = {}
+        self._served_lock = threading.Lock()
 
     def _name(self, tenant_id: str, key_id: str) -> str:
         return f"{self._prefix}{tenant_id}:{key_id}"
@@ -112,11 +129,34 @@ class RedisCachedKeyStore:
         name = self._name(tenant_id, key_id)
         cached = self._guard.call("get", lambda: self._client.hget(name, "key"), None) if self._trusted(name) else None
         if cached is not None:
-            return decode_key(cached)  # type: ignore[arg-type]
+            copy = decode_key(cached)  # type: ignore[arg-type]
+            if self._served_copy(copy):
+                return copy
         key = self._inner.get_key(tenant_id, key_id)
         if key is not None:
             self._put(key)
         return key
+
+    def _served_copy(self, key: Key) -> bool:
+        """Note a copy about to be served, for the change poller to check; False when it may not be served (too
+        many copies wait unchecked: nothing takes them)."""
+        slot = (key.tenant_id, key.key_id)
+        with self._served_lock:
+            noted = self._served.get(slot)
+            if noted is None:
+                if len(self._served) >= MAX_UNCHECKED_COPIES:
+                    return False
+            elif noted.revision <= key.revision:
+                return True
+            self._served[slot] = CachedCopy(key.tenant_id, key.key_id, key.key_type, key.revision)
+        return True
+
+    def take_served_copies(self) -> list[CachedCopy]:
+        """The copies served from Redis since the last call, the lowest revision of each key: the change poller
+        checks them against the store (a Redis that lost writes serves older states at their old revisions)."""
+        with self._served_lock:
+            served, self._served = self._served, {}
+        return list(served.values())
 
     def _written(self, write: Callable[[Key, int], bool], updated: Key, expected_revision: int) -> bool:
         """A compare-and-set write of a key record, leaving Redis holding the revision it made.

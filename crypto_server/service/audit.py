@@ -134,15 +134,25 @@ class AuditTrail:
         self._since_checkpoint += len(records)
 
     def _resynchronise(self) -> None:
-        """Adopt the prefix of the last failed write that the sink holds. Raises AuditSinkError (unreadable)."""
+        """Continue the chain from what the sink holds of it. Raises AuditSinkError (unreadable).
+
+        A write reported as failed may have landed, at once or later: a database that froze can process it
+        after this server gave up and even after it read what the sink held, so the record that landed need
+        not be one of the last failed write's. Every record of this chain is this server's own (only it holds
+        the chain key and writes the chain id), so the last authentic one at or past the head is adopted,
+        whichever write it came from. Otherwise the next write would reuse its sequence number, be refused as
+        a duplicate, and every later write with it: the audit trail, and every key change, down for good."""
         last = self.sink.last_of_chain(self.chain_id)
-        if last is not None:
-            for count, record in enumerate(self._unconfirmed, start=1):
-                if record["seq"] == last.get("seq") and record["mac"] == last.get("mac"):
-                    self._advance(self._unconfirmed[:count])
-                    log.warning("an audit write reported as failed had landed; the chain continues after it")
-                    break
         self._unconfirmed = []
+        if last is None or not isinstance(last.get("seq"), int) or last["seq"] < self._seq:
+            return
+        if not authentic(self._key, last):
+            log.error("the audit sink's last record of this chain is not authentic", extra={"chain": self.chain_id})
+            return
+        self._since_checkpoint += last["seq"] - self._seq + 1
+        self._seq = last["seq"] + 1
+        self._head = last["mac"]
+        log.warning("an audit write reported as failed had landed; the chain continues after it")
 
     def _write_locked(self, events: list[AuditEvent]) -> None:
         if self._unconfirmed:

@@ -505,6 +505,7 @@ def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
     undecryptable = bad_versions = 0
     stale_states: list[str] = []
     unreadable: list[str] = []  # keys a replica could not read: lost, or broken by a bad record
+    refused_changes: list[str] = []  # key changes refused with every fault healed
     with record.lock:
         keys = list(record.keys)
         toggled = list(record.toggled_keys)
@@ -515,7 +516,10 @@ def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
     for port in deployment.ports:
         with CryptoClient(f"127.0.0.1:{port}", TENANT, ClientConfig(timeout_s=10.0)) as client:
             for key_id in toggled:  # left enabled: every ciphertext must then decrypt
-                client.enable_key(key_id)
+                try:
+                    client.enable_key(key_id)
+                except CryptoClientError as error:
+                    refused_changes.append(f"port {port}: EnableKey {key_id}: {error}")
             for key_id in keys + toggled:
                 try:
                     key = client.get_key(key_id, use_cache=False)
@@ -552,6 +556,7 @@ def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
     negative = [f"{key_id} v{version}: {count}" for (key_id, version), count in sorted(counts.items()) if count < 0]
     return {
         "confirmed_keys_unreadable": unreadable[:20],
+        "key_changes_refused_after_recovery": refused_changes[:20],
         "ciphertexts_not_decrypting": undecryptable,
         "ciphertexts_checked": len(sealed),
         "streams_checked": len(streams),

@@ -170,3 +170,51 @@ def test_a_write_reported_failed_that_landed_does_not_break_the_chain(tmp_path: 
     trail.flush()
     (report,) = verify_trail(sink, CHAIN_KEY)
     assert report.problem is None, report
+
+
+class _LandsLater(_LandsThenFails):
+    """A sink whose failed write lands only after the next read of what it holds, as a frozen database does
+    that answers a read sent after the write before it processes the write."""
+
+    held_back: Any = None
+
+    def append(self, records: Any) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            self.held_back = records
+            raise AuditSinkError("timed out (not written yet)")
+        if any(r["seq"] in {h["seq"] for h in self.held_back or []} for r in records) and self.landed:
+            raise AuditSinkError("duplicate key: one_record_per_seq")
+        super().append(records)
+
+    landed = False
+
+    def last_of_chain(self, chain: str) -> dict[str, Any] | None:
+        found = super().last_of_chain(chain)
+        if self.held_back is not None and not self.landed:
+            FileAuditSink.append(self, self.held_back)  # lands now, after the read
+            self.landed = True
+        return found
+
+
+def test_a_failed_write_that_lands_after_the_chain_was_read_again_does_not_stop_the_trail(tmp_path: Path) -> None:
+    """Issue 22 (found by make chaos): the late record took the sequence number the next write reused; that
+    write was refused as a duplicate, and so was every one after it: every key change answered
+    AUDIT_UNAVAILABLE until a restart."""
+    sink = _LandsLater(tmp_path / "audit.jsonl")
+    trail = AuditTrail(sink, CHAIN_KEY, FakeClock())
+    trail.start()
+
+    def event(request_id: str) -> AuditEvent:
+        return AuditEvent("RotateKey", "t1", "p", "mtls", "PENDING", request_id, "", key_id="k", phase="intent")
+
+    sink.fail_next = True
+    with pytest.raises(AuditUnavailable):
+        trail.record(event("r1"))
+    with pytest.raises(AuditUnavailable):
+        trail.record(event("r2"))  # read what the sink held (nothing new), then collided with the late record
+    for number in range(3, 6):
+        trail.record(event(f"r{number}"))  # continues after the late record
+    trail.close()
+    (report,) = verify_trail(FileAuditSink(tmp_path / "audit.jsonl", read_only=True), CHAIN_KEY)
+    assert report.problem is None, report

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -116,6 +117,17 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # reads take milliseconds). A reader holding a snapshot longer (a running `.backup`) makes it incomplete: the key
 # stays due and the next destruction pass tries again, instead of stalling the pass for the busy timeout.
 _CHECKPOINT_WAIT_MS = 100
+# The health probe's write: a blob of four pages, inserted and deleted in one transaction on a connection with
+# secure_delete, so that the commit appends seven pages to the write-ahead log, about as many as a key write. (A small
+# row rewritten in place fit in blocks the log already held: a full disk went unseen.) Its pages stay on the
+# free list and the next probe takes them again: the file grows by four pages once, never more.
+_PROBE_BLOB_BYTES = 4 * 4096
+# Writes are refused, and the probe fails, once the store's file system has less than this free. The log writes
+# again from its start after a checkpoint, into blocks it already holds, so writes can go on succeeding for a while
+# on a full disk and fail later (and the audit trail, by default beside the store, fails at once): a margin both
+# the probe and every write check keeps health and writes in agreement, and leaves SQLite the room a checkpoint
+# takes to grow the database file.
+_MIN_FREE_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +199,8 @@ class SqliteKeyStore:
         # is replaced on its next use (one opened while the file was read-only stays read-only for life).
         self._generation = 0
         self._probe_failing = False
+        # Blocks a file system reserves for root (ext4: 5 %) are free to a server running as root.
+        self._privileged = os.geteuid() == 0
         try:
             self._connection().executescript(_SCHEMA)
             self._add_missing_columns()
@@ -255,8 +269,22 @@ class SqliteKeyStore:
         except sqlite3.OperationalError as error:
             raise self._failed(error) from error
 
+    def _free_space_refusal(self) -> str | None:
+        """Why the store refuses to write for want of space (less than _MIN_FREE_BYTES free), or None."""
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return None  # nothing to measure by: the write itself tells
+        free = (fs.f_bfree if self._privileged else fs.f_bavail) * fs.f_frsize
+        if free >= _MIN_FREE_BYTES:
+            return None
+        return f"{free} bytes free on its file system, less than the {_MIN_FREE_BYTES} it keeps in reserve"
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        refusal = self._free_space_refusal()
+        if refusal is not None:
+            raise StoreWriteRefused(f"the embedded key store cannot write: {refusal}")
         try:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
@@ -822,15 +850,26 @@ class SqliteKeyStore:
         return KeyCounts({(KeyType(kind), KeyState(state)): count for kind, state, count in rows}, tenants)
 
     def ping(self) -> None:
-        # A write, not a read: a read-only file or a full disk must show in health, as every write fails.
-        # On a connection of its own, opened afresh: a connection opened earlier keeps the access it had then.
+        # A write, not a read: a read-only file or a full disk must show in health, as every write fails. What a
+        # write needs: the free space every write checks, then new pages in the log (_PROBE_BLOB_BYTES), which a
+        # quota or a read-only file refuses. On a connection of its own, opened afresh: a connection opened
+        # earlier keeps the access it had then.
+        refusal = self._free_space_refusal()
+        if refusal is not None:
+            self._probe_failing = True
+            raise StoreWriteRefused(f"the embedded key store cannot write: {refusal}")
         try:
             db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
         except sqlite3.OperationalError as error:
             raise StoreUnavailable(f"the embedded key store failed: {error}") from error
         try:
+            db.execute("PRAGMA secure_delete=ON")  # the blob's freed pages are written too (zeroed), not skipped
             db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT OR REPLACE INTO store_meta (name, value) VALUES ('health_probe', ?)", (b"\x01",))
+            db.execute(
+                "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('health_probe', zeroblob(?))",
+                (_PROBE_BLOB_BYTES,),
+            )
+            db.execute("DELETE FROM store_meta WHERE name = 'health_probe'")
             db.execute("COMMIT")
         except sqlite3.OperationalError as error:
             self._probe_failing = True

@@ -4,11 +4,14 @@
   cached Encrypt/Decrypt and health keep answering, and everything recovers without a restart.
 - The embedded store on a full disk (a small tmpfs) and on read-only files: KeyService health says so, and
   the store's connections recover by themselves once the disk is writable again.
+- The embedded store on a full ext4 disk, its write-ahead log holding blocks it reuses (issue 22, item 4): health
+  turns NOT_SERVING within one health interval, with writes refused and reads working.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -27,7 +30,7 @@ from crypto_client.v1 import crypto_service_pb2 as crypto_pb
 from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from crypto_server.storage.sqlite import SqliteKeyStore
-from tests.conftest import Launch
+from tests.conftest import Launch, error_info
 from tests.reliability.conftest import Replica, StartReplicas
 from tests.servers import MongoServer
 from tests.waiting import eventually
@@ -128,22 +131,24 @@ def small_disk() -> Iterator[Path]:
 
 
 def _fill(directory: Path) -> Path:
+    """A file that takes every free block (a real ENOSPC): large writes, then ever smaller ones for the rest."""
     filler = directory / "filler"
-    with filler.open("wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError:
-            pass
+    with filler.open("wb", buffering=0) as out:
+        for chunk in (1 << 20, 65536, 4096, 512):
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(b"\0" * chunk)
+        with contextlib.suppress(OSError):
+            os.fsync(out.fileno())
     return filler
 
 
-def _embedded_replica(launch: Launch, data_dir: Path) -> Replica:
+def _embedded_replica(launch: Launch, data_dir: Path, health_interval: str = "0.2", **extra: str) -> Replica:
     env = {
         "CRYPTO_DATA_DIR": str(data_dir),
         "CRYPTO_ROOT_KEY": base64.b64encode(os.urandom(32)).decode(),
-        "CRYPTO_HEALTH_INTERVAL": "0.2",
+        "CRYPTO_HEALTH_INTERVAL": health_interval,
+        **extra,
     }
     return Replica(launch(**env))
 
@@ -180,6 +185,107 @@ def test_a_full_disk_shows_in_health_and_writes_recover_when_space_returns(launc
         created = list(pool.map(lambda _: _attempt(replica), range(48)))
     assert Counter(created) == {"OK": 48}, replica.process.lines[-80:]
     replica.process.terminate()
+
+
+@pytest.fixture
+def ext4_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 20 MiB ext4 file system on a loop device, to fill up: a real disk's allocation (SQLite's files keep blocks
+    they once used, ext4 keeps a journal), which a tmpfs does not have."""
+    image, mount_point = tmp_path / "disk.img", tmp_path / "disk"
+    mount_point.mkdir()
+    with image.open("wb") as out:
+        out.truncate(20 << 20)
+    for command in (["mkfs.ext4", "-q", str(image)], ["mount", "-o", "loop", str(image), str(mount_point)]):
+        try:
+            done = subprocess.run(command, capture_output=True, check=False)
+        except FileNotFoundError:
+            pytest.skip(f"{command[0]} is not installed: the test needs a loop-mounted ext4 file system")
+        if done.returncode != 0:
+            pytest.skip(
+                f"cannot make a loop-mounted ext4 file system here (`{' '.join(command)}` needs root and a loop "
+                f"device): {done.stderr.decode().strip()}"
+            )
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+# The embedded store's health probe runs every CRYPTO_HEALTH_INTERVAL (default 2 s): KeyService health must turn
+# NOT_SERVING within one interval of the disk filling up, and back within one interval of space returning (plus
+# the probe itself, and slack for a shared 2-core machine).
+HEALTH_INTERVAL_S = 2.0
+HEALTH_BOUND_S = HEALTH_INTERVAL_S + 1.5
+# SQLite checkpoints its write-ahead log once it holds 1000 pages, then writes it again from the start.
+WAL_CHECKPOINT_BYTES = 1000 * (4096 + 24)
+
+
+@pytest.mark.parametrize("audit_elsewhere", [False, True], ids=["audit-on-the-disk", "audit-elsewhere"])
+def test_a_full_ext4_disk_turns_key_service_not_serving_within_the_health_interval(
+    launch: Launch, ext4_disk: Path, tmp_path: Path, audit_elsewhere: bool
+) -> None:
+    """Issue 22, item 4: the probe rewrote one small row, which fit in blocks SQLite's write-ahead log already
+    held, so KeyService said SERVING for 8 s and more while every CreateKey and RotateKey was refused.
+
+    With the audit trail in the data directory (the default) a key change is refused for its audit record,
+    written first; with the audit trail elsewhere, by the store itself."""
+    data_dir = ext4_disk / "data"
+    env = {"CRYPTO_AUDIT_FILE": str(tmp_path / "audit.jsonl")} if audit_elsewhere else {}
+    replica = _embedded_replica(launch, data_dir, health_interval=str(HEALTH_INTERVAL_S), **env)
+    key_id = _create(replica)
+    sealed = replica.encrypt(key_id).ciphertext
+    # History, as on a server that has run a while: past a checkpoint, so that the log is written again from its
+    # start, into blocks it already holds.
+    wal = data_dir / (SqliteKeyStore.FILE_NAME + "-wal")
+    while wal.stat().st_size < WAL_CHECKPOINT_BYTES:
+        _create(replica)
+    for _ in range(5):
+        _create(replica)
+    assert _health(replica, KEY_SERVICE) == SERVING
+    filler = _fill(ext4_disk)
+    filled_at = time.monotonic()
+    try:
+        eventually(
+            lambda: _health(replica, KEY_SERVICE) == NOT_SERVING,
+            timeout_s=HEALTH_BOUND_S,
+            what=f"KeyService NOT_SERVING within {HEALTH_BOUND_S} s of the disk filling up",
+            interval_s=0.05,
+        )
+        took = time.monotonic() - filled_at
+        reasons = {"ERROR_REASON_STORE_UNAVAILABLE"}
+        if not audit_elsewhere:
+            reasons.add("ERROR_REASON_AUDIT_UNAVAILABLE")
+        for call in (
+            lambda: _create(replica),
+            lambda: replica.keys.RotateKey(key_pb.RotateKeyRequest(tenant_id="acme", key_id=key_id), timeout=10),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            assert error_info(refused.value).reason in reasons, refused.value.details()
+        # Reads and keys in memory keep working.
+        assert (
+            replica.keys.GetKey(key_pb.GetKeyRequest(tenant_id="acme", key_id=key_id), timeout=5).key.key_id == key_id
+        )
+        opened = replica.crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=sealed), timeout=5)
+        assert opened.plaintext == b"x"
+        # For as long as the disk is full, not only at the first probe.
+        samples = []
+        for _ in range(12):
+            samples.append(_health(replica, KEY_SERVICE))
+            time.sleep(HEALTH_INTERVAL_S / 4)
+        assert set(samples) == {NOT_SERVING}, samples
+    finally:
+        filler.unlink()
+    freed_at = time.monotonic()
+    eventually(
+        lambda: _health(replica, KEY_SERVICE) == SERVING,
+        timeout_s=HEALTH_BOUND_S,
+        what=f"KeyService SERVING within {HEALTH_BOUND_S} s of space returning",
+        interval_s=0.05,
+    )
+    back = time.monotonic() - freed_at
+    assert _attempt(replica) == "OK", replica.process.lines[-40:]
+    print(f"NOT_SERVING {took:.2f} s after the disk filled; SERVING {back:.2f} s after space returned")
+    assert replica.process.terminate() == 0
 
 
 def _set_immutable(paths: list[Path], on: bool) -> None:

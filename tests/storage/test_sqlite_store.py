@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -151,4 +152,28 @@ def test_an_erasure_blocked_by_an_open_reader_stays_due_until_the_log_is_emptied
     assert store.keys_due_for_destruction(now, 10) == []
     assert not wal.exists() or material not in wal.read_bytes()
     assert material not in store.path.read_bytes()
+    store.close()
+
+
+def test_the_health_probe_writes_new_pages_to_the_log_and_never_grows_the_database(tmp_path: Path) -> None:
+    """Issue 22, item 4: the probe rewrote one small row, which fit in blocks the write-ahead log already held, so
+    a full disk went unseen. It must need what a write needs (new pages in the log), and it runs every
+    CRYPTO_HEALTH_INTERVAL for the life of the server: the file must not grow with it."""
+    store = SqliteKeyStore(tmp_path)
+    wal = store.path.with_name(store.path.name + "-wal")
+
+    def pages() -> int:
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            count: int = db.execute("PRAGMA page_count").fetchone()[0]
+            return count
+
+    store.ping()
+    after_the_first = pages()
+    appended = []
+    for _ in range(50):
+        before = wal.stat().st_size
+        store.ping()
+        appended.append(wal.stat().st_size - before)
+    assert min(appended) >= 4 * 4096, appended
+    assert pages() == after_the_first
     store.close()

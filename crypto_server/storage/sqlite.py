@@ -10,10 +10,12 @@ serialised across threads and processes sharing the file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -128,6 +130,14 @@ _PROBE_BLOB_BYTES = 4 * 4096
 # the probe and every write check keeps health and writes in agreement, and leaves SQLite the room a checkpoint
 # takes to grow the database file.
 _MIN_FREE_BYTES = 1 << 20
+# The -shm file is the write-ahead log's index, which every connection maps into memory and writes to, readers too
+# (https://www.sqlite.org/walformat.html). Made read-only while mapped (chattr +i, or a file mode for a server not
+# running as root), a write into that memory is a SIGBUS, which ends the process: SQLite never sees an error. So no
+# call lets SQLite at the store until the file is checked (_wal_index_refusal). The file's first 120 bytes: two
+# copies of the index header (mxFrame, the last commit's frame, at offset 16; isInit at 12; a checksum of the
+# first 40 bytes at 40), then nBackfill (frames copied into the database) and the five read marks.
+_WAL_INDEX_BYTES = 120
+_U32 = 0xFFFFFFFF
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +191,7 @@ class SqliteKeyStore:
 
     def __init__(self, data_dir: Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = data_dir / self.FILE_NAME
+        self._wal_index = self.path.with_name(self.path.name + "-shm")
         try:
             ensure_private_directory(data_dir)
             # Created 0600 before SQLite opens it: SQLite gives its -wal, -shm and -journal files the
@@ -194,6 +205,9 @@ class SqliteKeyStore:
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        # Connections given up while the -shm file was not writable: closing the last one checkpoints the log,
+        # which writes into that file. Closed once it is writable again.
+        self._parked: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         # Bumped on every failure and on every recovery the health probe sees: a connection opened before
         # is replaced on its next use (one opened while the file was read-only stays read-only for life).
@@ -252,8 +266,55 @@ class SqliteKeyStore:
         self._local.db = None
         with self._connections_lock:
             self._connections = [kept for kept in self._connections if kept is not db]
+            if self._wal_index_refusal(reading=False) is not None:
+                self._parked.append(db)  # closed by the probe that finds the -shm file writable again
+                return
         with contextlib.suppress(sqlite3.Error):
             db.close()
+
+    def _wal_index_refusal(self, *, reading: bool) -> str | None:
+        """Why SQLite must not be let at the store now, or None: the -shm file (see _WAL_INDEX_BYTES) is not
+        writable, and the call would write into it. A read would not when the index says so
+        (_reads_leave_wal_index_alone); a write always does. One access() call while the file is writable."""
+        if os.access(self._wal_index, os.W_OK) or not os.path.exists(self._wal_index):
+            return None  # a missing file SQLite creates, or fails to with an error of its own
+        if reading and self._reads_leave_wal_index_alone():
+            return None
+        return (
+            f"its write-ahead log index ({self._wal_index.name}) is not writable; SQLite writes that file "
+            "through shared memory, where the fault would end the process"
+        )
+
+    def _reads_leave_wal_index_alone(self) -> bool:
+        """Whether a read can begin without writing into the -shm file: the log is wholly copied into the database,
+        or a read mark already stands at its last commit (a reader writes one only when none does). Read with
+        read(), not through a mapping; an index a writer left half-written (the two header copies differ, or the
+        checksum fails) would be rebuilt by the reader, which is a write."""
+        try:
+            with open(self._wal_index, "rb", buffering=0) as index:
+                data = index.read(_WAL_INDEX_BYTES)
+        except OSError:
+            return False
+        if len(data) < _WAL_INDEX_BYTES or data[:48] != data[48:96] or not data[12]:
+            return False
+        words = struct.unpack_from("=10I", data)
+        first = second = 0
+        for at in range(0, 10, 2):
+            first = (first + words[at] + second) & _U32
+            second = (second + words[at + 1] + first) & _U32
+        if (first, second) != struct.unpack_from("=2I", data, 40):
+            return False
+        (last_frame,) = struct.unpack_from("=I", data, 16)
+        backfilled, _, *marks = struct.unpack_from("=6I", data, 96)
+        return backfilled == last_frame or last_frame in marks
+
+    @staticmethod
+    def _leave_read_mark(db: sqlite3.Connection) -> None:
+        """Begin and end a read after a commit: it sets a read mark at that commit, so reads can go on without
+        writing into the -shm file should it turn read-only before the next write. The commit stands whatever
+        this read meets."""
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("SELECT 1 FROM store_meta LIMIT 1").fetchall()
 
     def _failed(self, error: sqlite3.OperationalError, *, writing: bool = False) -> StoreUnavailable:
         self._generation += 1
@@ -264,6 +325,11 @@ class SqliteKeyStore:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
+        refusal = self._wal_index_refusal(reading=True)
+        if refusal is not None:
+            raise StoreUnavailable(
+                f"the embedded key store cannot read: {refusal}; no read mark stands for its last write"
+            )
         try:
             yield self._connection()
         except sqlite3.OperationalError as error:
@@ -282,7 +348,7 @@ class SqliteKeyStore:
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        refusal = self._free_space_refusal()
+        refusal = self._wal_index_refusal(reading=False) or self._free_space_refusal()
         if refusal is not None:
             raise StoreWriteRefused(f"the embedded key store cannot write: {refusal}")
         try:
@@ -295,6 +361,7 @@ class SqliteKeyStore:
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            self._leave_read_mark(db)
         except sqlite3.OperationalError as error:
             raise self._failed(error, writing=True) from error
 
@@ -645,6 +712,8 @@ class SqliteKeyStore:
 
         After the commit, on its own: PASSIVE first (copies what it can, waits for no one), then TRUNCATE,
         waiting a moment at most for readers instead of the connection's busy timeout."""
+        if self._wal_index_refusal(reading=False) is not None:
+            return False  # a checkpoint writes into the -shm file
         try:
             with self._read() as db:
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -854,7 +923,7 @@ class SqliteKeyStore:
         # write needs: the free space every write checks, then new pages in the log (_PROBE_BLOB_BYTES), which a
         # quota or a read-only file refuses. On a connection of its own, opened afresh: a connection opened
         # earlier keeps the access it had then.
-        refusal = self._free_space_refusal()
+        refusal = self._wal_index_refusal(reading=False) or self._free_space_refusal()
         if refusal is not None:
             self._probe_failing = True
             raise StoreWriteRefused(f"the embedded key store cannot write: {refusal}")
@@ -871,6 +940,7 @@ class SqliteKeyStore:
             )
             db.execute("DELETE FROM store_meta WHERE name = 'health_probe'")
             db.execute("COMMIT")
+            self._leave_read_mark(db)
         except sqlite3.OperationalError as error:
             self._probe_failing = True
             raise StoreWriteRefused(f"the embedded key store cannot write: {error}") from error
@@ -880,9 +950,25 @@ class SqliteKeyStore:
             # Writable again: connections opened during the failure may be read-only or broken; renew them all.
             self._probe_failing = False
             self._generation += 1
+            with self._connections_lock:
+                parked, self._parked = self._parked, []
+            for old in parked:
+                with contextlib.suppress(sqlite3.Error):
+                    old.close()
 
     def close(self) -> None:
         with self._connections_lock:
-            connections, self._connections = self._connections, []
+            connections = [*self._connections, *self._parked]
+            self._connections, self._parked = [], []
+            if self._wal_index_refusal(reading=False) is not None:
+                # Closing the last connection checkpoints the log, writing into the -shm file.
+                log.warning(
+                    "the embedded key store's write-ahead log index is not writable: its connections are left "
+                    "open for the process's exit to release (SQLite recovers the log at the next start)"
+                )
+                for db in connections:
+                    # Never deallocated, so never closed: the interpreter would close them on its way out.
+                    ctypes.pythonapi.Py_IncRef(ctypes.py_object(db))
+                return
         for db in connections:
             db.close()

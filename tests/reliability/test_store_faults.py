@@ -6,6 +6,8 @@
   the store's connections recover by themselves once the disk is writable again.
 - The embedded store on a full ext4 disk, its write-ahead log holding blocks it reuses (issue 22, item 4): health
   turns NOT_SERVING within one health interval, with writes refused and reads working.
+- The embedded store's `-shm` file made read-only (issue 22, item 5): writes refused, reads working, the process
+  alive (it used to die of SIGBUS), and a clean exit if stopped meanwhile.
 """
 
 from __future__ import annotations
@@ -300,7 +302,7 @@ def test_connections_opened_while_the_store_was_read_only_recover_by_themselves(
     data_dir = tmp_path / "ro-data"
     replica = _embedded_replica(launch, data_dir)
     _create(replica)
-    # Not the -shm file: SQLite maps it into memory, and a write fault there is a SIGBUS, not an error.
+    # Not the -shm file, which SQLite maps into memory: the tests above make it read-only on its own.
     files = [data_dir, *(data_dir / (SqliteKeyStore.FILE_NAME + suffix) for suffix in ("", "-wal"))]
     _set_immutable(files, True)
     try:
@@ -323,6 +325,90 @@ def test_connections_opened_while_the_store_was_read_only_recover_by_themselves(
     with ThreadPoolExecutor(8) as pool:
         after = list(pool.map(lambda _: _attempt(replica), range(48)))
     assert Counter(after) == {"OK": 48}, f"no connection stays read-only: {replica.process.lines[-60:]}"
+
+
+def test_a_read_only_shared_memory_file_refuses_writes_and_the_server_lives_on(launch: Launch, tmp_path: Path) -> None:
+    """Issue 22, item 5: SQLite maps the `-shm` file (the write-ahead log's index) into memory; made read-only
+    (here immutable: file modes do not bind root), the next write into that memory killed the server with SIGBUS
+    (exit -7). Now the store refuses writes, reads go on, and writes work again once the file is writable."""
+    data_dir = tmp_path / "shm-data"
+    replica = _embedded_replica(launch, data_dir, health_interval=str(HEALTH_INTERVAL_S))
+    key_ids = [_create(replica) for _ in range(3)]
+    sealed = replica.encrypt(key_ids[0]).ciphertext
+    shm = data_dir / (SqliteKeyStore.FILE_NAME + "-shm")
+    assert shm.exists()
+
+    def get(key_id: str) -> str:
+        request = key_pb.GetKeyRequest(tenant_id="acme", key_id=key_id)
+        return str(replica.keys.GetKey(request, timeout=5).key.key_id)
+
+    def alive() -> bool:
+        exit_code = replica.process.process.poll()
+        assert exit_code is None, f"the server exited ({exit_code}): {replica.process.lines[-20:]}"
+        return True
+
+    _set_immutable([shm], True)
+    try:
+        eventually(
+            lambda: alive() and _health(replica, KEY_SERVICE) == NOT_SERVING,
+            timeout_s=HEALTH_BOUND_S,
+            what="KeyService NOT_SERVING",
+            interval_s=0.05,
+        )
+        assert [get(key_id) for key_id in key_ids] == key_ids
+        opened = replica.crypto.Decrypt(crypto_pb.DecryptRequest(tenant_id="acme", ciphertext=sealed), timeout=5)
+        assert opened.plaintext == b"x"
+        with pytest.raises(grpc.RpcError) as refused:
+            _create(replica)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert error_info(refused.value).reason == "ERROR_REASON_STORE_UNAVAILABLE", refused.value.details()
+        # Many calls at once, on worker threads that may have no connection yet; reads among them.
+        with ThreadPoolExecutor(16) as pool:
+            during = list(pool.map(lambda _: _attempt(replica), range(32)))
+            read = list(pool.map(get, key_ids * 8))
+        assert Counter(during) == {"UNAVAILABLE": 32}
+        assert read == key_ids * 8
+        time.sleep(2 * HEALTH_INTERVAL_S)  # background writers (health probe, usage counts) have had their turn
+        assert alive() and _health(replica, KEY_SERVICE) == NOT_SERVING
+    finally:
+        _set_immutable([shm], False)
+    eventually(
+        lambda: _health(replica, KEY_SERVICE) == SERVING,
+        timeout_s=HEALTH_BOUND_S,
+        what="KeyService SERVING",
+        interval_s=0.05,
+    )
+    with ThreadPoolExecutor(8) as pool:
+        after = list(pool.map(lambda _: _attempt(replica), range(48)))
+    assert Counter(after) == {"OK": 48}, replica.process.lines[-40:]
+    assert [get(key_id) for key_id in key_ids] == key_ids
+    assert replica.process.terminate() == 0
+
+
+def test_a_server_stopped_while_the_shared_memory_file_is_read_only_exits_cleanly(
+    launch: Launch, tmp_path: Path
+) -> None:
+    """Closing SQLite's last connection checkpoints the log, which writes into the -shm file: SIGBUS on the way out
+    (exit -7). The store leaves its connections to the process's exit instead; SQLite recovers the log next time."""
+    data_dir = tmp_path / "shm-data"
+    root_key = base64.b64encode(os.urandom(32)).decode()
+    replica = _embedded_replica(launch, data_dir, str(HEALTH_INTERVAL_S), CRYPTO_ROOT_KEY=root_key)
+    key_id = _create(replica)
+    shm = data_dir / (SqliteKeyStore.FILE_NAME + "-shm")
+    _set_immutable([shm], True)
+    try:
+        eventually(
+            lambda: _health(replica, KEY_SERVICE) == NOT_SERVING,
+            timeout_s=HEALTH_BOUND_S,
+            what="KeyService NOT_SERVING",
+            interval_s=0.05,
+        )
+        assert replica.process.terminate() == 0, replica.process.lines[-20:]
+    finally:
+        _set_immutable([shm], False)
+    again = _embedded_replica(launch, data_dir, CRYPTO_ROOT_KEY=root_key)
+    assert again.keys.GetKey(key_pb.GetKeyRequest(tenant_id="acme", key_id=key_id), timeout=5).key.key_id == key_id
+    assert _attempt(again) == "OK"
 
 
 def _attempt(replica: Replica) -> str:

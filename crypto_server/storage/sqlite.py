@@ -10,9 +10,12 @@ serialised across threads and processes sharing the file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
+import os
 import sqlite3
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -124,6 +127,25 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # reads take milliseconds). A reader holding a snapshot longer (a running `.backup`) makes it incomplete: the key
 # stays due and the next destruction pass tries again, instead of stalling the pass for the busy timeout.
 _CHECKPOINT_WAIT_MS = 100
+# The health probe's write: a blob of four pages, inserted and deleted in one transaction on a connection with
+# secure_delete, so that the commit appends seven pages to the write-ahead log, about as many as a key write. (A small
+# row rewritten in place fit in blocks the log already held: a full disk went unseen.) Its pages stay on the
+# free list and the next probe takes them again: the file grows by four pages once, never more.
+_PROBE_BLOB_BYTES = 4 * 4096
+# Writes are refused, and the probe fails, once the store's file system has less than this free. The log writes
+# again from its start after a checkpoint, into blocks it already holds, so writes can go on succeeding for a while
+# on a full disk and fail later (and the audit trail, by default beside the store, fails at once): a margin both
+# the probe and every write check keeps health and writes in agreement, and leaves SQLite the room a checkpoint
+# takes to grow the database file.
+_MIN_FREE_BYTES = 1 << 20
+# The -shm file is the write-ahead log's index, which every connection maps into memory and writes to, readers too
+# (https://www.sqlite.org/walformat.html). Made read-only while mapped (chattr +i, or a file mode for a server not
+# running as root), a write into that memory is a SIGBUS, which ends the process: SQLite never sees an error. So no
+# call lets SQLite at the store until the file is checked (_wal_index_refusal). The file's first 120 bytes: two
+# copies of the index header (mxFrame, the last commit's frame, at offset 16; isInit at 12; a checksum of the
+# first 40 bytes at 40), then nBackfill (frames copied into the database) and the five read marks.
+_WAL_INDEX_BYTES = 120
+_U32 = 0xFFFFFFFF
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +199,7 @@ class SqliteKeyStore:
 
     def __init__(self, data_dir: Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = data_dir / self.FILE_NAME
+        self._wal_index = self.path.with_name(self.path.name + "-shm")
         try:
             ensure_private_directory(data_dir)
             # Created 0600 before SQLite opens it: SQLite gives its -wal, -shm and -journal files the
@@ -190,11 +213,16 @@ class SqliteKeyStore:
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        # Connections given up while the -shm file was not writable: closing the last one checkpoints the log,
+        # which writes into that file. Closed once it is writable again.
+        self._parked: list[sqlite3.Connection] = []
         self._connections_lock = threading.Lock()
         # Bumped on every failure and on every recovery the health probe sees: a connection opened before
         # is replaced on its next use (one opened while the file was read-only stays read-only for life).
         self._generation = 0
         self._probe_failing = False
+        # Blocks a file system reserves for root (ext4: 5 %) are free to a server running as root.
+        self._privileged = os.geteuid() == 0
         try:
             self._connection().executescript(_SCHEMA)
             self._add_missing_columns()
@@ -246,8 +274,55 @@ class SqliteKeyStore:
         self._local.db = None
         with self._connections_lock:
             self._connections = [kept for kept in self._connections if kept is not db]
+            if self._wal_index_refusal(reading=False) is not None:
+                self._parked.append(db)  # closed by the probe that finds the -shm file writable again
+                return
         with contextlib.suppress(sqlite3.Error):
             db.close()
+
+    def _wal_index_refusal(self, *, reading: bool) -> str | None:
+        """Why SQLite must not be let at the store now, or None: the -shm file (see _WAL_INDEX_BYTES) is not
+        writable, and the call would write into it. A read would not when the index says so
+        (_reads_leave_wal_index_alone); a write always does. One access() call while the file is writable."""
+        if os.access(self._wal_index, os.W_OK) or not os.path.exists(self._wal_index):
+            return None  # a missing file SQLite creates, or fails to with an error of its own
+        if reading and self._reads_leave_wal_index_alone():
+            return None
+        return (
+            f"its write-ahead log index ({self._wal_index.name}) is not writable; SQLite writes that file "
+            "through shared memory, where the fault would end the process"
+        )
+
+    def _reads_leave_wal_index_alone(self) -> bool:
+        """Whether a read can begin without writing into the -shm file: the log is wholly copied into the database,
+        or a read mark already stands at its last commit (a reader writes one only when none does). Read with
+        read(), not through a mapping; an index a writer left half-written (the two header copies differ, or the
+        checksum fails) would be rebuilt by the reader, which is a write."""
+        try:
+            with open(self._wal_index, "rb", buffering=0) as index:
+                data = index.read(_WAL_INDEX_BYTES)
+        except OSError:
+            return False
+        if len(data) < _WAL_INDEX_BYTES or data[:48] != data[48:96] or not data[12]:
+            return False
+        words = struct.unpack_from("=10I", data)
+        first = second = 0
+        for at in range(0, 10, 2):
+            first = (first + words[at] + second) & _U32
+            second = (second + words[at + 1] + first) & _U32
+        if (first, second) != struct.unpack_from("=2I", data, 40):
+            return False
+        (last_frame,) = struct.unpack_from("=I", data, 16)
+        backfilled, _, *marks = struct.unpack_from("=6I", data, 96)
+        return backfilled == last_frame or last_frame in marks
+
+    @staticmethod
+    def _leave_read_mark(db: sqlite3.Connection) -> None:
+        """Begin and end a read after a commit: it sets a read mark at that commit, so reads can go on without
+        writing into the -shm file should it turn read-only before the next write. The commit stands whatever
+        this read meets."""
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("SELECT 1 FROM store_meta LIMIT 1").fetchall()
 
     def _failed(self, error: sqlite3.OperationalError, *, writing: bool = False) -> StoreUnavailable:
         self._generation += 1
@@ -258,13 +333,32 @@ class SqliteKeyStore:
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
+        refusal = self._wal_index_refusal(reading=True)
+        if refusal is not None:
+            raise StoreUnavailable(
+                f"the embedded key store cannot read: {refusal}; no read mark stands for its last write"
+            )
         try:
             yield self._connection()
         except sqlite3.OperationalError as error:
             raise self._failed(error) from error
 
+    def _free_space_refusal(self) -> str | None:
+        """Why the store refuses to write for want of space (less than _MIN_FREE_BYTES free), or None."""
+        try:
+            fs = os.statvfs(self.path.parent)
+        except OSError:
+            return None  # nothing to measure by: the write itself tells
+        free = (fs.f_bfree if self._privileged else fs.f_bavail) * fs.f_frsize
+        if free >= _MIN_FREE_BYTES:
+            return None
+        return f"{free} bytes free on its file system, less than the {_MIN_FREE_BYTES} it keeps in reserve"
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        refusal = self._wal_index_refusal(reading=False) or self._free_space_refusal()
+        if refusal is not None:
+            raise StoreWriteRefused(f"the embedded key store cannot write: {refusal}")
         try:
             db = self._connection()
             db.execute("BEGIN IMMEDIATE")
@@ -275,6 +369,7 @@ class SqliteKeyStore:
                     db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
+            self._leave_read_mark(db)
         except sqlite3.OperationalError as error:
             raise self._failed(error, writing=True) from error
 
@@ -625,6 +720,8 @@ class SqliteKeyStore:
 
         After the commit, on its own: PASSIVE first (copies what it can, waits for no one), then TRUNCATE,
         waiting a moment at most for readers instead of the connection's busy timeout."""
+        if self._wal_index_refusal(reading=False) is not None:
+            return False  # a checkpoint writes into the -shm file
         try:
             with self._read() as db:
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
@@ -869,16 +966,28 @@ class SqliteKeyStore:
         return KeyCounts({(KeyType(kind), KeyState(state)): count for kind, state, count in rows}, tenants)
 
     def ping(self) -> None:
-        # A write, not a read: a read-only file or a full disk must show in health, as every write fails.
-        # On a connection of its own, opened afresh: a connection opened earlier keeps the access it had then.
+        # A write, not a read: a read-only file or a full disk must show in health, as every write fails. What a
+        # write needs: the free space every write checks, then new pages in the log (_PROBE_BLOB_BYTES), which a
+        # quota or a read-only file refuses. On a connection of its own, opened afresh: a connection opened
+        # earlier keeps the access it had then.
+        refusal = self._wal_index_refusal(reading=False) or self._free_space_refusal()
+        if refusal is not None:
+            self._probe_failing = True
+            raise StoreWriteRefused(f"the embedded key store cannot write: {refusal}")
         try:
             db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
         except sqlite3.OperationalError as error:
             raise StoreUnavailable(f"the embedded key store failed: {error}") from error
         try:
+            db.execute("PRAGMA secure_delete=ON")  # the blob's freed pages are written too (zeroed), not skipped
             db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT OR REPLACE INTO store_meta (name, value) VALUES ('health_probe', ?)", (b"\x01",))
+            db.execute(
+                "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('health_probe', zeroblob(?))",
+                (_PROBE_BLOB_BYTES,),
+            )
+            db.execute("DELETE FROM store_meta WHERE name = 'health_probe'")
             db.execute("COMMIT")
+            self._leave_read_mark(db)
         except sqlite3.OperationalError as error:
             self._probe_failing = True
             raise StoreWriteRefused(f"the embedded key store cannot write: {error}") from error
@@ -888,9 +997,25 @@ class SqliteKeyStore:
             # Writable again: connections opened during the failure may be read-only or broken; renew them all.
             self._probe_failing = False
             self._generation += 1
+            with self._connections_lock:
+                parked, self._parked = self._parked, []
+            for old in parked:
+                with contextlib.suppress(sqlite3.Error):
+                    old.close()
 
     def close(self) -> None:
         with self._connections_lock:
-            connections, self._connections = self._connections, []
+            connections = [*self._connections, *self._parked]
+            self._connections, self._parked = [], []
+            if self._wal_index_refusal(reading=False) is not None:
+                # Closing the last connection checkpoints the log, writing into the -shm file.
+                log.warning(
+                    "the embedded key store's write-ahead log index is not writable: its connections are left "
+                    "open for the process's exit to release (SQLite recovers the log at the next start)"
+                )
+                for db in connections:
+                    # Never deallocated, so never closed: the interpreter would close them on its way out.
+                    ctypes.pythonapi.Py_IncRef(ctypes.py_object(db))
+                return
         for db in connections:
             db.close()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -152,3 +155,95 @@ def test_an_erasure_blocked_by_an_open_reader_stays_due_until_the_log_is_emptied
     assert not wal.exists() or material not in wal.read_bytes()
     assert material not in store.path.read_bytes()
     store.close()
+
+
+def test_the_health_probe_writes_new_pages_to_the_log_and_never_grows_the_database(tmp_path: Path) -> None:
+    """Issue 22, item 4: the probe rewrote one small row, which fit in blocks the write-ahead log already held, so
+    a full disk went unseen. It must need what a write needs (new pages in the log), and it runs every
+    CRYPTO_HEALTH_INTERVAL for the life of the server: the file must not grow with it."""
+    store = SqliteKeyStore(tmp_path)
+    wal = store.path.with_name(store.path.name + "-wal")
+
+    def pages() -> int:
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            count: int = db.execute("PRAGMA page_count").fetchone()[0]
+            return count
+
+    store.ping()
+    after_the_first = pages()
+    appended = []
+    for _ in range(50):
+        before = wal.stat().st_size
+        store.ping()
+        appended.append(wal.stat().st_size - before)
+    assert min(appended) >= 4 * 4096, appended
+    assert pages() == after_the_first
+    store.close()
+
+
+_READ_ONLY_WAL_INDEX = """
+import sqlite3, subprocess, sys
+from pathlib import Path
+from crypto_server.domain.errors import StoreUnavailable
+from crypto_server.storage.sqlite import SqliteKeyStore
+
+store = SqliteKeyStore(Path(sys.argv[1]))
+shm = str(store.path) + "-shm"
+other = sqlite3.connect(store.path, isolation_level=None)
+
+
+def attempt(what, call):
+    try:
+        call()
+        print(what, "ok", flush=True)
+    except StoreUnavailable as error:  # StoreWriteRefused included
+        print(what, type(error).__name__, flush=True)
+
+
+def read_only(on):
+    subprocess.run(["chattr", "+i" if on else "-i", shm], check=True)
+
+
+store.replace_meta("a", b"1")
+other.execute("INSERT INTO store_meta VALUES ('b', x'00')")  # a commit no read has marked
+read_only(True)
+attempt("read", lambda: store.get_meta("a"))
+attempt("write", lambda: store.replace_meta("c", b""))
+attempt("probe", store.ping)
+read_only(False)
+other.execute("SELECT 1 FROM store_meta").fetchall()  # a read, which leaves a read mark at that commit
+read_only(True)
+attempt("read", lambda: store.get_meta("a"))
+attempt("write", lambda: store.replace_meta("c", b""))
+read_only(False)
+attempt("write", lambda: store.replace_meta("c", b""))
+store.close()
+"""
+
+
+def test_a_read_only_wal_index_refuses_writes_and_the_reads_that_would_write_into_it(tmp_path: Path) -> None:
+    """Issue 22, item 5: SQLite maps the -shm file into memory and writes it, readers too when no read mark stands
+    at the last commit; a write into it once it is read-only is SIGBUS. In a child process, which that would kill."""
+    probe = subprocess.run(["chattr", "+i", str(tmp_path)], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"chattr +i is not available here (needs root): {probe.stderr.decode().strip()}")
+    subprocess.run(["chattr", "-i", str(tmp_path)], check=True)
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _READ_ONLY_WAL_INDEX, str(tmp_path / "data")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:  # a child that died midway left the file immutable
+        subprocess.run(["chattr", "-i", str(tmp_path / "data" / "keys.sqlite3-shm")], capture_output=True, check=False)
+    assert child.returncode == 0, (child.returncode, child.stdout, child.stderr)
+    assert child.stdout.splitlines() == [
+        "read StoreUnavailable",  # no read mark at the last commit: the read would write one
+        "write StoreWriteRefused",
+        "probe StoreWriteRefused",
+        "read ok",  # a read mark stands at the last commit
+        "write StoreWriteRefused",
+        "write ok",  # writable again: no restart, no new store
+    ]

@@ -23,6 +23,7 @@ from crypto_server.__main__ import security_description, store_description
 from crypto_server.config import Settings
 from crypto_server.domain.key_wrap import root_key_fingerprint
 from tests.conftest import Launch, write_root_key_file
+from tests.transport.identity_support import TokenIssuer
 from tests.waiting import eventually
 
 
@@ -209,6 +210,36 @@ def test_bad_configuration_exits_2_naming_the_variable(tmp_path: Path, env: dict
     assert code == 2
     errors = _json_lines_with_one_error(stderr)
     assert message in str(errors[0]["msg"]) and errors[0]["exit_code"] == 2
+
+
+DEEPLY_NESTED_YAML = "rules:\n" + "".join("  " * level + "- \n" for level in range(1, 5000))
+
+
+@pytest.mark.parametrize(
+    ("variable", "content", "message"),
+    [
+        ("CRYPTO_POLICY_FILE", DEEPLY_NESTED_YAML, "nested too deeply to be a policy"),
+        ("CRYPTO_JWKS_FILE", "[" * 5000 + "]" * 5000, "nested too deeply to be a JWKS"),
+    ],
+)
+def test_a_deeply_nested_policy_or_jwks_file_exits_2(tmp_path: Path, variable: str, content: str, message: str) -> None:
+    """Issue 23 item 5: 5,000 levels of YAML made the parser raise RecursionError: the server exited 1."""
+    issuer = TokenIssuer()
+    jwks = tmp_path / "jwks.json"
+    jwks.write_text(json.dumps(issuer.jwks()))
+    path = tmp_path / "nested"
+    path.write_text(content)
+    env = {
+        "CRYPTO_DATA_DIR": str(tmp_path / "data"),
+        "CRYPTO_JWKS_FILE": str(jwks),  # a policy needs a way to identify callers
+        "CRYPTO_JWT_ISSUER": issuer.issuer,
+        "CRYPTO_JWT_AUDIENCE": issuer.audience,
+        variable: str(path),
+    }
+    code, stderr = _run_to_exit(env)
+    assert code == 2
+    errors = _json_lines_with_one_error(stderr)
+    assert message in str(errors[0]["msg"])
 
 
 def _json_lines_with_one_error(stderr: str) -> list[dict[str, object]]:

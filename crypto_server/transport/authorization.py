@@ -241,4 +241,8 @@ def parse_policy(raw: bytes) -> AccessPolicy:
         document = yaml.safe_load(raw)
     except yaml.YAMLError as error:
         raise ValueError(f"not YAML or JSON: {error}") from None
+    except RecursionError:
+        # The parser recurses per level: a deeply nested file is refused like any unreadable one (at start,
+        # exit 2; at reload, the last good policy kept), not left to fail every call.
+        raise ValueError("nested too deeply to be a policy") from None
     return AccessPolicy.from_document(document)

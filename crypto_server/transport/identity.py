@@ -53,6 +53,8 @@ def parse_jwks(raw: bytes) -> Mapping[str, _IssuerKey]:
         document = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"not JSON: {error}") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to be a JWKS") from None
     entries = document.get("keys") if isinstance(document, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError("a JWKS needs a non-empty 'keys' list")

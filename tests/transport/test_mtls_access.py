@@ -313,6 +313,9 @@ def test_policy_is_reloaded_and_an_invalid_version_is_refused(mtls: MtlsServer) 
         mtls.stubs(reader).keys.ListKeys(request)
         mtls.policy_file.write_text("rules: [{principals: x, permissions: [fly]}]")  # invalid: kept the last good
         mtls.stubs(reader).keys.ListKeys(request)
+        # Nested too deeply for the parser (issue 23 item 5: every call answered INTERNAL): kept the last good.
+        mtls.policy_file.write_text("rules:\n" + "".join("  " * level + "- \n" for level in range(1, 5000)))
+        mtls.stubs(reader).keys.ListKeys(request)
     finally:
         mtls.policy_file.write_text(original)
     assert _code(lambda: mtls.stubs(reader).keys.ListKeys(request)) == grpc.StatusCode.PERMISSION_DENIED

@@ -179,7 +179,8 @@ def _pkcs11_key(settings: Settings, label: str, setting: str) -> RootKey:
 
 def load_root_key(settings: Settings) -> RootKey:
     """From the token with CRYPTO_ROOT_KEY_PROVIDER=pkcs11; else from CRYPTO_ROOT_KEY, else CRYPTO_ROOT_KEY_FILE,
-    else a development key generated once into the data directory (mode 0600), with a warning."""
+    else, for a development server only (loopback, no TLS, no policy), a key generated once into the data
+    directory (mode 0600), with a warning; otherwise ConfigError (exit 2)."""
     if settings.root_key_provider == "pkcs11":
         assert settings.pkcs11_key_label is not None, "the settings require a key label with the pkcs11 provider"
         return _pkcs11_key(settings, settings.pkcs11_key_label, "CRYPTO_PKCS11_KEY_LABEL")
@@ -194,6 +195,14 @@ def load_root_key(settings: Settings) -> RootKey:
         source = f"CRYPTO_ROOT_KEY_FILE {settings.root_key_file}"
         return _file_key(_read_key_file(settings.root_key_file, source, settings), "CRYPTO_ROOT_KEY_FILE")
     path = settings.data_dir / GENERATED_FILE_NAME
+    if not (settings.loopback_only and not settings.tls and settings.policy_file is None):
+        # A key generated beside the database protects nothing from whoever can read the database's disk, and a
+        # server reachable from elsewhere, or with identities and a policy, is not a development server.
+        raise ConfigError(
+            "no root key is set: set CRYPTO_ROOT_KEY_FILE (or CRYPTO_ROOT_KEY_PROVIDER=pkcs11); a development root "
+            "key is generated only for a server on loopback without TLS or a policy"
+            + (f" (to keep the one generated earlier, set CRYPTO_ROOT_KEY_FILE={path})" if path.exists() else "")
+        )
     try:
         ensure_private_directory(settings.data_dir)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from crypto_client.v1 import crypto_service_pb2 as crypto_pb
@@ -23,7 +24,7 @@ from crypto_server.__main__ import security_description, store_description
 from crypto_server.config import Settings
 from crypto_server.domain.key_wrap import root_key_fingerprint
 from tests.conftest import Launch, write_root_key_file
-from tests.transport.identity_support import TokenIssuer
+from tests.transport.identity_support import TokenIssuer, write_server_files
 from tests.waiting import eventually
 
 
@@ -231,6 +232,7 @@ def test_a_deeply_nested_policy_or_jwks_file_exits_2(tmp_path: Path, variable: s
     path.write_text(content)
     env = {
         "CRYPTO_DATA_DIR": str(tmp_path / "data"),
+        "CRYPTO_ROOT_KEY": base64.b64encode(os.urandom(32)).decode(),
         "CRYPTO_JWKS_FILE": str(jwks),  # a policy needs a way to identify callers
         "CRYPTO_JWT_ISSUER": issuer.issuer,
         "CRYPTO_JWT_AUDIENCE": issuer.audience,
@@ -240,6 +242,33 @@ def test_a_deeply_nested_policy_or_jwks_file_exits_2(tmp_path: Path, variable: s
     assert code == 2
     errors = _json_lines_with_one_error(stderr)
     assert message in str(errors[0]["msg"])
+
+
+@pytest.mark.parametrize("exposure", ["all interfaces", "tls", "policy"])
+def test_a_server_that_is_not_a_development_server_needs_a_root_key(tmp_path: Path, exposure: str) -> None:
+    """Issue 23 item 11: a TLS + mTLS + policy server with no root key setting generated data/root.key beside
+    the database, with only a warning."""
+    env = {"CRYPTO_DATA_DIR": str(tmp_path / "data")}
+    if exposure == "all interfaces":
+        env.update(CRYPTO_HOST="0.0.0.0", CRYPTO_ALLOW_INSECURE="1")
+    elif exposure == "tls":
+        files = write_server_files(trustme.CA(), tmp_path / "tls")
+        env.update(CRYPTO_TLS_CERT_FILE=str(files["cert"]), CRYPTO_TLS_KEY_FILE=str(files["key"]))
+    else:
+        issuer = TokenIssuer()
+        (tmp_path / "jwks.json").write_text(json.dumps(issuer.jwks()))
+        (tmp_path / "policy.yaml").write_text("version: 1\nrules: []\n")
+        env.update(
+            CRYPTO_JWKS_FILE=str(tmp_path / "jwks.json"),
+            CRYPTO_JWT_ISSUER=issuer.issuer,
+            CRYPTO_JWT_AUDIENCE=issuer.audience,
+            CRYPTO_POLICY_FILE=str(tmp_path / "policy.yaml"),
+        )
+    code, stderr = _run_to_exit(env)
+    assert code == 2
+    errors = _json_lines_with_one_error(stderr)
+    assert "no root key is set" in str(errors[0]["msg"])
+    assert not (tmp_path / "data" / "root.key").exists()
 
 
 def _json_lines_with_one_error(stderr: str) -> list[dict[str, object]]:

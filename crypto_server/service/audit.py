@@ -40,6 +40,9 @@ DEFAULT_BUFFER_RECORDS = 10_000
 _HUNG_WRITE_S = 0.5
 # How often a caller waiting for the chain looks again.
 _POLL_S = 0.05
+# What a caller refused for want of the audit trail is told to wait (a RetryInfo) before trying again: a
+# database fail-over or a dropped connection is usually over by then (docs/reliability.md).
+RETRY_AFTER_S = 1.0
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -190,13 +193,13 @@ class AuditTrail:
         while not self._lock.acquire(timeout=_POLL_S):
             started = self._writing_since
             if started is not None and time.monotonic() - started > _HUNG_WRITE_S:
-                raise AuditUnavailable()
+                raise AuditUnavailable(retry_after_s=RETRY_AFTER_S)
         self._writing_since = time.monotonic()
         try:
             self._write_locked([event])
         except AuditSinkError as error:
             log.error("audit record not written", extra={"chain": self.chain_id, "error": str(error)})
-            raise AuditUnavailable() from None
+            raise AuditUnavailable(retry_after_s=RETRY_AFTER_S) from None
         finally:
             self._writing_since = None
             self._lock.release()
@@ -270,7 +273,9 @@ class AuditTrail:
         except ValueError:
             raise InvalidArgument("page_token", "not a token this server returned; start again without one") from None
         except AuditSinkError:
-            raise AuditUnavailable("the audit trail cannot be read right now; retry later") from None
+            raise AuditUnavailable(
+                "the audit trail cannot be read right now; retry later", retry_after_s=RETRY_AFTER_S
+            ) from None
         return records, after
 
 

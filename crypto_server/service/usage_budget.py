@@ -13,7 +13,7 @@ encryptions plus their unused reservations, and since no reservation takes it pa
   unused reservations of running servers (at most `flush_every` each). A server gives back, with an atomic
   decrement, the unused reservation of each version it has not used for a whole pass (every
   `flush_interval_s`), and all of them at a clean shutdown: once every server has stopped cleanly the stored
-  counts are exact.
+  counts are exact (unless a give-back's outcome was unknown: those uses stay counted, see `_give_back`).
 
 - Soft limit: a reservation that takes the stored count to or over it marks the key due for rotation
   (`UsageCounters.mark_rotation_due`: a no-op unless the version is still primary); the rotator rotates it
@@ -37,7 +37,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crypto_server.domain.clock import Clock
-from crypto_server.domain.errors import CryptoServiceError, KeyNotFound, KeyVersionExhausted, StoreUnavailable
+from crypto_server.domain.errors import (
+    CryptoServiceError,
+    KeyNotFound,
+    KeyVersionExhausted,
+    StoreCallRefused,
+    StoreUnavailable,
+)
 from crypto_server.domain.limits import GCM_RANDOM_NONCE_LIMIT
 from crypto_server.service.periodic import Periodic
 from crypto_server.storage.port import Reservation, UsageCounters, VersionRef
@@ -223,14 +229,34 @@ class UsageBudget:
         return returned
 
     def _give_back(self, returned: dict[VersionRef, int]) -> None:
-        if not returned:
-            return
+        """Give back each version's unused uses, one atomic decrement (one store call) per version.
+
+        A give-back refused before it reached the store (StoreCallRefused), and those not tried after a failure,
+        leave the uses this server's: still reserved in the store, to use or give back on the next pass. One that
+        failed otherwise may have been applied all the same (a decrement that timed out, or whose connection
+        dropped, after the store received it: a database fail-over does exactly that), so its uses are neither
+        used nor given back again: they stay counted, as a crashed server's do — the count errs high (a version
+        refuses early, never late). Keeping them let the store's count fall below the uses made: the decrement
+        applied twice. Raises the failure once the rest are back in memory."""
+        unsettled = dict(returned)
         try:
-            self._store.add_encryptions(returned)
+            for ref, negated in returned.items():
+                try:
+                    self._store.add_encryptions({ref: negated})
+                except StoreCallRefused:
+                    raise
+                except StoreUnavailable:
+                    del unsettled[ref]
+                    log.warning(
+                        "unused encryption reservations of a key version not given back, and not used again: the "
+                        "store may have applied the give-back; they stay counted as used",
+                        extra={"key_id": ref.key_id, "key_version": ref.version, "uses": -negated},
+                    )
+                    raise
+                del unsettled[ref]
         except StoreUnavailable:
-            # Still reserved in the store: still ours to use, or to give back on the next pass.
             with self._lock:
-                for ref, negated in returned.items():
+                for ref, negated in unsettled.items():
                     self._counters.setdefault(ref, _Counter(used=False)).reserved -= negated
             raise
 

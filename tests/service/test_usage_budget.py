@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from crypto_server.domain.errors import KeyNotFound, KeyVersionExhausted, StoreUnavailable
+from crypto_server.domain.errors import KeyNotFound, KeyVersionExhausted, StoreCallRefused, StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyType, KeyVersion
 from crypto_server.service.usage_budget import UsageBudget
 from crypto_server.storage.port import Reservation, VersionRef
@@ -30,7 +30,8 @@ class CountingStore:
         self.reservations = 0
         self.give_backs = 0
         self.marks = 0
-        self.unavailable = False
+        self.unavailable = False  # refused before reaching the store: nothing written
+        self.answer_lost = False  # applied by the store, and the answer lost (a timeout, a dropped connection)
 
     def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
         self.reservations += 1
@@ -39,8 +40,11 @@ class CountingStore:
     def add_encryptions(self, counts: Mapping[VersionRef, int]) -> dict[VersionRef, int]:
         self.give_backs += 1
         if self.unavailable:
-            raise StoreUnavailable("the store is down (test)")
-        return self.inner.add_encryptions(counts)
+            raise StoreCallRefused("the store is down (test)")
+        totals = self.inner.add_encryptions(counts)
+        if self.answer_lost:
+            raise StoreUnavailable("the key store did not answer in time (test)")
+        return totals
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:
         self.marks += 1
@@ -217,6 +221,25 @@ def test_a_give_back_the_store_refuses_keeps_the_reservation(deployment: Deploym
     budget.flush()
     assert budget.held() == {}
     assert deployment.stored() == 1
+
+
+def test_a_give_back_whose_outcome_is_unknown_is_never_made_twice(deployment: Deployment) -> None:
+    """A give-back that timed out may have been applied (found with a real database: a decrement held past the
+    store timeout, applied after the server gave up on it). Before, the server kept the uses and gave them back
+    again on its next pass: the stored count fell below the uses made (here to 1 - 9)."""
+    budget, store = deployment.server(hard_limit=100, block=10)
+    budget.record(deployment.version)
+    budget.flush()
+    store.answer_lost = True
+    with pytest.raises(StoreUnavailable):
+        budget.flush()
+    assert budget.held() == {}, "no longer this server's: the store may not count them any more"
+    store.answer_lost = False
+    budget.flush()
+    assert deployment.stored() == 1, "the uses made, never fewer"
+    for _ in range(10):
+        budget.record(deployment.version)  # a fresh block, not the uses given back
+    assert deployment.stored() == 11
 
 
 def test_a_version_no_longer_stored_is_refused(deployment: Deployment) -> None:

@@ -93,8 +93,9 @@ class AuditTrail:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._on_drop = on_drop or (lambda: None)
         self._lock = threading.Lock()  # the chain's head: one writer at a time
-        # The records of the last write that failed: it may have landed all the same (see _append_locked).
-        self._unconfirmed: list[dict[str, Any]] = []
+        # A write failed since the sink was last asked what it holds: it may have landed all the same (see
+        # _append_locked), even after later writes failed in turn.
+        self._unconfirmed = False
         # When the current synchronous write began (None: no write in progress), to tell a slow sink from a hung one.
         self._writing_since: float | None = None
         self._seq = 0
@@ -127,7 +128,7 @@ class AuditTrail:
             # A write that timed out may have landed all the same (a database that froze after writing): the
             # next write first asks the sink, so the chain continues from what is stored instead of colliding
             # with it. Not now: the caller has waited long enough.
-            self._unconfirmed = records
+            self._unconfirmed = True
             raise
         self._advance(records)
 
@@ -137,15 +138,20 @@ class AuditTrail:
         self._since_checkpoint += len(records)
 
     def _resynchronise(self) -> None:
-        """Adopt the prefix of the last failed write that the sink holds. Raises AuditSinkError (unreadable)."""
+        """Continue after what the sink holds of this chain beyond the head: records of writes reported as failed
+        that landed all the same. Any of them, not only the last write's: a write held by a database fail-over
+        can land after the next one asked and failed in turn (before, the chain then collided with it for good).
+        Only this process writes this chain, and only with its key: an authentic record past the head is one of
+        its own. Raises AuditSinkError (unreadable)."""
         last = self.sink.last_of_chain(self.chain_id)
-        if last is not None:
-            for count, record in enumerate(self._unconfirmed, start=1):
-                if record["seq"] == last.get("seq") and record["mac"] == last.get("mac"):
-                    self._advance(self._unconfirmed[:count])
-                    log.warning("an audit write reported as failed had landed; the chain continues after it")
-                    break
-        self._unconfirmed = []
+        seq = last.get("seq") if last is not None else None
+        if last is not None and isinstance(seq, int) and seq >= self._seq and authentic(self._key, last):
+            # Ordered writes: a batch lands as a prefix, so every record up to this one is stored.
+            self._since_checkpoint += seq + 1 - self._seq
+            self._seq = seq + 1
+            self._head = last["mac"]
+            log.warning("an audit write reported as failed had landed; the chain continues after it")
+        self._unconfirmed = False
 
     def _write_locked(self, events: list[AuditEvent]) -> None:
         if self._unconfirmed:

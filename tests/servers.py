@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -129,10 +129,14 @@ class RedisServer(ServerProcess):
 
 
 class MongoServer(ServerProcess):
-    def __init__(self, directory: Path) -> None:
+    """SecantusDB on a free port. With `test_commands`, started with `--enable-test-commands`, so that the
+    driver-conformance fail points (`configureFailPoint`) can be armed: see `fail_point`."""
+
+    def __init__(self, directory: Path, *, test_commands: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.uri = f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+        self.test_commands = test_commands
         launcher = Path(sys.executable).parent / "secantusd-py"
         command = [
             str(launcher) if launcher.exists() else "secantusd-py",
@@ -140,6 +144,7 @@ class MongoServer(ServerProcess):
             "--port", str(self.port),
             "--storage-path", str(directory / "data"),
             "--log-level", "WARNING",
+            *(["--enable-test-commands"] if test_commands else []),
         ]  # fmt: skip
         super().__init__("mongo", command, directory / "mongo.log", self._answers_ping)
 
@@ -150,6 +155,59 @@ class MongoServer(ServerProcess):
 
     def client(self) -> pymongo.MongoClient[dict[str, object]]:
         return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=2000)
+
+    def fail_point(
+        self,
+        commands: Sequence[str],
+        *,
+        error_code: int | None = None,
+        close_connection: bool = False,
+        block_ms: int = 0,
+        times: int | None = None,
+        app_name: str | None = None,
+    ) -> None:
+        """Arm the `failCommand` fail point (needs `test_commands`): the next matching commands fail as a
+        replica set's do during a fail-over.
+
+        - `commands`: the command names it fires on, as the driver sends them: "insert", "update", "delete",
+          "findAndModify", "find", "aggregate" (count_documents), ... (an empty list: every command).
+        - `error_code`: answer with this error instead of running the command, e.g. 10107 NotWritablePrimary,
+          11602 InterruptedDueToReplStateChange, 91 ShutdownInProgress (the driver marks the server Unknown;
+          91 also drops its pooled connections).
+        - `close_connection`: drop the connection without an answer (the command is not run).
+        - `block_ms`: hold the command this long, then run it (and answer, or fail with `error_code`): a write
+          blocked past the caller's timeout is applied after the caller gave up on it.
+        - `times`: fire on the next `times` matching commands, then switch off; None: until `clear_fail_points`.
+        - `app_name`: only commands of clients that named themselves so (the service's key store connects as
+          "caas-crypto", its audit sink as "caas-crypto-audit"); None: every client. (`configureFailPoint`
+          itself never fails, so `clear_fail_points` always gets through.)
+
+        SecantusDB keeps one `failCommand` at a time: arming another replaces this one (a command already
+        blocked stays blocked). Example, from chaos.py: `mongo.fail_point(["insert", "update"], error_code=10107,
+        times=3)`, later `mongo.clear_fail_points()`.
+        """
+        assert self.test_commands, "start MongoServer(..., test_commands=True) to arm fail points"
+        data: dict[str, object] = {"failCommands": list(commands)}
+        if error_code is not None:
+            data["errorCode"] = error_code
+        if close_connection:
+            data["closeConnection"] = True
+        if block_ms:
+            data["blockConnection"] = True
+            data["blockTimeMS"] = block_ms
+        if app_name is not None:
+            data["appName"] = app_name
+        mode: object = "alwaysOn" if times is None else {"times": times}
+        self._admin_command({"configureFailPoint": "failCommand", "mode": mode, "data": data})
+
+    def clear_fail_points(self) -> None:
+        """Switch the `failCommand` fail point off (commands it already holds finish their block)."""
+        self._admin_command({"configureFailPoint": "failCommand", "mode": "off"})
+
+    def _admin_command(self, command: dict[str, object]) -> None:
+        client: pymongo.MongoClient[dict[str, object]]
+        with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=5000) as client:
+            client.admin.command(command)
 
 
 @dataclass

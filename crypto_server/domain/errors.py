@@ -102,6 +102,12 @@ class StoreWriteRefused(StoreUnavailable):
     """The key store answers but cannot write now (full disk, read-only files, a busy lock): reads still work."""
 
 
+class StoreCallRefused(StoreUnavailable):
+    """The call never reached the key store (its circuit is open, or no place in the bulkhead was free): nothing
+    was written. Any other StoreUnavailable from a write leaves its outcome unknown: the store may have applied
+    it (a write that timed out, or whose connection dropped, after the store received it)."""
+
+
 class RootKeyUnavailable(CryptoServiceError):
     """The root key is held by an HSM that cannot be used right now (token removed, module or network down).
 
@@ -208,12 +214,16 @@ class PermissionDenied(CryptoServiceError):
 
 
 class AuditUnavailable(CryptoServiceError):
-    """The audit trail cannot record the call, and the call is one that must not happen unrecorded."""
+    """The audit trail cannot record the call, and the call is one that must not happen unrecorded;
+    `retry_after_s`: when it is worth trying again, if that is known."""
 
     def __init__(
-        self, message: str = "the audit trail cannot be written, so this call was not carried out; retry later"
+        self,
+        message: str = "the audit trail cannot be written, so this call was not carried out; retry later",
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class KeyVersionDestroyed(CryptoServiceError):

@@ -40,6 +40,9 @@ DEFAULT_BUFFER_RECORDS = 10_000
 _HUNG_WRITE_S = 0.5
 # How often a caller waiting for the chain looks again.
 _POLL_S = 0.05
+# What a caller refused for want of the audit trail is told to wait (a RetryInfo) before trying again: a
+# database fail-over or a dropped connection is usually over by then (docs/reliability.md).
+RETRY_AFTER_S = 1.0
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -90,8 +93,9 @@ class AuditTrail:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._on_drop = on_drop or (lambda: None)
         self._lock = threading.Lock()  # the chain's head: one writer at a time
-        # The records of the last write that failed: it may have landed all the same (see _append_locked).
-        self._unconfirmed: list[dict[str, Any]] = []
+        # A write failed since the sink was last asked what it holds: it may have landed all the same (see
+        # _append_locked), even after later writes failed in turn.
+        self._unconfirmed = False
         # When the current synchronous write began (None: no write in progress), to tell a slow sink from a hung one.
         self._writing_since: float | None = None
         self._seq = 0
@@ -124,7 +128,7 @@ class AuditTrail:
             # A write that timed out may have landed all the same (a database that froze after writing): the
             # next write first asks the sink, so the chain continues from what is stored instead of colliding
             # with it. Not now: the caller has waited long enough.
-            self._unconfirmed = records
+            self._unconfirmed = True
             raise
         self._advance(records)
 
@@ -134,25 +138,20 @@ class AuditTrail:
         self._since_checkpoint += len(records)
 
     def _resynchronise(self) -> None:
-        """Continue the chain from what the sink holds of it. Raises AuditSinkError (unreadable).
-
-        A write reported as failed may have landed, at once or later: a database that froze can process it
-        after this server gave up and even after it read what the sink held, so the record that landed need
-        not be one of the last failed write's. Every record of this chain is this server's own (only it holds
-        the chain key and writes the chain id), so the last authentic one at or past the head is adopted,
-        whichever write it came from. Otherwise the next write would reuse its sequence number, be refused as
-        a duplicate, and every later write with it: the audit trail, and every key change, down for good."""
+        """Continue after what the sink holds of this chain beyond the head: records of writes reported as failed
+        that landed all the same. Any of them, not only the last write's: a write held by a database fail-over
+        can land after the next one asked and failed in turn (before, the chain then collided with it for good).
+        Only this process writes this chain, and only with its key: an authentic record past the head is one of
+        its own. Raises AuditSinkError (unreadable)."""
         last = self.sink.last_of_chain(self.chain_id)
-        self._unconfirmed = []
-        if last is None or not isinstance(last.get("seq"), int) or last["seq"] < self._seq:
-            return
-        if not authentic(self._key, last):
-            log.error("the audit sink's last record of this chain is not authentic", extra={"chain": self.chain_id})
-            return
-        self._since_checkpoint += last["seq"] - self._seq + 1
-        self._seq = last["seq"] + 1
-        self._head = last["mac"]
-        log.warning("an audit write reported as failed had landed; the chain continues after it")
+        seq = last.get("seq") if last is not None else None
+        if last is not None and isinstance(seq, int) and seq >= self._seq and authentic(self._key, last):
+            # Ordered writes: a batch lands as a prefix, so every record up to this one is stored.
+            self._since_checkpoint += seq + 1 - self._seq
+            self._seq = seq + 1
+            self._head = last["mac"]
+            log.warning("an audit write reported as failed had landed; the chain continues after it")
+        self._unconfirmed = False
 
     def _write_locked(self, events: list[AuditEvent]) -> None:
         if self._unconfirmed:
@@ -200,13 +199,13 @@ class AuditTrail:
         while not self._lock.acquire(timeout=_POLL_S):
             started = self._writing_since
             if started is not None and time.monotonic() - started > _HUNG_WRITE_S:
-                raise AuditUnavailable()
+                raise AuditUnavailable(retry_after_s=RETRY_AFTER_S)
         self._writing_since = time.monotonic()
         try:
             self._write_locked([event])
         except AuditSinkError as error:
             log.error("audit record not written", extra={"chain": self.chain_id, "error": str(error)})
-            raise AuditUnavailable() from None
+            raise AuditUnavailable(retry_after_s=RETRY_AFTER_S) from None
         finally:
             self._writing_since = None
             self._lock.release()
@@ -280,7 +279,9 @@ class AuditTrail:
         except ValueError:
             raise InvalidArgument("page_token", "not a token this server returned; start again without one") from None
         except AuditSinkError:
-            raise AuditUnavailable("the audit trail cannot be read right now; retry later") from None
+            raise AuditUnavailable(
+                "the audit trail cannot be read right now; retry later", retry_after_s=RETRY_AFTER_S
+            ) from None
         return records, after
 
 

@@ -16,9 +16,10 @@ from typing import Any, Protocol
 import pymongo
 from bson import ObjectId
 from bson.errors import InvalidId
-from pymongo import ASCENDING, MongoClient
+from pymongo import ASCENDING
 from pymongo.errors import PyMongoError
 
+from crypto_server.storage.mongo_client import AUDIT_APP_NAME, mongo_client
 from crypto_server.storage.private_files import ensure_private_file
 
 # A record is readable as (position in the sink, record or None when it does not parse).
@@ -157,21 +158,11 @@ class MongoAuditSink:
         self, uri: str, database: str, *, timeout_s: float = 5.0, time_left: Callable[[float], float] = _all_of_it
     ) -> None:
         """`time_left` as for MongoKeyStore: the server bounds each write by its current call's deadline."""
-        timeout_ms = int(timeout_s * 1000)
         self._timeout_s = timeout_s
         self._time_left = time_left
-        self._client: MongoClient[dict[str, Any]] = MongoClient(
-            uri,
-            tz_aware=True,
-            appname="caas-crypto-audit",
-            serverSelectionTimeoutMS=timeout_ms,
-            connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=timeout_ms,
-            # A record the server relied on (a key change went ahead) must survive a fail-over (as keys do).
-            w="majority",
-            journal=True,
-            readConcernLevel="majority",
-        )
+        # The key store's options (w=majority with the journal, majority reads): a record the server relied on (a
+        # key change went ahead) must survive a fail-over as keys do.
+        self._client = mongo_client(uri, timeout_s=timeout_s, app_name=AUDIT_APP_NAME)
         db = self._client[database]
         self._log = db["audit_log"]
         self._checkpoints = db["audit_checkpoints"]

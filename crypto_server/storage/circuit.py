@@ -8,15 +8,18 @@ keys in memory that kept encryption working. Two guards prevent that:
 
 - **Bulkhead.** At most `max_concurrent` calls are inside the store at once
   (default: half the workers); a call finding no place waits up to a quarter
-  of a second for one, then fails `StoreUnavailable` (with a RetryInfo of that
+  of a second for one, then fails `StoreCallRefused` (with a RetryInfo of that
   wait). So however the store behaves, the remaining workers stay free. Every
   caller may wait, background work included (the change poller, usage-budget
   flushes): a store that is merely busy must not make them skip their turn.
 - **Circuit breaker.** Once a call finds the store unreachable (not merely
   unable to write: a full disk still serves reads), calls fail at once
-  (`StoreUnavailable`, naming the wait) for `open_s`; then one call at a time
+  (`StoreCallRefused`, naming the wait) for `open_s`; then one call at a time
   probes it, and the first success closes the circuit. The health monitor's
   periodic ping is a probe too, so recovery is noticed without any caller.
+  The call that found the store failing is told to retry in `open_s` too (a
+  RetryInfo on every refusal, the first included), as is one the store
+  refused to write.
 
 It sits directly on the database adapter, below the Redis cache: keys Redis
 holds are still served while the database is down.
@@ -31,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
+from crypto_server.domain.errors import StoreCallRefused, StoreUnavailable, StoreWriteRefused
 from crypto_server.domain.keys import Key, KeyVersion
 from crypto_server.storage.port import KeyChange, KeyCounts, KeyQuery, KeyStore, Reservation, VersionRef
 
@@ -79,7 +82,7 @@ class StoreCircuit:
                 # Until the next probe (or, while one is under way, a moment): a RetryInfo, so a client waits for
                 # the probe instead of spending its attempts on refusals.
                 wait = max(self._place_wait_s, self._open_until - self._clock())
-                raise StoreUnavailable(
+                raise StoreCallRefused(
                     f"the key store is unreachable; calls that need it fail at once (next try in {wait:.2f}s); "
                     "retry later",
                     retry_after_s=wait,
@@ -93,6 +96,11 @@ class StoreCircuit:
             self._probing = False
 
     def _failed(self, error: StoreUnavailable) -> None:
+        if error.retry_after_s is None:
+            # The store's own failure: the circuit tries it again in `open_s` (a store that answers but cannot
+            # write gets the same hint), so that is when a caller's retry is worth making — a RetryInfo
+            # on every refusal, the first one included.
+            error.retry_after_s = self._open_s
         if isinstance(error, StoreWriteRefused):
             # The store answers (reads work), it just cannot write: no reason to fail reads fast.
             return
@@ -110,7 +118,7 @@ class StoreCircuit:
         probe = self._admit()
         try:
             if not self._places.acquire(timeout=self._place_wait_s):
-                raise StoreUnavailable(
+                raise StoreCallRefused(
                     f"{self._max_concurrent} calls are already in the key store; retry later",
                     retry_after_s=self._place_wait_s,
                 )

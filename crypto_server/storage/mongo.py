@@ -30,12 +30,13 @@ from typing import Any
 
 import pymongo
 from bson.binary import Binary
-from pymongo import ASCENDING, MongoClient
+from pymongo import ASCENDING
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from crypto_server.domain.algorithms import Algorithm
 from crypto_server.domain.errors import StoreUnavailable
 from crypto_server.domain.keys import KEY_STATE_RULE, Key, KeyPolicy, KeyState, KeyType, KeyVersion, state_condition
+from crypto_server.storage.mongo_client import STORE_APP_NAME, mongo_client
 from crypto_server.storage.port import (
     GIVE_BACK_IDS_KEPT,
     DuplicateKeyId,
@@ -126,23 +127,7 @@ class MongoKeyStore:
         the time its current call has left (the default allows the whole store timeout)."""
         self._timeout_s = timeout_s
         self._time_left = time_left
-        timeout_ms = int(timeout_s * 1000)
-        self._client: MongoClient[dict[str, Any]] = MongoClient(
-            uri,
-            tz_aware=True,
-            appname="caas-crypto",
-            serverSelectionTimeoutMS=timeout_ms,
-            connectTimeoutMS=timeout_ms,
-            socketTimeoutMS=timeout_ms,
-            retryWrites=True,
-            # An acknowledged key must survive a crash of the database and a fail-over: written to the journal
-            # of a majority of the replica set before it is acknowledged (without it, SIGKILL of the test
-            # server lost the last ~30 ms of acknowledged writes: confirmed keys, gone with their ciphertexts).
-            w="majority",
-            journal=True,
-            # And never read a write that a fail-over could roll back.
-            readConcernLevel="majority",
-        )
+        self._client = mongo_client(uri, timeout_s=timeout_s, app_name=STORE_APP_NAME)
         db = self._client[database]
         self.database = database
         self._keys = db["keys"]

@@ -147,6 +147,59 @@ class _LandsThenFails(FileAuditSink):
         return max(mine, key=lambda r: r["seq"]) if mine else None
 
 
+class _Late(_LandsThenFails):
+    """A sink like MongoDB's on a fail-over: one sequence number per chain at most (the unique index), a write
+    can be held and land only later, after the writer gave up on it, and a write can fail without landing."""
+
+    hold_next = False
+    refuse_next = False
+    held: list[Any] | None = None
+
+    def append(self, records: Any) -> None:
+        if self.hold_next:
+            self.hold_next, self.held = False, list(records)
+            raise AuditSinkError("timed out (still on its way)")
+        if self.refuse_next:
+            self.refuse_next = False
+            raise AuditSinkError("not primary")
+        stored = {(r["chain"], r["seq"]) for _, r in self.records() if r is not None}
+        if any((r["chain"], r["seq"]) in stored for r in records):
+            raise AuditSinkError("duplicate key (chain, seq)")
+        super().append(records)
+
+    def land_held(self) -> None:
+        assert self.held is not None
+        held, self.held = self.held, None
+        self.append(held)
+
+
+def test_a_write_that_lands_after_the_next_one_failed_does_not_wedge_the_chain(tmp_path: Path) -> None:
+    """A record held by a fail-over lands after the next write checked for it and failed too. Before, the trail
+    only compared what is stored with its last failed write: every later record reused the landed one's sequence
+    number and collided with it, and every audited call was refused until the server restarted."""
+    sink = _Late(tmp_path / "audit.jsonl")
+    trail = AuditTrail(sink, CHAIN_KEY, FakeClock())
+    trail.start()
+
+    def event(request_id: str) -> AuditEvent:
+        return AuditEvent(rpc="RotateKey", tenant="t1", principal="p", auth="mtls", outcome="PENDING",
+                          request_id=request_id, peer="", key_id="k", key_version=0, phase="intent")  # fmt: skip
+
+    trail.record(event("r1"))
+    sink.hold_next = True
+    with pytest.raises(AuditUnavailable):
+        trail.record(event("r2"))  # held: lands later
+    sink.refuse_next = True
+    with pytest.raises(AuditUnavailable):
+        trail.record(event("r3"))  # another call: the held record has not landed yet, and this one fails too
+    sink.land_held()
+    trail.record(event("r4"))
+    trail.record(event("r5"))
+    trail.flush()
+    (report,) = verify_trail(sink, CHAIN_KEY)
+    assert report.problem is None, report
+
+
 def test_a_write_reported_failed_that_landed_does_not_break_the_chain(tmp_path: Path) -> None:
     sink = _LandsThenFails(tmp_path / "audit.jsonl")
     trail = AuditTrail(sink, CHAIN_KEY, FakeClock())

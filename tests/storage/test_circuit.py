@@ -10,7 +10,7 @@ from typing import cast
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from crypto_server.domain.errors import StoreUnavailable, StoreWriteRefused
+from crypto_server.domain.errors import StoreCallRefused, StoreUnavailable, StoreWriteRefused
 from crypto_server.storage.circuit import StoreCircuit
 from crypto_server.storage.port import KeyStore
 from crypto_server.transport.errors import status_for
@@ -63,9 +63,13 @@ def test_an_open_circuit_tells_callers_when_the_store_is_next_tried() -> None:
     store.down = True
     with pytest.raises(StoreUnavailable) as first:
         circuit.get_key("t1", "k1")
-    assert first.value.retry_after_s is None  # the store's own failure: nobody knows when it is back
+    # The store's own failure: nobody knows when it is back, but the circuit tries it again in open_s, so that
+    # is when the caller is told to retry (before, this failure carried no RetryInfo at all).
+    assert not isinstance(first.value, StoreCallRefused), "it reached the store"
+    assert first.value.retry_after_s == pytest.approx(1.0)
+    assert _retry_delay_s(first.value) == pytest.approx(1.0)
 
-    with pytest.raises(StoreUnavailable) as refused:
+    with pytest.raises(StoreCallRefused) as refused:
         circuit.get_key("t1", "k1")
     assert refused.value.retry_after_s == pytest.approx(1.0)
     assert _retry_delay_s(refused.value) == pytest.approx(1.0)
@@ -91,7 +95,7 @@ def test_a_call_refused_by_the_bulkhead_is_told_to_retry_shortly() -> None:
     holder.start()
     try:
         assert store.inside.wait(timeout=5)
-        with pytest.raises(StoreUnavailable) as refused:
+        with pytest.raises(StoreCallRefused) as refused:
             circuit.get_key("t1", "k1")  # waits a quarter of a second for the one place, then is refused
         assert refused.value.retry_after_s is not None and 0 < refused.value.retry_after_s <= 1.0
         assert _retry_delay_s(refused.value) == pytest.approx(refused.value.retry_after_s)
@@ -110,8 +114,9 @@ def test_a_probe_that_finds_the_store_unwritable_lets_the_next_call_probe() -> N
         circuit.get_key("t1", "k1")  # opens the circuit
     clock.now += 1.5
     store.down, store.unwritable = False, True
-    with pytest.raises(StoreWriteRefused):
+    with pytest.raises(StoreWriteRefused) as unwritable:
         circuit.get_key("t1", "k1")  # the probe: the store answers, but cannot write
+    assert _retry_delay_s(unwritable.value) == pytest.approx(1.0), "told when to try again, too"
     store.unwritable = False
     assert circuit.get_key("t1", "k1") is None  # the next call probes (not refused as "probing"), and closes it
     assert not circuit.is_open

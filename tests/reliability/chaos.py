@@ -20,9 +20,11 @@ At the end the invariants of issue 10 are checked and a JSON report is written:
 - health answered within 100 ms at every sample of a replica that was up (reported; 1 s is asserted).
 
 Faults: Redis killed, frozen, or killed and restarted from a snapshot taken earlier in the run (a failover to a
-lagging replica, a restore); MongoDB killed, frozen, or frozen and thawed in short cycles (what made usage
-counts go negative: give-backs timed out after they landed); a replica killed or frozen; and, some of the time,
-two of these at once on different processes.
+lagging replica, a restore); MongoDB killed, frozen, frozen and thawed in short cycles (what made usage
+counts go negative: give-backs timed out after they landed), or failing over (fail points: NotWritablePrimary,
+InterruptedDueToReplStateChange, ShutdownInProgress, a dropped connection, a command held past the store
+timeout, on every kind of round trip); a replica killed or frozen; and, some of the time, two of these at once
+on different processes.
 
 Run: `make chaos` (or `python -m tests.reliability.chaos --seed 7 --duration 120`).
 """
@@ -119,7 +121,7 @@ class Deployment:
     """MongoDB, Redis and two replicas on fixed loopback ports."""
 
     def __init__(self, directory: Path) -> None:
-        self.mongo = MongoServer(directory / "mongo")
+        self.mongo = MongoServer(directory / "mongo", test_commands=True)  # fail points: a fail-over
         self.redis = RedisServer(directory / "redis")
         self.ports = [free_port(), free_port()]
         self.env = {
@@ -134,6 +136,7 @@ class Deployment:
         self.replicas: list[CryptoServerProcess | None] = [None, None]
         self.frozen_replica = False
         self.redis_dump = directory / "redis" / "dump.rdb"  # what redis-server loads when it starts
+        self.failover_rng = random.Random(0)  # which fail-over answer; reseeded by run()
 
     def redis_snapshot(self) -> Path:
         """Redis's data now, in a file of its own (SAVE writes the dump file; it is moved aside)."""
@@ -355,12 +358,23 @@ FAULT_KINDS = [
     "freeze mongo",
     "kill mongo",
     "freeze mongo cycles",
+    "failover mongo",
     "kill replica",
     "freeze replica",
 ]
 # Which process a fault acts on: two faults at once act on two different processes.
 _TARGET = {kind: kind.split()[1] for kind in FAULT_KINDS}
 OVERLAP_CHANCE = 0.3
+# The fail-over faults (MongoServer.fail_point): the errors a stepping-down primary answers, a dropped
+# connection, and a command held past the store timeout and applied after the caller gave up.
+FAILOVER_COMMANDS = ["insert", "update", "findAndModify", "find", "delete"]
+FAILOVER_ANSWERS: list[dict[str, Any]] = [
+    {"error_code": 10107},  # NotWritablePrimary
+    {"error_code": 11602},  # InterruptedDueToReplStateChange
+    {"error_code": 91},  # ShutdownInProgress
+    {"close_connection": True},
+    {"block_ms": int(STORE_TIMEOUT_S * 1000) + 500},
+]
 
 
 def _faults(
@@ -450,6 +464,13 @@ def _fault(deployment: Deployment, kind: str) -> Iterator[None]:
     elif kind == "freeze mongo cycles":
         with _freeze_cycles(deployment.mongo):
             yield
+    elif kind == "failover mongo":
+        # What a fail-over does to the driver, on every kind of round trip the service makes, while it lasts.
+        deployment.mongo.fail_point(FAILOVER_COMMANDS, **deployment.failover_rng.choice(FAILOVER_ANSWERS))
+        try:
+            yield
+        finally:
+            deployment.mongo.clear_fail_points()
     elif kind == "kill mongo":
         deployment.mongo.kill()
         try:
@@ -644,6 +665,7 @@ def run(seed: int, duration_s: float, workdir: Path, opening: Sequence[tuple[str
     """One chaos run: `opening` faults (kind, seconds) first, then the seeded schedule, for `duration_s`."""
     rng = random.Random(seed)
     deployment = Deployment(workdir)
+    deployment.failover_rng = random.Random(seed + 1)
     record = Record()
     stop_load, stop_faults = threading.Event(), threading.Event()
     roles = ["create", "encrypt", "encrypt", "decrypt", "decrypt", "rotate", "datakey", "stream"]

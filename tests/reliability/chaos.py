@@ -293,12 +293,9 @@ def _toggler(deployment: Deployment, record: Record, stop: threading.Event) -> N
                 continue
             disabled_at = time.monotonic()
             for index, replica in enumerate(list(deployment.replicas)):
-                if replica is None or deployment.frozen_replica:
-                    continue
-                # Only the disabled key's own refusal counts: UNAVAILABLE (a fault) says nothing either way.
-                while time.monotonic() - disabled_at < 10 and _direct_encrypt(replica, key.key_id) != KEY_DISABLED:
-                    stop.wait(0.02)  # measuring how long the real replica takes to hear of the disable
-                took = time.monotonic() - disabled_at
+                took = _until_refused(deployment, index, replica, key.key_id, disabled_at, stop)
+                if took is None:
+                    continue  # the replica was killed or frozen meanwhile: no sample
                 with record.lock:
                     record.disable_latencies.append(took)
                     if took > DISABLE_BOUND_S:
@@ -309,6 +306,28 @@ def _toggler(deployment: Deployment, record: Record, stop: threading.Event) -> N
 
 
 KEY_DISABLED = "FAILED_PRECONDITION:ERROR_REASON_KEY_DISABLED"
+
+
+def _until_refused(
+    deployment: Deployment,
+    index: int,
+    replica: CryptoServerProcess | None,
+    key_id: str,
+    disabled_at: float,
+    stop: threading.Event,
+) -> float | None:
+    """Seconds from the disable until `replica` refuses the key itself; None when the replica is not the one
+    running throughout (killed, replaced or frozen meanwhile: a process that is down answers nothing either way)."""
+
+    def running() -> bool:
+        return deployment.replicas[index] is replica and not (index == 1 and deployment.frozen_replica)
+
+    # Only the disabled key's own refusal counts: UNAVAILABLE (a fault) says nothing either way.
+    while replica is not None and running() and time.monotonic() - disabled_at < 10:
+        if _direct_encrypt(replica, key_id) == KEY_DISABLED:
+            return time.monotonic() - disabled_at if running() else None
+        stop.wait(0.02)  # measuring how long the real replica takes to hear of the disable
+    return time.monotonic() - disabled_at if replica is not None and running() else None
 
 
 def _direct_encrypt(replica: CryptoServerProcess, key_id: str) -> str:

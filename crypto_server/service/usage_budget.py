@@ -15,12 +15,16 @@ encryptions plus their unused reservations, and since no reservation takes it pa
   a clean shutdown: once every server has stopped cleanly the stored counts are exact.
 
 Giving back. The uses given back leave this server's memory before the store call and are never spent again,
-whatever its outcome: a give-back that fails may still have landed (a timeout after the write, or a store that
-applied part of a batch), so using them again could take the stored count below the true one. Instead the
-same give-back is repeated, with the same id, on every later pass (and at shutdown) until the store confirms
-it; the store applies an id at most once per version (`UsageCounters.give_back_encryptions`), so a give-back
-is applied once whichever attempt lands. One that never lands (a crash, a shutdown during an outage) leaves
-those uses counted as used: the stored count stays above the true one, never below.
+whatever its outcome: a give-back that fails may still have landed (a timeout after the write, a connection
+lost after the store received it, part of a batch), so using them again could take the stored count below the
+true one. A give-back the store never received (refused by the circuit or the bulkhead: StoreCallRefused) is
+sent again, with the same id, on the next pass and at shutdown. One whose outcome is unknown is not: whether it
+landed cannot be told later for certain (the store remembers only a version's last GIVE_BACK_IDS_KEPT ids, and
+a server cut off from the store for long could outlive them), so its uses stay counted as used, as a crashed
+server's do: the stored count errs high by at most that give-back, never low. The id still makes the driver's
+own re-send of the write harmless (`UsageCounters.give_back_encryptions` applies an id once per version). A
+give-back holds at most GIVE_BACK_BATCH versions, so one slow pass leaves at most that many versions counted
+high, and a pass with many idle versions is not one store call that times out every time.
 
 - Soft limit: a reservation that takes the stored count to or over it marks the key due for rotation
   (`UsageCounters.mark_rotation_due`: a no-op unless the version is still primary); the rotator rotates it
@@ -46,7 +50,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from crypto_server.domain.clock import Clock
-from crypto_server.domain.errors import CryptoServiceError, KeyNotFound, KeyVersionExhausted, StoreUnavailable
+from crypto_server.domain.errors import (
+    CryptoServiceError,
+    KeyNotFound,
+    KeyVersionExhausted,
+    StoreCallRefused,
+    StoreUnavailable,
+)
 from crypto_server.domain.limits import GCM_RANDOM_NONCE_LIMIT
 from crypto_server.service.periodic import Periodic
 from crypto_server.storage.port import Reservation, UsageCounters, VersionRef
@@ -58,6 +68,8 @@ DEFAULT_FLUSH_INTERVAL_S = 5.0
 DEFAULT_SOFT_LIMIT = 2**30
 # Exact: reservations never let a version pass it, so it needs no margin for replicas or crashes.
 DEFAULT_HARD_LIMIT = GCM_RANDOM_NONCE_LIMIT
+# The most versions one give-back (one store call) holds.
+GIVE_BACK_BATCH = 100
 
 
 @dataclass(slots=True)
@@ -97,8 +109,8 @@ class UsageBudget:
         self._counters: dict[VersionRef, _Counter] = {}
         self._lock = threading.Lock()
         self._pass_lock = threading.Lock()
-        # Give-backs the store has not confirmed, by id, repeated on every pass (under the pass lock).
-        self._unconfirmed: dict[str, dict[VersionRef, int]] = {}
+        # Give-backs not sent yet, or refused before they reached the store, by id (under the pass lock).
+        self._unsent: dict[str, dict[VersionRef, int]] = {}
         # Give-back ids unique across servers and restarts: a random prefix per budget, then a sequence.
         self._give_back_prefix = secrets.token_hex(8)
         self._give_back_sequence = itertools.count(1)
@@ -106,8 +118,8 @@ class UsageBudget:
             self.flush,
             flush_interval_s,
             name="usage-budget",
-            skipped="unused encryption reservations not given back: the key store is unavailable; retried on "
-            "the next pass",
+            skipped="unused encryption reservations not given back: the key store is unavailable (those it "
+            "never received are sent on the next pass)",
         )
         self.highest_fraction = 0.0
 
@@ -227,38 +239,47 @@ class UsageBudget:
             self._report()
             self._give_back()
 
-    def unconfirmed(self) -> dict[VersionRef, int]:
-        """The uses this server has given back without the store's confirmation yet, per version: never spent
-        again, repeated on every pass until confirmed."""
+    def unsent(self) -> dict[VersionRef, int]:
+        """The uses this server has given back that the store has not received yet (refused by the circuit or
+        the bulkhead), per version: never spent again, sent on the next pass."""
         with self._pass_lock:
             totals: dict[VersionRef, int] = {}
-            for counts in self._unconfirmed.values():
+            for counts in self._unsent.values():
                 for ref, count in counts.items():
                     totals[ref] = totals.get(ref, 0) + count
             return totals
 
     def _take_unused(self, refs: list[VersionRef]) -> None:
-        """Drop the counters of `refs` (under both locks): their unused reservations become a give-back with
-        an id of its own, sent by _give_back and repeated until confirmed; never spent again."""
+        """Drop the counters of `refs` (under both locks): their unused reservations become give-backs of at most
+        GIVE_BACK_BATCH versions, each with an id of its own, sent by _give_back; never spent again."""
         returned: dict[VersionRef, int] = {}
         for ref in refs:
             counter = self._counters.pop(ref)
             if counter.reserved:
                 returned[ref] = counter.reserved
-        if returned:
-            self._unconfirmed[f"{self._give_back_prefix}-{next(self._give_back_sequence)}"] = returned
+        items = list(returned.items())
+        for start in range(0, len(items), GIVE_BACK_BATCH):
+            give_back_id = f"{self._give_back_prefix}-{next(self._give_back_sequence)}"
+            self._unsent[give_back_id] = dict(items[start : start + GIVE_BACK_BATCH])
 
     def _give_back(self) -> None:
-        """Send every unconfirmed give-back (under the pass lock); each one the store confirms is forgotten.
+        """Send every give-back not sent yet (under the pass lock). One the store never received is kept for the
+        next pass; one whose outcome is unknown is let go, its uses counted as used (see the module docstring).
         Raises the first failure once all were tried."""
         failure: Exception | None = None
-        for give_back_id, counts in list(self._unconfirmed.items()):
+        for give_back_id, counts in list(self._unsent.items()):
             try:
                 self._store.give_back_encryptions(give_back_id, counts)
+            except StoreCallRefused as error:
+                failure = failure or error  # never reached the store: sent again on the next pass
+                continue
             except Exception as error:
                 failure = failure or error
-            else:
-                del self._unconfirmed[give_back_id]
+                log.warning(
+                    "unused encryption reservations given back with an unknown outcome: they stay counted as used",
+                    extra={"versions": len(counts), "uses": sum(counts.values())},
+                )
+            del self._unsent[give_back_id]
         if failure is not None:
             raise failure
 

@@ -793,7 +793,7 @@ class MongoKeyStore:
                         doc["_id"],
                         KeyType(doc["key_type"]),
                         doc["revision"],
-                        doc.get("changed_at", _EPOCH).astimezone(UTC),
+                        (doc.get("changed_at") or _EPOCH).astimezone(UTC),
                     )
                     for doc in documents
                     if (doc["tenant_id"], doc["_id"]) in wanted

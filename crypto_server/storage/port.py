@@ -185,9 +185,8 @@ class DestructionSchedule(Protocol):
         ...
 
 
-# How many give-back ids a version remembers (UsageCounters.give_back_encryptions). A server repeats an
-# unconfirmed give-back on its next pass; it would be applied twice only if this many other give-backs of the
-# same version landed in between, which takes that many servers giving back the same version within one pass.
+# How many give-back ids a version remembers (UsageCounters.give_back_encryptions): enough for the driver's own
+# re-send of a give-back, and for a server's next-pass send of one the store never received.
 GIVE_BACK_IDS_KEPT = 32
 
 
@@ -239,10 +238,10 @@ class UsageCounters(Protocol):
     def give_back_encryptions(self, give_back_id: str, counts: Mapping[VersionRef, int]) -> None:
         """Subtract each count (> 0), the unused part of a reservation, from its version's stored `encryptions`
         at most once per `give_back_id`, never below zero. Each version is one atomic conditional step that
-        records the id beside the count (the last GIVE_BACK_IDS_KEPT ids per version), so the call can be
-        repeated with the same id after any failure, a timeout whose write landed included, and a version where
-        it already landed is left alone: a reservation is never given back twice (the stored count never falls
-        below what servers used). A version no longer stored is left out."""
+        records the id beside the count (the last GIVE_BACK_IDS_KEPT ids per version), so a repeat with the same
+        id soon after (the driver's re-send of the write after a dropped connection) leaves a version where it
+        already landed alone. A version no longer stored is left out. The caller never repeats a give-back whose
+        outcome it does not know after the ids may have been forgotten (service/usage_budget.py)."""
         ...
 
     def mark_rotation_due(self, version: VersionRef, now: datetime) -> None:

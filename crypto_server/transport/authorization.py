@@ -28,6 +28,7 @@ from crypto_server.domain import stream_format
 from crypto_server.domain.access_policy import AccessPolicy, KeyAccess, Permission
 from crypto_server.domain.errors import CryptoServiceError, DecryptionFailed, PermissionDenied, Unauthenticated
 from crypto_server.domain.key_backup import read_backup
+from crypto_server.domain.keys import KeyType
 from crypto_server.transport.identity import TokenVerifier, principal_of
 from crypto_server.watched_file import WatchedFile
 
@@ -132,12 +133,14 @@ def _ciphertext_key_id(use: _KeyUse) -> str:
     return str(codec.read_header(use.ciphertext).key_id)
 
 
-def _backup_labels(backup: bytes) -> Mapping[str, str]:
-    """The labels of the key a backup holds; none when it does not parse (the handler then refuses it)."""
+def _backup_labels(backup: bytes) -> Mapping[str, str] | None:
+    """The labels of the key a backup holds (none when it does not parse: the handler then refuses it); None
+    for a tenant's master key, which belongs to the whole tenant whatever its labels."""
     try:
-        return read_backup(backup).metadata.labels
+        metadata = read_backup(backup).metadata
     except CryptoServiceError:
         return {}
+    return None if metadata.key_type is KeyType.MASTER else metadata.labels
 
 
 ResponseFilter = Callable[[Any], Any]
@@ -206,12 +209,15 @@ class AccessControl:
         if method == "ListKeys":
             return _listed_keys_filter(granted[P.READ_KEYS])
         if method in TENANT_WIDE:
-            # Destroying a tenant destroys every key, whatever its labels: only a grant without labels may.
-            raise PermissionDenied(P.ADMIN.value)
-        if method == "ImportKey" and not granted[P.ADMIN].allows(_backup_labels(request.backup)):
+            # Destroying a tenant destroys every key, and its audit trail names every key, whatever their labels:
+            # only a grant without labels may.
+            raise PermissionDenied(REQUIRED_PERMISSIONS[method][0].value)
+        if method == "ImportKey":
             # As for a new key: the labels it will carry, read from the backup (authenticated by the handler,
-            # which refuses the backup if they were altered).
-            raise PermissionDenied(P.ADMIN.value)
+            # which refuses the backup if they were altered); never a master key, as CreateKey.
+            labels = _backup_labels(request.backup)
+            if labels is None or not granted[P.ADMIN].allows(labels):
+                raise PermissionDenied(P.ADMIN.value)
         self._check_labels(tenant_id, granted, _key_uses(method, request))
         # New labels as for a new key: a label-narrowed caller must not move a key out of (or into another's)
         # reach by relabelling it.

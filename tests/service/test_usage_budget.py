@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from crypto_server.domain.errors import KeyNotFound, KeyVersionExhausted, StoreUnavailable
+from crypto_server.domain.errors import KeyNotFound, KeyVersionExhausted, StoreCallRefused, StoreUnavailable
 from crypto_server.domain.keys import Key, KeyPolicy, KeyType, KeyVersion
-from crypto_server.service.usage_budget import UsageBudget
+from crypto_server.service.usage_budget import GIVE_BACK_BATCH, UsageBudget
 from crypto_server.storage.port import Reservation, VersionRef
 from crypto_server.storage.sqlite import SqliteKeyStore
 from tests.conftest import FakeClock
@@ -31,8 +31,12 @@ class CountingStore:
         self.give_backs = 0
         self.marks = 0
         self.unavailable = False
+        # A give-back refused before it reached the store (the circuit open): nothing written.
+        self.refused = False
         # A give-back that lands and is then reported failed (a timeout after the write).
         self.fail_after_writing = False
+        # A give-back lost on its way (a connection dropped): nothing written, and the server cannot know it.
+        self.lost = False
         self.give_back_ids: list[str] = []
 
     def reserve_encryptions(self, version: VersionRef, wanted: int, limit: int) -> Reservation | None:
@@ -48,8 +52,10 @@ class CountingStore:
     def give_back_encryptions(self, give_back_id: str, counts: Mapping[VersionRef, int]) -> None:
         self.give_backs += 1
         self.give_back_ids.append(give_back_id)
-        if self.unavailable:
-            raise StoreUnavailable("the store is down (test)")
+        if self.refused:
+            raise StoreCallRefused("the key store is unreachable (test)")
+        if self.lost:
+            raise StoreUnavailable("the connection was lost (test)")
         self.inner.give_back_encryptions(give_back_id, counts)
         if self.fail_after_writing:
             raise StoreUnavailable("the store did not answer in time (test)")
@@ -66,6 +72,10 @@ class Deployment:
         self.directory = directory
         self.store = SqliteKeyStore(directory)
         self._opened = [self.store]
+        self.version = self.add_key()
+
+    def add_key(self) -> VersionRef:
+        """A new key of tenant t1 in the store: its first version."""
         material = KeyVersion(
             version=1, created_at=NOW, expires_at=None, parent_version=1, wrapped_material=os.urandom(60)
         )
@@ -83,7 +93,7 @@ class Deployment:
             integrity_tag=b"tag",
         )
         self.store.insert_key(key)
-        self.version = VersionRef("t1", key.key_id, 1)
+        return VersionRef("t1", key.key_id, 1)
 
     def server(
         self, *, hard_limit: int, block: int, soft_limit: int | None = None
@@ -101,8 +111,9 @@ class Deployment:
         )
         return budget, counting
 
-    def stored(self) -> int:
-        return self.store.add_encryptions({self.version: 0})[self.version]
+    def stored(self, version: VersionRef | None = None) -> int:
+        ref = version or self.version
+        return self.store.add_encryptions({ref: 0})[ref]
 
     def close(self) -> None:
         for store in self._opened:
@@ -217,20 +228,20 @@ def test_a_refused_version_is_refused_from_memory_until_the_next_pass(deployment
     assert deployment.stored() == 6
 
 
-def test_a_give_back_the_store_refuses_is_repeated_until_confirmed_and_never_spent(deployment: Deployment) -> None:
+def test_a_give_back_the_store_never_received_is_sent_again_and_never_spent(deployment: Deployment) -> None:
     budget, store = deployment.server(hard_limit=100, block=10)
     budget.record(deployment.version)
     budget.flush()
-    store.unavailable = True
-    with pytest.raises(StoreUnavailable):
+    store.refused = True
+    with pytest.raises(StoreCallRefused):
         budget.flush()
     assert budget.held() == {}, "given back, whatever the outcome: never spent again"
-    assert budget.unconfirmed() == {deployment.version: 9}
-    with pytest.raises(StoreUnavailable):
+    assert budget.unsent() == {deployment.version: 9}
+    with pytest.raises(StoreCallRefused):
         budget.flush()
-    store.unavailable = False
+    store.refused = False
     budget.flush()
-    assert budget.unconfirmed() == {}
+    assert budget.unsent() == {}
     assert deployment.stored() == 1
     assert len(set(store.give_back_ids)) == 1, "every attempt of one give-back under one id"
 
@@ -246,36 +257,53 @@ def test_a_give_back_that_landed_but_was_reported_failed_is_applied_once(deploym
     with pytest.raises(StoreUnavailable):
         budget.flush()
     assert deployment.stored() == 3, "the give-back landed"
-    with pytest.raises(StoreUnavailable):
-        budget.flush()  # repeated, still reported failed: applied nothing more
+    assert budget.held() == {} and budget.unsent() == {}, "its outcome unknown: neither spent nor sent again"
     store.fail_after_writing = False
+    budget.flush()
     budget.flush()
     assert deployment.stored() == 3, "never below the 3 encryptions made"
-    assert budget.unconfirmed() == {}
 
-    # The version used again after an unconfirmed give-back takes a fresh block; what was given back stays given.
-    store.fail_after_writing = True
+    # The version used again takes a fresh block; what was given back stays given.
     budget.record(deployment.version)
-    budget.flush()
-    with pytest.raises(StoreUnavailable):
-        budget.flush()
-    budget.record(deployment.version)  # a new block, not the 9 given back
     assert budget.held() == {deployment.version: 9}
-    store.fail_after_writing = False
     budget.flush()
     budget.flush()
-    budget.flush()
-    assert deployment.stored() == 5
+    assert deployment.stored() == 4
 
 
-def test_a_stop_gives_back_what_is_unconfirmed(deployment: Deployment) -> None:
+def test_a_give_back_lost_on_its_way_leaves_the_uses_counted(deployment: Deployment) -> None:
+    """The server cannot tell a lost give-back from one that landed: the count errs high, never low."""
     budget, store = deployment.server(hard_limit=100, block=10)
     budget.record(deployment.version)
     budget.flush()
-    store.unavailable = True
+    store.lost = True
     with pytest.raises(StoreUnavailable):
         budget.flush()
-    store.unavailable = False
+    store.lost = False
+    budget.flush()
+    assert budget.unsent() == {}
+    assert deployment.stored() == 10, "the 9 unused uses stay counted, as a crashed server's would"
+
+
+def test_a_pass_gives_back_many_versions_in_bounded_batches(deployment: Deployment) -> None:
+    budget, store = deployment.server(hard_limit=100, block=10)
+    refs = [deployment.version] + [deployment.add_key() for _ in range(GIVE_BACK_BATCH)]
+    for ref in refs:
+        budget.record(ref)
+    budget.flush()
+    budget.flush()
+    assert len(store.give_back_ids) == 2, "101 versions: two give-backs"
+    assert all(deployment.stored(ref) == 1 for ref in refs)
+
+
+def test_a_stop_sends_what_the_store_never_received(deployment: Deployment) -> None:
+    budget, store = deployment.server(hard_limit=100, block=10)
+    budget.record(deployment.version)
+    budget.flush()
+    store.refused = True
+    with pytest.raises(StoreCallRefused):
+        budget.flush()
+    store.refused = False
     budget.stop()
     assert deployment.stored() == 1
 

@@ -122,19 +122,21 @@ def write_backup_private_key(path: Path) -> Path:
     return path
 
 
-def fresh_backup() -> bytes:
-    """A backup of a new key of TENANT (a key id no server has), for BACKUP_PRIVATE_KEY: ImportKey succeeds."""
+def fresh_backup(
+    tenant_id: str = TENANT, key_type: KeyType = KeyType.DATA, labels: dict[str, str] | None = None
+) -> bytes:
+    """A backup of a new key of `tenant_id` (a key id no server has), for BACKUP_PRIVATE_KEY: ImportKey succeeds."""
     now = datetime(2026, 1, 1, tzinfo=UTC)
     metadata = BackupMetadata(
-        tenant_id=TENANT,
+        tenant_id=tenant_id,
         key_id=str(uuid.uuid4()),
         parent_key_id=None,
-        key_type=KeyType.DATA,
+        key_type=key_type,
         algorithm=Algorithm.AES_256_GCM,
         disabled=False,
         created_at=now,
         policy=KeyPolicy(expire_after=None, rotation_period=None),
-        labels={},
+        labels=labels or {},
         primary_version=1,
         versions=(BackupVersion(1, now, None, 0, None),),
         exported_at=now,

@@ -25,6 +25,7 @@ from crypto_client.v1 import key_service_pb2 as key_pb
 from crypto_client.v1 import resources_pb2
 from crypto_server.app import CryptoServer, build_server
 from crypto_server.config import Settings
+from crypto_server.domain.keys import KeyType
 from crypto_server.transport.authorization import REQUIRED_PERMISSIONS, TENANT_WIDE
 from tests.conftest import FakeClock, error_info
 from tests.transport.identity_support import (
@@ -38,6 +39,7 @@ from tests.transport.identity_support import (
     TENANT,
     Stubs,
     TenantKeys,
+    fresh_backup,
     issue_client_cert,
     matrix_policy,
     principal_holding,
@@ -260,8 +262,10 @@ def test_reencrypt_without_a_destination_needs_encrypt_on_the_key_the_ciphertext
 def test_a_label_narrowed_grant_cannot_read_the_tenants_audit_trail(mtls: MtlsServer) -> None:
     """Issue 23 item 7: it raised INTERNAL (AttributeError in the authorization) and was not audited."""
     narrowed = mtls.stubs(NARROWED_ADMIN)
-    read = lambda: narrowed.keys.ReadAuditLog(key_pb.ReadAuditLogRequest(tenant_id=TENANT))  # noqa: E731
-    assert _code(read) == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as refused:
+        narrowed.keys.ReadAuditLog(key_pb.ReadAuditLogRequest(tenant_id=TENANT))
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(refused.value).metadata["permission"] == "audit_read"
     assert mtls.running.audit is not None
     mtls.running.audit.flush()
     denied = [
@@ -292,6 +296,10 @@ def test_a_label_narrowed_grant_cannot_take_the_tenants_master_key(mtls: MtlsSer
         assert _code(call) == grpc.StatusCode.PERMISSION_DENIED
     listed = narrowed.keys.ListKeys(key_pb.ListKeysRequest(tenant_id=FRESH_TENANT)).keys
     assert made.key_id not in [key.key_id for key in listed]
+    # Nor by importing one: a master key's backup carrying its labels is refused as CreateKey is.
+    backup = fresh_backup(FRESH_TENANT, KeyType.MASTER, {"team": "messaging"})
+    imported = lambda: narrowed.keys.ImportKey(key_pb.ImportKeyRequest(tenant_id=FRESH_TENANT, backup=backup))  # noqa: E731
+    assert _code(imported) == grpc.StatusCode.PERMISSION_DENIED
     # Its own data keys under that master key work as before.
     data = narrowed.keys.CreateKey(
         key_pb.CreateKeyRequest(

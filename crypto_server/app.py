@@ -428,6 +428,7 @@ def build_server(
             max_keys=settings.keyring_size,
             max_stale_s=settings.keyring_max_stale_s,
             other_roots=(other_root,) if other_root else (),
+            fresh=fresh,
         )
         invalidation: Invalidation
         if cache is not None:

@@ -89,7 +89,10 @@ class Keyring:
         max_stale_s: float = 0.0,
         other_roots: Sequence[WrappingKey] = (),
         algorithms: AlgorithmRegistry = ALGORITHMS,
+        fresh: KeyReader | None = None,
     ):
+        """`fresh`: the key records read from the database itself (past any cache), still integrity-checked;
+        defaults to `store`. Read when a ciphertext names a version newer than `store` gave."""
         if ttl_s < 0 or max_keys < 1 or max_stale_s < 0:
             raise ValueError("keyring ttl and max_stale must be >= 0 and max_keys >= 1")
         self._max_stale_s = max_stale_s
@@ -97,6 +100,7 @@ class Keyring:
         self.hits = 0
         self.misses = 0
         self._store = store
+        self._fresh = fresh or store
         self.root = root
         # The key managers: what each key's algorithm builds, and how new material is made for it.
         self.algorithms = algorithms
@@ -129,8 +133,9 @@ class Keyring:
             loaded = self.get(tenant_id, key_id)
         return loaded
 
-    def get(self, tenant_id: str, key_id: str) -> LoadedKey:
-        """The key, from memory when fresh, else from the store. Raises KeyNotFound.
+    def get(self, tenant_id: str, key_id: str, *, past_cache: bool = False) -> LoadedKey:
+        """The key, from memory when fresh, else from the store (`past_cache`: from the database itself).
+        Raises KeyNotFound.
 
         When the store is unavailable, a key whose entry has merely aged past
         the TTL keeps being served for up to `max_stale_s` more: nothing said
@@ -150,7 +155,7 @@ class Keyring:
             self._fills.setdefault(slot, []).append(fill)
         try:
             try:
-                key = self._store.get_key(tenant_id, key_id)
+                key = (self._fresh if past_cache else self._store).get_key(tenant_id, key_id)
             except StoreUnavailable:
                 with self._lock:
                     still_held = self._loaded.get(slot) is loaded
@@ -190,12 +195,18 @@ class Keyring:
         """`loaded`, or the key read again from the store when it names a version newer than the one held:
         another server may have just rotated it and made the ciphertext or MAC in hand (the change reaches
         this server within the invalidation bound, but the caller is here now). Only a version above the
-        latest held costs a store read."""
+        latest held costs a store read; when the cache still gives an older key (a cache that lost writes:
+        Redis restored from an older snapshot), the database is read, so the ciphertext is not refused as
+        undecryptable (DECRYPTION_FAILED is final to a caller) while the key that made it is stored."""
         if version <= loaded.key.latest_version:
             return loaded
         key = loaded.key
         self.forget_unless_current(key.tenant_id, key.key_id, key.revision + 1)
-        return self.get(key.tenant_id, key.key_id)
+        again = self.get(key.tenant_id, key.key_id)
+        if version <= again.key.latest_version:
+            return again
+        self.forget_unless_current(key.tenant_id, key.key_id, again.key.revision + 1)
+        return self.get(key.tenant_id, key.key_id, past_cache=True)
 
     def version(self, loaded: LoadedKey, number: int) -> KeyVersion | None:
         """Version `number` of `loaded`: held by the key, or read from the store on first use (checked by its own

@@ -273,7 +273,7 @@ class UsageBudget:
             except StoreCallRefused as error:
                 failure = failure or error  # never reached the store: sent again on the next pass
                 continue
-            except Exception as error:
+            except Exception as error:  # anything else: it may have landed, so it is never sent again
                 failure = failure or error
                 log.warning(
                     "unused encryption reservations given back with an unknown outcome: they stay counted as used",
@@ -299,7 +299,7 @@ class UsageBudget:
                 self._take_unused([ref for ref, c in self._counters.items() if not c.refilling])
             try:
                 self._give_back()
-            except Exception:
+            except Exception:  # shutdown goes on; the uses stay counted, never below the truth
                 log.warning(
                     "unused encryption reservations not given back at shutdown (the key store is unavailable or "
                     "refused the write): they stay counted as used",

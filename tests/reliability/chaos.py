@@ -157,9 +157,19 @@ class Deployment:
             self.start_replica(index)
 
     def start_replica(self, index: int) -> None:
-        self.replicas[index] = CryptoServerProcess.launch(
-            {**self.env, "CRYPTO_PORT": str(self.ports[index])}, keep_rpc_lines=False
-        )
+        """Start replica `index` as a supervisor (Kubernetes) would: a replica that exits at start-up (exit 3:
+        the database did not answer, as when another fault has it down) is started again, for up to a minute."""
+        deadline = time.monotonic() + 60.0
+        while True:
+            try:
+                self.replicas[index] = CryptoServerProcess.launch(
+                    {**self.env, "CRYPTO_PORT": str(self.ports[index])}, keep_rpc_lines=False
+                )
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)  # a restart policy's back-off before the next start of the real replica
 
     def stop(self) -> None:
         for replica in self.replicas:
@@ -203,7 +213,7 @@ def _recording_failures(target: Callable[..., None]) -> Callable[..., None]:
             try:
                 target(*args)
                 return
-            except Exception as error:
+            except Exception as error:  # every failure is a finding of the run
                 record.violation(f"{target.__name__} thread: {type(error).__name__}: {error}")
                 stop.wait(0.5)  # the pace of a restarted load thread's traffic to the real deployment
 
@@ -724,7 +734,14 @@ def run(seed: int, duration_s: float, workdir: Path, opening: Sequence[tuple[str
         threading.Thread(target=_toggler, args=(deployment, record, stop_load), daemon=True),
         threading.Thread(target=_health, args=(deployment, record, stop_load), daemon=True),
     ]
-    fault_thread = threading.Thread(target=_faults, args=(deployment, record, stop_faults, rng, opening), daemon=True)
+
+    def faults() -> None:
+        try:
+            _faults(deployment, record, stop_faults, rng, opening)
+        except Exception as error:  # a fault that could not be injected or healed is a finding
+            record.violation(f"the fault scheduler failed: {type(error).__name__}: {error}"[:500])
+
+    fault_thread = threading.Thread(target=faults, daemon=True)
     started = time.monotonic()
     try:
         deployment.start()

@@ -73,6 +73,7 @@ DISABLE_BOUND_S = 2.0
 # A copy from a cache that lost writes is used for at most CRYPTO_INVALIDATION_INTERVAL (1 s) plus a store round
 # trip after it was read (docs/reliability.md): the final check reads a key shown stale again after this.
 STALE_COPY_BOUND_S = 3.0
+FINAL_DECRYPT_ATTEMPTS = 5
 STORE_TIMEOUT_S = 1.0
 HEALTH_TARGET_S = 0.1
 HEALTH_LIMIT_S = 1.0
@@ -560,6 +561,9 @@ def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
     unreadable: list[str] = []  # keys a replica could not read: lost, or broken by a bad record
     refused_changes: list[str] = []  # key changes refused with every fault healed
     refused_batches: list[str] = []
+    failures: Counter[str] = Counter()  # why a confirmed ciphertext did not decrypt, by answer
+    retried: Counter[str] = Counter()  # items refused with a retriable error, then tried again
+    failed_keys: set[str] = set()
     # (port, key id) shown otherwise than the database holds it: read again once the bound for a copy from a
     # cache that lost writes has passed (the first read after a rewind may serve it, docs/reliability.md).
     suspects: list[tuple[int, str]] = []
@@ -588,18 +592,36 @@ def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
                     bad_versions += 1
                 if _view(key) != stored.get(key_id, _view(key)) or key.primary_version != len(numbers):
                     suspects.append((port, key_id))
-            # In batches: a run confirms tens of thousands of ciphertexts.
-            for start in range(0, len(sealed), 100):
-                chunk = sealed[start : start + 100]
-                try:
-                    results = client.batch_decrypt([DecryptItem(ciphertext) for _, ciphertext, _ in chunk])
-                except CryptoClientError as error:  # the batch as a whole: counted, and the check goes on
-                    undecryptable += len(chunk)
-                    refused_batches.append(f"port {port}: BatchDecrypt of {len(chunk)}: {error}")
-                    continue
-                for (_, _, plaintext), result in zip(chunk, results, strict=True):
-                    if isinstance(result, CryptoClientError) or result.plaintext != plaintext:
-                        undecryptable += 1
+            # In batches: a run confirms tens of thousands of ciphertexts. An item refused with an error a
+            # caller retries (the store busy: an old version read for the first time) is tried again, as a caller
+            # would, a few times; only what still fails, or fails otherwise, counts.
+            pending = list(sealed)
+            for attempt in range(FINAL_DECRYPT_ATTEMPTS):
+                again: list[tuple[str, bytes, bytes]] = []
+                for start in range(0, len(pending), 100):
+                    chunk = pending[start : start + 100]
+                    try:
+                        results = client.batch_decrypt([DecryptItem(ciphertext) for _, ciphertext, _ in chunk])
+                    except CryptoClientError as error:  # the batch as a whole: counted, and the check goes on
+                        undecryptable += len(chunk)
+                        refused_batches.append(f"port {port}: BatchDecrypt of {len(chunk)}: {error}")
+                        continue
+                    for item, result in zip(chunk, results, strict=True):
+                        last = attempt == FINAL_DECRYPT_ATTEMPTS - 1
+                        if isinstance(result, RETRIABLE) and not last:
+                            again.append(item)
+                            retried[f"port {port}: {result}"[:200]] += 1
+                        elif isinstance(result, CryptoClientError):
+                            undecryptable += 1
+                            failures[f"port {port}: {result}"[:200]] += 1
+                            failed_keys.add(item[0])
+                        elif result.plaintext != item[2]:
+                            undecryptable += 1
+                            failures[f"port {port}: other bytes"] += 1
+                if not again:
+                    break
+                pending = again
+                time.sleep(1.0)  # a caller's back-off before retrying the real replica
             for _, sealed_stream, digest in streams:
                 try:
                     opened = b"".join(client.decrypt_stream([sealed_stream], timeout=30))
@@ -632,6 +654,9 @@ def _final_checks(deployment: Deployment, record: Record) -> dict[str, Any]:
         "ciphertexts_not_decrypting": undecryptable,
         "ciphertexts_checked": len(sealed),
         "batches_refused": refused_batches[:20],
+        "decrypt_failures": dict(failures.most_common(10)),
+        "decrypts_retried": dict(retried.most_common(10)),
+        "keys_of_failed_decrypts": sorted(failed_keys)[:10],
         "streams_checked": len(streams),
         "bad_versions": bad_versions,
         "states_unlike_the_database": stale_states[:20],

@@ -141,6 +141,7 @@ class Deployment:
         self.frozen_replica = False
         self.redis_dump = directory / "redis" / "dump.rdb"  # what redis-server loads when it starts
         self.failover_rng = random.Random(0)  # which fail-over answer; reseeded by run()
+        self.restarts: list[threading.Thread] = []
 
     def redis_snapshot(self) -> Path:
         """Redis's data now, in a file of its own (SAVE writes the dump file; it is moved aside)."""
@@ -160,7 +161,7 @@ class Deployment:
     def start_replica(self, index: int) -> None:
         """Start replica `index` as a supervisor (Kubernetes) would: a replica that exits at start-up (exit 3:
         the database did not answer, as when another fault has it down) is started again, for up to a minute."""
-        deadline = time.monotonic() + 60.0
+        deadline = time.monotonic() + 80.0
         while True:
             try:
                 self.replicas[index] = CryptoServerProcess.launch(
@@ -171,6 +172,18 @@ class Deployment:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)  # a restart policy's back-off before the next start of the real replica
+
+    def restart_replica(self, index: int) -> None:
+        """Start replica `index` again on a thread of its own (start_replica's retries wait for the database)."""
+        restart = threading.Thread(target=self.start_replica, args=(index,), daemon=True)
+        restart.start()
+        self.restarts.append(restart)
+
+    def restarted(self, timeout_s: float = 90.0) -> bool:
+        """Wait for every restart under way; whether every replica is running."""
+        for restart in self.restarts:
+            restart.join(timeout_s)
+        return all(replica is not None for replica in self.replicas)
 
     def stop(self) -> None:
         for replica in self.replicas:
@@ -422,6 +435,8 @@ def _faults(
     is healed before the next."""
     planned = list(opening)
     while not stop.wait(rng.uniform(2.0, 5.0)):
+        if not deployment.restarted():  # a round begins with both replicas running
+            record.violation("a killed replica could not be started again within 90 s")
         second = None
         if planned:
             kind, length = planned.pop(0)
@@ -518,7 +533,9 @@ def _fault(deployment: Deployment, kind: str) -> Iterator[None]:
         try:
             yield
         finally:
-            deployment.start_replica(1)
+            # Not here and now: another fault (the database down) may hold its start-up, and this thread
+            # is the one that ends that fault.
+            deployment.restart_replica(1)
     else:  # freeze replica
         replica = deployment.replicas[1]
         assert replica is not None
@@ -780,6 +797,8 @@ def run(seed: int, duration_s: float, workdir: Path, opening: Sequence[tuple[str
         stop_load.set()
         for thread in threads:
             thread.join(timeout=30)
+        if not deployment.restarted():
+            record.violation("a killed replica could not be started again within 90 s")
         recovered_in = _recovery(deployment)
         final = _final_checks(deployment, record)
         server_errors = _server_errors(deployment)
